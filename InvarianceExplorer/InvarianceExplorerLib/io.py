@@ -1,0 +1,424 @@
+"""CT images in and out: DICOM series and files, NRRD, NIfTI and MetaImage in; NRRD out.
+
+Readers return a :class:`CTImage` (float32 HU, geometry in mm in the patient's LPS frame)
+or raise :class:`CTInputError`, whose message names the file, the problem and the fix.
+Input files are only ever read. The NRRD writer is atomic: the file appears whole or not at all.
+
+DICOM geometry: ImagePositionPatient is the LPS centre of the first transmitted pixel;
+ImageOrientationPatient holds the direction of the rows (image x, along the column index)
+then of the columns (image y, along the row index); PixelSpacing is (between rows, between
+columns) = (y, x). Slices are ordered by their position along the slice normal
+(row x column) and the slice spacing comes from those positions, not from SliceThickness.
+Enhanced (multi-frame) CT files are supported: each frame is a slice.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+
+from .image import CTImage
+
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+_SUPPORTED = "a DICOM series folder, a DICOM file, or " + ", ".join(ITK_SUFFIXES)
+_HU_OFFSET_FIX = "pass hu_offset=-1024 (CLI: --hu-offset -1024)"
+
+# Where enhanced multi-frame files keep the per-frame attributes that classic files hold at top level.
+_FUNCTIONAL_GROUP = {
+    "ImagePositionPatient": "PlanePositionSequence",
+    "ImageOrientationPatient": "PlaneOrientationSequence",
+    "PixelSpacing": "PixelMeasuresSequence",
+    "SliceThickness": "PixelMeasuresSequence",
+    "RescaleSlope": "PixelValueTransformationSequence",
+    "RescaleIntercept": "PixelValueTransformationSequence",
+}
+
+
+class CTInputError(ValueError):
+    """A CT input that cannot be used; the message says which file, what is wrong and what to do."""
+
+    def __init__(self, path, problem: str = "", fix: str = ""):
+        self.path, self.problem, self.fix = str(path), problem, fix
+        message = f"{path}: {problem}" if problem else str(path)
+        super().__init__(f"{message}. {fix}" if fix else message)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_image(path, *, series_uid: Optional[str] = None, hu_offset: float = 0.0) -> CTImage:
+    """Read a CT image in HU from a DICOM series folder, a DICOM file or an NRRD/NIfTI/MetaImage file.
+
+    A single slice gives a 2D CTImage, several slices a 3D one. ``series_uid`` chooses one
+    series in a folder that holds several; ``hu_offset`` (HU) is added to every voxel after
+    the DICOM rescale, to fix files whose stored values are not HU (e.g. -1024 for HU + 1024).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CTInputError(path, "does not exist", f"Check the path; give {_SUPPORTED}.")
+    if path.is_dir():
+        return read_dicom_series(path, series_uid=series_uid, hu_offset=hu_offset)
+    suffix = _suffix(path)
+    if suffix in ITK_SUFFIXES:
+        return _read_itk(path, hu_offset)
+    if suffix in DICOM_SUFFIXES or _is_dicom(path):
+        ds = _dcmread(path)
+        if ds is None:
+            raise CTInputError(path, "is not a DICOM file (no 'DICM' marker at byte 128)",
+                               "Export it again as a standard DICOM Part 10 file.")
+        if series_uid is not None and ds.get("SeriesInstanceUID") != series_uid:
+            raise CTInputError(path, f"belongs to series {ds.get('SeriesInstanceUID')}, not {series_uid}",
+                               "Drop series_uid (--series-uid) or pick a file of that series.")
+        return _assemble(_frames(path, ds), path, hu_offset)
+    raise CTInputError(path, f"unsupported file type '{suffix or '(no extension)'}'", f"Give {_SUPPORTED}.")
+
+
+def read_dicom_series(folder, *, series_uid: Optional[str] = None, hu_offset: float = 0.0) -> CTImage:
+    """Read the CT series in ``folder`` (its files, not subfolders) as HU; see :func:`read_image`.
+
+    Non-DICOM files (and DICOMDIR) are skipped. A folder with several series needs ``series_uid``.
+    """
+    folder = Path(folder)
+    series = _scan(folder)
+    if series_uid is None:
+        if len(series) > 1:
+            raise CTInputError(folder, f"holds {len(series)} DICOM series: {_listing(series)}",
+                               "Choose one with series_uid='<uid>' (CLI: --series-uid <uid>), "
+                               "or put each series in its own folder.")
+        files = next(iter(series.values()))
+    elif series_uid in series:
+        files = series[series_uid]
+    else:
+        raise CTInputError(folder, f"has no series with SeriesInstanceUID {series_uid}; "
+                                   f"it holds {_listing(series)}", "Pass one of the UIDs listed.")
+    return _assemble([frame for path, ds in files for frame in _frames(path, ds)], folder, hu_offset)
+
+
+def list_dicom_series(folder) -> list:
+    """The DICOM series in ``folder``: one dict per series with ``uid``, ``description``,
+    ``modality``, ``number`` (SeriesNumber or None) and ``n_files``, in file-name order."""
+    series = _scan(Path(folder))
+    return [dict(uid=uid, description=str(ds.get("SeriesDescription", "")), modality=str(ds.get("Modality", "")),
+                 number=None if ds.get("SeriesNumber") in (None, "") else int(ds.SeriesNumber), n_files=len(files))
+            for uid, files in series.items() for ds in [files[0][1]]]
+
+
+def check_hu(array, source: str) -> None:
+    """Raise :class:`CTInputError` naming ``source`` if ``array`` is not plausibly CT in HU:
+    NaN or infinite voxels, values normalised to -1..1, or no value below 0 but values
+    up to bone (stored CT numbers read without their rescale intercept)."""
+    a = np.asarray(array)
+    _check_finite(int(np.count_nonzero(~np.isfinite(a))), a.size, source)
+    lo, hi = float(a.min()), float(a.max())
+    if -1 <= lo < hi <= 1:
+        raise CTInputError(source, f"values lie in {lo:g}..{hi:g}, so they look normalised, not HU",
+                           "Convert the image back to HU before loading it.")
+    if lo >= 0 and hi >= 900:
+        raise CTInputError(source, f"values range {lo:g}..{hi:g} with none below 0, so they look like "
+                                   "stored CT numbers without the rescale intercept, not HU (air is about -1000 HU)",
+                           f"If they are stored values HU + 1024, {_HU_OFFSET_FIX}.")
+
+
+def _check_finite(bad: int, size: int, source) -> None:
+    if bad:
+        raise CTInputError(source, f"{bad} of {size} voxels are NaN or infinite",
+                           "Replace them (e.g. with -1024 HU, air) and save the image again.")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _is_dicom(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
+def _read_itk(path: Path, hu_offset: float) -> CTImage:
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise CTInputError(path, f"cannot be read ({lines[-1] if lines else exc})",
+                           "Check that the file is complete (for .nhdr/.mhd also its data file next to it).") from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise CTInputError(path, f"has {image.GetNumberOfComponentsPerPixel()} values per voxel "
+                                 "(a vector or colour image), not one HU value",
+                           "Save the CT as a single-component (scalar) image.")
+    if image.GetDimension() not in (2, 3):
+        raise CTInputError(path, f"is {image.GetDimension()}D (size {image.GetSize()}); a CT image is 2D or 3D",
+                           "Extract one 3D volume (e.g. one time point) and save it on its own.")
+    array = sitk.GetArrayFromImage(image).astype(np.float32) + np.float32(hu_offset)
+    if _suffix(path) in (".nii", ".nii.gz"):
+        _check_finite(_nifti_nonfinite(path), array.size, path)
+    spacing, origin = image.GetSpacing(), image.GetOrigin()
+    direction = np.asarray(image.GetDirection(), dtype=float)
+    if image.GetDimension() == 2:
+        direction = np.pad(direction.reshape(2, 2), (0, 1)) + np.diag([0.0, 0.0, 1.0])
+    elif array.shape[0] == 1:  # one slice
+        array = array[0]
+    check_hu(array, str(path))
+    return CTImage(array, spacing, origin, tuple(direction.ravel()))
+
+
+def _nifti_nonfinite(path: Path) -> int:
+    """The number of NaN/Inf voxels stored in a float NIfTI-1/2 file (ITK's NIfTI reader turns them into 0)."""
+    with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+        header = f.read(540)
+        for order in "<>":
+            version = {348: 1, 540: 2}.get(struct.unpack(order + "i", header[:4])[0])
+            if version:
+                break
+        else:
+            return 0
+        if version == 1:
+            datatype, offset = struct.unpack(order + "h", header[70:72])[0], struct.unpack(order + "f", header[108:112])[0]
+        else:
+            datatype, offset = struct.unpack(order + "h", header[12:14])[0], struct.unpack(order + "q", header[168:176])[0]
+        dtype = {16: "f4", 64: "f8", 32: "c8", 1792: "c16"}.get(datatype)
+        if dtype is None:
+            return 0
+        f.seek(int(offset))
+        return int(np.count_nonzero(~np.isfinite(np.frombuffer(f.read(), dtype=order + dtype))))
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+@dataclass
+class _Frame:
+    """One DICOM slice: a classic file, or one frame of an enhanced multi-frame file."""
+
+    path: Path
+    name: str  # file name, plus the frame number for multi-frame files
+    pixels: np.ndarray  # stored values, (rows, columns)
+    position: np.ndarray  # ImagePositionPatient, mm LPS
+    row: np.ndarray  # unit LPS direction of image x (along a row)
+    col: np.ndarray  # unit LPS direction of image y (down a column)
+    spacing: Tuple[float, float]  # (x, y) mm
+    thickness: Optional[float]  # mm
+    slope: float
+    intercept: float
+
+
+def _dcmread(path: Path):
+    """The dataset (large values read on access), or None if ``path`` is not DICOM."""
+    if not _is_dicom(path):
+        return None
+    try:
+        return pydicom.dcmread(str(path), defer_size="1 KB")
+    except Exception as exc:
+        raise CTInputError(path, f"is a DICOM file but cannot be parsed ({exc})",
+                           "It may be truncated or corrupt; export it again.") from None
+
+
+def _scan(folder: Path) -> dict:
+    """The DICOM files in ``folder`` grouped by SeriesInstanceUID: {uid: [(path, dataset), ...]}."""
+    if not folder.exists():
+        raise CTInputError(folder, "does not exist", f"Check the path; give {_SUPPORTED}.")
+    if not folder.is_dir():
+        raise CTInputError(folder, "is not a folder", "Give the folder that holds the DICOM slices.")
+    entries = sorted(folder.iterdir())
+    series = {}
+    for path in entries:
+        ds = _dcmread(path) if path.is_file() else None
+        if ds is not None and "DirectoryRecordSequence" not in ds:  # DICOMDIR is an index, not an image
+            series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
+    if not series:
+        n_files = sum(p.is_file() for p in entries)
+        subfolders = [p.name for p in entries if p.is_dir()]
+        problem = "is empty" if not entries else f"holds no DICOM image files ({n_files} other files)"
+        fix = "Give the folder that holds the CT slices (.dcm files)"
+        if subfolders:
+            fix += f"; subfolders are not searched, and this one has: {', '.join(subfolders[:8])}"
+        raise CTInputError(folder, problem, fix + ".")
+    return series
+
+
+def _listing(series: dict) -> str:
+    return "; ".join(f"{uid or '(no SeriesInstanceUID)'} '{ds.get('SeriesDescription', '')}' "
+                     f"({ds.get('Modality', '?')}, {len(files)} files)"
+                     for uid, files in series.items() for ds in [files[0][1]])
+
+
+def _frames(path: Path, ds) -> list:
+    """The CT slices of one DICOM file, checked to be greyscale CT with pixel data and geometry."""
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    modality = str(ds.get("Modality", "")) or "missing"
+    if modality != "CT":
+        frames = f" ({n} frames)" if n > 1 else ""
+        raise CTInputError(path, f"modality is {modality}{frames}, not CT",
+                           "InvarianceExplorer needs CT images in HU; choose a CT series or file.")
+    if "PixelData" not in ds:
+        raise CTInputError(path, "has no pixel data (no PixelData element)",
+                           "Export the CT images with their pixels, not a header-only or report object.")
+    photometric, samples = str(ds.get("PhotometricInterpretation", "")), int(ds.get("SamplesPerPixel", 1))
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise CTInputError(path, f"is a colour image (PhotometricInterpretation {photometric}, "
+                                 f"{samples} samples per pixel), not greyscale HU",
+                           "Use the original CT series, not a screenshot or secondary capture.")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        compressed = getattr(syntax, "is_compressed", False)
+        raise CTInputError(path, f"pixel data cannot be decoded ({getattr(syntax, 'name', syntax)}: "
+                                 f"{' '.join(str(exc).split())})",
+                           "Install a decoder for this compression (pip install pylibjpeg pylibjpeg-libjpeg "
+                           "pylibjpeg-openjpeg) or export the series uncompressed" if compressed else
+                           "The file may be truncated or its header wrong; export it again") from None
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        if n > 1:
+            raise CTInputError(path, f"has {n} frames but no per-frame geometry",
+                               "Export the series as one file per slice, or as enhanced CT.")
+        return [_frame(path, path.name, pixels, ds, ())]
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
+    pixels = pixels.reshape(-1, *pixels.shape[-2:])
+    if len(per_frame) != len(pixels):
+        raise CTInputError(path, f"has {len(pixels)} frames but geometry for {len(per_frame)}",
+                           "The file is inconsistent; export it again.")
+    return [_frame(path, f"{path.name} frame {i + 1}", pixels[i], ds, (item, shared))
+            for i, item in enumerate(per_frame)]
+
+
+def _frame(path: Path, name: str, pixels: np.ndarray, ds, groups) -> _Frame:
+    where = path.parent / name
+
+    def value(keyword, required=True, size=0):
+        found = ds.get(keyword)
+        for group in groups:  # enhanced multi-frame: this frame's groups, then the shared ones
+            sequence = group.get(_FUNCTIONAL_GROUP[keyword]) if group is not None else None
+            if sequence and keyword in sequence[0]:
+                found = sequence[0][keyword].value
+                break
+        if found is None or found == "":
+            if required:
+                raise CTInputError(where, f"has no {keyword}, so its place in the patient is unknown",
+                                   "Use the original CT export from the scanner or PACS.")
+            return None
+        values = np.atleast_1d(np.asarray(found, dtype=float))
+        if (size and values.shape != (size,)) or not np.isfinite(values).all():
+            raise CTInputError(where, f"has an invalid {keyword} {list(values)}", "Export it again.")
+        return values
+
+    position, orientation = value("ImagePositionPatient", size=3), value("ImageOrientationPatient", size=6)
+    spacing = value("PixelSpacing", size=2)
+    row, col = orientation[:3], orientation[3:]
+    if (abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3
+            or abs(row @ col) > 1e-3 or (spacing <= 0).any()):
+        raise CTInputError(where, f"has an invalid geometry (ImageOrientationPatient {list(orientation)}, "
+                                  f"PixelSpacing {list(spacing)})", "Export it again.")
+    thickness, slope, intercept = (value(k, required=False) for k in ("SliceThickness", "RescaleSlope",
+                                                                       "RescaleIntercept"))
+    return _Frame(path, name, pixels, position, row / np.linalg.norm(row), col / np.linalg.norm(col),
+                  (float(spacing[1]), float(spacing[0])),
+                  float(thickness[0]) if thickness is not None and thickness[0] > 0 else None,
+                  1.0 if slope is None else float(slope[0]), 0.0 if intercept is None else float(intercept[0]))
+
+
+def _assemble(frames: list, source: Path, hu_offset: float) -> CTImage:
+    """Check that ``frames`` form one evenly spaced stack and build the HU image."""
+    ref = frames[0]
+    for f in frames[1:]:
+        for what, mine, theirs, same in (
+                ("size (rows, columns)", f.pixels.shape, ref.pixels.shape, f.pixels.shape == ref.pixels.shape),
+                ("pixel spacing (x, y) mm", f.spacing, ref.spacing, np.allclose(f.spacing, ref.spacing, rtol=1e-4)),
+                ("orientation (ImageOrientationPatient)", _round(f.row, f.col), _round(ref.row, ref.col),
+                 np.allclose(np.r_[f.row, f.col], np.r_[ref.row, ref.col], atol=1e-4))):
+            if not same:
+                raise CTInputError(source, f"{f.name} has {what} {mine} but {ref.name} has {theirs}",
+                                   "All slices of a series must share size, pixel spacing and orientation; "
+                                   "keep one scan or reconstruction per folder (or choose series_uid).")
+    normal = np.cross(ref.row, ref.col)
+    frames = sorted(frames, key=lambda f: f.position @ normal)
+    depth = np.array([f.position @ normal for f in frames])
+    thickness = ref.thickness or 1.0
+    if len(frames) > 1:
+        thickness = _slice_spacing(frames, depth, normal, source)
+    hu = np.empty((len(frames), *ref.pixels.shape), dtype=np.float32)
+    for k, f in enumerate(frames):
+        hu[k] = f.pixels * f.slope + (f.intercept + hu_offset)
+    check_hu(hu, str(source))
+    direction = np.column_stack([ref.row, ref.col, normal])
+    return CTImage(hu[0] if len(frames) == 1 else hu, (*ref.spacing, thickness),
+                   tuple(frames[0].position), tuple(direction.ravel()))
+
+
+def _slice_spacing(frames: list, depth: np.ndarray, normal: np.ndarray, source: Path) -> float:
+    """The spacing (mm) of sorted slices at ``depth`` along ``normal``, checked to be even."""
+    gaps = np.diff(depth)
+    k = int(np.argmin(gaps))
+    if gaps[k] < max(1e-3, 0.01 * np.median(gaps)):
+        raise CTInputError(source, f"{frames[k].name} and {frames[k + 1].name} are at the same slice position "
+                                   f"({depth[k]:.3f} mm along the slice normal)",
+                           "Remove duplicate files, or put each acquisition (e.g. each phase) in its own folder.")
+    step = (depth[-1] - depth[0]) / (len(frames) - 1)
+    off_grid = np.abs(depth - depth[0] - step * np.arange(len(frames)))
+    if off_grid.max() > max(0.01, 0.1 * step):
+        k = int(np.argmax(np.abs(gaps - np.median(gaps))))
+        raise CTInputError(source, f"slices are not evenly spaced: {gaps[k]:.3f} mm between {frames[k].name} and "
+                                   f"{frames[k + 1].name}, {np.median(gaps):.3f} mm typical",
+                           "A slice may be missing or the folder mixes reconstructions; "
+                           "give a complete, evenly spaced series (or resample it first).")
+    shift = np.array([f.position - frames[0].position for f in frames])
+    sideways = np.linalg.norm(shift - np.outer(shift @ normal, normal), axis=1)
+    if sideways.max() > 0.1 * min(frames[0].spacing):
+        raise CTInputError(source, f"slice positions drift sideways by up to {sideways.max():.2f} mm "
+                                   "(gantry tilt or a sheared stack)",
+                           "Resample the series to a regular grid first (e.g. in 3D Slicer).")
+    return float(step)
+
+
+def _round(*vectors) -> tuple:
+    return tuple(round(float(v), 4) for v in np.concatenate(vectors))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_nrrd(image: CTImage, path, *, array: Optional[np.ndarray] = None, compress: bool = True) -> str:
+    """Write ``image`` (or ``array``, any numeric dtype, e.g. uint8 labels, with ``image``'s
+    geometry) to the .nrrd file ``path`` atomically, creating its folder; returns the path.
+
+    A 2D image becomes a 2D NRRD (its z position and thickness are not kept) when it is
+    axial; a slice in another orientation becomes a one-slice 3D NRRD so that its
+    orientation is kept (:func:`read_image` reads both back as 2D).
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".nrrd":
+        raise ValueError(f"{path}: write_nrrd writes single-file .nrrd; got '{path.suffix}'")
+    data = image.array if array is None else np.asarray(array)
+    if data.shape != image.array.shape:
+        raise ValueError(f"array shape {data.shape} differs from the image's {image.array.shape}")
+    if data.dtype == bool or data.dtype == np.float16:
+        data = data.astype(np.uint8 if data.dtype == bool else np.float32)
+    if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
+        raise ValueError(f"cannot write {data.dtype} voxels; give a numeric array")
+    matrix = image.direction_matrix
+    flat = data.ndim == 2 and np.allclose(matrix[:, 2], (0, 0, 1)) and np.allclose(matrix[2, :2], 0)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(data if flat or data.ndim == 3 else data[None]))
+    dims = 2 if flat else 3
+    out.SetSpacing(image.spacing[:dims])
+    out.SetOrigin(image.origin[:dims])
+    out.SetDirection(tuple(matrix[:dims, :dims].ravel()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.part.nrrd")
+    try:
+        sitk.WriteImage(out, str(temporary), useCompression=compress)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return str(path)
