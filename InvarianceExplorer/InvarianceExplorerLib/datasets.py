@@ -83,7 +83,7 @@ class PairedSlice:
 
 def item_seeds(seed: int, index: int) -> Tuple[int, int, float]:
     """Random numbers of item ``index`` of a data set with base ``seed``: the phantom seed,
-    the noise seed (used for the block the item starts) and a uniform number in [0, 1)
+    the noise seed (that of its block when the item is the block's first) and a uniform number in [0, 1)
     that decides contrast. They come from the ``index``-th child of
     ``numpy.random.SeedSequence(seed)``, so they depend on nothing else."""
     words = np.random.SeedSequence(seed, spawn_key=(index,)).generate_state(3)
@@ -110,15 +110,16 @@ def build_simulated_dataset(out_dir, count: int, size: int = 256, spacing: Optio
     and the manifest are written whole or not at all. A folder holding a data set with other
     parameters raises :class:`DatasetMismatchError` instead of mixing the two.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from .lowdose import LowDoseSimulator
     from .phantom import chest_phantom
 
     count, size, seed = int(count), int(size), int(seed)
     spacing = 0.7 * 512 / size if spacing is None else float(spacing)
-    if count < 0 or not 0.0 <= contrast_fraction <= 1.0:
-        raise ValueError(f"need count >= 0 and contrast_fraction in [0, 1]; got {count}, {contrast_fraction}")
+    if count < 0 or not 0.0 < dose <= 1.0 or not 0.0 <= contrast_fraction <= 1.0:
+        raise ValueError(f"need count >= 0, dose in (0, 1] and contrast_fraction in [0, 1]; "
+                         f"got {count}, {dose}, {contrast_fraction}")
     simulator = LowDoseSimulator(size, spacing, photons=photons, electronic_noise=electronic_noise,
                                  filter=filter, device=device)
     parameters = _jsonable(dict(
@@ -152,11 +153,11 @@ def build_simulated_dataset(out_dir, count: int, size: int = 256, spacing: Optio
             seeds = [item_seeds(seed, i) for i in indices]
             phantoms = [chest_phantom(s[0], size=size, spacing=spacing, contrast=s[2] < contrast_fraction)
                         for s in seeds]
-            pair = simulator.simulate(np.stack([p.hu for p in phantoms]), dose=dose, seed=seeds[0][1])
+            noise_seed = seeds[0][1]
+            pair = simulator.simulate(np.stack([p.hu for p in phantoms]), dose=dose, seed=noise_seed, noiseless=False)
             for k, i in enumerate(indices):
                 if i < count and i not in records:
-                    records[i] = _write_item(pairs, i, phantoms[k], pair.low_dose[k], pair.full_dose[k],
-                                             noise_seed=seeds[0][1])
+                    records[i] = _write_item(pairs, i, phantoms[k], pair.low_dose[k], pair.full_dose[k], noise_seed)
                     bar.update()
             manifest.setdefault("image", _image_geometry(phantoms[0]))
             if time.perf_counter() - last_save > 10.0:
@@ -391,7 +392,7 @@ class PairedDicomDataset(Sequence):
         pid, k = self._index[index]
         low, full, geometry = self._load(pid)
         g = geometry[k]
-        return PairedSlice(low_dose=low[k], full_dose=full[k], spacing=g.spacing, patient_id=pid,
+        return PairedSlice(low_dose=low[k].copy(), full_dose=full[k].copy(), spacing=g.spacing, patient_id=pid,
                            origin=g.origin, direction=g.direction)
 
     def _find_series(self, pid: str, folder: Path) -> Dict[str, Tuple[Path, str]]:

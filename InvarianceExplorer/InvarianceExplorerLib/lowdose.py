@@ -108,16 +108,16 @@ class FanBeamGeometry:
         return asdict(self)
 
 
-@lru_cache(maxsize=8)
-def _projection_grid(geometry: FanBeamGeometry, device: str):
-    """Sampling points (normalised for grid_sample) and step length in mm of every ray.
+def _projection_grid(geometry: FanBeamGeometry, views: slice, device):
+    """Sampling points (normalised for grid_sample) and step length in mm of every ray of
+    the ``views`` (computed per chunk of views: cheap, and small in memory).
 
     Each ray is sampled ``size`` times, uniformly over its chord through the circle that
     contains the image, so the sum of bilinear samples times the step is its line integral.
     """
     g = geometry
     dev = torch.device(device)
-    beta = g.betas(dev)[:, None]
+    beta = g.betas(dev)[views, None]
     gamma = g.gammas(dev)[None, :]
     d = g.source_to_isocenter
     src = torch.stack([d * torch.cos(beta), d * torch.sin(beta)], -1).expand(-1, g.n_detectors, -1)
@@ -140,25 +140,31 @@ def _projection_grid(geometry: FanBeamGeometry, device: str):
 
 
 @lru_cache(maxsize=8)
-def _backprojection_grid(geometry: FanBeamGeometry, device: str):
-    """For every view and every pixel inside the field of view: the fan angle of the ray
-    through the pixel (normalised detector coordinate for grid_sample) and the weight
-    ``1 / L^2`` of the equiangular fan-beam FBP (L = source-pixel distance, mm).
-    Also returns the flat indices of those pixels (the rest is outside the scan)."""
+def _fov_pixels(geometry: FanBeamGeometry, device: str):
+    """Flat indices and (x, y) positions in mm of the pixels inside the field of view
+    (the rest is outside the scan and not reconstructed)."""
     g = geometry
-    dev = torch.device(device)
-    c = (torch.arange(g.size, device=dev, dtype=torch.float64) + 0.5 - g.size / 2.0) * g.spacing
+    c = (torch.arange(g.size, device=device, dtype=torch.float64) + 0.5 - g.size / 2.0) * g.spacing
     y, x = torch.meshgrid(c, c, indexing="ij")
     inside = (x**2 + y**2 <= g.fov_radius**2).reshape(-1).nonzero().squeeze(1)
-    x, y = x.reshape(-1)[inside], y.reshape(-1)[inside]
-    beta = g.betas(dev)[:, None]
+    return inside, x.reshape(-1)[inside], y.reshape(-1)[inside]
+
+
+def _backprojection_grid(geometry: FanBeamGeometry, views: slice, device):
+    """For the ``views`` and every pixel inside the field of view: the fan angle of the ray
+    through the pixel (normalised detector coordinate for grid_sample) and the weight
+    ``1 / L^2`` of the equiangular fan-beam FBP (L = source-pixel distance, mm)."""
+    g = geometry
+    dev = torch.device(device)
+    _, x, y = _fov_pixels(g, str(dev))
+    beta = g.betas(dev)[views, None]
     d = g.source_to_isocenter
     # pixel in the rotated frame of each view: s along the central ray, u across it
     s = d - (x * torch.cos(beta) + y * torch.sin(beta))
     u = -x * torch.sin(beta) + y * torch.cos(beta)
     gamma = torch.atan2(u, s)
     det = gamma / (g.detector_step * g.n_detectors / 2.0)  # channel centres at +-(1 - 1/n)
-    return det.to(torch.float32), (1.0 / (s**2 + u**2)).to(torch.float32), inside
+    return det.to(torch.float32), (1.0 / (s**2 + u**2)).to(torch.float32)
 
 
 @lru_cache(maxsize=16)
@@ -194,14 +200,13 @@ def forward_project(mu: torch.Tensor, geometry: FanBeamGeometry, views_per_chunk
     g = geometry
     if mu.shape[-2:] != (g.size, g.size):
         raise ValueError(f"image shape {tuple(mu.shape[-2:])} does not match geometry size {g.size}")
-    grid, step = _projection_grid(g, str(mu.device))
     img = mu.reshape(1, -1, g.size, g.size)  # slices as channels, views as the (parallel) batch
     out = []
     for v0 in range(0, g.n_views, views_per_chunk):
-        gr = grid[v0 : v0 + views_per_chunk]
-        samples = F.grid_sample(img.expand(gr.shape[0], -1, -1, -1), gr, mode="bilinear",
+        grid, step = _projection_grid(g, slice(v0, v0 + views_per_chunk), mu.device)
+        samples = F.grid_sample(img.expand(grid.shape[0], -1, -1, -1), grid, mode="bilinear",
                                 padding_mode="zeros", align_corners=False)  # (views, B, D, S)
-        out.append((samples.sum(-1) * step[v0 : v0 + views_per_chunk, None]).transpose(0, 1))
+        out.append((samples.sum(-1) * step[:, None]).transpose(0, 1))
     return torch.cat(out, 1)
 
 
@@ -218,17 +223,17 @@ def fbp(sinogram: torch.Tensor, geometry: FanBeamGeometry, filter_name: str = "h
     # cosine pre-weighting D cos(gamma), then filtering by FFT (zero-padded: linear convolution)
     pre = sinogram * (g.source_to_isocenter * torch.cos(g.gammas(dev))).to(sinogram.dtype)
     q = torch.fft.irfft(torch.fft.rfft(pre, n=n_pad) * resp[: n_pad // 2 + 1], n=n_pad)[..., : g.n_detectors]
-    det, weight, inside = _backprojection_grid(g, str(dev))
+    inside = _fov_pixels(g, str(dev))[0]
     batch = q.shape[0]
     acc = torch.zeros(batch, inside.numel(), device=dev, dtype=q.dtype)
     for v0 in range(0, g.n_views, views_per_chunk):
         qc = q[:, v0 : v0 + views_per_chunk]  # (B, vc, D)
         vc = qc.shape[1]
         inp = qc.transpose(0, 1).reshape(vc, batch, 1, g.n_detectors)
-        dc = det[v0 : v0 + vc]
-        gr = torch.stack([dc, torch.zeros_like(dc)], -1).reshape(vc, 1, -1, 2)
+        det, weight = _backprojection_grid(g, slice(v0, v0 + vc), dev)
+        gr = torch.stack([det, torch.zeros_like(det)], -1).reshape(vc, 1, -1, 2)
         vals = F.grid_sample(inp, gr, mode="bilinear", padding_mode="zeros", align_corners=False)
-        acc += (vals.reshape(vc, batch, -1) * weight[v0 : v0 + vc, None, :]).sum(0)
+        acc += (vals.reshape(vc, batch, -1) * weight[:, None, :]).sum(0)
     # pixels outside the field of view are not reconstructed: air, as scanners show them
     image = torch.zeros(batch, g.size * g.size, device=dev, dtype=q.dtype)
     image[:, inside] = acc * (2 * math.pi / g.n_views)
@@ -248,11 +253,12 @@ def mu_to_hu(mu):
 @dataclass(frozen=True)
 class SimulatedPair:
     """Reconstructions of one scan in HU: ``low_dose`` and ``full_dose`` differ by noise
-    only, and ``noiseless`` is the same reconstruction of the noise-free sinogram."""
+    only, and ``noiseless`` is the same reconstruction of the noise-free sinogram (None
+    when not asked for)."""
 
     low_dose: np.ndarray
     full_dose: np.ndarray
-    noiseless: np.ndarray
+    noiseless: Optional[np.ndarray] = None
 
 
 class LowDoseSimulator:
@@ -297,8 +303,9 @@ class LowDoseSimulator:
             "projector": "torch fan-beam, equiangular, 360 deg, ray-driven bilinear; FBP Kak & Slaney 3.4.2",
         }
 
-    def simulate(self, hu: np.ndarray, dose: float = 0.25, seed: int = 0) -> SimulatedPair:
-        """Scan ``hu`` ((H, W) or (N, H, W), HU) at full dose and at the dose fraction ``dose``."""
+    def simulate(self, hu: np.ndarray, dose: float = 0.25, seed: int = 0, noiseless: bool = True) -> SimulatedPair:
+        """Scan ``hu`` ((H, W) or (N, H, W), HU) at full dose and at the dose fraction ``dose``
+        (``noiseless=False`` skips the noise-free reconstruction: a third faster)."""
         if not 0.0 < dose <= 1.0:
             raise ValueError(f"dose is a fraction of full dose in (0, 1]; got {dose}")
         arr = np.asarray(hu, dtype=np.float32)
@@ -323,10 +330,10 @@ class LowDoseSimulator:
                 reading = torch.clamp(quanta + self.electronic_noise * noise, min=0.5)
                 return torch.log(incident / reading).float()
 
-            sino = torch.cat([log_transform(n_ld, self.photons * dose), log_transform(n_fd, self.photons), p])
-            rec = mu_to_hu(fbp(sino, self.geometry, self.filter)).cpu().numpy()
+            sino = [log_transform(n_ld, self.photons * dose), log_transform(n_fd, self.photons)]
+            rec = mu_to_hu(fbp(torch.cat(sino + ([p] if noiseless else [])), self.geometry, self.filter))
         b = arr.shape[0]
-        ld, fd, clean = rec[:b], rec[b : 2 * b], rec[2 * b :]
+        parts = [rec[i * b : (i + 1) * b].cpu().numpy() for i in range(rec.shape[0] // b)]
         if single:
-            ld, fd, clean = ld[0], fd[0], clean[0]
-        return SimulatedPair(low_dose=ld, full_dose=fd, noiseless=clean)
+            parts = [a[0] for a in parts]
+        return SimulatedPair(*parts)

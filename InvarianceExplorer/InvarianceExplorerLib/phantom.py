@@ -8,30 +8,35 @@ origin at the centre of the field of view; images are in the standard radiologic
 
 The model, from outside in:
 
-* body: a super-ellipse (flatter posteriorly) with random low harmonics for asymmetry,
-  offset from the centre, inside a layer of subcutaneous fat and one of muscle (thicker
-  over the back); air (-1000 HU) outside;
-* thoracic cavity inside the chest wall: mediastinal fat holding the heart (myocardium and
-  chambers), the descending (and sometimes ascending) aorta and the oesophagus; the two
-  lungs are the cavity minus the mediastinum and the spine, with rounded corners;
-* tubes in 3D, rendered where they cross the slice: pulmonary vessel trees (radius 5 to
-  0.5 mm, tapering, Murray's law at branchings), the airway tree (trachea, main, lobar and
-  segmental bronchi: air lumen in a soft-tissue wall) and ribs sloping down the chest wall
-  (cortical shell over trabecular bone);
+* body: a super-ellipse (flatter at the back) with random low harmonics for asymmetry,
+  offset from the centre, under a layer of subcutaneous fat; air (-1000 HU) outside;
+* chest wall: a layer of muscle over the ribs, thickened by pectoral, latissimus and back
+  muscles, with fat between them and the subcutaneous fat;
+* thoracic cavity: mediastinal fat holding the heart (myocardium and chambers, in
+  pericardial fat), the descending (and sometimes ascending) aorta, the oesophagus and the
+  trachea; the two lungs are the cavity less the mediastinum and the spine, with rounded
+  corners, denser towards the back (gravity);
+* tubes in 3D, rendered where they cross the slice: pulmonary vessels (trees from the hila
+  and sub-trees across the lungs as wide as their distance from the hilum allows; radius 5
+  to 0.5 mm, tapering, Murray's law at branchings), the airways (trachea, main, lobar and
+  segmental bronchi: an air lumen in a soft-tissue wall; the carina lies 10 mm below to
+  40 mm above the slice) and ribs sloping down the chest wall (cortical shell over
+  trabecular bone);
 * spine (vertebral body, arch around the spinal canal, spinous and transverse processes)
   and sternum, each a cortical shell over trabecular bone;
-* lung nodules: spheres, solid or ground glass, 2-15 mm in diameter.
+* lung nodules: spheres, solid or ground glass (with a hazier edge), 2-15 mm across.
 
-Organ outlines are extruded along ``z`` (the model is a slab of about +-40 mm around
-``z = 0``); tubes, nodules and tissue texture are 3D, so stacks are continuous. Texture is
-smooth and of low amplitude: sums of random plane waves (coarse and fine) whose amplitude
-depends on the tissue; the lungs also grow denser posteriorly (gravity).
+Organ outlines are extruded along ``z`` (the model is a slab of about +-40 mm around the
+slice ``z = 0``); tubes, nodules and tissue texture are 3D, so stacks are continuous.
+Texture is smooth and of low amplitude: sums of random plane waves (wavelengths 8-40 mm
+and 2.5-8 mm) whose amplitude depends on the tissue.
 
-Rendering is a painter's algorithm with partial-volume edges: each structure covers a
-pixel by ``alpha = clip(0.5 - d / pixel, 0, 1)`` (``d``: signed distance to its surface in
-mm, negative inside), the HU blend by ``alpha`` and the pixel's label becomes the
-structure's where ``alpha >= 0.5``. Tubes thinner than a pixel keep their true line
-integral (fainter, not wider).
+Rendering is a painter's algorithm with partial-volume edges: a structure covers a pixel
+by ``alpha = clip(0.5 - d / pixel, 0, 1)`` (``d``: its signed distance in mm, negative
+inside, measured in the slice), the HU blend by ``alpha`` and the pixel's label becomes
+the structure's where ``alpha >= 0.5``. Tubes thinner than a pixel keep their line
+integral (fainter, not wider). Random draws come from ``numpy.random.default_rng``, one
+stream per part of the anatomy, so that one part's choices do not shift another's.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Dict, Tuple
 
 import numpy as np
+from scipy.ndimage import map_coordinates
 
 from .image import CTImage
 
@@ -176,11 +182,11 @@ def chest_stack(
     center = (size - 1) / 2 * spacing
     nodules = tuple(
         Nodule(
-            center_mm=(round(center + n.x * scale, 4), round(center + n.y * scale, 4)),
-            diameter_mm=round(2 * n.r * scale, 4),
+            center_mm=(float(center + n.x * scale), float(center + n.y * scale)),
+            diameter_mm=float(2 * n.r * scale),
             kind=n.kind,
             index=i + 1,
-            z_mm=round(n.z * scale + (n_slices - 1) / 2 * slice_thickness, 4),
+            z_mm=float(n.z * scale + (n_slices - 1) / 2 * slice_thickness),
         )
         for i, n in enumerate(anatomy.nodules)
     )
@@ -248,11 +254,22 @@ def _capsule_sdf(x, y, p, q, r):
     return np.hypot(x - p[0] - t * d[0], y - p[1] - t * d[1]) - r
 
 
+def _bump(phi, center, width):
+    """Raised-cosine bump of height 1 over ``center +- width`` (rad) on the circle."""
+    t = np.angle(np.exp(1j * (phi - center))) / width
+    return np.where(np.abs(t) < 1, 0.5 + 0.5 * np.cos(np.pi * t), 0.0)
+
+
+def _airway_wall(r):
+    """Wall thickness (mm) of an airway of lumen radius ``r`` mm."""
+    return 0.2 * r + 0.3
+
+
 def _unit(v):
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
-def _grow_tree(rng, p, d, r, *, r_min, inside, steer=None, length=(6.0, 10.0), taper=0.9):
+def _grow_tree(rng, p, d, r, *, r_min, inside, steer=None, length=(6.0, 10.0), taper=0.95):
     """Grow binary trees of tapering tubes, one generation at a time.
 
     ``p`` (n, 3) root points in mm, ``d`` (n, 3) unit directions, ``r`` (n,) radii in mm.
@@ -267,7 +284,7 @@ def _grow_tree(rng, p, d, r, *, r_min, inside, steer=None, length=(6.0, 10.0), t
         q = p + d * (r * rng.uniform(*length, n))[:, None]
         r_end = r * taper
         tubes.append((p, q, r, r_end))
-        f = rng.uniform(0.72, 0.92, n)
+        f = rng.uniform(0.75, 0.97, n)
         radii = np.concatenate([r_end * f, r_end * np.cbrt(1.0 - f**3)])
         perp = rng.normal(size=(n, 3))
         perp = _unit(perp - (perp * d).sum(1, keepdims=True) * d)
@@ -295,6 +312,27 @@ class _Ball:
     hu: float
 
 
+class _Field:
+    """A 2D function sampled every ``step`` mm over the reference field, for fast queries
+    at scattered points (bilinear) with its gradient."""
+
+    def __init__(self, f: Callable, step: float = 3.0, half: float = 183.0):
+        self.step, self.half = step, half
+        c = np.arange(-half, half + step / 2, step)
+        self.values = f(c[None, :], c[:, None])
+        self.grad_y, self.grad_x = np.gradient(self.values, step)
+
+    def _at(self, grid, x, y):
+        index = [(y + self.half) / self.step, (x + self.half) / self.step]
+        return map_coordinates(grid, index, order=1, mode="nearest")
+
+    def __call__(self, x, y):
+        return self._at(self.values, x, y)
+
+    def grad(self, x, y):
+        return self._at(self.grad_x, x, y), self._at(self.grad_y, x, y)
+
+
 class _Anatomy:
     """The thorax of one seed: outlines, tubes, bones, nodules and tissue HU."""
 
@@ -303,6 +341,7 @@ class _Anatomy:
         self._draw_body(rngs[0])
         self._draw_mediastinum(rngs[1])
         self._draw_bones(rngs[2])
+        self.lung = _Field(self.lung_sdf)
         self._draw_airways(rngs[3])
         self._draw_vessels(rngs[4])
         self._draw_nodules(rngs[5], z_half)
@@ -310,11 +349,11 @@ class _Anatomy:
         self.texture_coarse = _Waves(rngs[7], 96, (8.0, 40.0))
         self.texture_fine = _Waves(rngs[7], 96, (2.5, 8.0))
 
-    # -- body, chest wall and thoracic cavity: radial functions of the polar angle
+    # -- body, subcutaneous fat, chest-wall muscles and thoracic cavity: radii as functions of the polar angle
     def _draw_body(self, rng):
         size = rng.uniform(0.85, 1.12)
         a, b = 150 * size * rng.uniform(0.94, 1.06), 105 * size * rng.uniform(0.92, 1.08)
-        phi = np.linspace(-np.pi, np.pi, 1024, endpoint=False)
+        phi = np.linspace(-np.pi, np.pi, 1025)  # the last sample repeats the first
         c, s = np.cos(phi), np.sin(phi)
         n = np.where(s > 0, rng.uniform(2.6, 3.4), rng.uniform(2.0, 2.4))  # flatter back
         r = (np.abs(c / a) ** n + np.abs(s / b) ** n) ** (-1.0 / n)
@@ -322,193 +361,233 @@ class _Anatomy:
             r *= 1 + rng.normal(0, 0.025 / k) * np.cos(k * phi + rng.uniform(0, 2 * np.pi))
         fat = rng.uniform(3, 10) + 45 * (size - 0.85)
         fat = fat * (1 + rng.uniform(0, 0.4) * np.cos(2 * phi) + rng.uniform(-0.2, 0.3) * s)
-        muscle = rng.uniform(8, 12) + rng.uniform(14, 24) * np.clip(s, 0, 1) ** 2 + rng.uniform(3, 9) * np.clip(-s, 0, 1) ** 2
-        wall = muscle + rng.uniform(7, 10)  # muscle and ribs
+        back, front = np.clip(s, 0, 1) ** 2, np.clip(-s, 0, 1) ** 2
+        wall = rng.uniform(16, 22) + rng.uniform(16, 26) * back + rng.uniform(3, 10) * front  # to the pleura
         cx, cy = rng.uniform(-12, 12), rng.uniform(-14, 10)
         extent = np.max(np.hypot(cx + r * c, cy + r * s))
         if extent > _BODY_RADIUS:  # shrink to fit the field of view
             k = _BODY_RADIUS / extent
             r, fat, wall, cx, cy = r * k, fat * k, wall * k, cx * k, cy * k
+        # chest-wall muscles: a layer over the ribs thickened by pectoral, latissimus and back muscles
+        bulk = np.zeros_like(phi)
+        for side in (-1, 1):  # side +1 is the patient's left (+x)
+            pectoral = (-np.pi / 2 + side * rng.uniform(0.45, 0.75), (0.35, 0.55), (8, 16))
+            latissimus = (np.pi / 2 - side * rng.uniform(0.9, 1.25), (0.3, 0.5), (5, 12))
+            for center, width, thick in (pectoral, latissimus):
+                bulk = np.maximum(bulk, rng.uniform(*thick) * _bump(phi, center, rng.uniform(*width)))
+        bulk = np.maximum(bulk, rng.uniform(30, 45) * _bump(phi, np.pi / 2, rng.uniform(0.5, 0.65)))  # back muscles
+        muscle = np.minimum(r - fat, r - fat - wall + rng.uniform(9, 12) + bulk)
         self.cx, self.cy, self.a, self.b = cx, cy, a, b
+        self.body_box = tuple((v.min(), v.max()) for v in (cx + r * c, cy + r * s))  # (x, y) ranges in mm
         self._phi = phi
-        self._r_body, self._r_muscle, self._r_cavity = r, r - fat, r - fat - wall
+        self._radii = np.stack([r, r - fat, muscle, r - fat - wall])  # skin, under the fat, muscle, pleura
 
-    def _polar(self, x, y, table):
+    def layers(self, x, y):
+        """Signed distances (mm) to the skin, to the inner border of subcutaneous fat, to the
+        chest-wall muscles and to the thoracic cavity."""
         dx, dy = x - self.cx, y - self.cy
-        return np.hypot(dx, dy) - np.interp(np.arctan2(dy, dx), self._phi, table, period=2 * np.pi)
-
-    def body_sdf(self, x, y):
-        return self._polar(x, y, self._r_body)
-
-    def muscle_sdf(self, x, y):
-        return self._polar(x, y, self._r_muscle)
-
-    def cavity_sdf(self, x, y):
-        return self._polar(x, y, self._r_cavity)
+        rho, phi = np.hypot(dx, dy), np.arctan2(dy, dx)
+        return [rho - np.interp(phi, self._phi, r) for r in self._radii]
 
     def cavity_radius(self, phi):
-        return np.interp(phi, self._phi, self._r_cavity, period=2 * np.pi)
+        return np.interp(np.angle(np.exp(1j * phi)), self._phi, self._radii[3])
+
+    def cavity_point(self, phi, depth=0.0):
+        """The point (x, y) at ``depth`` mm outside the cavity border in direction ``phi``."""
+        r = self.cavity_radius(phi) + depth
+        return self.cx + r * np.cos(phi), self.cy + r * np.sin(phi)
 
     # -- mediastinum: heart, aortas, oesophagus; spine position
     def _draw_mediastinum(self, rng):
         cx, cy, a, b = self.cx, self.cy, self.a, self.b
-        self.vertebra = _Ellipse(cx + rng.uniform(-2, 2), cy + b * rng.uniform(0.28, 0.36), rng.uniform(16, 20), rng.uniform(13, 16))
-        v = self.vertebra
+        v = _Ellipse(cx + rng.uniform(-2, 2), cy + b * rng.uniform(0.28, 0.36), rng.uniform(16, 20),
+                     rng.uniform(13, 16))
+        self.vertebra = v  # its body
+        r_ao = rng.uniform(10, 13.5)
+        theta = np.radians(rng.uniform(-75, -45))
+        dist = v.radius(theta) + r_ao + rng.uniform(1, 3)
+        self.aorta = _circle(v.cx + dist * np.cos(theta), v.cy + dist * np.sin(theta), r_ao)
+        r_es = rng.uniform(6, 8.5)
+        x_es = min(v.cx + rng.uniform(-6, 2), self.aorta.cx - r_ao - r_es - 2)
+        self.oesophagus = es = _circle(x_es, v.cy - v.b - r_es - rng.uniform(3, 6), r_es)
+        r_tr = rng.uniform(7.5, 9.5)  # the trachea's lumen, right of the oesophagus
+        outer = r_tr + _airway_wall(r_tr)
+        self.trachea = _circle(es.cx - es.a - outer - rng.uniform(1, 3), es.cy - rng.uniform(3, 8), r_tr)
         heart = _Ellipse(
             cx + a * rng.uniform(0.06, 0.14), cy - b * rng.uniform(0.12, 0.22),
             a * rng.uniform(0.34, 0.40), b * rng.uniform(0.36, 0.44), np.radians(rng.uniform(-45, -25)),
         )
-        # keep the heart and its fat inside the cavity, in front of the spine
         self.heart_fat = rng.uniform(2, 6)
-        outline = np.array([heart.grown(self.heart_fat + 4).at(np.cos(t), np.sin(t)) for t in np.linspace(0, 2 * np.pi, 48)])
-        while np.max(self.cavity_sdf(*outline.T)) > 0 or np.max(outline[:, 1]) > v.cy - v.b - 12:
-            heart = replace(heart, a=heart.a * 0.97, b=heart.b * 0.97, cy=heart.cy - 0.5)
-            outline = np.array([heart.grown(self.heart_fat + 4).at(np.cos(t), np.sin(t)) for t in np.linspace(0, 2 * np.pi, 48)])
+        t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        for _ in range(50):  # keep the heart and its fat inside the cavity, in front of the spine and trachea
+            x, y = heart.grown(self.heart_fat + 4).at(np.cos(t), np.sin(t))
+            behind = np.max(y) > v.cy - v.b - 12
+            clear = heart.grown(self.heart_fat + 2).sdf(self.trachea.cx, self.trachea.cy) > outer
+            if np.max(self.layers(x, y)[3]) < 0 and clear and not behind:
+                break
+            heart = replace(heart, a=heart.a * 0.97, b=heart.b * 0.97, cy=heart.cy - behind)
         self.heart = heart
         self.chambers = (  # left and right ventricle, left atrium
             _Ellipse(*heart.at(0.1, 0.3), heart.a * 0.5, heart.b * 0.38, heart.angle),
             _Ellipse(*heart.at(0.05, -0.45), heart.a * 0.55, heart.b * 0.3, heart.angle),
             _Ellipse(*heart.at(-0.55, 0.55), heart.a * 0.3, heart.b * 0.3, heart.angle),
         )
-        r_ao = rng.uniform(10, 13.5)
-        theta = np.radians(rng.uniform(-75, -45))
-        dist = v.radius(theta) + r_ao + rng.uniform(1, 3)
-        self.aorta = _circle(v.cx + dist * np.cos(theta), v.cy + dist * np.sin(theta), r_ao)
         r_asc = rng.uniform(13, 17)
         self.ascending = _circle(*heart.at(-0.75, -0.7), r_asc) if rng.uniform() < 0.6 else None
-        r_es = rng.uniform(6, 8.5)
-        x_es = min(v.cx + rng.uniform(-6, 2), self.aorta.cx - r_ao - r_es - 2)
-        self.oesophagus = _circle(x_es, v.cy - v.b - r_es - rng.uniform(3, 6), r_es)
-        y_front = cy - self.cavity_radius(-np.pi / 2)
+        front = self.cavity_point(-np.pi / 2)
         column = rng.uniform(7, 13)
-        parts = [heart.grown(self.heart_fat + 3), self.aorta.grown(3), self.oesophagus.grown(3), v.grown(4)]
+        parts = [heart.grown(self.heart_fat + 3), self.aorta.grown(3), es.grown(3),
+                 self.trachea.grown(outer - r_tr + 2)]
         if self.ascending is not None:
             parts.append(self.ascending.grown(3))
-        self._mediastinum = (parts, ((cx, y_front - 10), (v.cx, v.cy)), column)
+        self._mediastinum = (parts, ((front[0], front[1] - 10), (v.cx, v.cy)), column)
 
     def mediastinum_sdf(self, x, y):
         parts, (p, q), column = self._mediastinum
         d = _capsule_sdf(x, y, p, q, column)
         for e in parts:
             d = _smin(d, e.sdf(x, y), 10.0)
-        return _smin(d, self.spine_sdf(x, y), 6.0)
+        for e in self._spine_parts:
+            d = _smin(d, e.sdf(x, y), 6.0)
+        return d
 
     def lung_sdf(self, x, y):
-        return _smax(self.cavity_sdf(x, y), -self.mediastinum_sdf(x, y), 8.0)
+        """Signed distance (mm) to the lungs: the cavity less the mediastinum, with round corners.
+        ``x`` (1, W) and ``y`` (H, 1) grids or points; on grids the mediastinum is computed
+        only near the midline."""
+        cavity = self.layers(x, y)[3]
+        if np.ndim(x) == 2 and x.shape[0] == 1 and y.shape[1] == 1:
+            cols = np.nonzero(np.abs(x[0] - self.cx) < self._mediastinum_half)[0]
+            if len(cols) == 0:
+                return cavity
+            win = (slice(None), slice(cols[0], cols[-1] + 1))
+            cavity[win] = _smax(cavity[win], -self.mediastinum_sdf(x[win], y), 8.0)
+            return cavity
+        return _smax(cavity, -self.mediastinum_sdf(x, y), 8.0)
 
-    # -- bones
+    # -- bones: spine, sternum, ribs
     def _draw_bones(self, rng):
         v = self.vertebra
         canal = _Ellipse(v.cx, v.cy + v.b + rng.uniform(7, 9), rng.uniform(8, 10), rng.uniform(7, 8.5))
         arch = canal.grown(rng.uniform(4, 6))
         spine_len = rng.uniform(20, 30)
-        spinous = _Ellipse(
-            arch.cx, arch.cy + arch.b + spine_len / 2 - 3, spine_len / 2, rng.uniform(3.5, 5), np.radians(90 + rng.uniform(-8, 8))
-        )
+        spinous = _Ellipse(arch.cx, arch.cy + arch.b + spine_len / 2 - 3, spine_len / 2, rng.uniform(3.5, 5),
+                           np.radians(90 + rng.uniform(-8, 8)))
         transverse = [
             _Ellipse(arch.cx + s * (arch.a + rng.uniform(5, 9)), arch.cy - rng.uniform(0, 4), rng.uniform(10, 13),
                      rng.uniform(4, 5.5), s * np.radians(rng.uniform(15, 30)))
             for s in (-1, 1)
         ]
-        cortex = rng.uniform(1.2, 2.0)
-        self.cortex = cortex
+        self.cortex = rng.uniform(1.2, 2.0)
         self.processes, self.arch, self.canal = (spinous, *transverse), arch, canal
-        front = self.cy - self.cavity_radius(-np.pi / 2)
-        sternum_b = rng.uniform(5, 7)
-        self.sternum = (_Ellipse(self.cx + rng.uniform(-3, 3), front - sternum_b - 1.5, rng.uniform(12, 18), sternum_b),
-                        rng.uniform(1.0, 1.5))
         self._spine_parts = (v.grown(4), arch.grown(4), *[t.grown(3) for t in transverse])
+        self._mediastinum_half = max(
+            max(abs(e.cx - self.cx) + max(e.a, e.b) for e in self._mediastinum[0] + list(self._spine_parts)),
+            self._mediastinum[2]) + 10
+        front = self.cavity_point(-np.pi / 2)
+        sternum_b = rng.uniform(5, 7)
+        self.sternum = _Ellipse(front[0] + rng.uniform(-3, 3), front[1] - sternum_b - 1.5, rng.uniform(12, 18),
+                                sternum_b)
+        self.sternum_cortex = rng.uniform(1.0, 1.5)
         # ribs: tubes sloping down along the chest wall, from the spine to the front
         slope, pitch = rng.uniform(0.38, 0.5), rng.uniform(22, 28)
-        p0, p1, radius, cortical = [], [], [], []
+        p0, p1, radius, cortex = [], [], [], []
         for side in (-1, 1):
             psi = np.linspace(np.radians(rng.uniform(22, 28)), np.radians(rng.uniform(140, 155)), 28)
             phi = np.pi / 2 - side * psi
-            r = self.cavity_radius(phi) + rng.uniform(3.5, 5)
-            xy = np.stack([self.cx + r * np.cos(phi), self.cy + r * np.sin(phi)], 1)
+            xy = np.stack(self.cavity_point(phi, rng.uniform(3.5, 5)), 1)
             arc = np.concatenate([[0], np.cumsum(np.hypot(*np.diff(xy, axis=0).T))])
-            z_top = rng.uniform(0, pitch) + pitch * np.arange(-3, 10)
-            for z0 in z_top:
-                z = z0 - slope * arc
+            for z_top in rng.uniform(0, pitch) + pitch * np.arange(-3, 10):
+                z = z_top - slope * arc
                 if z[0] < -_Z_SLAB - 10 or z[-1] > _Z_SLAB + 10:
                     continue
                 pts = np.column_stack([xy, z])
                 p0.append(pts[:-1]), p1.append(pts[1:])
                 radius.append(np.full(len(pts) - 1, rng.uniform(2.8, 3.6)))
-                cortical.append(np.full(len(pts) - 1, rng.uniform(0.9, 1.3)))
-        self.ribs = np.concatenate(p0), np.concatenate(p1), np.concatenate(radius), np.concatenate(cortical)
-
-    def spine_sdf(self, x, y):
-        d = self._spine_parts[0].sdf(x, y)
-        for e in self._spine_parts[1:]:
-            d = np.minimum(d, e.sdf(x, y))
-        return d
+                cortex.append(np.full(len(pts) - 1, rng.uniform(0.9, 1.3)))
+        self.ribs = np.concatenate(p0), np.concatenate(p1), np.concatenate(radius), np.concatenate(cortex)
 
     # -- airways: trachea, main bronchi and a tree of bronchi into the lungs
     def _draw_airways(self, rng):
-        es = self.oesophagus
-        r_tr = rng.uniform(7.5, 9.5)
-        carina = np.array([es.cx - rng.uniform(0, 5), es.cy - es.a - r_tr - rng.uniform(2, 4), rng.uniform(10, 40)])
-        top = carina + [0, 0, 120]
-        p0, p1, r0, r1 = [top], [carina], [r_tr], [r_tr]  # trachea
+        tr = self.trachea
+        carina = np.array([tr.cx, tr.cy, rng.uniform(-10, 40)])  # 1 in 5 slices at z = 0 show the trachea
+        p0, p1, r0, r1 = [carina + [0, 0, 120]], [carina], [tr.a], [tr.a]
         roots, dirs, radii = [], [], []
-        for side, angle, length, ratio in ((-1, (20, 30), (15, 25), (0.65, 0.75)), (1, (40, 50), (35, 45), (0.55, 0.65))):
+        for side, angle, forward, length, ratio in ((-1, (20, 30), (-0.15, 0), (15, 25), (0.65, 0.75)),
+                                                    (1, (40, 50), (0.2, 0.4), (35, 45), (0.55, 0.65))):
             t = np.radians(rng.uniform(*angle))
-            d = _unit(np.array([side * np.sin(t), rng.uniform(0, 0.2), -np.cos(t)]))
+            d = _unit(np.array([side * np.sin(t), -rng.uniform(*forward), -np.cos(t)]))
             end = carina + d * rng.uniform(*length)
-            r = r_tr * rng.uniform(*ratio)
+            r = tr.a * rng.uniform(*ratio)
             p0.append(carina), p1.append(end), r0.append(r), r1.append(r * 0.95)  # main bronchus
             roots.append(end), dirs.append(d), radii.append(r * 0.95)
         heart = self.heart.grown(2)
 
         def inside(p):
-            return (self.cavity_sdf(p[:, 0], p[:, 1]) < -2) & (heart.sdf(p[:, 0], p[:, 1]) > 0) & (np.abs(p[:, 2]) < _Z_SLAB + 20)
+            x, y = p[:, 0], p[:, 1]
+            return (self.layers(x, y)[3] < -2) & (heart.sdf(x, y) > 0) & (np.abs(p[:, 2]) < _Z_SLAB + 20)
 
         tree = _grow_tree(rng, np.array(roots), np.array(dirs), np.array(radii), r_min=0.8, inside=inside,
                           steer=self._steer, length=(4.0, 7.0))
-        self.airways = tuple(np.concatenate([np.array(a, float), b]) for a, b in zip((p0, p1, r0, r1), tree))
+        p0, p1, r0, r1 = (np.concatenate([np.array(a, float), b]) for a, b in zip((p0, p1, r0, r1), tree))
+        # drop the bronchi that would pass through the heart (above this slab they pass over it)
+        t = np.linspace(0, 1, 9)[:, None, None]
+        x, y = np.moveaxis(p0[None, :, :2] + t * (p1 - p0)[None, :, :2], 2, 0)
+        r = np.maximum(r0, r1) + _airway_wall(np.maximum(r0, r1))
+        keep = np.all(self.heart.grown(self.heart_fat).sdf(x, y) > r, axis=0)
+        self.airways = p0[keep], p1[keep], r0[keep], r1[keep]
 
     def _steer(self, p):
         """Pull of tubes near the pleura back into the lungs (a vector per point)."""
-        x, y, e = p[:, 0], p[:, 1], 0.5
-        d = self.lung_sdf(x, y)
-        g = np.stack([self.lung_sdf(x + e, y) - d, self.lung_sdf(x, y + e) - d, np.zeros_like(d)], 1) / e
-        return -0.8 * g * np.clip((d + 15) / 15, 0, 1)[:, None]
+        x, y = p[:, 0], p[:, 1]
+        pull = 1.5 * np.clip((self.lung(x, y) + 15) / 15, 0, 1)
+        gx, gy = self.lung.grad(x, y)
+        return -pull[:, None] * np.stack([gx, gy, np.zeros_like(gx)], 1)
 
-    # -- pulmonary vessels: arterial and venous trees from each hilum
+    # -- pulmonary vessels: trees from each hilum, and sub-trees whose stems lie outside the slab
     def _draw_vessels(self, rng):
         roots, dirs, radii = [], [], []
         for side in (-1, 1):
-            for _ in range(rng.integers(5, 8)):
-                y = self.cy + self.b * rng.uniform(-0.25, 0.25)
-                xs = self.cx + side * np.linspace(0, self.a, 200)
-                inner = np.nonzero(self.lung_sdf(xs, np.full_like(xs, y)) < -4)[0]
-                if len(inner) == 0:
-                    continue
-                roots.append([xs[inner[0]], y, rng.uniform(-30, 30)])
-                dirs.append(_unit(np.array([side * rng.uniform(0.3, 1), rng.normal(0, 0.5), rng.normal(0, 0.8)])))
-                radii.append(rng.uniform(3.5, 5.0))
+            xs = self.cx + side * np.linspace(0, self.a, 151)
+            y = self.cy + self.b * rng.uniform(-0.05, 0.1)
+            hilum = np.array([xs[np.argmax(self.lung(xs, np.full_like(xs, y)) < -4)], y, 0.0])
+            n = rng.integers(6, 10)
+            roots.append(hilum + rng.normal(0, [3, 12, 15], (n, 3)))
+            dirs.append(np.column_stack([side * rng.uniform(0.3, 1, n), rng.normal(0, 0.6, (n, 2))]))
+            radii.append(rng.uniform(3.5, 5.0, n))
+            # sub-trees across the lung, as wide as their distance from the hilum allows
+            n = 600
+            p = np.column_stack([self.cx + side * self.a * rng.uniform(0, 1, n),
+                                 self.cy + self.b * rng.uniform(-1, 1, n), rng.uniform(-_Z_SLAB, _Z_SLAB, n)])
+            p = p[self.lung(p[:, 0], p[:, 1]) < -2]
+            dist = np.linalg.norm(p - hilum, axis=1)
+            roots.append(p)
+            dirs.append(p - hilum + rng.normal(0, 25, p.shape))
+            radii.append(0.6 + 3.0 * np.clip(1 - dist / 140, 0, 1) ** 1.5 * rng.uniform(0.6, 1.1, len(p)))
 
         def inside(p):
-            return (self.lung_sdf(p[:, 0], p[:, 1]) < -0.5) & (np.abs(p[:, 2]) < _Z_SLAB)
+            return (self.lung(p[:, 0], p[:, 1]) < -0.5) & (np.abs(p[:, 2]) < _Z_SLAB)
 
-        self.vessels = _grow_tree(rng, np.array(roots), np.array(dirs), np.array(radii), r_min=0.5, inside=inside,
-                                  steer=self._steer, length=(5.0, 9.0))
+        roots = np.concatenate(roots)
+        keep = inside(roots)
+        self.vessels = _grow_tree(rng, roots[keep], _unit(np.concatenate(dirs))[keep], np.concatenate(radii)[keep],
+                                  r_min=0.5, inside=inside, steer=self._steer, length=(5.0, 9.0))
 
     # -- nodules: spheres well inside the lungs, apart from each other
     def _draw_nodules(self, rng, z_half):
         balls = []
         for _ in range(rng.integers(0, 7)):
             r = np.exp(rng.uniform(np.log(1.0), np.log(7.5)))
-            solid = rng.uniform() < 0.6
-            hu = rng.uniform(25, 55) if solid else rng.uniform(-650, -450)
-            for _attempt in range(100):
-                x = self.cx + self.a * rng.uniform(-0.9, 0.9)
-                y = self.cy + self.b * rng.uniform(-0.9, 0.9)
-                z = z_half * rng.uniform(-1, 1)
-                if self.lung_sdf(x, y) < -(r + 3) and all(np.hypot(x - o.x, y - o.y) > r + o.r + 4 for o in balls):
-                    balls.append(_Ball(x, y, z, r, "solid" if solid else "ground-glass", hu))
-                    break
+            kind = "solid" if rng.uniform() < 0.6 else "ground-glass"
+            hu = rng.uniform(25, 55) if kind == "solid" else rng.uniform(-650, -450)
+            x = self.cx + self.a * rng.uniform(-0.9, 0.9, 64)
+            y = self.cy + self.b * rng.uniform(-0.9, 0.9, 64)
+            ok = self.lung(x, y) < -(r + 3)
+            for o in balls:
+                ok &= np.hypot(x - o.x, y - o.y) > r + o.r + 4
+            if ok.any():
+                i = np.argmax(ok)
+                balls.append(_Ball(float(x[i]), float(y[i]), z_half * rng.uniform(-1, 1), r, kind, hu))
         self.nodules = tuple(balls)
 
     # -- nominal HU of each tissue: (HU, coarse texture amplitude, fine texture amplitude)
@@ -549,7 +628,7 @@ class _Waves:
         ay = np.outer(y, ky)
         rows = np.concatenate([np.cos(ay), -np.sin(ay)], 1).astype(np.float32)
         cols = (self.amp * np.concatenate([np.cos(ax), np.sin(ax)], 1)).astype(np.float32)
-        return rows @ cols.T
+        return np.einsum("ik,jk->ij", rows, cols)  # no BLAS: deterministic and no thread stalls
 
 
 # ---------------------------------------------------------------------------------------
@@ -557,33 +636,42 @@ class _Waves:
 
 
 class _Slice:
-    """Paints the anatomy on a ``size`` x ``size`` grid of ``pixel`` mm (anatomy mm) at height ``z``."""
+    """Paints the anatomy at height ``z`` (mm) on a ``size`` x ``size`` grid of ``pixel`` mm
+    (anatomy mm), within the bounding box of the body (air elsewhere)."""
 
     def __init__(self, anatomy: _Anatomy, size: int, pixel: float, z: float, contrast: bool):
-        self.an, self.n, self.w, self.z = anatomy, size, pixel, z
-        self.coords = ((np.arange(size) - (size - 1) / 2) * pixel).astype(np.float32)
-        self.hu = np.full((size, size), -1000.0, np.float32)
-        self.labels = np.zeros((size, size), np.uint8)
-        self.nodule_map = np.zeros((size, size), np.int16)
+        self.an, self.size, self.px, self.z = anatomy, size, pixel, z
+        coords = ((np.arange(size) - (size - 1) / 2) * pixel).astype(np.float32)
+        (x_lo, x_hi), (y_lo, y_hi) = anatomy.body_box
+        cols = np.nonzero((coords > x_lo - 2 * pixel) & (coords < x_hi + 2 * pixel))[0]
+        rows = np.nonzero((coords > y_lo - 2 * pixel) & (coords < y_hi + 2 * pixel))[0]
+        self.box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+        self.x, self.y = coords[self.box[1]], coords[self.box[0]]
+        self.shape = (len(self.y), len(self.x))
+        self.hu = np.full(self.shape, -1000.0, np.float32)
+        self.labels = np.zeros(self.shape, np.uint8)
+        self.nodule_map = np.zeros(self.shape, np.int16)
         self.tissue = {**anatomy.tissue, **(anatomy.contrast_tissue if contrast else {})}
-        self.coarse = anatomy.texture_coarse(self.coords, self.coords, z)
-        self.fine = anatomy.texture_fine(self.coords, self.coords, z)
+        self.coarse = anatomy.texture_coarse(self.x, self.y, z)
+        self.fine = anatomy.texture_fine(self.x, self.y, z)
 
     def render(self):
+        """The slice as (HU, labels, nodule map) on the whole grid."""
         an = self.an
-        full = (slice(None), slice(None))
-        x, y = self.coords[None, :], self.coords[:, None]
-        self.paint(full, self._alpha(an.body_sdf(x, y)), "fat", Label.FAT)
-        self.paint(full, self._alpha(an.muscle_sdf(x, y)), "muscle", Label.SOFT_TISSUE)
-        cavity = self._alpha(an.cavity_sdf(x, y))
-        self.paint(full, cavity, "fat", Label.FAT)
+        box = (slice(None), slice(None))
+        x, y = self.x[None, :], self.y[:, None]
+        skin, under_fat, muscle, pleura = an.layers(x, y)
+        self.paint(box, self._alpha(skin), "fat", Label.FAT)
+        self.paint(box, self._alpha(muscle), "muscle", Label.SOFT_TISSUE)
+        cavity = self._alpha(pleura)
+        self.paint(box, cavity, "fat", Label.FAT)
         lung = self._alpha(an.lung_sdf(x, y))
-        self.paint(full, lung, "lung", Label.LUNG)
-        self.paint(full, self._tubes(*an.vessels) * lung, "blood", Label.VESSEL)
+        self.paint(box, lung, "lung", Label.LUNG)
+        self.paint(box, self._tubes(*an.vessels) * lung, "blood", Label.VESSEL)
         p0, p1, r0, r1 = an.airways
-        wall = 0.2 * np.stack([r0, r1]) + 0.3
-        self.paint(full, self._tubes(p0, p1, r0 + wall[0], r1 + wall[1]) * cavity, "muscle", Label.SOFT_TISSUE)
-        self.paint(full, self._tubes(p0, p1, r0, r1) * cavity, "air", Label.AIRWAY)
+        wall = self._tubes(p0, p1, r0 + _airway_wall(r0), r1 + _airway_wall(r1))
+        self.paint(box, wall * cavity, "muscle", Label.SOFT_TISSUE)
+        self.paint(box, self._tubes(p0, p1, r0, r1) * cavity, "air", Label.AIRWAY)
         self.ellipse(an.heart, "myocardium", Label.HEART)
         for chamber in an.chambers:
             self.ellipse(chamber, "blood", Label.HEART)
@@ -596,42 +684,53 @@ class _Slice:
             self.bone(bone, an.cortex)
         self.ellipse(an.canal, "cord", Label.SOFT_TISSUE)
         self.bone(an.vertebra, an.cortex)
-        self.bone(*an.sternum)
+        self.bone(an.sternum, an.sternum_cortex)
         p0, p1, r, cortex = an.ribs
-        self.paint(full, self._tubes(p0, p1, r, r), "cortical", Label.CORTICAL_BONE)
-        self.paint(full, self._tubes(p0, p1, r - cortex, r - cortex), "trabecular", Label.TRABECULAR_BONE)
+        self.paint(box, self._tubes(p0, p1, r, r), "cortical", Label.CORTICAL_BONE)
+        self.paint(box, self._tubes(p0, p1, r - cortex, r - cortex), "trabecular", Label.TRABECULAR_BONE)
         for k, ball in enumerate(an.nodules, 1):
             self.nodule(ball, k)
-        return self.hu, self.labels, self.nodule_map
+        out = (np.full((self.size, self.size), -1000.0, np.float32), np.zeros((self.size, self.size), np.uint8),
+               np.zeros((self.size, self.size), np.int16))
+        for full, part in zip(out, (self.hu, self.labels, self.nodule_map)):
+            full[self.box] = part
+        return out
 
     # -- painting
     def _alpha(self, sdf, edge=None):
-        return np.clip(0.5 - sdf / (edge or self.w), 0.0, 1.0)
+        return np.clip(0.5 - sdf / (edge or self.px), 0.0, 1.0)
 
     def _value(self, tissue, win):
         hu, coarse, fine = self.tissue[tissue]
         value = hu + coarse * self.coarse[win] + fine * self.fine[win]
         if tissue == "lung":
-            value += self.an.lung_gravity * (self.coords[win[0], None] - self.an.cy) / self.an.b
+            value += self.an.lung_gravity * (self.y[win[0], None] - self.an.cy) / self.an.b
         return value
 
     def paint(self, win, alpha, tissue, label, value=None):
-        """Blend ``tissue`` (or HU ``value``) over the window ``win`` by ``alpha``."""
+        """Blend ``tissue`` (or HU ``value``) over the window ``win`` by ``alpha``; returns
+        where the structure dominates (alpha >= 0.5)."""
         hu = self.hu[win]
-        hu += alpha * ((self._value(tissue, win) if value is None else value) - hu)
-        self.labels[win][alpha >= 0.5] = label
-        return alpha >= 0.5
+        hu *= 1.0 - alpha  # exact where alpha is 0 or 1
+        hu += alpha * (self._value(tissue, win) if value is None else value)
+        dominant = alpha >= 0.5
+        self.labels[win][dominant] = label
+        return dominant
 
-    def _window(self, cx, cy, half):
-        """Index window and its coordinates around (cx, cy) mm, ``half`` mm wide each way."""
-        lo = np.clip(np.floor((np.array([cy, cx]) - half) / self.w + (self.n - 1) / 2), 0, self.n).astype(int)
-        hi = np.clip(np.ceil((np.array([cy, cx]) + half) / self.w + (self.n - 1) / 2) + 1, 0, self.n).astype(int)
-        win = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
-        return win, self.coords[None, win[1]], self.coords[win[0], None]
+    def _index(self, x, y):
+        """Fractional (column, row) indices in the box of points (x, y) mm."""
+        return (x - self.x[0]) / self.px, (y - self.y[0]) / self.px
+
+    def ellipse_window(self, e: _Ellipse):
+        """Index window (rows, columns) of the box covering the ellipse ``e``."""
+        half = max(e.a, e.b) / self.px + 2
+        center = self._index(e.cx, e.cy)[::-1]  # row, column
+        return tuple(slice(int(np.clip(np.floor(c - half), 0, n)), int(np.clip(np.ceil(c + half) + 1, 0, n)))
+                     for c, n in zip(center, self.shape))
 
     def ellipse(self, e: _Ellipse, tissue, label, inset=0.0):
-        win, x, y = self._window(e.cx, e.cy, max(e.a, e.b) + 2 * self.w)
-        self.paint(win, self._alpha(e.sdf(x, y) + inset), tissue, label)
+        win = self.ellipse_window(e)
+        self.paint(win, self._alpha(e.sdf(self.x[None, win[1]], self.y[win[0], None]) + inset), tissue, label)
 
     def bone(self, e: _Ellipse, cortex):
         """Cortical shell ``cortex`` mm thick over trabecular bone."""
@@ -639,53 +738,55 @@ class _Slice:
         self.ellipse(e, "trabecular", Label.TRABECULAR_BONE, inset=cortex)
 
     def nodule(self, ball: _Ball, index: int):
-        win, x, y = self._window(ball.x, ball.y, ball.r + 3 * self.w)
+        win = self.ellipse_window(_circle(ball.x, ball.y, ball.r + self.px))
         dz = ball.z - self.z
-        rho = np.hypot(x - ball.x, y - ball.y)
+        rho = np.hypot(self.x[None, win[1]] - ball.x, self.y[win[0], None] - ball.y)
         dist = np.sqrt(rho**2 + dz**2)
         sdf = (dist - ball.r) / np.maximum(rho / np.maximum(dist, 1e-6), 0.25)  # in-plane distance
         solid = ball.kind == "solid"
-        alpha = self._alpha(sdf, self.w if solid else max(self.w, 1.5))  # hazy edge of ground glass
+        alpha = self._alpha(sdf, self.px if solid else max(self.px, 1.5))  # hazy edge of ground glass
         value = ball.hu + (4.0 if solid else 15.0) * self.fine[win]
         inside = self.paint(win, alpha, None, Label.NODULE_SOLID if solid else Label.NODULE_GROUND_GLASS, value)
         self.nodule_map[win][inside] = index
 
     def _tubes(self, p0, p1, r0, r1):
-        """Partial-volume coverage (H, W) of the union of cone segments p0-p1 (n, 3) mm of
-        radii r0-r1 mm where they cross the slice."""
-        out = np.zeros((self.n, self.n), np.float32)
-        w, z = self.w, self.z
-        reach = np.maximum(r0, r1) + w
+        """Partial-volume coverage (box) of the union of cone segments p0-p1 (n, 3) mm of
+        radii r0-r1 mm, where they cross the slice."""
+        out = np.zeros(self.shape, np.float32)
+        px, z = self.px, self.z
+        reach = np.maximum(r0, r1) + px
         z0, dz = p0[:, 2], p1[:, 2] - p0[:, 2]
         flat = np.abs(dz) < 1e-9
         with np.errstate(divide="ignore", invalid="ignore"):
             ta, tb = (z - reach - z0) / dz, (z + reach - z0) / dz
-        near = np.abs(z0 - z) <= reach
-        t_lo = np.maximum(np.where(flat, np.where(near, 0.0, 2.0), np.minimum(ta, tb)), 0.0)
+        t_lo = np.maximum(np.where(flat, np.where(np.abs(z0 - z) <= reach, 0.0, 2.0), np.minimum(ta, tb)), 0.0)
         t_hi = np.minimum(np.where(flat, 1.0, np.maximum(ta, tb)), 1.0)
         ends = [p0[:, :2] + t[:, None] * (p1[:, :2] - p0[:, :2]) for t in (t_lo, t_hi)]
-        lo = np.ceil((np.minimum(*ends) - reach[:, None]) / w + (self.n - 1) / 2).astype(int).clip(0, self.n)
-        hi = np.floor((np.maximum(*ends) + reach[:, None]) / w + (self.n - 1) / 2).astype(int).clip(-1, self.n - 1)
+        first = np.stack(self._index(*(np.minimum(*ends) - reach[:, None]).T), 1)
+        last = np.stack(self._index(*(np.maximum(*ends) + reach[:, None]).T), 1)
+        limit = np.array(self.shape[::-1])  # columns, rows
+        lo = np.clip(np.ceil(first), 0, limit).astype(int)
+        hi = np.clip(np.floor(last), -1, limit - 1).astype(int)
         keep = np.nonzero((t_lo <= t_hi) & np.all(hi >= lo, axis=1))[0]
         if len(keep) == 0:
             return out
-        lo, size = lo[keep], hi[keep] - lo[keep] + 1  # columns (x), rows (y)
+        lo, size = lo[keep], hi[keep] - lo[keep] + 1
         count = size[:, 0] * size[:, 1]
-        seg = np.repeat(keep, count)
+        which = np.repeat(np.arange(len(keep)), count)  # (segment, pixel) pairs
         local = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
-        idx = np.repeat(np.arange(len(keep)), count)
-        col = lo[idx, 0] + local % size[idx, 0]
-        row = lo[idx, 1] + local // size[idx, 0]
+        col = lo[which, 0] + local % size[which, 0]
+        row = lo[which, 1] + local // size[which, 0]
+        seg = keep[which]
         a, d = p0[seg], p1[seg] - p0[seg]
-        px, py, pz = self.coords[col] - a[:, 0], self.coords[row] - a[:, 1], z - a[:, 2]
+        qx, qy, qz = self.x[col] - a[:, 0], self.y[row] - a[:, 1], z - a[:, 2]
         dd = (d * d).sum(1)
-        t = np.clip((px * d[:, 0] + py * d[:, 1] + pz * d[:, 2]) / np.where(dd > 0, dd, 1.0), 0.0, 1.0)
-        vx, vy, vz = px - t * d[:, 0], py - t * d[:, 1], pz - t * d[:, 2]
+        t = np.clip((qx * d[:, 0] + qy * d[:, 1] + qz * d[:, 2]) / np.where(dd > 0, dd, 1.0), 0.0, 1.0)
+        vx, vy, vz = qx - t * d[:, 0], qy - t * d[:, 1], qz - t * d[:, 2]
         rho = np.hypot(vx, vy)
         dist = np.sqrt(rho * rho + vz * vz)
         r = r0[seg] + t * (r1[seg] - r0[seg])
-        r_eff = np.maximum(r, w / 2)  # thinner tubes: a pixel-wide profile, scaled down
-        in_plane = np.where(dist > 1e-6, rho / np.maximum(dist, 1e-6), 1.0)
-        alpha = np.clip(0.5 - (dist - r_eff) / np.maximum(in_plane, 0.25) / w, 0.0, 1.0) * (r / r_eff)
-        np.maximum.at(out.reshape(-1), row * self.n + col, alpha.astype(np.float32))
+        r_eff = np.maximum(r, px / 2)  # thinner tubes: a pixel-wide profile, scaled down
+        in_plane = np.where(dist > 1e-6, rho / np.maximum(dist, 1e-6), 1.0)  # distance in the slice
+        alpha = np.clip(0.5 - (dist - r_eff) / np.maximum(in_plane, 0.25) / px, 0.0, 1.0) * (r / r_eff)
+        np.maximum.at(out.reshape(-1), row * self.shape[1] + col, alpha.astype(np.float32))
         return out

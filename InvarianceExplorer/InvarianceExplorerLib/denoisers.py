@@ -1,0 +1,450 @@
+"""The four LDCT denoisers under study, the networks that train them, and their model folders.
+
+Denoisers (all fully convolutional, stride 1, images in network units of
+:class:`~.normalization.HUNormalization`, ``(N, 1, H, W)`` in and out, any ``H, W``):
+
+* :class:`CNN10` - Chen et al., "Low-dose CT denoising with convolutional neural network",
+  ISBI 2017: three convolutions.
+* :class:`REDCNN` - Chen et al., "Low-dose CT with a residual encoder-decoder
+  convolutional neural network", IEEE TMI 36(12), 2017.
+* :class:`WGANVGG` - the generator of Yang et al., "Low-dose CT image denoising using a
+  generative adversarial network with Wasserstein distance and perceptual loss", IEEE TMI
+  37(6), 2018.
+* DU-GAN - Huang et al., "DU-GAN: generative adversarial networks with dual-domain
+  U-Net-based discriminators for low-dose CT denoising", IEEE TIM 71, 2022: a RED-CNN
+  generator, so ``DENOISERS["dugan"]`` is :class:`REDCNN`.
+
+Networks used only in training (:mod:`.train_denoiser`): :class:`WGANCritic`,
+:class:`FeatureNetwork` (our replacement for the ImageNet VGG-19 of the perceptual loss,
+which cannot be downloaded here: a small VGG-style network trained to segment the phantom's
+tissue labels) and :class:`UNetDiscriminator` (DU-GAN's two discriminators). Layer sizes
+follow the papers and the reference implementation eeulig/ldct-benchmark.
+
+A model folder holds ``metadata.json`` and the weights as safetensors files, each with its
+SHA-256 in the metadata; :func:`load_denoiser` checks them and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+
+from .normalization import HUNormalization
+
+MODEL_FORMAT = "invariance-explorer/denoiser"
+MODEL_VERSION = 1
+METADATA = "metadata.json"
+WEIGHTS = "denoiser.safetensors"
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def _conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1, padding: Optional[int] = None,
+          act=None, transposed: bool = False) -> Convolution:
+    """A 2D (transposed) convolution with bias, followed by ``act`` (none if None); ``padding``
+    defaults to "same" (``(kernel_size - 1) // 2``)."""
+    padding = (kernel_size - 1) // 2 if padding is None else padding
+    return Convolution(2, in_channels, out_channels, strides=stride, kernel_size=kernel_size, padding=padding,
+                       output_padding=0 if transposed else None, is_transposed=transposed,
+                       act=act, norm=None, conv_only=act is None)
+
+
+# ----------------------------------------------------------------------------- denoisers
+
+
+class CNN10(nn.Sequential):
+    """CNN-10: conv 9x9/64, ReLU, conv 3x3/32, ReLU, conv 5x5/1, zero-padded to keep the size
+    (receptive field 15 x 15 pixels)."""
+
+    def __init__(self):
+        super().__init__(_conv(1, 64, 9, act="relu"), _conv(64, 32, 3, act="relu"), _conv(32, 1, 5))
+
+
+class REDCNN(nn.Module):
+    """RED-CNN: five 5x5 convolutions (no padding, each shrinks the image by 4 pixels) and
+    five 5x5 transposed convolutions (each grows it back by 4), stride 1, ``channels``
+    feature maps, ReLU after each layer but the last (the data are mean/std normalised, so
+    the output may be negative, as in ldct-benchmark). Three residual shortcuts, as
+    published: input to output, conv2 to deconv3 and conv4 to deconv1, added before the
+    ReLU. Receptive field 41 x 41 pixels.
+
+    Args:
+        channels: feature maps of every hidden layer (96 in the paper).
+    """
+
+    def __init__(self, channels: int = 96):
+        super().__init__()
+        c = channels
+        self.encoder = nn.ModuleList([_conv(1 if k == 0 else c, c, 5, padding=0) for k in range(5)])
+        self.decoder = nn.ModuleList([_conv(c, 1 if k == 4 else c, 5, padding=0, transposed=True) for k in range(5)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = []  # outputs of conv1..conv5 (after ReLU)
+        out = x
+        for layer in self.encoder:
+            out = F.relu(layer(out))
+            conv.append(out)
+        deconv = self.decoder
+        out = F.relu(deconv[0](out) + conv[3])
+        out = F.relu(deconv[1](out))
+        out = F.relu(deconv[2](out) + conv[1])
+        out = F.relu(deconv[3](out))
+        return deconv[4](out) + x
+
+
+class WGANVGG(nn.Sequential):
+    """The WGAN-VGG generator: eight 3x3 convolutions with 32 feature maps (the last to one
+    channel), ReLU after all but the last, zero-padded to keep the size (receptive field
+    17 x 17 pixels)."""
+
+    def __init__(self):
+        super().__init__(*[_conv(1 if k == 0 else 32, 32, 3, act="relu") for k in range(7)], _conv(32, 1, 3))
+
+
+#: The denoisers by name: ``arch -> class``; constructor arguments go in the model metadata.
+DENOISERS = {"cnn10": CNN10, "redcnn": REDCNN, "wganvgg": WGANVGG, "dugan": REDCNN}
+
+
+def build_denoiser(arch: str, **arguments) -> nn.Module:
+    """A new (untrained) denoiser of architecture ``arch`` (a key of :data:`DENOISERS`)."""
+    if arch not in DENOISERS:
+        raise ValueError(f"unknown denoiser architecture {arch!r}; choose one of {', '.join(DENOISERS)}")
+    return DENOISERS[arch](**arguments)
+
+
+def receptive_field(model) -> int:
+    """Side length in pixels of the square of input pixels that one output pixel depends on.
+
+    A network (or :class:`Denoiser`) may declare it as a ``receptive_field`` attribute;
+    otherwise it is computed as ``1 + sum((kernel - 1) * dilation)`` over all its
+    convolutions, which is exact for stride-1 networks whose longest path passes through
+    every convolution (all four denoisers here).
+    """
+    network = getattr(model, "network", model)
+    declared = getattr(network, "receptive_field", None)
+    if isinstance(declared, int):
+        return declared
+    size = 1
+    for m in network.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            if any(s != 1 for s in m.stride):
+                raise ValueError(f"cannot compute the receptive field of {type(network).__name__}: it has strided "
+                                 "convolutions; declare it as a 'receptive_field' attribute")
+            size += max((k - 1) * d for k, d in zip(m.kernel_size, m.dilation))
+    return size
+
+
+# ----------------------------------------------------------------------------- training companions
+
+
+class WGANCritic(nn.Module):
+    """The WGAN-VGG critic (Yang et al. 2018): six 3x3 convolutions without padding
+    (64, 64, 128, 128, 256, 256 feature maps, strides 1, 2, 1, 2, 1, 2, LeakyReLU), a fully
+    connected layer of 1024 units (LeakyReLU) and one output, the Wasserstein critic value.
+    The fully connected layer fixes the input size to ``patch_size`` x ``patch_size``.
+    """
+
+    def __init__(self, patch_size: int):
+        super().__init__()
+        widths, strides = (64, 64, 128, 128, 256, 256), (1, 2, 1, 2, 1, 2)
+        size = patch_size
+        for s in strides:
+            size = (size - 3) // s + 1
+        if size < 1:
+            raise ValueError(f"the WGAN critic needs patches of at least 24 pixels; got {patch_size}")
+        self.features = nn.Sequential(*[_conv(c_in, c_out, 3, stride=s, padding=0, act="leakyrelu")
+                                        for c_in, c_out, s in zip((1,) + widths[:-1], widths, strides)])
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(256 * size * size, 1024), nn.LeakyReLU(), nn.Linear(1024, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class FeatureNetwork(nn.Module):
+    """A small VGG-style network whose deep features define WGAN-VGG's perceptual loss.
+
+    Deviation from Yang et al. (who use an ImageNet-trained VGG-19, features of its 16th
+    convolution): pretrained weights cannot be downloaded here, so this network is trained
+    on our own CT data to segment the phantom's tissue labels (:class:`~.phantom.Label`)
+    from low- and full-dose patches, which makes its features describe anatomy.
+
+    Stages of two 3x3 convolutions with ReLU and ``widths`` feature maps, 2x2 max pooling
+    between stages; :meth:`features` returns the last convolution's output before its ReLU
+    (1/4 resolution with three stages), :meth:`forward` the label logits at full resolution
+    (1x1 convolution, bilinear upsampling).
+
+    Args:
+        n_labels: number of tissue classes.
+        widths: feature maps per stage.
+    """
+
+    def __init__(self, n_labels: int = 12, widths: Sequence[int] = (32, 64, 128)):
+        super().__init__()
+        layers, c_in = [], 1
+        for k, width in enumerate(widths):
+            if k:
+                layers.append(nn.MaxPool2d(2))
+            layers += [_conv(c_in, width, 3, act="relu"), _conv(width, width, 3)]
+            if k < len(widths) - 1:
+                layers.append(nn.ReLU())
+            c_in = width
+        self.body = nn.Sequential(*layers)
+        self.classifier = nn.Conv2d(c_in, n_labels, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(F.relu(self.features(x)))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _leaky(slope: float = 0.2):
+    return ("leakyrelu", {"negative_slope": slope})
+
+
+class _DownBlock(nn.Module):
+    """U-Net encoder stage: two 3x3 convolutions (the skip output), then a 4x4 stride-2
+    convolution (unless ``down`` is False), plus a 1x1 (strided) shortcut of the input."""
+
+    def __init__(self, c_in: int, c_out: int, down: bool):
+        super().__init__()
+        self.shortcut = _conv(c_in, c_out, 1, stride=2 if down else 1)
+        self.convs = nn.Sequential(_conv(c_in, c_out, 3, act=_leaky()), _conv(c_out, c_out, 3, act=_leaky()))
+        self.down = _conv(c_out, c_out, 4, stride=2) if down else None
+
+    def forward(self, x):
+        skip = self.convs(x)
+        shortcut = self.shortcut(x)
+        out = skip if self.down is None else _pad_to(self.down(skip), shortcut)
+        return out + shortcut, skip
+
+
+class _UpBlock(nn.Module):
+    """U-Net decoder stage: bilinear 2x upsampling, two 3x3 convolutions of [upsampled, skip],
+    plus a 1x1 shortcut of the upsampled input."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.shortcut = _conv(c_in, c_out, 1)
+        self.convs = nn.Sequential(_conv(2 * c_in, c_out, 3, act=_leaky()), _conv(c_out, c_out, 3, act=_leaky()))
+
+    def forward(self, x, skip):
+        x = _pad_to(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), skip)
+        return self.convs(torch.cat((x, skip), dim=1)) + self.shortcut(x)
+
+
+def _pad_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Zero-pad ``x`` (centred) to the spatial size of ``like`` (odd sizes in a U-Net)."""
+    dy, dx = like.shape[-2] - x.shape[-2], like.shape[-1] - x.shape[-1]
+    return F.pad(x, (dx // 2, dx - dx // 2, dy // 2, dy - dy // 2)) if dy or dx else x
+
+
+class UNetDiscriminator(nn.Module):
+    """DU-GAN's U-Net discriminator (Huang et al. 2022, sizes from ldct-benchmark).
+
+    ``levels + 1`` encoder stages (feature maps ``channels * 2**k``, at most 512; the last
+    stage keeps the previous width and does not downsample), a residual bottleneck of two
+    3x3 convolutions, and ``levels`` decoder stages back to full resolution. LeakyReLU 0.2;
+    spectral normalisation on every convolution but the first and the output ones.
+
+    ``forward`` returns ``(encoder, decoder)``: the global real/fake score per image
+    ``(N,)`` (global average pooling of the bottleneck, linear layer) and the per-pixel
+    score map ``(N, 1, H, W)``.
+
+    Args:
+        levels: down-sampling steps (6 in DU-GAN: a 128-pixel patch becomes 2 x 2).
+        channels: feature maps of the first stage (64 in DU-GAN).
+    """
+
+    def __init__(self, levels: int = 6, channels: int = 64):
+        super().__init__()
+        widths = [1] + [min(channels * 2 ** k, 512) for k in range(levels + 1)]
+        widths[-1] = widths[-2]
+        pairs = list(zip(widths[:-1], widths[1:]))
+        self.encoder = nn.ModuleList([_DownBlock(a, b, down=k < levels) for k, (a, b) in enumerate(pairs)])
+        self.bottleneck = nn.Sequential(_conv(widths[-1], widths[-1], 3, act=_leaky()),
+                                        _conv(widths[-1], widths[-1], 3, act=_leaky()))
+        self.global_head = nn.Sequential(nn.LeakyReLU(0.2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                         nn.Linear(widths[-1], 1))
+        self.decoder = nn.ModuleList([_UpBlock(b, a) for a, b in reversed(pairs[:-1])])
+        self.pixel_head = nn.Conv2d(1, 1, 1)
+        for m in list(self.modules()):
+            if isinstance(m, nn.Conv2d) and m.in_channels > 4 and m.out_channels != 1:
+                nn.utils.parametrizations.spectral_norm(m)
+
+    def forward(self, x: torch.Tensor):
+        skips = []
+        for block in self.encoder:
+            x, skip = block(x)
+            skips.append(skip)
+        x = self.bottleneck(x) + x
+        encoder = self.global_head(x)[:, 0]
+        for block, skip in zip(self.decoder, reversed(skips[:-1])):
+            x = block(x, skip)
+        return encoder, self.pixel_head(x)
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+@dataclass
+class Denoiser:
+    """A trained denoiser f as loaded from its model folder.
+
+    Attributes:
+        network: the torch module, in eval mode with frozen weights; maps ``(N, 1, H, W)``
+            images in network units to denoised images in network units.
+        normalization: the HU <-> network units map it was trained with.
+        metadata: the folder's ``metadata.json`` (architecture, training, figures).
+        folder: where it was loaded from.
+    """
+
+    network: nn.Module
+    normalization: HUNormalization
+    metadata: dict
+    folder: Optional[Path] = None
+
+    @property
+    def arch(self) -> str:
+        return self.metadata["architecture"]["name"]
+
+    @property
+    def receptive_field(self) -> int:
+        return receptive_field(self.network)
+
+
+def bundled_models_dir() -> Path:
+    """``Resources/Models`` of the extension: next to the module when installed in 3D Slicer,
+    at the repository root in a source checkout."""
+    here = Path(__file__).resolve().parent
+    candidates = [here.parent / "Resources" / "Models", here.parents[1] / "Resources" / "Models"]
+    return next((c for c in candidates if c.is_dir()), candidates[-1])
+
+
+def resolve_model_folder(folder_or_name) -> Path:
+    """The model folder for a path or for the name of a bundled denoiser (a key of
+    :data:`DENOISERS`, found in ``Resources/Models/<name>/``)."""
+    path = Path(folder_or_name)
+    if path.is_dir():
+        return path
+    name = str(folder_or_name)
+    if name in DENOISERS:
+        bundled = bundled_models_dir() / name
+        if (bundled / METADATA).is_file():
+            return bundled
+        raise ValueError(f"no bundled weights for {name} yet; train them with `invariance-explorer train denoiser "
+                         f"--arch {name} --data DIR --out OUT` and copy OUT/model to {bundled}")
+    raise ValueError(f"{name}: neither a model folder nor a bundled denoiser name ({', '.join(DENOISERS)})")
+
+
+def sha256(path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_weights(module: nn.Module, path, dtype: str = "float32") -> dict:
+    """Write ``module``'s state dict to the safetensors file ``path`` (floating-point tensors
+    stored as ``dtype``: "float32" or "float16"); return its ``{file, dtype, sha256}`` record."""
+    from safetensors.torch import save_file
+
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weights dtype is one of {', '.join(WEIGHT_DTYPES)}; got {dtype!r}")
+    tensors = {k: (v.to(WEIGHT_DTYPES[dtype]) if v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in module.state_dict().items()}
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(temporary))
+    os.replace(temporary, path)
+    return {"file": path.name, "dtype": dtype, "sha256": sha256(path)}
+
+
+def verify_weights(folder, record: dict) -> Path:
+    """The weight file of ``record`` (from :func:`save_weights`) in ``folder``, after checking
+    that it exists and matches its SHA-256; ``ValueError`` naming the file otherwise."""
+    path = Path(folder) / record["file"]
+    if not path.is_file():
+        raise ValueError(f"{path}: weight file listed in {METADATA} is missing; restore the model folder")
+    actual = sha256(path)
+    if actual != record["sha256"]:
+        raise ValueError(f"{path}: SHA-256 checksum {actual[:16]}... does not match {record['sha256'][:16]}... "
+                         f"recorded in {METADATA}; the file is damaged or was replaced, restore the model folder")
+    return path
+
+
+def load_weights(module: nn.Module, folder, record: dict) -> nn.Module:
+    """Load the checked (:func:`verify_weights`) safetensors file of ``record`` into
+    ``module``; floating-point values are cast to the module's dtype."""
+    from safetensors.torch import load_file
+
+    module.load_state_dict(load_file(str(verify_weights(folder, record))))
+    return module
+
+
+def save_denoiser(folder, network: nn.Module, arch: str, arguments: dict, normalization: HUNormalization,
+                  metadata: Optional[dict] = None, *, dtype: str = "float32",
+                  extra: Optional[Dict[str, nn.Module]] = None) -> Path:
+    """Write a model folder: ``denoiser.safetensors`` (and ``<name>.safetensors`` for each
+    module of ``extra``, e.g. WGAN-VGG's feature network), then ``metadata.json`` holding
+    the architecture and its constructor ``arguments``, the normalisation, the weight files
+    with their dtype and SHA-256, and ``metadata`` (training, figures). Returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {"denoiser": save_weights(network, folder / WEIGHTS, dtype)}
+    for name, module in (extra or {}).items():
+        weights[name] = save_weights(module, folder / f"{name}.safetensors", dtype)
+    record = {"format": MODEL_FORMAT, "version": MODEL_VERSION,
+              "architecture": {"name": arch, "class": DENOISERS[arch].__name__, "arguments": dict(arguments),
+                               "receptive_field": receptive_field(network)},
+              "normalization": normalization.to_dict(), "weights": weights, **(metadata or {})}
+    temporary = folder / f".{METADATA}.{os.getpid()}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(temporary, folder / METADATA)
+    return folder
+
+
+def read_metadata(folder_or_name) -> dict:
+    """The ``metadata.json`` of a model folder or bundled denoiser, checked for its format."""
+    folder = resolve_model_folder(folder_or_name)
+    path = folder / METADATA
+    if not path.is_file():
+        raise ValueError(f"{folder}: not a denoiser model folder (no {METADATA})")
+    with open(path) as f:
+        metadata = json.load(f)
+    if metadata.get("format") != MODEL_FORMAT or metadata.get("architecture", {}).get("name") not in DENOISERS:
+        raise ValueError(f"{path}: not an InvarianceExplorer denoiser (format {metadata.get('format')!r}, "
+                         f"architecture {metadata.get('architecture', {}).get('name')!r})")
+    return metadata
+
+
+def load_denoiser(folder_or_name: Union[str, os.PathLike], device="cpu") -> Denoiser:
+    """Load a denoiser from its model folder or by bundled name (see :func:`resolve_model_folder`).
+
+    Every weight file is checked against its SHA-256 in ``metadata.json`` (a mismatch raises
+    ``ValueError`` naming the file) and read with safetensors. The network is returned in
+    eval mode with frozen weights on ``device`` (see :func:`~.devices.resolve_device`).
+    """
+    from .devices import resolve_device
+
+    folder = resolve_model_folder(folder_or_name)
+    metadata = read_metadata(folder)
+    architecture = metadata["architecture"]
+    network = build_denoiser(architecture["name"], **architecture.get("arguments", {}))
+    for record in metadata["weights"].values():
+        verify_weights(folder, record)
+    load_weights(network, folder, metadata["weights"]["denoiser"])
+    network.eval().requires_grad_(False).to(resolve_device(device))
+    return Denoiser(network, HUNormalization.from_dict(metadata["normalization"]), metadata, folder)

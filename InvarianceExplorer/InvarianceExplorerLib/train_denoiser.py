@@ -1,0 +1,531 @@
+"""Training the four denoisers: seeded, checkpointed every epoch, resumable, exported as a model folder.
+
+Training schemes (one :class:`_Objective` each; hyperparameters in :data:`HYPERPARAMETERS`):
+
+* CNN-10 and RED-CNN: mean squared error to full dose (as published).
+* WGAN-VGG: Wasserstein critic with gradient penalty, plus the perceptual loss (L1 between
+  deep features of the denoised and the full-dose image) weighted by ``lam_perc``, plus an
+  optional MSE term ``lam_mse`` (0 in ldct-benchmark). The features come from our
+  :class:`~.denoisers.FeatureNetwork`, first trained here to segment tissue labels
+  (``feature_steps``), then frozen and shipped in the model folder.
+* DU-GAN: least-squares adversarial losses of two U-Net discriminators (images, and Sobel
+  gradient magnitudes), each with an encoder (global) and a decoder (per-pixel) output,
+  CutMix regularisation of the discriminators, plus pixel MSE and gradient L1 losses.
+
+One epoch is ``steps_per_epoch`` batches of random ``patch_size`` patches of the training
+split (:func:`~.datasets.make_dataset`, drawn with replacement); then the denoiser is
+validated on whole slices of the validation split (:func:`~.inference.image_quality`: RMSE
+in HU, PSNR, SSIM) and ``<out>/checkpoints/last.pt`` is written. Every random number of
+epoch ``e`` derives from ``(seed, e)``, so a run resumed from a checkpoint continues exactly
+as the uninterrupted run would. At the end the weights of the epoch with the lowest
+validation RMSE are exported to ``<out>/model/`` (:func:`~.denoisers.save_denoiser`), with
+figures on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .denoisers import DENOISERS, FeatureNetwork, UNetDiscriminator, WGANCritic, build_denoiser, load_weights, \
+    read_metadata, save_denoiser
+from .inference import METRIC_HU_RANGE, apply_network, image_quality
+from .normalization import PAPER_NORMALIZATION, HUNormalization
+
+CHECKPOINT = "last.pt"
+
+#: Training hyperparameters per architecture, rounded from ldct-benchmark's configs (tuned
+#: there on the Mayo data): Adam learning rate and betas, and the loss weights of each scheme.
+#: WGAN-VGG ``feature_*`` set the pretraining of our feature network (our addition);
+#: DU-GAN ``disc_levels`` / ``disc_channels`` size its U-Net discriminators.
+HYPERPARAMETERS = {
+    "cnn10": dict(lr=1.58e-4, betas=(0.9, 0.999)),
+    "redcnn": dict(lr=9.58e-5, betas=(0.9, 0.999)),
+    "wganvgg": dict(lr=7.10e-5, betas=(0.326, 0.999), n_critic=1, lam_gp=10.0, lam_perc=0.689, lam_mse=0.0,
+                    feature_steps=2000, feature_lr=1e-3),
+    "dugan": dict(lr=1.24e-5, betas=(0.9, 0.999), n_d_train=2, lam_adv=0.0803, lam_px_im=1.0, lam_px_grad=27.8,
+                  cutmix_prob=0.5, cutmix_warmup=7615, lam_cutmix=2.65, disc_levels=6, disc_channels=64),
+}
+
+
+# ----------------------------------------------------------------------------- training schemes
+
+
+def _adam(module: nn.Module, hp: dict) -> torch.optim.Adam:
+    return torch.optim.Adam(module.parameters(), lr=hp["lr"], betas=tuple(hp["betas"]))
+
+
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+class _Objective:
+    """What one training step optimises. ``networks`` and ``optimizers`` (by name) are
+    everything a checkpoint holds; ``networks["denoiser"]`` is the network being trained."""
+
+    def __init__(self, denoiser: nn.Module, hp: dict, patch_size: int):
+        self.hp = hp
+        self.networks: Dict[str, nn.Module] = {"denoiser": denoiser}
+        self.optimizers: Dict[str, torch.optim.Optimizer] = {"denoiser": _adam(denoiser, hp)}
+
+    def to(self, device) -> "_Objective":
+        for network in self.networks.values():
+            network.to(device)
+        return self
+
+    def prepare(self, batches, validation, device, progress: bool) -> Optional[dict]:
+        """Work before the first epoch (a record for the metadata, or None)."""
+        return None
+
+    def step(self, ld: torch.Tensor, fd: torch.Tensor, labels, step: int, rng: torch.Generator) -> Dict[str, float]:
+        raise NotImplementedError
+
+
+class _PixelObjective(_Objective):
+    """CNN-10, RED-CNN: mean squared error (network units) to full dose."""
+
+    def step(self, ld, fd, labels, step, rng):
+        loss = F.mse_loss(self.networks["denoiser"](ld), fd)
+        _step(self.optimizers["denoiser"], loss)
+        return {"mse": loss.item()}
+
+
+def _gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, rng) -> torch.Tensor:
+    """Gulrajani et al. 2017: mean of (||grad critic(mix)||_2 - 1)^2 at random mixes of real and fake."""
+    a = torch.rand(real.shape[0], 1, 1, 1, generator=rng).to(real)
+    mix = (a * real + (1 - a) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(mix).sum(), mix, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+class _WGANVGGObjective(_Objective):
+    """WGAN-VGG: ``n_critic`` critic steps (Wasserstein loss + ``lam_gp`` * gradient penalty),
+    then a generator step on ``-critic + lam_perc * perceptual + lam_mse * MSE``."""
+
+    def __init__(self, denoiser, hp, patch_size):
+        super().__init__(denoiser, hp, patch_size)
+        self.networks["critic"] = WGANCritic(patch_size)
+        self.networks["feature_network"] = FeatureNetwork()
+        self.optimizers["critic"] = _adam(self.networks["critic"], hp)
+        self.feature_source = hp.get("feature_network")  # a model folder to take a trained one from
+
+    def prepare(self, batches, validation, device, progress):
+        """Train the feature network to segment tissue labels, or load it from a model folder."""
+        features = self.networks["feature_network"]
+        if self.feature_source:
+            metadata = read_metadata(self.feature_source)
+            if "feature_network" not in metadata["weights"]:
+                raise ValueError(f"{self.feature_source}: no feature network in this model folder "
+                                 "(it comes with WGAN-VGG models)")
+            load_weights(features, Path(self.feature_source), metadata["weights"]["feature_network"])
+            record = dict(metadata["training"].get("feature_network", {}), source=str(self.feature_source))
+        else:
+            record = _train_feature_network(features, batches, validation, self.hp, device, progress)
+        features.eval().requires_grad_(False)
+        return record
+
+    def step(self, ld, fd, labels, step, rng):
+        generator, critic = self.networks["denoiser"], self.networks["critic"]
+        features = self.networks["feature_network"].features
+        with torch.no_grad():
+            fake = generator(ld)
+        for _ in range(self.hp["n_critic"]):
+            wasserstein = critic(fake).mean() - critic(fd).mean()
+            penalty = _gradient_penalty(critic, fd, fake, rng)
+            _step(self.optimizers["critic"], wasserstein + self.hp["lam_gp"] * penalty)
+        critic.requires_grad_(False)
+        fake = generator(ld)
+        adversarial = -critic(fake).mean()
+        perceptual = F.l1_loss(features(fake), features(fd))
+        mse = F.mse_loss(fake, fd)
+        _step(self.optimizers["denoiser"], adversarial + self.hp["lam_perc"] * perceptual + self.hp["lam_mse"] * mse)
+        critic.requires_grad_(True)
+        return {"critic": wasserstein.item(), "gp": penalty.item(), "adv": adversarial.item(),
+                "perceptual": perceptual.item(), "mse": mse.item()}
+
+
+def _train_feature_network(network: FeatureNetwork, batches, validation, hp: dict, device, progress: bool) -> dict:
+    """Train ``network`` to segment the tissue labels of low- and full-dose training patches
+    (per-pixel cross-entropy, Adam ``feature_lr``, ``feature_steps`` batches); return its record."""
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.Adam(network.parameters(), lr=hp["feature_lr"])
+    steps, running = hp["feature_steps"], []
+    bar = tqdm(total=steps, desc="feature network (tissue labels)", disable=not progress)
+    network.train()
+    for batch in batches(steps):
+        if batch.get("labels") is None:
+            raise ValueError("WGAN-VGG's perceptual loss uses a feature network trained on tissue labels, which this "
+                             "data set lacks; train on simulated data or reuse the feature network of a WGAN-VGG "
+                             "model folder (--feature-network FOLDER)")
+        x = torch.cat([batch["ld"], batch["fd"]]).to(device)
+        target = batch["labels"].long().to(device)[:, 0].repeat(2, 1, 1)
+        loss = F.cross_entropy(network(x), target)
+        _step(optimizer, loss)
+        running.append(loss.item())
+        bar.update()
+        bar.set_postfix(ce=f"{np.mean(running[-50:]):.3f}")
+    bar.close()
+    network.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for item in validation:
+            if item.get("labels") is not None:
+                predicted = network(item["fd"][None].to(device)).argmax(1).cpu()
+                correct += int((predicted == item["labels"].long()).sum())
+                total += item["labels"].numel()
+    return {"steps": steps, "lr": hp["feature_lr"], "final_cross_entropy": float(np.mean(running[-50:])),
+            "val_pixel_accuracy": correct / total if total else None,
+            "inputs": "low- and full-dose training patches", "target": "phantom tissue labels (phantom.Label)"}
+
+
+def sobel_magnitude(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """DU-GAN's gradient domain: ``sqrt(gx^2 + gy^2 + eps)`` of Sobel derivatives (kernels
+    divided by 4, zero padding), ``(N, 1, H, W)`` in and out."""
+    kx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=x.device, dtype=x.dtype) / 4
+    kernels = torch.stack([kx, kx.T])[:, None]
+    g = F.conv2d(x, kernels, padding=1)
+    return torch.sqrt((g ** 2).sum(1, keepdim=True) + eps)
+
+
+def _ls(x: torch.Tensor, target) -> torch.Tensor:
+    """Least-squares GAN loss: mean of (x - target)^2."""
+    return ((x - target) ** 2).mean()
+
+
+def _cutmix_mask(shape, rng) -> torch.Tensor:
+    """CutMix mask ``(1, 1, H, W)``: 0 in a random box covering a fraction 1 - lambda of the
+    image (lambda ~ U(0, 1), centre uniform), 1 elsewhere."""
+    h, w = shape[-2:]
+    lam, cy, cx = torch.rand(3, generator=rng).tolist()
+    bh, bw = h * math.sqrt(1 - lam), w * math.sqrt(1 - lam)
+    cy, cx = cy * h, cx * w
+    mask = torch.ones(1, 1, h, w)
+    mask[..., round(max(cy - bh / 2, 0)):round(min(cy + bh / 2, h)),
+         round(max(cx - bw / 2, 0)):round(min(cx + bw / 2, w))] = 0
+    return mask
+
+
+class _DUGANObjective(_Objective):
+    """DU-GAN: each discriminator learns full dose = 1, denoised = 0 and low dose = 0 (encoder
+    and decoder outputs, least squares), with CutMix regularisation applied with a
+    probability rising linearly to ``cutmix_prob`` over ``cutmix_warmup`` steps; the image
+    discriminator takes ``n_d_train`` steps per generator step, the gradient one one step.
+    The generator minimises ``lam_adv`` * (both adversarial losses) + ``lam_px_im`` * MSE +
+    ``lam_px_grad`` * L1 of the Sobel gradient magnitudes."""
+
+    def __init__(self, denoiser, hp, patch_size):
+        super().__init__(denoiser, hp, patch_size)
+        for name in ("image_discriminator", "gradient_discriminator"):
+            self.networks[name] = UNetDiscriminator(hp["disc_levels"], hp["disc_channels"])
+            self.optimizers[name] = _adam(self.networks[name], hp)
+
+    def _train_discriminator(self, name, low, real, fake, cutmix: bool, rng) -> float:
+        d = self.networks[name]
+        real_enc, real_dec = d(real)
+        fake_enc, fake_dec = d(fake)
+        low_enc, low_dec = d(low)
+        loss = (_ls(real_enc, 1.0) + _ls(real_dec, 1.0) + _ls(fake_enc, 0.0) + _ls(fake_dec, 0.0)
+                + _ls(low_enc, 0.0) + _ls(low_dec, 0.0))
+        if cutmix:
+            mask = _cutmix_mask(real.shape, rng).to(real)
+            mix_enc, mix_dec = d(mask * real + (1 - mask) * fake)
+            consistency = F.mse_loss(mix_dec, mask * real_dec + (1 - mask) * fake_dec)
+            loss = loss + _ls(mix_enc, 0.0) + _ls(mix_dec, mask) + self.hp["lam_cutmix"] * consistency
+        _step(self.optimizers[name], loss)
+        return loss.item()
+
+    def step(self, ld, fd, labels, step, rng):
+        hp, generator = self.hp, self.networks["denoiser"]
+        fake = generator(ld)
+        grads = [sobel_magnitude(x) for x in (ld, fd, fake)]
+        p_cutmix = min(step * hp["cutmix_prob"] / hp["cutmix_warmup"], hp["cutmix_prob"])
+        cutmix = torch.rand(1, generator=rng).item() < p_cutmix
+        for _ in range(hp["n_d_train"]):
+            d_image = self._train_discriminator("image_discriminator", ld, fd, fake.detach(), cutmix, rng)
+        d_gradient = self._train_discriminator("gradient_discriminator", grads[0], grads[1], grads[2].detach(),
+                                               cutmix, rng)
+        adversarial = 0.0
+        for name, x in (("image_discriminator", fake), ("gradient_discriminator", grads[2])):
+            d = self.networks[name].requires_grad_(False)
+            enc, dec = d(x)
+            adversarial = adversarial + _ls(enc, 1.0) + _ls(dec, 1.0)
+        pixel = F.mse_loss(fake, fd)
+        gradient = F.l1_loss(grads[2], grads[1])
+        _step(self.optimizers["denoiser"],
+              hp["lam_adv"] * adversarial + hp["lam_px_im"] * pixel + hp["lam_px_grad"] * gradient)
+        for name in ("image_discriminator", "gradient_discriminator"):
+            self.networks[name].requires_grad_(True)
+        return {"d_image": d_image, "d_gradient": d_gradient, "adv": adversarial.item(),
+                "mse": pixel.item(), "gradient": gradient.item()}
+
+
+OBJECTIVES = {"cnn10": _PixelObjective, "redcnn": _PixelObjective, "wganvgg": _WGANVGGObjective,
+              "dugan": _DUGANObjective}
+
+
+# ----------------------------------------------------------------------------- the training run
+
+
+def _seed(*words: int) -> int:
+    """A 63-bit seed derived from integers (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _generator(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+class _TrainingBatches:
+    """Batches of random training patches; the ``k``-th call's batches depend only on
+    ``(seed, k)``, so epoch ``e`` is the same whether or not the run was resumed."""
+
+    def __init__(self, source, patch_size, batch_size, seed, normalization, num_workers, device):
+        self.source, self.patch_size, self.batch_size, self.seed = source, patch_size, batch_size, seed
+        self.normalization, self.num_workers, self.device = normalization, num_workers, device
+
+    def __call__(self, steps: int, key: int = 0):
+        from monai.data import DataLoader
+        from torch.utils.data import RandomSampler
+
+        from .datasets import make_dataset
+
+        seed = _seed(self.seed, key, 1)
+        data = make_dataset(self.source, "train", patch_size=self.patch_size, augment=True, seed=seed % 2**32,
+                            normalization=self.normalization)
+        if len(data) == 0:
+            raise ValueError("the training split is empty; the data set needs more patients")
+        sampler = RandomSampler(data, replacement=True, num_samples=steps * self.batch_size,
+                                generator=_generator(seed))
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          generator=_generator(seed + 1), drop_last=True, pin_memory=self.device.type == "cuda")
+
+
+def _validation_items(source, split: str, limit: int, normalization):
+    """Up to ``limit`` whole slices of ``split`` (evenly spaced, deterministic)."""
+    from torch.utils.data import Subset
+
+    from .datasets import make_dataset
+
+    data = make_dataset(source, split, patch_size=None, augment=False, normalization=normalization)
+    if len(data) > limit:
+        data = Subset(data, np.linspace(0, len(data) - 1, limit).round().astype(int).tolist())
+    return data
+
+
+def evaluate(network: nn.Module, items, normalization: HUNormalization, device) -> Dict[str, dict]:
+    """Mean :func:`~.inference.image_quality` per slice of the denoised and of the low-dose
+    images against full dose, over ``items`` (dicts with normalised ``"ld"``, ``"fd"``)."""
+    scores = {"denoised": [], "low_dose": []}
+    was_training = network.training
+    network.eval()
+    with torch.no_grad():
+        for item in items:
+            ld, fd = item["ld"][None].to(device), item["fd"][None]
+            denoised = normalization.denormalize(apply_network(network, ld).cpu())
+            reference = normalization.denormalize(fd)
+            scores["denoised"].append(image_quality(denoised[0, 0], reference[0, 0]))
+            scores["low_dose"].append(image_quality(normalization.denormalize(ld.cpu())[0, 0], reference[0, 0]))
+    network.train(was_training)
+    return {k: {m: float(np.mean([s[m] for s in v])) for m in v[0]} if v else {} for k, v in scores.items()}
+
+
+def describe_data(source, path) -> dict:
+    """What the training data were, for the model metadata."""
+    from .datasets import SimulatedDataset
+
+    if isinstance(source, SimulatedDataset):
+        p = source.manifest["parameters"]
+        return {"kind": "simulated", "path": str(path), "pairs": len(source), "size": p["size"],
+                "pixel_spacing_mm": p["spacing_mm"], "dose": p["dose"], "seed": p["seed"],
+                "contrast_fraction": p["contrast_fraction"], "photons": source.manifest.get("photons")}
+    first = source[0]
+    return {"kind": type(source).__name__, "path": str(path), "slices": len(source),
+            "patients": len(set(source.patient_ids)), "pixel_spacing_mm": float(first.spacing[0])}
+
+
+def _machine(device: torch.device) -> dict:
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: int = 500, batch_size: int = 16,
+                   patch_size: int = 128, lr: Optional[float] = None, seed: int = 0, resume: bool = False,
+                   device="auto", num_workers: int = 0, val_slices: int = 32, weights_dtype: str = "float32",
+                   arguments: Optional[dict] = None, hyperparameters: Optional[dict] = None,
+                   feature_network=None, normalization: HUNormalization = PAPER_NORMALIZATION,
+                   progress: bool = True) -> Path:
+    """Train denoiser ``arch`` on the paired data in ``data``; return its model folder ``<out>/model``.
+
+    Args:
+        arch: "cnn10", "redcnn", "wganvgg" or "dugan".
+        data: a simulated data set folder or a paired DICOM folder (:func:`~.datasets.open_source`),
+            split by patient 70/20/10 % (seed 0).
+        out: run folder: ``checkpoints/last.pt``, ``history.json`` and the exported ``model/``.
+        epochs: total epochs (a resumed run continues up to this number).
+        steps_per_epoch, batch_size, patch_size: training batches per epoch, patches per
+            batch, patch side in pixels.
+        lr: Adam learning rate (default: :data:`HYPERPARAMETERS`).
+        seed: seeds the weights and every random draw of the run.
+        resume: continue from ``<out>/checkpoints/last.pt``; the settings must match.
+        device: "auto", "cpu" or "cuda" (:func:`~.devices.resolve_device`).
+        num_workers: data loader processes.
+        val_slices: whole slices of the validation (and test) split evaluated per epoch.
+        weights_dtype: "float32" or "float16" storage of the exported weights.
+        arguments: constructor arguments of the architecture (e.g. ``{"channels": 96}``).
+        hyperparameters: overrides of :data:`HYPERPARAMETERS`.
+        feature_network: WGAN-VGG only: a model folder whose feature network to reuse
+            instead of training one (needed for data without tissue labels).
+        normalization: HU <-> network units map, recorded with the model.
+        progress: show tqdm progress bars.
+    """
+    from tqdm.auto import tqdm
+
+    from .datasets import open_source
+    from .devices import resolve_device
+
+    if arch not in DENOISERS:
+        raise ValueError(f"unknown denoiser architecture {arch!r}; choose one of {', '.join(DENOISERS)}")
+    if min(epochs, steps_per_epoch, batch_size, val_slices) < 1 or patch_size < 1:
+        raise ValueError("epochs, steps_per_epoch, batch_size, patch_size and val_slices must be positive")
+    device = resolve_device(device)
+    source = open_source(data)
+    hp = {**HYPERPARAMETERS[arch], **(hyperparameters or {}), **({"lr": float(lr)} if lr is not None else {})}
+    if feature_network is not None:
+        hp["feature_network"] = str(feature_network)
+    config = {"arch": arch, "arguments": dict(arguments or {}), "hyperparameters": hp, "patch_size": patch_size,
+              "batch_size": batch_size, "steps_per_epoch": steps_per_epoch, "seed": seed,
+              "normalization": normalization.to_dict()}
+    config = json.loads(json.dumps(config))  # tuples -> lists, as stored
+    out = Path(out)
+    checkpoint_path = out / "checkpoints" / CHECKPOINT
+    if checkpoint_path.exists() and not resume:
+        raise ValueError(f"{out} already holds a training run ({checkpoint_path}); pass resume=True (--resume) "
+                         "to continue it or choose another output folder")
+    checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(_seed(seed, 0))
+    objective = OBJECTIVES[arch](build_denoiser(arch, **config["arguments"]), hp, patch_size).to(device)
+    denoiser = objective.networks["denoiser"]
+    batches = _TrainingBatches(source, patch_size, batch_size, seed, normalization, num_workers, device)
+    validation = _validation_items(source, "val", val_slices, normalization)
+    if len(validation) == 0:
+        raise ValueError(f"{data}: the validation split is empty; the data set needs at least 2 patients")
+
+    state = {"epoch": 0, "history": [], "seconds": 0.0, "best": None, "prepared": None}
+    if resume and checkpoint_path.exists():
+        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        differences = sorted(k for k in config if saved["config"].get(k) != config[k])
+        if differences:
+            raise ValueError(f"{checkpoint_path} was trained with other settings ({', '.join(differences)}); "
+                             "resume with the same settings or train into another folder")
+        for name, network in objective.networks.items():
+            network.load_state_dict(saved["networks"][name])
+        for name, optimizer in objective.optimizers.items():
+            optimizer.load_state_dict(saved["optimizers"][name])
+        state = {k: saved[k] for k in state}
+        if arch == "wganvgg":
+            objective.networks["feature_network"].eval().requires_grad_(False)
+    else:
+        started = time.perf_counter()
+        state["prepared"] = objective.prepare(batches, validation, device, progress)
+        state["seconds"] = time.perf_counter() - started
+
+    def checkpoint():
+        _save_checkpoint(checkpoint_path, {
+            "config": config, **state,
+            "networks": {k: v.state_dict() for k, v in objective.networks.items()},
+            "optimizers": {k: v.state_dict() for k, v in objective.optimizers.items()}})
+
+    if state["epoch"] == 0:
+        checkpoint()
+    for epoch in range(state["epoch"] + 1, epochs + 1):
+        started = time.perf_counter()
+        rng = _generator(_seed(seed, epoch, 2))
+        sums: Dict[str, float] = {}
+        bar = tqdm(total=steps_per_epoch, desc=f"{arch} epoch {epoch}/{epochs}", disable=not progress)
+        denoiser.train()
+        for k, batch in enumerate(batches(steps_per_epoch, epoch)):
+            losses = objective.step(batch["ld"].to(device), batch["fd"].to(device), batch.get("labels"),
+                                    (epoch - 1) * steps_per_epoch + k + 1, rng)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value
+            bar.update()
+            bar.set_postfix({name: f"{total / (k + 1):.4g}" for name, total in sums.items()})
+        bar.close()
+        scores = evaluate(denoiser, validation, normalization, device)
+        state["seconds"] += time.perf_counter() - started
+        state["epoch"] = epoch
+        state["history"].append({"epoch": epoch, "train": {n: t / steps_per_epoch for n, t in sums.items()},
+                                 "val": scores["denoised"], "val_low_dose": scores["low_dose"],
+                                 "seconds": round(state["seconds"], 3)})
+        best = state["best"]
+        if best is None or scores["denoised"]["rmse_hu"] < best["val"]["rmse_hu"]:
+            state["best"] = {"epoch": epoch, "val": scores["denoised"],
+                             "weights": {k: v.detach().cpu().clone() for k, v in denoiser.state_dict().items()}}
+        checkpoint()
+        with open(out / "history.json", "w") as f:
+            json.dump(state["history"], f, indent=1)
+        if progress:
+            v = scores["denoised"]
+            tqdm.write(f"epoch {epoch}: val RMSE {v['rmse_hu']:.1f} HU (low dose {scores['low_dose']['rmse_hu']:.1f}), "
+                       f"PSNR {v['psnr_db']:.2f} dB, SSIM {v['ssim']:.4f}")
+    return _export(objective, state, config, source, data, out / "model", val_slices, normalization, device,
+                   weights_dtype)
+
+
+def _export(objective, state, config, source, data, folder: Path, val_slices, normalization, device, dtype) -> Path:
+    """Write the best epoch's denoiser, with metadata and test-split figures, to ``folder``."""
+    from . import __version__
+    from .datasets import PAPER_FRACTIONS, split_patients
+
+    denoiser = objective.networks["denoiser"]
+    best = state["best"]
+    if best is not None:
+        denoiser.load_state_dict(best["weights"])
+    test = _validation_items(source, "test", val_slices, normalization)
+    held_out = None
+    if len(test):
+        scores = evaluate(denoiser, test, normalization, device)
+        held_out = {"split": "test", "slices": len(test), "metric_hu_range": list(METRIC_HU_RANGE), **scores}
+    split = split_patients(source.patient_ids)
+    last = state["history"][-1] if state["history"] else {}
+    training = {
+        "data": describe_data(source, data),
+        "split": {"fractions": list(PAPER_FRACTIONS), "seed": 0,
+                  "patients": {k: len(v) for k, v in split.items()}, "test_patients": split["test"]},
+        "epochs": state["epoch"], "steps_per_epoch": config["steps_per_epoch"], "batch_size": config["batch_size"],
+        "seed": config["seed"], "hyperparameters": config["hyperparameters"],
+        "best_epoch": best and best["epoch"], "validation": best and best["val"],
+        "validation_low_dose": last.get("val_low_dose"), "wall_time_s": round(state["seconds"], 1),
+        "machine": _machine(device), "engine_version": __version__,
+    }
+    if state["prepared"]:
+        training["feature_network"] = state["prepared"]
+    extra = {"feature_network": objective.networks["feature_network"]} if "feature_network" in objective.networks \
+        else None
+    return save_denoiser(folder, denoiser, config["arch"], config["arguments"], normalization,
+                         {"patch_size": config["patch_size"], "training": training, "held_out": held_out},
+                         dtype=dtype, extra=extra)
+

@@ -1,0 +1,299 @@
+"""The four denoisers: shapes, receptive fields, full convolutionality, tiled inference,
+training (loss goes down, exact resume, export), model folders (checksums, fp16), denoising
+real CT and the CLI. Tiny settings throughout: 64-pixel simulated pairs, 32-pixel patches,
+narrow RED-CNN and DU-GAN discriminators; the published sizes are checked for shapes and
+receptive fields."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from InvarianceExplorerLib.cli import main
+from InvarianceExplorerLib.datasets import build_simulated_dataset
+from InvarianceExplorerLib.denoisers import (DENOISERS, FeatureNetwork, UNetDiscriminator, WGANCritic,
+                                             build_denoiser, bundled_models_dir, load_denoiser, read_metadata,
+                                             receptive_field, save_denoiser)
+from InvarianceExplorerLib.image import CTImage
+from InvarianceExplorerLib.inference import apply_network, denoise, image_quality
+from InvarianceExplorerLib.io import CTInputError, read_image, write_nrrd
+from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
+from InvarianceExplorerLib.train_denoiser import train_denoiser
+from realdata import dicom_hu, pydicom_test_file
+
+#: Published receptive fields: CNN-10 9+3+5-2, RED-CNN 1+10*4, WGAN-VGG 1+8*2 pixels.
+RECEPTIVE_FIELDS = {"cnn10": 15, "redcnn": 41, "wganvgg": 17, "dugan": 41}
+#: Small but real training runs: (architecture arguments, hyperparameter overrides).
+TINY = {"cnn10": ({}, {}), "redcnn": ({"channels": 16}, {}), "wganvgg": ({}, {"feature_steps": 12}),
+        "dugan": ({"channels": 16}, {"disc_levels": 2, "disc_channels": 8})}
+#: The loss that compares the denoised with the full-dose patch, per training scheme.
+CONTENT_LOSS = {"cnn10": "mse", "redcnn": "mse", "wganvgg": "perceptual", "dugan": "mse"}
+RUN = dict(steps_per_epoch=6, batch_size=4, patch_size=32, lr=1e-3, seed=5, device="cpu", progress=False)
+
+
+def network(arch, seed=0, **arguments):
+    torch.manual_seed(seed)
+    return build_denoiser(arch, **arguments).eval()
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("pairs")
+    build_simulated_dataset(out, 8, size=64, seed=3, photons=1e4, progress=False)
+    return out
+
+
+def train(arch, data, out, epochs=2, **changes):
+    arguments, hyperparameters = TINY[arch]
+    return train_denoiser(arch, data, out, epochs=epochs, arguments=arguments, hyperparameters=hyperparameters,
+                          **{**RUN, **changes})
+
+
+@pytest.fixture(scope="module")
+def runs(pairs, tmp_path_factory):
+    """Each architecture trained for two tiny epochs: arch -> run folder."""
+    root = tmp_path_factory.mktemp("runs")
+    return {arch: train(arch, pairs, root / arch).parent for arch in DENOISERS}
+
+
+# ----------------------------------------------------------------------------- architectures
+
+
+@pytest.mark.parametrize("arch", list(DENOISERS))
+@pytest.mark.parametrize("size", [(37, 41), (64, 64)])
+def test_output_has_the_input_shape(arch, size):
+    x = torch.randn(2, 1, *size)
+    with torch.no_grad():
+        assert network(arch)(x).shape == x.shape
+
+
+@pytest.mark.parametrize("arch", ["cnn10", "redcnn", "wganvgg"])
+def test_receptive_field_is_where_one_pixel_acts(arch):
+    """Perturb the centre pixel: the output changes exactly on the receptive-field square."""
+    net = network(arch).double()
+    n = 61
+    x = torch.randn(1, 1, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = x.clone()
+    y[0, 0, n // 2, n // 2] += 10.0
+    with torch.no_grad():
+        changed = (net(y) - net(x)).abs()[0, 0] > 1e-9
+    rows, cols = np.nonzero(changed.numpy())
+    rf = receptive_field(net)
+    assert rf == RECEPTIVE_FIELDS[arch]
+    half = rf // 2
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (n // 2 - half, n // 2 + half) * 2
+    assert changed.sum() > 0.9 * rf * rf
+
+
+@pytest.mark.parametrize("arch", list(DENOISERS))
+def test_fully_convolutional_patch_equals_whole_image_away_from_borders(arch):
+    net = network(arch, **TINY[arch][0])
+    x = torch.randn(1, 1, 96, 88)
+    with torch.no_grad():
+        whole = net(x)
+        patch = net(x[..., 10:80, 5:70])
+    m = receptive_field(net) // 2
+    torch.testing.assert_close(patch[..., m:-m, m:-m], whole[..., 10 + m:80 - m, 5 + m:70 - m], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["cnn10", "redcnn"])
+def test_tiled_inference_equals_whole_slice(arch):
+    net = network(arch, **TINY[arch][0])
+    rf = receptive_field(net)
+    x = torch.randn(2, 1, 150, 131)
+    with torch.no_grad():
+        whole = apply_network(net, x, tile_size=None)
+        tiled = apply_network(net, x, tile_size=rf + 7, tiles_per_batch=3)
+    torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="tile size"):
+        apply_network(net, x, tile_size=rf - 1)
+
+
+def test_training_networks_have_the_published_outputs():
+    critic = WGANCritic(patch_size=64)
+    assert critic(torch.randn(3, 1, 64, 64)).shape == (3, 1)
+    with pytest.raises(ValueError, match="at least 24"):
+        WGANCritic(patch_size=20)
+    features = FeatureNetwork()
+    x = torch.randn(2, 1, 40, 36)
+    assert features(x).shape == (2, 12, 40, 36) and features.features(x).shape == (2, 128, 10, 9)
+    disc = UNetDiscriminator(levels=3, channels=8)
+    encoder, decoder = disc(torch.randn(2, 1, 37, 41))
+    assert encoder.shape == (2,) and decoder.shape == (2, 1, 37, 41)
+    spectral = [name for name, _ in disc.named_modules() if name.endswith("parametrizations")]
+    assert spectral and "encoder.0.convs.0.conv.parametrizations" not in spectral  # first conv has one channel in
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("arch", list(DENOISERS))
+def test_tiny_training_lowers_the_loss_and_exports_a_model_folder(runs, arch):
+    run = runs[arch]
+    history = json.loads((run / "history.json").read_text())
+    loss = CONTENT_LOSS[arch]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["train"][loss] < 0.8 * history[0]["train"][loss]
+    assert all(np.isfinite(h["val"]["rmse_hu"]) for h in history)
+    metadata = read_metadata(run / "model")
+    assert metadata["architecture"] == {"name": arch, "class": DENOISERS[arch].__name__,
+                                        "arguments": TINY[arch][0], "receptive_field": RECEPTIVE_FIELDS[arch]}
+    assert metadata["normalization"] == PAPER_NORMALIZATION.to_dict()
+    assert metadata["patch_size"] == 32
+    training = metadata["training"]
+    assert training["epochs"] == 2 and training["data"]["kind"] == "simulated" and training["wall_time_s"] > 0
+    assert training["validation"] == min((h["val"] for h in history), key=lambda v: v["rmse_hu"])
+    assert metadata["held_out"]["split"] == "test" and metadata["held_out"]["slices"] == 1
+    assert set(metadata["weights"]) == ({"denoiser", "feature_network"} if arch == "wganvgg" else {"denoiser"})
+    if arch == "wganvgg":
+        assert 0.0 <= training["feature_network"]["val_pixel_accuracy"] <= 1.0
+    loaded = load_denoiser(run / "model")
+    best = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["best"]
+    assert best["epoch"] == training["best_epoch"]
+    for key, value in loaded.network.state_dict().items():
+        assert torch.equal(value, best["weights"][key]), key
+
+
+@pytest.mark.parametrize("arch", ["wganvgg", "dugan"])
+def test_resumed_run_continues_exactly_as_the_uninterrupted_one(pairs, runs, tmp_path, arch):
+    out = tmp_path / arch
+    train(arch, pairs, out, epochs=1)
+    with pytest.raises(ValueError, match="already holds a training run"):
+        train(arch, pairs, out, epochs=2)
+    with pytest.raises(ValueError, match="other settings.*batch_size"):
+        train(arch, pairs, out, epochs=2, resume=True, batch_size=2)
+    train(arch, pairs, out, epochs=2, resume=True)
+    resumed = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    straight = torch.load(runs[arch] / "checkpoints" / "last.pt", weights_only=True)
+    assert resumed["epoch"] == straight["epoch"] == 2
+    for name, state in straight["networks"].items():
+        for key, value in state.items():
+            assert torch.equal(resumed["networks"][name][key], value), f"{name}.{key}"
+    assert [h["val"] for h in resumed["history"]] == [h["val"] for h in straight["history"]]
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def test_save_load_round_trip_fp16_and_checksum_refusal(tmp_path):
+    net = network("redcnn", channels=16)
+    x = torch.randn(1, 1, 48, 48)
+    for dtype in ("float32", "float16"):
+        folder = save_denoiser(tmp_path / dtype, net, "redcnn", {"channels": 16}, PAPER_NORMALIZATION,
+                               {"patch_size": 32}, dtype=dtype)
+        loaded = load_denoiser(folder)
+        assert loaded.metadata["weights"]["denoiser"]["dtype"] == dtype and loaded.arch == "redcnn"
+        assert not loaded.network.training and not any(p.requires_grad for p in loaded.network.parameters())
+        with torch.no_grad():
+            tolerance = 0.0 if dtype == "float32" else 2e-3
+            torch.testing.assert_close(loaded.network(x), net(x), rtol=0, atol=tolerance)
+    size = {d: (tmp_path / d / "denoiser.safetensors").stat().st_size for d in ("float32", "float16")}
+    assert size["float16"] < 0.6 * size["float32"]
+    weights = tmp_path / "float32" / "denoiser.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"denoiser\.safetensors: SHA-256 checksum .* does not match"):
+        load_denoiser(tmp_path / "float32")
+    with pytest.raises(ValueError, match="not a denoiser model folder"):
+        load_denoiser(tmp_path)
+
+
+def test_unknown_names_and_missing_bundled_weights_are_explained():
+    with pytest.raises(ValueError, match="neither a model folder nor a bundled denoiser name"):
+        load_denoiser("no-such-model")
+    missing = [a for a in DENOISERS if not (bundled_models_dir() / a / "metadata.json").is_file()]
+    for arch in missing:
+        with pytest.raises(ValueError, match=f"no bundled weights for {arch} yet; train them with"):
+            load_denoiser(arch)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def test_denoise_real_ct_slice_and_volume_keep_geometry(runs):
+    denoiser = load_denoiser(runs["redcnn"] / "model")
+    image = read_image(pydicom_test_file("CT_small.dcm"))
+    hu, spacing = dicom_hu(pydicom_test_file("CT_small.dcm"))
+    np.testing.assert_array_equal(image.array, hu)
+    calls = []
+    with pytest.warns(RuntimeWarning, match="trained on"):  # CT_small has 0.66 mm pixels, the model 5.6 mm
+        result = denoise(denoiser, image, device="cpu", progress=lambda done, total: calls.append((done, total)))
+    assert result.array.shape == hu.shape and result.array.dtype == np.float32 and np.isfinite(result.array).all()
+    assert (result.spacing, result.origin, result.direction) == (image.spacing, image.origin, image.direction)
+    assert calls == [(1, 1)]
+    assert not np.array_equal(result.array, hu)
+    volume = CTImage(np.stack([hu, hu + 20, hu - 20]), (spacing[0], spacing[1], 2.0))
+    with pytest.warns(RuntimeWarning):
+        out = denoise(denoiser, volume, device="cpu", batch_size=2, tile_size=100,
+                      progress=lambda done, total: calls.append((done, total)))
+    assert out.array.shape == volume.array.shape and calls[1:] == [(2, 3), (3, 3)]
+    np.testing.assert_allclose(out.array[0], result.array, atol=0.05)  # tiled (100 px) vs whole slice
+
+
+def test_denoise_rejects_bad_inputs(runs):
+    denoiser = load_denoiser(runs["redcnn"] / "model")
+    image = np.full((64, 64), -1000.0, dtype=np.float32)
+    image[20:40, 20:40] = 40.0
+    bad = image.copy()
+    bad[3, 3] = np.nan
+    with pytest.raises(CTInputError, match="NaN or infinite"):
+        denoise(denoiser, CTImage(bad), device="cpu")
+    with pytest.raises(CTInputError, match="look normalised"):
+        denoise(denoiser, CTImage(PAPER_NORMALIZATION.normalize(image)), device="cpu")
+    with pytest.raises(ValueError, match="smaller than the denoiser's receptive field"):
+        denoise(denoiser, CTImage(image[:30, :30]), device="cpu")
+    with pytest.raises(TypeError, match="CTImage"):
+        denoise(denoiser, image, device="cpu")
+
+
+def test_image_quality_in_hu():
+    ref = np.zeros((2, 32, 32), np.float32)
+    pred = ref + 10.0
+    q = image_quality(pred, ref)
+    assert q["rmse_hu"] == pytest.approx(10.0, rel=1e-5)
+    assert q["psnr_db"] == pytest.approx(20 * np.log10(2924.0 / 10.0), rel=1e-5)
+    assert image_quality(ref, ref)["ssim"] == pytest.approx(1.0)
+    assert image_quality(ref - 3000, ref - 1024)["rmse_hu"] == 0.0  # clipped to -1024 HU
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_denoise_writes_the_denoised_volume(runs, tmp_path, capsys):
+    model = runs["cnn10"] / "model"
+    hu, spacing = dicom_hu(pydicom_test_file("CT_small.dcm"))
+    volume = CTImage(np.stack([hu, hu[::-1]]), (spacing[0], spacing[1], 3.0), origin=(-10.0, 5.0, 30.0))
+    source = write_nrrd(volume, tmp_path / "ld.nrrd")
+    out = tmp_path / "out.nrrd"
+    with pytest.warns(RuntimeWarning):
+        assert main(["denoise", "--model", str(model), "--input", source, "--output", str(out), "--device", "cpu",
+                     "--no-progress"]) == 0
+        expected = denoise(load_denoiser(model), volume, device="cpu")
+    written = read_image(out)
+    np.testing.assert_allclose(written.array, expected.array, atol=1e-4)
+    assert written.spacing == volume.spacing and written.origin == volume.origin
+    capsys.readouterr()
+    assert main(["denoise", "--model", str(model), "--input", source, "--output", str(tmp_path / "x.png")]) == 2
+    assert main(["denoise", "--model", str(tmp_path), "--input", source, "--output", str(out)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "must be a .nrrd file" in errors[0] and "not a denoiser model folder" in errors[1]
+
+
+def test_cli_trains_a_denoiser_and_refuses_to_overwrite_a_run(pairs, tmp_path, capsys):
+    args = ["train", "denoiser", "--arch", "cnn10", "--data", str(pairs), "--out", str(tmp_path / "run"),
+            "--epochs", "1", "--steps-per-epoch", "3", "--batch-size", "2", "--patch-size", "32", "--device", "cpu",
+            "--val-slices", "1", "--weights-dtype", "float16", "--no-progress"]
+    assert main(args) == 0
+    assert "best epoch 1 of 1" in capsys.readouterr().out
+    assert load_denoiser(tmp_path / "run" / "model").metadata["weights"]["denoiser"]["dtype"] == "float16"
+    assert main(args) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "run" / "model")
+    assert main(args + ["--resume"]) == 0  # nothing left to train: exports again
+    assert (tmp_path / "run" / "model" / "metadata.json").is_file()
