@@ -271,10 +271,12 @@ def test_write_nrrd_labels_keep_dtype_and_geometry(tmp_path, oblique_volume):
 def test_write_nrrd_slices(tmp_path):
     axial = read_image(CT_SMALL)
     written = sitk.ReadImage(write_nrrd(axial, tmp_path / "axial.nrrd"))
-    assert written.GetDimension() == 2
-    assert written.GetOrigin() == pytest.approx(axial.origin[:2]) and written.GetSpacing() == pytest.approx(axial.spacing[:2])
+    assert written.GetDimension() == 3 and written.GetSize()[2] == 1  # one-slice 3D: z position kept
+    assert written.GetOrigin() == pytest.approx(axial.origin) and written.GetSpacing() == pytest.approx(axial.spacing)
     back = read_image(tmp_path / "axial.nrrd")
     assert back.is_slice and np.array_equal(back.array, axial.array)
+    for name in ("spacing", "origin", "direction"):
+        assert getattr(back, name) == pytest.approx(getattr(axial, name)), name
     oblique = CTImage(axial.array, axial.spacing, axial.origin, tuple(rotation(30, 20).ravel()))
     back = read_image(write_nrrd(oblique, tmp_path / "oblique.nrrd"))  # kept as one-slice 3D
     assert back.is_slice and np.array_equal(back.array, oblique.array)

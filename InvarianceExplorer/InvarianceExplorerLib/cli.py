@@ -210,7 +210,8 @@ def _cmd_data_lowdose(args) -> int:
         raise CTInputError(args.input, f"slices are {nx}x{ny} pixels of {sx:g}x{sy:g} mm, but the scan "
                            "simulation needs square slices with square pixels",
                            "Resample or crop the image to a square grid first (e.g. in 3D Slicer).")
-    sim = LowDoseSimulator(nx, sx, photons=args.photons, filter=args.filter, device=args.device)
+    # a user's image may hold anatomy up to its corners: scan the whole square
+    sim = LowDoseSimulator(nx, sx, photons=args.photons, filter=args.filter, device=args.device, cover_corners=True)
     stack = image.array[None] if image.is_slice else image.array
     out = np.empty_like(stack)
     for k in tqdm(range(stack.shape[0]), desc="simulating low dose", unit="slice", disable=args.no_progress):

@@ -154,7 +154,8 @@ def build_simulated_dataset(out_dir, count: int, size: int = 256, spacing: Optio
             phantoms = [chest_phantom(s[0], size=size, spacing=spacing, contrast=s[2] < contrast_fraction)
                         for s in seeds]
             noise_seed = seeds[0][1]
-            pair = simulator.simulate(np.stack([p.hu for p in phantoms]), dose=dose, seed=noise_seed, noiseless=False)
+            pair = simulator.simulate(np.stack([p.hu for p in phantoms]), dose=dose, seed=noise_seed,
+                                      noiseless=False)
             for k, i in enumerate(indices):
                 if i < count and i not in records:
                     records[i] = _write_item(pairs, i, phantoms[k], pair.low_dose[k], pair.full_dose[k], noise_seed)

@@ -392,9 +392,9 @@ def write_nrrd(image: CTImage, path, *, array: Optional[np.ndarray] = None, comp
     """Write ``image`` (or ``array``, any numeric dtype, e.g. uint8 labels, with ``image``'s
     geometry) to the .nrrd file ``path`` atomically, creating its folder; returns the path.
 
-    A 2D image becomes a 2D NRRD (its z position and thickness are not kept) when it is
-    axial; a slice in another orientation becomes a one-slice 3D NRRD so that its
-    orientation is kept (:func:`read_image` reads both back as 2D).
+    A 2D image becomes a one-slice 3D NRRD, so that its position, orientation and thickness
+    are kept and it lines up with its volume in a viewer (:func:`read_image` reads it back
+    as 2D).
     """
     path = Path(path)
     if path.suffix.lower() != ".nrrd":
@@ -406,13 +406,10 @@ def write_nrrd(image: CTImage, path, *, array: Optional[np.ndarray] = None, comp
         data = data.astype(np.uint8 if data.dtype == bool else np.float32)
     if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
         raise ValueError(f"cannot write {data.dtype} voxels; give a numeric array")
-    matrix = image.direction_matrix
-    flat = data.ndim == 2 and np.allclose(matrix[:, 2], (0, 0, 1)) and np.allclose(matrix[2, :2], 0)
-    out = sitk.GetImageFromArray(np.ascontiguousarray(data if flat or data.ndim == 3 else data[None]))
-    dims = 2 if flat else 3
-    out.SetSpacing(image.spacing[:dims])
-    out.SetOrigin(image.origin[:dims])
-    out.SetDirection(tuple(matrix[:dims, :dims].ravel()))
+    out = sitk.GetImageFromArray(np.ascontiguousarray(data if data.ndim == 3 else data[None]))
+    out.SetSpacing(image.spacing)
+    out.SetOrigin(image.origin)
+    out.SetDirection(tuple(image.direction_matrix.ravel()))
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.part.nrrd")
     try:

@@ -69,14 +69,17 @@ class FanBeamGeometry:
     fan_angle: float = 0.0
 
     @classmethod
-    def for_image(cls, size: int, spacing: float, n_views: Optional[int] = None) -> "FanBeamGeometry":
+    def for_image(cls, size: int, spacing: float, n_views: Optional[int] = None,
+                  cover_corners: bool = False) -> "FanBeamGeometry":
         """Geometry sampled finely enough for a ``size``-pixel image: about one detector
-        channel per pixel at the isocentre over the inscribed field of view, and enough
-        views (about pi/2 * size... capped) that view aliasing stays below the noise."""
+        channel per pixel at the isocentre, and 1.5 views per pixel of the image width
+        (view aliasing stays well below quarter-dose noise). The field of view is the
+        circle inscribed in the image (+2 %), as scanners reconstruct; ``cover_corners``
+        widens it to the whole square (for images whose corners hold anatomy)."""
         if size < 8 or spacing <= 0:
             raise ValueError(f"image must be at least 8 pixels with positive spacing; got {size}, {spacing} mm")
         d = 595.0
-        radius = size * spacing / 2.0 * 1.02  # field of view: the inscribed circle + 2 %
+        radius = size * spacing / 2.0 * (math.sqrt(2.0) if cover_corners else 1.0) * 1.02
         if radius >= d * 0.9:
             raise ValueError(f"field of view {2 * radius:.0f} mm does not fit the scanner geometry")
         fan = 2.0 * math.asin(radius / d)
@@ -274,6 +277,8 @@ class LowDoseSimulator:
         filter: apodisation of the ramp filter, one of ``FILTERS``.
         device: torch device for the projector ("auto", "cpu", "cuda"; CUDA falls back to the CPU).
         n_views: override the number of views of the default geometry.
+        cover_corners: reconstruct the whole square image, not only the inscribed circle
+            (pixels outside the field of view are air otherwise, as scanners show them).
     """
 
     DEFAULT_PHOTONS = 1.0e5
@@ -281,10 +286,10 @@ class LowDoseSimulator:
 
     def __init__(self, size: int, spacing: float, *, photons: Optional[float] = None,
                  electronic_noise: Optional[float] = None, filter: str = "hann", device="cpu",
-                 n_views: Optional[int] = None):
+                 n_views: Optional[int] = None, cover_corners: bool = False):
         if filter not in FILTERS:
             raise ValueError(f"unknown reconstruction filter {filter!r}; choose one of {FILTERS}")
-        self.geometry = FanBeamGeometry.for_image(int(size), float(spacing), n_views)
+        self.geometry = FanBeamGeometry.for_image(int(size), float(spacing), n_views, cover_corners)
         self.photons = float(self.DEFAULT_PHOTONS if photons is None else photons)
         self.electronic_noise = float(self.DEFAULT_ELECTRONIC_NOISE if electronic_noise is None else electronic_noise)
         if self.photons <= 0 or self.electronic_noise < 0:

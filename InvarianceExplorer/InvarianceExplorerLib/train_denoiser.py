@@ -51,7 +51,7 @@ CHECKPOINT = "last.pt"
 HYPERPARAMETERS = {
     "cnn10": dict(lr=1.58e-4, betas=(0.9, 0.999)),
     "redcnn": dict(lr=9.58e-5, betas=(0.9, 0.999)),
-    "wganvgg": dict(lr=7.10e-5, betas=(0.326, 0.999), n_critic=1, lam_gp=10.0, lam_perc=0.689, lam_mse=0.0,
+    "wganvgg": dict(lr=7.10e-5, betas=(0.326, 0.999), n_critic=1, lam_gp=10.0, lam_adv=1.0, lam_perc=0.689, lam_mse=0.0,
                     feature_steps=2000, feature_lr=1e-3),
     "dugan": dict(lr=1.24e-5, betas=(0.9, 0.999), n_d_train=2, lam_adv=0.0803, lam_px_im=1.0, lam_px_grad=27.8,
                   cutmix_prob=0.5, cutmix_warmup=7615, lam_cutmix=2.65, disc_levels=6, disc_channels=64),
@@ -112,7 +112,7 @@ def _gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
 
 class _WGANVGGObjective(_Objective):
     """WGAN-VGG: ``n_critic`` critic steps (Wasserstein loss + ``lam_gp`` * gradient penalty),
-    then a generator step on ``-critic + lam_perc * perceptual + lam_mse * MSE``."""
+    then a generator step on ``-lam_adv * critic + lam_perc * perceptual + lam_mse * MSE``."""
 
     def __init__(self, denoiser, hp, patch_size):
         super().__init__(denoiser, hp, patch_size)
@@ -150,7 +150,8 @@ class _WGANVGGObjective(_Objective):
         adversarial = -critic(fake).mean()
         perceptual = F.l1_loss(features(fake), features(fd))
         mse = F.mse_loss(fake, fd)
-        _step(self.optimizers["denoiser"], adversarial + self.hp["lam_perc"] * perceptual + self.hp["lam_mse"] * mse)
+        hp = self.hp
+        _step(self.optimizers["denoiser"], hp["lam_adv"] * adversarial + hp["lam_perc"] * perceptual + hp["lam_mse"] * mse)
         critic.requires_grad_(True)
         return {"critic": wasserstein.item(), "gp": penalty.item(), "adv": adversarial.item(),
                 "perceptual": perceptual.item(), "mse": mse.item()}
