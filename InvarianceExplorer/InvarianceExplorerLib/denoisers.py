@@ -3,8 +3,8 @@
 Denoisers (all fully convolutional, stride 1, images in network units of
 :class:`~.normalization.HUNormalization`, ``(N, 1, H, W)`` in and out, any ``H, W``):
 
-* :class:`CNN10` - Chen et al., "Low-dose CT denoising with convolutional neural network",
-  ISBI 2017: three convolutions.
+* :class:`CNN10` - Chen et al., "Low-dose CT via convolutional neural network", Biomed.
+  Opt. Express 8(2), 2017: three convolutions.
 * :class:`REDCNN` - Chen et al., "Low-dose CT with a residual encoder-decoder
   convolutional neural network", IEEE TMI 36(12), 2017.
 * :class:`WGANVGG` - the generator of Yang et al., "Low-dose CT image denoising using a

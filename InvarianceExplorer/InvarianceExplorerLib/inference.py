@@ -11,7 +11,6 @@ therefore agree to float precision: tiling saves memory, it does not change the 
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, Dict, Optional
 

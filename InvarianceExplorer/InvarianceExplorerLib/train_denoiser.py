@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .denoisers import DENOISERS, FeatureNetwork, UNetDiscriminator, WGANCritic, build_denoiser, load_weights, \
-    read_metadata, save_denoiser
+from .denoisers import (DENOISERS, FeatureNetwork, UNetDiscriminator, WGANCritic, build_denoiser, load_weights,
+                        read_metadata, resolve_model_folder, save_denoiser)
 from .inference import METRIC_HU_RANGE, apply_network, image_quality
 from .normalization import PAPER_NORMALIZATION, HUNormalization
 
@@ -117,40 +117,36 @@ class _WGANVGGObjective(_Objective):
     def __init__(self, denoiser, hp, patch_size):
         super().__init__(denoiser, hp, patch_size)
         self.networks["critic"] = WGANCritic(patch_size)
-        self.networks["feature_network"] = FeatureNetwork()
+        self.networks["feature_network"] = FeatureNetwork().eval().requires_grad_(False)  # trained in prepare()
         self.optimizers["critic"] = _adam(self.networks["critic"], hp)
-        self.feature_source = hp.get("feature_network")  # a model folder to take a trained one from
 
     def prepare(self, batches, validation, device, progress):
-        """Train the feature network to segment tissue labels, or load it from a model folder."""
-        features = self.networks["feature_network"]
-        if self.feature_source:
-            metadata = read_metadata(self.feature_source)
-            if "feature_network" not in metadata["weights"]:
-                raise ValueError(f"{self.feature_source}: no feature network in this model folder "
-                                 "(it comes with WGAN-VGG models)")
-            load_weights(features, Path(self.feature_source), metadata["weights"]["feature_network"])
-            record = dict(metadata["training"].get("feature_network", {}), source=str(self.feature_source))
-        else:
-            record = _train_feature_network(features, batches, validation, self.hp, device, progress)
-        features.eval().requires_grad_(False)
-        return record
+        """Train the feature network to segment tissue labels, or take it from the model
+        folder (or bundled name) ``hp["feature_network"]``."""
+        features, source = self.networks["feature_network"], self.hp.get("feature_network")
+        if not source:
+            return _train_feature_network(features, batches, validation, self.hp, device, progress)
+        folder = resolve_model_folder(source)
+        metadata = read_metadata(folder)
+        if "feature_network" not in metadata["weights"]:
+            raise ValueError(f"{folder}: no feature network in this model folder (WGAN-VGG models have one)")
+        load_weights(features, folder, metadata["weights"]["feature_network"])
+        return dict(metadata["training"].get("feature_network", {}), source=str(folder))
 
     def step(self, ld, fd, labels, step, rng):
-        generator, critic = self.networks["denoiser"], self.networks["critic"]
+        hp, generator, critic = self.hp, self.networks["denoiser"], self.networks["critic"]
         features = self.networks["feature_network"].features
         with torch.no_grad():
             fake = generator(ld)
-        for _ in range(self.hp["n_critic"]):
+        for _ in range(hp["n_critic"]):
             wasserstein = critic(fake).mean() - critic(fd).mean()
             penalty = _gradient_penalty(critic, fd, fake, rng)
-            _step(self.optimizers["critic"], wasserstein + self.hp["lam_gp"] * penalty)
+            _step(self.optimizers["critic"], wasserstein + hp["lam_gp"] * penalty)
         critic.requires_grad_(False)
         fake = generator(ld)
         adversarial = -critic(fake).mean()
         perceptual = F.l1_loss(features(fake), features(fd))
         mse = F.mse_loss(fake, fd)
-        hp = self.hp
         _step(self.optimizers["denoiser"], hp["lam_adv"] * adversarial + hp["lam_perc"] * perceptual + hp["lam_mse"] * mse)
         critic.requires_grad_(True)
         return {"critic": wasserstein.item(), "gp": penalty.item(), "adv": adversarial.item(),
@@ -159,13 +155,14 @@ class _WGANVGGObjective(_Objective):
 
 def _train_feature_network(network: FeatureNetwork, batches, validation, hp: dict, device, progress: bool) -> dict:
     """Train ``network`` to segment the tissue labels of low- and full-dose training patches
-    (per-pixel cross-entropy, Adam ``feature_lr``, ``feature_steps`` batches); return its record."""
+    (per-pixel cross-entropy, Adam ``feature_lr``, ``feature_steps`` batches); leave it frozen
+    in eval mode and return its record."""
     from tqdm.auto import tqdm
 
+    network.train().requires_grad_(True)
     optimizer = torch.optim.Adam(network.parameters(), lr=hp["feature_lr"])
     steps, running = hp["feature_steps"], []
     bar = tqdm(total=steps, desc="feature network (tissue labels)", disable=not progress)
-    network.train()
     for batch in batches(steps):
         if batch.get("labels") is None:
             raise ValueError("WGAN-VGG's perceptual loss uses a feature network trained on tissue labels, which this "
@@ -179,7 +176,7 @@ def _train_feature_network(network: FeatureNetwork, batches, validation, hp: dic
         bar.update()
         bar.set_postfix(ce=f"{np.mean(running[-50:]):.3f}")
     bar.close()
-    network.eval()
+    network.eval().requires_grad_(False)
     correct = total = 0
     with torch.no_grad():
         for item in validation:
@@ -360,9 +357,15 @@ def describe_data(source, path) -> dict:
 
 
 def _machine(device: torch.device) -> dict:
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    """The hardware and software a run used, for the model metadata."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "cpu": cpu,
+            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -446,8 +449,6 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
         for name, optimizer in objective.optimizers.items():
             optimizer.load_state_dict(saved["optimizers"][name])
         state = {k: saved[k] for k in state}
-        if arch == "wganvgg":
-            objective.networks["feature_network"].eval().requires_grad_(False)
     else:
         started = time.perf_counter()
         state["prepared"] = objective.prepare(batches, validation, device, progress)
