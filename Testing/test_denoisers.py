@@ -312,3 +312,11 @@ def test_cli_trains_a_denoiser_and_refuses_to_overwrite_a_run(pairs, tmp_path, c
     shutil.rmtree(tmp_path / "run" / "model")
     assert main(args + ["--resume"]) == 0  # nothing left to train: exports again
     assert (tmp_path / "run" / "model" / "metadata.json").is_file()
+
+
+def test_learning_rate_schedule():
+    from InvarianceExplorerLib.train_denoiser import learning_rate
+
+    assert [learning_rate({"lr": 1e-3}, e) for e in (1, 9)] == [1e-3, 1e-3]
+    hp = {"lr": 1e-3, "lr_decay": 0.5, "lr_decay_start": 3}
+    assert [learning_rate(hp, e) for e in (1, 2, 3, 4)] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])

@@ -103,6 +103,10 @@ def _add_train_denoiser(sub) -> None:
     den.add_argument("--batch-size", type=_positive_int, default=16, help="patches per batch (default 16)")
     den.add_argument("--patch-size", type=_positive_int, default=128, help="patch side in pixels (default 128)")
     den.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the architecture's)")
+    den.add_argument("--lr-decay", type=float, default=None,
+                     help="multiply the learning rate by this factor every epoch from --lr-decay-start on (default: constant)")
+    den.add_argument("--lr-decay-start", type=_positive_int, default=1,
+                     help="first epoch with a decayed learning rate (default 1)")
     den.add_argument("--seed", type=int, default=0, help="seed of weights, patches and every random draw")
     den.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     den.add_argument("--device", default="auto", help="torch device: auto, cpu or cuda (default auto)")
@@ -228,7 +232,9 @@ def _cmd_train_denoiser(args) -> int:
                             batch_size=args.batch_size, patch_size=args.patch_size, lr=args.lr, seed=args.seed,
                             resume=args.resume, device=args.device, num_workers=args.num_workers,
                             val_slices=args.val_slices, weights_dtype=args.weights_dtype,
-                            feature_network=args.feature_network, progress=not args.no_progress)
+                            feature_network=args.feature_network, progress=not args.no_progress,
+                            hyperparameters=None if args.lr_decay is None else
+                            {"lr_decay": args.lr_decay, "lr_decay_start": args.lr_decay_start})
     with open(folder / "metadata.json") as f:
         training = json.load(f)["training"]
     v = training["validation"]

@@ -302,6 +302,14 @@ class SimulatedDataset(Sequence):
         return [r["patient_id"] for r in self.items]
 
     @property
+    def split_ids(self) -> List[str]:
+        """Patient ids of all ``count`` items the manifest plans, written or not: the
+        patient-level split is drawn over these (:func:`make_dataset`), so a set still being
+        written splits its items exactly as the complete set will (no test item is trained on)."""
+        count = max(int(self.manifest.get("count", 0)), len(self.items))
+        return sorted(set(self.patient_ids) | {f"sim-{i:06d}" for i in range(count)})
+
+    @property
     def normalization(self) -> Optional[HUNormalization]:
         """Normalisation with this data set's own HU mean and std (None until complete)."""
         d = self.manifest.get("normalization")
@@ -560,7 +568,8 @@ def make_dataset(source, split: str = "train", *, patch_size: Optional[int] = 12
     if split == "all":
         indices = list(range(len(ids)))
     else:
-        chosen = set(split_patients(ids, fractions, split_seed)[split])
+        # a data set still being written splits over its planned ids (SimulatedDataset.split_ids)
+        chosen = set(split_patients(getattr(source, "split_ids", ids), fractions, split_seed)[split])
         indices = [i for i, pid in enumerate(ids) if pid in chosen]
     keys = ("ld", "fd", "labels")
     opt = dict(allow_missing_keys=True)

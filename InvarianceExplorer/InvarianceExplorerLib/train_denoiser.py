@@ -356,6 +356,14 @@ def describe_data(source, path) -> dict:
             "patients": len(set(source.patient_ids)), "pixel_spacing_mm": float(first.spacing[0])}
 
 
+def learning_rate(hp: dict, epoch: int) -> float:
+    """Adam learning rate of ``epoch`` (1-based): ``hp["lr"]``, times ``hp["lr_decay"]`` per
+    epoch from epoch ``hp["lr_decay_start"]`` on (``lr * decay ** (epoch - start + 1)``);
+    constant if ``lr_decay`` is unset. Depends on the epoch only, so resuming keeps it."""
+    decay, start = hp.get("lr_decay"), int(hp.get("lr_decay_start", 1))
+    return float(hp["lr"]) * (float(decay) ** max(0, epoch - start + 1) if decay else 1.0)
+
+
 def _machine(device: torch.device) -> dict:
     """The hardware and software a run used, for the model metadata."""
     cpu = platform.processor() or platform.machine()
@@ -390,7 +398,8 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
         epochs: total epochs (a resumed run continues up to this number).
         steps_per_epoch, batch_size, patch_size: training batches per epoch, patches per
             batch, patch side in pixels.
-        lr: Adam learning rate (default: :data:`HYPERPARAMETERS`).
+        lr: Adam learning rate (default: :data:`HYPERPARAMETERS`); ``hyperparameters``
+            ``lr_decay`` / ``lr_decay_start`` make it decay per epoch (:func:`learning_rate`).
         seed: seeds the weights and every random draw of the run.
         resume: continue from ``<out>/checkpoints/last.pt``; the settings must match.
         device: "auto", "cpu" or "cuda" (:func:`~.devices.resolve_device`).
@@ -465,6 +474,9 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
     for epoch in range(state["epoch"] + 1, epochs + 1):
         started = time.perf_counter()
         rng = _generator(_seed(seed, epoch, 2))
+        for optimizer in objective.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(hp, epoch)
         sums: Dict[str, float] = {}
         bar = tqdm(total=steps_per_epoch, desc=f"{arch} epoch {epoch}/{epochs}", disable=not progress)
         denoiser.train()
@@ -511,7 +523,7 @@ def _export(objective, state, config, source, data, folder: Path, val_slices, no
     if len(test):
         scores = evaluate(denoiser, test, normalization, device)
         held_out = {"split": "test", "slices": len(test), "metric_hu_range": list(METRIC_HU_RANGE), **scores}
-    split = split_patients(source.patient_ids)
+    split = split_patients(getattr(source, "split_ids", source.patient_ids))
     last = state["history"][-1] if state["history"] else {}
     training = {
         "data": describe_data(source, data),

@@ -1,0 +1,290 @@
+"""Held-out figures of the denoisers, and the model cards that publish them.
+
+:func:`held_out_quality` denoises the whole slices of the test split of a data set (the
+patient-level split of :func:`~.datasets.split_patients`, never used in training) with each
+denoiser and measures, for the low-dose input and each output, against full dose: RMSE (HU),
+PSNR (dB) and SSIM (:func:`~.inference.image_quality`), and the noise standard deviation in
+uniform regions (:func:`uniform_regions`, :func:`noise_std`), next to that of full dose.
+
+:func:`ship_denoiser` turns a trained model folder into a bundled one (float16 weights when
+that changes the held-out RMSE by at most 0.1 HU); :func:`write_held_out` stores the figures
+in ``metadata.json`` and writes ``MODEL_CARD.md`` beside the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .denoisers import METADATA, Denoiser, load_denoiser, read_metadata, resolve_model_folder, save_denoiser
+from .inference import METRIC_HU_RANGE, denoise, image_quality
+
+MODEL_CARD = "MODEL_CARD.md"
+#: Pixels removed from the edge of each uniform region (3.5 mm at 0.7 mm) so that partial
+#: volume and the blur of edges do not count as noise.
+EROSION_PX = 5
+#: Components of a uniform region smaller than this (pixels, after erosion) are ignored.
+MIN_COMPONENT_PX = 50
+
+
+def uniform_regions(labels: np.ndarray, erosion_px: int = EROSION_PX) -> Dict[str, np.ndarray]:
+    """Boolean masks of the phantom's near-uniform tissues in a label map ``(H, W)``:
+    ``"heart"`` (myocardium and blood, texture amplitude <= 2 HU) and ``"soft_tissue"``
+    (muscle, cord; texture <= 5 HU), each eroded by ``erosion_px`` pixels."""
+    from scipy.ndimage import binary_erosion
+
+    from .phantom import Label
+
+    return {name: binary_erosion(labels == label, iterations=erosion_px)
+            for name, label in (("heart", Label.HEART), ("soft_tissue", Label.SOFT_TISSUE))}
+
+
+def noise_std(image_hu: np.ndarray, mask: np.ndarray, min_pixels: int = MIN_COMPONENT_PX) -> Optional[float]:
+    """Pooled standard deviation (HU) of ``image_hu`` within the connected components of
+    ``mask``: each component about its own mean (so structures of different mean HU do not
+    count as noise), components under ``min_pixels`` pixels ignored; None if none is left.
+    On a phantom this is noise plus the tissue's small texture."""
+    from scipy.ndimage import label
+
+    components, n = label(mask)
+    squares, count = 0.0, 0
+    for k in range(1, n + 1):
+        values = image_hu[components == k].astype(np.float64)
+        if values.size >= min_pixels:
+            squares += float(((values - values.mean()) ** 2).sum())
+            count += values.size - 1
+    return float(np.sqrt(squares / count)) if count else None
+
+
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def held_out_quality(data, denoisers: Mapping[str, Denoiser], split: str = "test", limit: Optional[int] = None,
+                     device="cpu", progress: Optional[Callable[[int, int], None]] = None) -> dict:
+    """Figures of the low-dose input, full dose and each denoiser on the whole slices of ``split``.
+
+    Args:
+        data: a simulated data set (folder or :class:`~.datasets.SimulatedDataset`) or any
+            source of :func:`~.datasets.open_source`; uniform-region noise needs labels.
+        denoisers: ``{name: Denoiser}``.
+        split: "test" (default), "val", "train" or "all".
+        limit: at most this many slices, evenly spaced (None: all).
+        progress: called as ``progress(done, total)`` after each slice.
+
+    Returns:
+        ``{"split", "slices", "patients", "metric_hu_range", "figures": {row: {...}}}`` with
+        rows ``"low_dose"``, each denoiser name, and ``"full_dose"``; each holds the means
+        over slices of ``rmse_hu``, ``psnr_db``, ``ssim`` (not for full dose),
+        ``rmse_reduction`` (fraction of the low-dose RMSE removed, denoisers only) and
+        ``noise_std_hu`` ``{"heart", "soft_tissue"}`` (:func:`noise_std`, HU).
+    """
+    from .datasets import open_source, split_patients
+
+    source = open_source(data) if isinstance(data, (str, os.PathLike)) else data
+    if split == "all":
+        indices = list(range(len(source)))
+    else:
+        chosen = set(split_patients(getattr(source, "split_ids", source.patient_ids))[split])
+        indices = [i for i, pid in enumerate(source.patient_ids) if pid in chosen]
+    if limit is not None and len(indices) > limit:
+        indices = [indices[k] for k in np.linspace(0, len(indices) - 1, limit).round().astype(int)]
+    if not indices:
+        raise ValueError(f"{data}: the {split} split is empty")
+    rows = ["low_dose", *denoisers, "full_dose"]
+    scores: Dict[str, list] = {r: [] for r in rows}
+    noise: Dict[str, Dict[str, list]] = {r: {"heart": [], "soft_tissue": []} for r in rows}
+    for done, index in enumerate(indices, 1):
+        item = source[index]
+        low, full = item.images()
+        images = {"low_dose": item.low_dose, "full_dose": item.full_dose}
+        for name, model in denoisers.items():
+            images[name] = denoise(model, low, device=device).array
+        regions = uniform_regions(item.labels) if item.labels is not None else {}
+        for row in rows:
+            if row != "full_dose":
+                scores[row].append(image_quality(images[row], item.full_dose))
+            for region, mask in regions.items():
+                noise[row][region].append(noise_std(images[row], mask))
+        if progress is not None:
+            progress(done, len(indices))
+    figures = {}
+    for row in rows:
+        figures[row] = {m: _mean(s[m] for s in scores[row]) for m in ("rmse_hu", "psnr_db", "ssim")} \
+            if scores[row] else {}
+        figures[row]["noise_std_hu"] = {region: _mean(v) for region, v in noise[row].items()}
+    for name in denoisers:
+        figures[name]["rmse_reduction"] = 1.0 - figures[name]["rmse_hu"] / figures["low_dose"]["rmse_hu"]
+    return {"split": split, "slices": len(indices),
+            "patients": len({source.patient_ids[i] for i in indices}),
+            "metric_hu_range": list(METRIC_HU_RANGE), "noise_regions": {
+                "heart": "phantom label HEART", "soft_tissue": "phantom label SOFT_TISSUE",
+                "erosion_px": EROSION_PX, "min_component_px": MIN_COMPONENT_PX,
+                "estimator": "pooled std about each connected component's mean (noise + phantom texture)"},
+            "data": str(data), "figures": figures}
+
+
+def machine() -> dict:
+    """CPU model (``/proc/cpuinfo``), threads and library versions of this machine."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def quality_table(result: dict) -> str:
+    """A Markdown table of :func:`held_out_quality`'s figures (one row per image kind)."""
+    names = {"low_dose": "low dose (input)", "full_dose": "full dose (reference)"}
+    lines = ["| image | RMSE (HU) | RMSE reduction | PSNR (dB) | SSIM | noise std heart (HU) | noise std soft tissue (HU) |",
+             "|---|---|---|---|---|---|---|"]
+
+    def fmt(value, spec):
+        return "–" if value is None else format(value, spec)
+
+    for row, f in result["figures"].items():
+        noise = f.get("noise_std_hu", {})
+        reduction = f.get("rmse_reduction")
+        lines.append(f"| {names.get(row, row)} | {fmt(f.get('rmse_hu'), '.1f')} | "
+                     f"{'–' if reduction is None else f'{100 * reduction:.0f} %'} | {fmt(f.get('psnr_db'), '.2f')} | "
+                     f"{fmt(f.get('ssim'), '.4f')} | {fmt(noise.get('heart'), '.1f')} | "
+                     f"{fmt(noise.get('soft_tissue'), '.1f')} |")
+    return "\n".join(lines)
+
+
+def ship_denoiser(trained, destination, data, tolerance_hu: float = 0.1, limit: Optional[int] = None,
+                  device="cpu", reproduce: Sequence[str] = (), notes: Sequence[str] = ()) -> dict:
+    """Copy the trained model folder ``trained`` to ``destination`` (e.g.
+    ``Resources/Models/cnn10``) with float16 weights if its held-out RMSE on ``data``'s test
+    split changes by at most ``tolerance_hu`` HU against float32, else float32; then write
+    the held-out figures and the model card there (:func:`write_held_out`). Returns the
+    record of the choice ``{"dtype", "rmse_hu": {"float32", "float16"}, "result"}``."""
+    trained = resolve_model_folder(trained)
+    metadata = read_metadata(trained)
+    if metadata["weights"]["denoiser"]["dtype"] != "float32":
+        raise ValueError(f"{trained}: ship from float32 weights (they are {metadata['weights']['denoiser']['dtype']})")
+    name = metadata["architecture"]["name"]
+    model32 = load_denoiser(trained, device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = {}
+        if "feature_network" in metadata["weights"]:
+            from .denoisers import FeatureNetwork, load_weights
+
+            extra["feature_network"] = load_weights(FeatureNetwork(), trained, metadata["weights"]["feature_network"])
+        fields = {k: v for k, v in metadata.items()
+                  if k not in ("format", "version", "architecture", "normalization", "weights")}
+        save_denoiser(Path(tmp) / "fp16", model32.network, name, metadata["architecture"]["arguments"],
+                      model32.normalization, fields, dtype="float16", extra=extra)
+        model16 = load_denoiser(Path(tmp) / "fp16", device=device)
+        result = held_out_quality(data, {f"{name} float32": model32, f"{name} float16": model16}, limit=limit,
+                                  device=device)
+        rmse = {d: result["figures"][f"{name} {d}"]["rmse_hu"] for d in ("float32", "float16")}
+        dtype = "float16" if abs(rmse["float16"] - rmse["float32"]) <= tolerance_hu else "float32"
+        source = Path(tmp) / "fp16" if dtype == "float16" else trained
+        destination = Path(destination)
+        destination.mkdir(parents=True, exist_ok=True)
+        for old in destination.iterdir():
+            if old.is_file():
+                old.unlink()
+        for f in source.iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                shutil.copy2(f, destination / f.name)
+    figures = result["figures"]
+    chosen = figures.pop(f"{name} {dtype}")
+    figures.pop(f"{name} {'float32' if dtype == 'float16' else 'float16'}")
+    result["figures"] = {"low_dose": figures["low_dose"], name: chosen, "full_dose": figures["full_dose"]}
+    choice = {"dtype": dtype, "tolerance_hu": tolerance_hu, "rmse_hu": rmse}
+    write_held_out(destination, result, reproduce=reproduce, notes=notes, weights_choice=choice)
+    return {**choice, "result": result}
+
+
+def write_held_out(folder, result: dict, reproduce: Sequence[str] = (), notes: Sequence[str] = (),
+                   weights_choice: Optional[dict] = None) -> Path:
+    """Store ``result`` (:func:`held_out_quality`, rows ``low_dose``, the model's name,
+    ``full_dose``) as ``held_out`` in ``folder``'s ``metadata.json`` together with the
+    machine, ``reproduce`` (commands) and ``notes``, then write ``MODEL_CARD.md``. Weight
+    files are untouched, so their checksums stay valid. Returns the model card path."""
+    folder = Path(folder)
+    metadata = read_metadata(folder)
+    metadata["held_out"] = {**result, "machine": machine()}
+    if reproduce:
+        metadata["reproduce"] = list(reproduce)
+    if notes:
+        metadata["notes"] = list(notes)
+    if weights_choice:
+        metadata["weights_choice"] = weights_choice
+    temporary = folder / f".{METADATA}.{os.getpid()}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(metadata, f, indent=1)
+    os.replace(temporary, folder / METADATA)
+    path = folder / MODEL_CARD
+    path.write_text(model_card(metadata))
+    return path
+
+
+def model_card(metadata: dict) -> str:
+    """``MODEL_CARD.md`` text of a model folder's metadata (every figure from the metadata)."""
+    a, t = metadata["architecture"], metadata.get("training", {})
+    d, h = t.get("data", {}), metadata.get("held_out") or {}
+    m = t.get("machine", {})
+    w = metadata["weights"]
+    hp = t.get("hyperparameters", {})
+    lines = [f"# {a['name']} — model card", "",
+             f"Denoiser `{a['name']}` (class `{a['class']}`, arguments `{json.dumps(a['arguments'])}`, receptive "
+             f"field {a['receptive_field']} px) of InvarianceExplorer. Generated from `{METADATA}` by "
+             "`InvarianceExplorerLib.evaluation.write_held_out`.", "",
+             "## Weights", ""]
+    for key, r in w.items():
+        lines.append(f"- `{r['file']}` ({key}): {r['dtype']}, SHA-256 `{r['sha256']}`")
+    choice = metadata.get("weights_choice")
+    if choice:
+        lines.append(f"- storage: {choice['dtype']} (held-out RMSE {choice['rmse_hu']['float32']:.3f} HU with "
+                     f"float32 weights, {choice['rmse_hu']['float16']:.3f} HU with float16; float16 is used when "
+                     f"they differ by at most {choice['tolerance_hu']} HU)")
+    n = metadata["normalization"]
+    lines += ["", "## Normalisation", "",
+              f"network units = (HU + {n.get('offset')} − {n.get('mean')}) / {n.get('std')} "
+              f"(`{json.dumps(n)}`)", "",
+              "## Training", "",
+              f"- data: {d.get('kind')} pairs `{d.get('path')}`: {d.get('pairs')} slices of {d.get('size')}² px at "
+              f"{d.get('pixel_spacing_mm')} mm, dose fraction {d.get('dose')} (quarter dose), base seed "
+              f"{d.get('seed')}, full-dose photons per ray {(d.get('photons') or {}).get('full_dose')}",
+              f"- split by patient {t.get('split', {}).get('fractions')} (seed {t.get('split', {}).get('seed')}): "
+              f"{t.get('split', {}).get('patients')}",
+              f"- {t.get('epochs')} epochs × {t.get('steps_per_epoch')} steps, batch {t.get('batch_size')} patches "
+              f"of {metadata.get('patch_size')}² px, random flips/rotations; seed {t.get('seed')}",
+              f"- optimiser: Adam, {json.dumps(hp)}",
+              f"- best epoch (lowest validation RMSE): {t.get('best_epoch')}; validation "
+              + ", ".join(f"{k} {v:.4g}" for k, v in (t.get('validation') or {}).items()),
+              f"- wall time {t.get('wall_time_s')} s on {m.get('device')} ({m.get('cpu')}, {m.get('cpu_threads')} "
+              f"threads, torch {m.get('torch')}, Python {m.get('python')})"]
+    if "feature_network" in t:
+        lines.append(f"- feature network of the perceptual loss (trained here, replaces ImageNet VGG-19): "
+                     f"`{json.dumps(t['feature_network'])}`")
+    for note in metadata.get("notes", []):
+        lines.append(f"- note: {note}")
+    if h.get("figures"):
+        hm = h.get("machine", {})
+        lines += ["", "## Held-out figures", "",
+                  f"Test split of `{h.get('data')}` ({h.get('slices')} whole slices of {h.get('patients')} "
+                  f"patients, never used in training or model selection), against full dose; HU clipped to "
+                  f"{h.get('metric_hu_range')} for RMSE/PSNR/SSIM. Noise std: "
+                  f"{h.get('noise_regions', {}).get('estimator')} in phantom regions eroded by "
+                  f"{h.get('noise_regions', {}).get('erosion_px')} px. Machine: {hm.get('cpu')}, "
+                  f"torch {hm.get('torch')}.", "", quality_table(h)]
+    if metadata.get("reproduce"):
+        lines += ["", "## Reproduce", "", "```bash", *metadata["reproduce"], "```"]
+    return "\n".join(lines) + "\n"
