@@ -43,7 +43,8 @@ def training_commands(metadata: dict, data: str, out: str) -> list:
 
 def main(argv=None) -> int:
     from InvarianceExplorerLib.denoisers import DENOISERS, bundled_models_dir, load_denoiser, read_metadata
-    from InvarianceExplorerLib.evaluation import held_out_quality, machine, quality_table, ship_denoiser, write_held_out
+    from InvarianceExplorerLib.devices import machine
+    from InvarianceExplorerLib.evaluation import held_out_quality, quality_table, ship_denoiser, write_held_out
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="data/sim512", help="simulated data set folder (default data/sim512)")

@@ -10,24 +10,13 @@ same code as ``invariance-explorer data simulate`` and prints one markdown table
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 
 import torch
 
 from InvarianceExplorerLib.datasets import build_simulated_dataset
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from InvarianceExplorerLib.devices import machine
 
 
 def main() -> None:
@@ -47,7 +36,7 @@ def main() -> None:
     per_pair = seconds / args.count
     print("| machine | device | threads | size | pairs | s per pair | 2000 pairs (min) |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| {cpu_name()} | {args.device} | {args.threads} | {args.size} | {args.count} | "
+    print(f"| {machine()['cpu']} | {args.device} | {args.threads} | {args.size} | {args.count} | "
           f"{per_pair:.3f} | {per_pair * 2000 / 60:.1f} |")
 
 

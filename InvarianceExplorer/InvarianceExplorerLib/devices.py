@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import platform
 import warnings
+from typing import Optional
 
 import torch
 
@@ -22,3 +24,19 @@ def resolve_device(device="auto") -> torch.device:
         return torch.device(name)
     except RuntimeError as exc:
         raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda'") from exc
+
+
+def machine(device: Optional[torch.device] = None) -> dict:
+    """The hardware and software of this run (CPU model from ``/proc/cpuinfo``, threads,
+    versions; the GPU name when ``device`` is CUDA), for model cards and benchmark tables."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    if device is not None:
+        info["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return info

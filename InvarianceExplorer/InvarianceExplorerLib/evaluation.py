@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .devices import machine
 from .denoisers import METADATA, Denoiser, load_denoiser, read_metadata, resolve_model_folder, save_denoiser
 from .inference import METRIC_HU_RANGE, denoise, image_quality
 
@@ -130,20 +130,6 @@ def held_out_quality(data, denoisers: Mapping[str, Denoiser], split: str = "test
                 "erosion_px": EROSION_PX, "min_component_px": MIN_COMPONENT_PX,
                 "estimator": "pooled std about each connected component's mean (noise + phantom texture)"},
             "data": str(data), "figures": figures}
-
-
-def machine() -> dict:
-    """CPU model (``/proc/cpuinfo``), threads and library versions of this machine."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
 
 
 def quality_table(result: dict) -> str:

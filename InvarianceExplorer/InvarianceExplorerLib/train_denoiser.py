@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 from .denoisers import (DENOISERS, FeatureNetwork, UNetDiscriminator, WGANCritic, build_denoiser, load_weights,
                         read_metadata, resolve_model_folder, save_denoiser)
+from .devices import machine
 from .inference import METRIC_HU_RANGE, apply_network, image_quality
 from .normalization import PAPER_NORMALIZATION, HUNormalization
 
@@ -364,18 +364,6 @@ def learning_rate(hp: dict, epoch: int) -> float:
     return float(hp["lr"]) * (float(decay) ** max(0, epoch - start + 1) if decay else 1.0)
 
 
-def _machine(device: torch.device) -> dict:
-    """The hardware and software a run used, for the model metadata."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "cpu": cpu,
-            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
-
-
 def _save_checkpoint(path: Path, state: dict) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(state, temporary)
@@ -533,7 +521,7 @@ def _export(objective, state, config, source, data, folder: Path, val_slices, no
         "seed": config["seed"], "hyperparameters": config["hyperparameters"],
         "best_epoch": best and best["epoch"], "validation": best and best["val"],
         "validation_low_dose": last.get("val_low_dose"), "wall_time_s": round(state["seconds"], 1),
-        "machine": _machine(device), "engine_version": __version__,
+        "machine": machine(device), "engine_version": __version__,
     }
     if state["prepared"]:
         training["feature_network"] = state["prepared"]
