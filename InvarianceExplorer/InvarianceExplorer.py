@@ -1,8 +1,12 @@
 """3D Slicer module: sample and analyse the invariances of low-dose CT denoising networks.
 
 The science lives in the engine package InvarianceExplorerLib (numpy, torch, MONAI; no
-slicer). This file is the thin Slicer layer. It must stay cheap to import: Slicer imports
-it at start-up, so torch (and the engine's torch modules) are imported only when used.
+slicer). This file is the thin Slicer layer: it exports the input volume to a temporary
+NRRD, runs the engine CLI (``invariance-explorer sample``) in a PythonSlicer child process
+(InvarianceExplorerLib.ui.process), and turns the folder it writes back into MRML nodes,
+with the geometry and table logic in plain functions (InvarianceExplorerLib.result_folder).
+It must stay cheap to import: Slicer imports it at start-up, so torch (and the engine's
+torch modules) are never imported in Slicer's own process.
 """
 
 import importlib
@@ -10,12 +14,16 @@ import importlib.util
 import logging
 import os
 import sys
+import tempfile
+import time
+from typing import Annotated
 
-import ctk
 import qt
+import vtk
 
 import slicer
 from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -24,6 +32,26 @@ from slicer.ScriptedLoadableModule import (
 )
 
 PAPER_DOI_URL = "https://doi.org/10.1002/mp.17413"
+
+#: Attributes that mark a node as a result of this module, for the input volume of that ID.
+RESULT_INPUT_ATTRIBUTE = "InvarianceExplorer.InputVolumeID"
+RESULT_ROLE_ATTRIBUTE = "InvarianceExplorer.Role"
+
+#: Lung window (centre, width) in HU, as in the paper.
+LUNG_WINDOW = (-600.0, 1500.0)
+
+#: Packages the engine needs in Slicer's Python (import name -> pip requirement). torch comes
+#: from the PyTorch extension (PyTorchUtils) when it is installed.
+ENGINE_REQUIREMENTS = {
+    "monai": "monai>=1.4",
+    "FrEIA": "FrEIA>=0.2",
+    "safetensors": "safetensors>=0.4",
+    "scipy": "scipy>=1.10",
+    "pydicom": "pydicom>=2.4",
+    "tqdm": "tqdm>=4.60",
+    "PIL": "Pillow>=9.0",
+}
+TORCH_REQUIREMENT = "torch>=2.2"
 
 
 def resourcesDir():
@@ -38,6 +66,20 @@ def resourcesDir():
         if os.path.isdir(candidate):
             return candidate
     raise FileNotFoundError(f"No Resources directory next to or above {moduleDir}")
+
+
+def _vtkMatrix(array):
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r][c]))
+    return matrix
+
+
+def _numpyMatrix(vtkMatrix):
+    import numpy as np
+
+    return np.array([[vtkMatrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
 #
@@ -69,10 +111,60 @@ It builds on 3D Slicer, PyTorch, MONAI and FrEIA.
 """).format(url=PAPER_DOI_URL)
         # The base class looks for the icon next to this file only, which misses the source tree.
         self.parent.icon = qt.QIcon(os.path.join(resourcesDir(), "Icons", "InvarianceExplorer.png"))
+        slicer.app.connect("startupCompleted()", registerSampleData)
 
     def resourcePath(self, filename):
         """Return the absolute path of ``filename`` inside the Resources directory."""
         return os.path.join(resourcesDir(), filename)
+
+
+def _engineImport(name):
+    """Import a torch-free engine module (the module directory is on sys.path in Slicer)."""
+    moduleDir = os.path.dirname(os.path.abspath(__file__))
+    if moduleDir not in sys.path:
+        sys.path.insert(0, moduleDir)
+    return importlib.import_module(f"InvarianceExplorerLib.{name}")
+
+
+def registerSampleData():
+    """Register the bundled low-dose chest CT with the SampleData module (no network needed)."""
+    import SampleData
+
+    sampleData = _engineImport("sample_data").SAMPLE_CT
+    path = os.path.join(resourcesDir(), sampleData["file"])
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="InvarianceExplorer",
+        sampleName=sampleData["name"],
+        thumbnailFileName=os.path.join(resourcesDir(), "Icons", "InvarianceExplorer.png"),
+        uris="file:///" + path.replace(os.sep, "/").lstrip("/"),
+        fileNames=os.path.basename(path),
+        checksums="SHA256:" + sampleData["sha256"],
+        nodeNames=sampleData["name"],
+    )
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class InvarianceExplorerParameterNode:
+    """The module's settings, saved with the scene.
+
+    inputVolume - the low-dose CT (HU). point - where to sample (its first control point
+    picks the slice and the centre of the crop). denoiser - a bundled name (cnn10, redcnn,
+    wganvgg, dugan) or "custom" with customModelFolder. sampleCount, seed, device - as in
+    the CLI's ``sample``.
+    """
+
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    point: slicer.vtkMRMLMarkupsFiducialNode
+    denoiser: str = "cnn10"
+    customModelFolder: str = ""
+    sampleCount: Annotated[int, WithinRange(1, 1024)] = 32
+    seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
 
 
 #
@@ -81,35 +173,128 @@ It builds on 3D Slicer, PyTorch, MONAI and FrEIA.
 
 
 class InvarianceExplorerWidget(ScriptedLoadableModuleWidget):
-    """Module panel. The sampling panel arrives with the engine; for now it shows what the module is."""
+    """The panel (InvarianceExplorerLib.ui.panel.SamplingPanel) with MRML node selectors plugged in."""
 
     def resourcePath(self, filename):
         """Return the absolute path of ``filename`` inside the Resources directory."""
         return os.path.join(resourcesDir(), filename)
 
     def setup(self):
-        """Build the panel: an About section and the state of the engine's dependencies."""
+        """Build the panel: node selectors for the inputs, the shared sampling panel below them."""
         ScriptedLoadableModuleWidget.setup(self)
         self.logic = InvarianceExplorerLogic()
+        self._parameterNode = None
+        panelModule = _engineImport("ui.panel")
 
-        aboutSection = ctk.ctkCollapsibleButton()
-        aboutSection.text = _("About")
-        self.layout.addWidget(aboutSection)
-        aboutLayout = qt.QVBoxLayout(aboutSection)
+        self.volumeSelector = slicer.qMRMLNodeComboBox()
+        self.volumeSelector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+        self.volumeSelector.addEnabled = False
+        self.volumeSelector.removeEnabled = False
+        self.volumeSelector.noneEnabled = True
+        self.volumeSelector.setMRMLScene(slicer.mrmlScene)
+        self.volumeSelector.setToolTip(_("The low-dose CT to analyse (HU)"))
+        self.pointWidget = slicer.qSlicerSimpleMarkupsWidget()
+        self.pointWidget.setMRMLScene(slicer.mrmlScene)
+        self.pointWidget.markupsPlaceWidget().setPlaceMultipleMarkups(
+            slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup)
+        self.pointWidget.setToolTip(_("Click in a slice view to place the point to sample around (e.g. in a lung)"))
 
-        description = qt.QLabel(_(
-            "Samples images that a low-dose CT denoiser maps to (almost) the same output as the input, "
-            "and shows what the denoiser ignores. Method: Eulig et al., Medical Physics 2025, "
-            '<a href="{url}">doi:10.1002/mp.17413</a>.').format(url=PAPER_DOI_URL))
-        description.wordWrap = True
-        description.openExternalLinks = True
-        aboutLayout.addWidget(description)
-
-        status = qt.QLabel(self.logic.engineStatusText())
-        status.wordWrap = True
-        aboutLayout.addWidget(status)
-
+        self.panel = panelModule.SamplingPanel(models_dir=os.path.join(resourcesDir(), "Models"))
+        self.panel.addInputRow(_("Input volume:"), self.volumeSelector)
+        self.panel.addInputRow(_("Point:"), self.pointWidget)
+        self.panel.prepareJob = self.prepareJob
+        self.panel.collectResults = self.collectResults
+        self.layout.addWidget(self.panel)
+        self.statusLabel = qt.QLabel(self.logic.engineStatusText())
+        self.statusLabel.wordWrap = True
+        self.layout.addWidget(self.statusLabel)
         self.layout.addStretch(1)
+
+        for signal in (self.volumeSelector.currentNodeChanged, self.pointWidget.markupsNodeChanged,
+                       self.panel.countSpin.valueChanged, self.panel.seedSpin.valueChanged,
+                       self.panel.deviceCombo.currentIndexChanged, self.panel.denoiserCombo.currentIndexChanged):
+            signal.connect(lambda *args: self.updateParameterNodeFromGUI())
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+
+    def cleanup(self):
+        """Called when the module is closed or reloaded: stop a running job."""
+        self.panel.cancel()
+        self.removeObservers()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def onSceneStartClose(self, caller, event):
+        self.panel.cancel()
+        self._parameterNode = None
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self._parameterNode = self.logic.getParameterNode()
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first and not first.GetAttribute(RESULT_INPUT_ATTRIBUTE):
+                self._parameterNode.inputVolume = first
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self):
+        p = self._parameterNode
+        if p is None:
+            return
+        self._updatingGUI = True
+        try:
+            self._setGUI(p)
+        finally:
+            self._updatingGUI = False
+
+    def _setGUI(self, p):
+        self.volumeSelector.setCurrentNode(p.inputVolume)
+        if p.point:
+            self.pointWidget.setCurrentNode(p.point)
+        self.panel.setDenoiser(p.customModelFolder if p.denoiser == "custom" else p.denoiser)
+        self.panel.countSpin.setValue(p.sampleCount)
+        self.panel.seedSpin.setValue(p.seed)
+        devices = [value for value, _ in _engineImport("ui.panel").DEVICES]
+        self.panel.deviceCombo.setCurrentIndex(devices.index(p.device))
+
+    def updateParameterNodeFromGUI(self, *args):
+        p = self._parameterNode
+        if p is None or getattr(self, "_updatingGUI", False):
+            return
+        settings = self.panel.settings()
+        p.inputVolume = self.volumeSelector.currentNode()
+        p.point = self.pointWidget.currentNode()
+        bundled = [name for name, _ in _engineImport("ui.panel").DENOISERS]
+        p.denoiser = settings["model"] if settings["model"] in bundled else "custom"
+        p.customModelFolder = "" if p.denoiser != "custom" else settings["model"]
+        p.sampleCount, p.seed, p.device = settings["count"], settings["seed"], settings["device"]
+
+    def prepareJob(self, settings):
+        """Panel hook: check inputs and dependencies, export the input, build the engine job."""
+        volume, point = self.volumeSelector.currentNode(), self.pointWidget.currentNode()
+        if volume is None:
+            raise ValueError(_("Select the input volume (a low-dose CT in HU)."))
+        if point is None or point.GetNumberOfControlPoints() < 1:
+            raise ValueError(_("Place a point in the image (where to sample), e.g. in a lung."))
+        if not self.logic.installDependencies(askUser=True, forceCPU=settings["device"] == "cpu"):
+            raise RuntimeError(_("The engine's Python packages are missing: ") + self.logic.dependencyHint())
+        job = self.logic.prepareSampling(volume, settings["model"], point, settings["count"], settings["seed"],
+                                         device=settings["device"])
+        self._jobVolume = volume
+        return job
+
+    def collectResults(self, outputs, job):
+        """Panel hook: the engine finished: create the nodes, show them, list them in Outputs."""
+        volume = self._jobVolume
+        nodes = self.logic.importResults(volume, job.outDir)
+        self.logic.showResults(nodes)
+        return [(node.GetName(), lambda n=node: self.logic.showResults({"shown": n}))
+                for role, node in nodes.items() if not role.endswith("_proxy")]
 
 
 #
@@ -118,7 +303,23 @@ class InvarianceExplorerWidget(ScriptedLoadableModuleWidget):
 
 
 class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
-    """Slicer-side logic: translates between MRML nodes and the engine (InvarianceExplorerLib)."""
+    """Slicer-side logic: translates between MRML nodes and the engine (InvarianceExplorerLib).
+
+    Console scripting::
+
+        logic = slicer.util.getModuleLogic("InvarianceExplorer")
+        volume = slicer.util.getNode("InvarianceExplorerChestLD")
+        nodes = logic.sampleInvariances(volume, "cnn10", (-60.0, 20.0, 0.0), count=16, seed=1)
+        print(nodes["invariances"].GetNumberOfDataNodes(), nodes["table"].GetTable().GetNumberOfRows())
+    """
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return InvarianceExplorerParameterNode(super().getParameterNode())
+
+    # ---------------------------------------------------------------- dependencies
 
     @staticmethod
     def engineAvailable():
@@ -127,12 +328,352 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
 
     def engineStatusText(self):
         """Return a one-line, user-facing description of the engine's state."""
-        if importlib.util.find_spec("torch") is None:
-            return _("PyTorch is not installed: install the PyTorch extension in the Extensions Manager, "
-                     "then restart Slicer.")
-        if not self.engineAvailable():
-            return _("The InvarianceExplorerLib engine package is missing from this installation.")
-        return _("Engine and PyTorch found. The sampling panel arrives with the engine.")
+        missing = self.missingDependencies()
+        if missing:
+            return _("Python packages to install on first use (you will be asked): ") + ", ".join(missing)
+        return _("Engine and its Python packages found.")
+
+    @staticmethod
+    def missingDependencies():
+        """pip requirements of the engine that Slicer's Python lacks (found without importing them)."""
+        missing = [] if importlib.util.find_spec("torch") is not None else [TORCH_REQUIREMENT]
+        return missing + [req for name, req in ENGINE_REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
+
+    def dependencyHint(self):
+        """How to install the missing packages by hand (e.g. offline, from a local wheel folder)."""
+        missing = self.missingDependencies()
+        return _("install them in Slicer's Python console with slicer.util.pip_install('{packages}') or "
+                 "from a terminal with PythonSlicer -m pip install {packages}").format(packages=" ".join(missing))
+
+    def installDependencies(self, askUser=True, forceCPU=False):
+        """Install what :meth:`missingDependencies` lists, after asking; return True when all are present.
+
+        torch comes from the PyTorch extension (PyTorchUtils) when it is installed, else from
+        pip; the rest from pip (``slicer.packaging.pip_ensure`` on Slicer 5.11+,
+        ``slicer.util.pip_install`` before). Offline, the error names the exact packages.
+        """
+        missing = self.missingDependencies()
+        if not missing:
+            return True
+        if askUser and not slicer.util.confirmOkCancelDisplay(
+                _("Invariance Explorer needs these Python packages, which will be downloaded and installed now "
+                  "(a few minutes, several hundred MB): ") + ", ".join(missing)):
+            return False
+        try:
+            if TORCH_REQUIREMENT in missing:
+                self._installTorch(forceCPU)
+            rest = [req for req in missing if req != TORCH_REQUIREMENT]
+            if rest:
+                packaging = getattr(slicer, "packaging", None)
+                if packaging is not None and hasattr(packaging, "pip_ensure"):
+                    packaging.pip_ensure(rest)
+                else:
+                    slicer.util.pip_install(" ".join(rest))
+        except Exception as exc:
+            raise RuntimeError(_("Installing {packages} failed ({error}). Without internet access, {hint}.").format(
+                packages=", ".join(missing), error=exc, hint=self.dependencyHint())) from exc
+        importlib.invalidate_caches()
+        return not self.missingDependencies()
+
+    @staticmethod
+    def _installTorch(forceCPU):
+        try:
+            import PyTorchUtils
+        except ImportError:
+            slicer.util.pip_install(TORCH_REQUIREMENT)
+            return
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            backend = "cpu" if forceCPU else None
+            if torchLogic.installTorch(askConfirmation=False, forceComputationBackend=backend,
+                                       torchVersionRequirement=TORCH_REQUIREMENT[len("torch"):]) is None:
+                raise RuntimeError("the PyTorch extension could not install torch")
+
+    # ---------------------------------------------------------------- inputs
+
+    def pointRAS(self, point):
+        """The RAS position of ``point``: a markups node (its first control point) or 3 numbers."""
+        if hasattr(point, "GetNumberOfControlPoints"):
+            if point.GetNumberOfControlPoints() < 1:
+                raise ValueError(_("The markups node {name} has no point; place one.").format(name=point.GetName()))
+            ras = [0.0, 0.0, 0.0]
+            point.GetNthControlPointPositionWorld(0, ras)
+            return tuple(ras)
+        if point is None or len(point) != 3:
+            raise ValueError(_("Give the point as a markups node or as three RAS coordinates (mm)."))
+        return tuple(float(v) for v in point)
+
+    def centerIJK(self, volumeNode, point):
+        """The voxel (i, j, k) of ``volumeNode`` nearest to ``point`` (RAS), checked to lie inside."""
+        resultFolder = _engineImport("result_folder")
+        if volumeNode.GetParentTransformNode() is not None:
+            raise ValueError(_("{name} is under a transform; harden the transform first (Data module).").format(
+                name=volumeNode.GetName()))
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        center = resultFolder.ras_to_ijk_index(self.pointRAS(point), _numpyMatrix(ijkToRAS))
+        resultFolder.check_center(center, slicer.util.arrayFromVolume(volumeNode).shape)
+        return center
+
+    @staticmethod
+    def exportVolume(volumeNode, path):
+        """Write ``volumeNode`` to the NRRD ``path`` without touching the scene (the node keeps its
+        storage node and file name: a storage node outside the scene writes it, as Slicer's
+        AI extensions do)."""
+        storageNode = slicer.mrmlScene.CreateNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        try:
+            storageNode.SetFileName(str(path))
+            storageNode.UseCompressionOff()
+            if not storageNode.WriteData(volumeNode):
+                raise RuntimeError(f"could not write {volumeNode.GetName()} to {path}")
+        finally:
+            storageNode.UnRegister(None)
+        return str(path)
+
+    # ---------------------------------------------------------------- running
+
+    def prepareSampling(self, volumeNode, denoiser, point, count=32, seed=0, device="auto", batchSize=8,
+                        python=None):
+        """Export the input to a new temporary folder and return the engine job (not started).
+
+        The job runs ``invariance-explorer sample`` into ``job.outDir`` inside its temporary
+        folder; ``job.cancel()`` or ``job.cleanup()`` remove the folder.
+        """
+        process = _engineImport("ui.process")
+        center = self.centerIJK(volumeNode, point)
+        tempDir = tempfile.mkdtemp(prefix="InvarianceExplorer-")
+        try:
+            source = self.exportVolume(volumeNode, os.path.join(tempDir, "input.nrrd"))
+            outDir = os.path.join(tempDir, "result")
+            args = process.sample_args(model=denoiser, input_path=source, center_ijk=center, count=count, seed=seed,
+                                       device=device, batch_size=batchSize, out_dir=outDir)
+            job = process.EngineJob(args, python=python, temp_dir=tempDir)
+        except Exception:
+            import shutil
+
+            shutil.rmtree(tempDir, ignore_errors=True)
+            raise
+        job.outDir, job.centerIJK = outDir, center
+        return job
+
+    def sampleInvariances(self, volumeNode, denoiser, point, count=32, seed=0, device="auto", batchSize=8,
+                          progressCallback=None, confirmReplace=None, python=None):
+        """Sample ``count`` invariances of ``denoiser`` around ``point`` and return the created nodes.
+
+        Args:
+            volumeNode: the low-dose CT (scalar volume, HU).
+            denoiser: bundled name (cnn10, redcnn, wganvgg, dugan) or a model folder.
+            point: markups node (first control point) or RAS coordinates in mm.
+            count, seed, device, batchSize: as the CLI's ``sample``.
+            progressCallback: called with each progress event (dict) of the engine.
+        Returns:
+            dict role -> node (see :meth:`importResults`). Raises RuntimeError with the engine's
+            message when it fails; the scene is then unchanged.
+
+        Slicer stays responsive (events are processed while the engine process runs).
+        """
+        job = self.prepareSampling(volumeNode, denoiser, point, count, seed, device, batchSize, python)
+        try:
+            job.start()
+            final = None
+            while final is None:
+                for event in job.poll():
+                    if event["event"] in ("done", "error", "cancelled"):
+                        final = event
+                    elif progressCallback is not None:
+                        progressCallback(event)
+                if final is None:
+                    slicer.app.processEvents()
+                    time.sleep(0.05)
+            if final["event"] != "done":
+                raise RuntimeError(final.get("message", "the engine failed"))
+            return self.importResults(volumeNode, job.outDir, confirmReplace=confirmReplace)
+        except BaseException:
+            if job.running:
+                job.cancel()
+            raise
+        finally:
+            job.cleanup()
+
+    # ---------------------------------------------------------------- results as nodes
+
+    def resultNodes(self, volumeNode):
+        """The result nodes of ``volumeNode`` in the scene: dict role -> node."""
+        found = {}
+        for node in slicer.util.getNodesByClass("vtkMRMLNode"):
+            if node.GetAttribute(RESULT_INPUT_ATTRIBUTE) == volumeNode.GetID():
+                found[node.GetAttribute(RESULT_ROLE_ATTRIBUTE)] = node
+        return found
+
+    def removeResults(self, volumeNode, confirmReplace=None):
+        """Remove the previous results of ``volumeNode``. If the user renamed some of them,
+        ``confirmReplace(names)`` (default: :meth:`askReplaceRenamed`, a dialog) is asked first;
+        when it says no, they are kept as the user's own nodes (no longer results of this
+        module) and nothing is removed. Pass ``lambda names: True`` to replace without asking."""
+        names = _engineImport("result_folder").result_node_names(volumeNode.GetName())
+        previous = self.resultNodes(volumeNode)
+        renamed = [node.GetName() for role, node in previous.items()
+                   if node.GetName() != names.get(role[:-len("_proxy")] if role.endswith("_proxy") else role)]
+        if renamed and not (confirmReplace or self.askReplaceRenamed)(renamed):
+            for node in previous.values():
+                node.RemoveAttribute(RESULT_INPUT_ATTRIBUTE)
+                node.RemoveAttribute(RESULT_ROLE_ATTRIBUTE)
+            return
+        for node in previous.values():
+            slicer.mrmlScene.RemoveNode(node)
+
+    @staticmethod
+    def askReplaceRenamed(renamed):
+        """Ask the user whether renamed results of an earlier run may be replaced."""
+        return slicer.util.confirmYesNoDisplay(
+            _("Replace the previous results of this input? You renamed: ") + ", ".join(renamed))
+
+    def importResults(self, volumeNode, folder, confirmReplace=None):
+        """Create the nodes of a ``sample`` results folder for ``volumeNode`` (see result_folder.py).
+
+        Every volume gets the crop's geometry (IJK-to-RAS of the crop, from input.nrrd's LPS
+        geometry). Creates: ``crop`` (x), ``denoised`` (f(x)), ``reconstruction``, ``std``
+        (colour map), the sequences ``invariances`` (x~_k) and ``denoised_invariances``
+        (f(x~_k)) in one browser (``browser``) with their proxy volumes, the per-sample
+        ``table`` and a ``chart`` with its two ``series_*``. The previous results of the same
+        input are replaced; on any failure the new nodes are removed again, so the scene is
+        either updated whole or left as it was.
+        """
+        resultFolder = _engineImport("result_folder")
+        result = resultFolder.load_result(folder)
+        names = resultFolder.result_node_names(volumeNode.GetName())
+        ijkToRAS = _vtkMatrix(result.crop_ijk_to_ras())
+        created = {}
+        scene = slicer.mrmlScene
+
+        def add(role, className):
+            node = scene.AddNewNodeByClass(className, names[role])
+            created[role] = node
+            return node
+
+        def lungWindow(node):
+            node.CreateDefaultDisplayNodes()
+            display = node.GetDisplayNode()
+            display.SetAutoWindowLevel(False)
+            display.SetWindowLevel(LUNG_WINDOW[1], LUNG_WINDOW[0])
+            return display
+
+        def volume(role, array):
+            node = add(role, "vtkMRMLScalarVolumeNode")
+            slicer.util.updateVolumeFromArray(node, array)
+            node.SetIJKToRASMatrix(ijkToRAS)
+            lungWindow(node)
+            return node
+
+        def sequence(role, frames):
+            node = add(role, "vtkMRMLSequenceNode")
+            node.SetIndexName("sample")
+            node.SetIndexUnit("")
+            frame = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "frame")
+            try:
+                for k, array in enumerate(frames):
+                    slicer.util.updateVolumeFromArray(frame, array)
+                    frame.SetIJKToRASMatrix(ijkToRAS)
+                    node.SetDataNodeAtValue(frame, str(k))
+            finally:
+                scene.RemoveNode(frame)
+            return node
+
+        try:
+            for role, name in (("crop", "input"), ("denoised", "denoised"), ("reconstruction", "reconstruction")):
+                if name in result.volumes:
+                    volume(role, result.volumes[name].array)
+            if "std" in result.volumes:
+                std = volume("std", result.volumes["std"].array)
+                display = std.GetDisplayNode()
+                colour = scene.GetNodeByID("vtkMRMLColorTableNodeFileInferno.txt") or \
+                    scene.GetNodeByID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
+                if colour is not None:
+                    display.SetAndObserveColorNodeID(colour.GetID())
+                top = float(result.volumes["std"].array.max()) or 1.0
+                display.SetWindowLevel(top, top / 2.0)
+            invariances = sequence("invariances", result.frames("invariances"))
+            browser = add("browser", "vtkMRMLSequenceBrowserNode")
+            browser.SetAndObserveMasterSequenceNodeID(invariances.GetID())
+            sequences = [invariances]
+            if "denoised_invariances" in result.volumes:
+                sequences.append(sequence("denoised_invariances", result.frames("denoised_invariances")))
+                browser.AddSynchronizedSequenceNodeID(sequences[-1].GetID())
+            browser.SetSelectedItemNumber(0)
+            slicer.modules.sequences.logic().UpdateProxyNodesFromSequences(browser)
+            for seq in sequences:  # the volumes the slice views show, one sample at a time
+                role = next(r for r, n in created.items() if n is seq)
+                proxy = browser.GetProxyNode(seq)
+                if proxy is not None:
+                    proxy.SetName(names[role])
+                    created[role + "_proxy"] = proxy
+                    lungWindow(proxy)
+            columns = result.table()
+            table = add("table", "vtkMRMLTableNode")
+            slicer.util.updateTableFromArray(table, list(columns.values()), list(columns.keys()))
+            chart = add("chart", "vtkMRMLPlotChartNode")
+            chart.SetTitle(names["chart"])
+            chart.SetXAxisTitle("sample")
+            chart.SetYAxisTitle("mean absolute difference (HU)")
+            xName = resultFolder.TABLE_COLUMNS[0][0]
+            for role, (column, _key) in zip(("series_change", "series_output_change"), resultFolder.TABLE_COLUMNS[1:]):
+                series = add(role, "vtkMRMLPlotSeriesNode")
+                series.SetAndObserveTableNodeID(table.GetID())
+                series.SetXColumnName(xName)
+                series.SetYColumnName(column)
+                series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+                chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        except Exception:
+            for node in created.values():
+                if node.GetScene() is not None:
+                    scene.RemoveNode(node)
+            raise
+
+        # all new nodes exist: now replace the previous results and file the new ones
+        self.removeResults(volumeNode, confirmReplace)
+        for role, node in created.items():
+            node.SetAttribute(RESULT_INPUT_ATTRIBUTE, volumeNode.GetID())
+            node.SetAttribute(RESULT_ROLE_ATTRIBUTE, role)
+        created["table"].SetAttribute("InvarianceExplorer.Consistency", str(result.numbers.get("consistency", "")))
+        self._placeInStudy(volumeNode, created.values())
+        return created
+
+    @staticmethod
+    def _placeInStudy(volumeNode, nodes):
+        """Put ``nodes`` next to the input in the subject hierarchy (its study, if any)."""
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        parent = shNode.GetItemParent(shNode.GetItemByDataNode(volumeNode))
+        for node in nodes:
+            item = shNode.GetItemByDataNode(node)
+            if item:
+                shNode.SetItemParent(item, parent)
+
+    def showResults(self, nodes):
+        """Show results (GUI only): the current sample (the invariances' proxy volume) with the
+        std map as a coloured overlay, the sequence browser in the toolbar, the chart in the plot
+        view; a single node passed alone is shown by its kind."""
+        background = nodes.get("invariances_proxy") or next(
+            (n for n in nodes.values() if n.IsA("vtkMRMLScalarVolumeNode") and n is not nodes.get("std")), None)
+        if background is not None:
+            slicer.util.setSliceViewerLayers(background=background, fit=True)
+        if "std" in nodes:
+            slicer.util.setSliceViewerLayers(foreground=nodes["std"], foregroundOpacity=0.4 if background else 1.0)
+        for node in nodes.values():
+            if node.IsA("vtkMRMLSequenceBrowserNode"):
+                toolbar = slicer.modules.sequences.toolBar()
+                toolbar.setActiveBrowserNode(node)
+                toolbar.setVisible(True)
+            elif node.IsA("vtkMRMLSequenceNode") and "browser" not in nodes:
+                proxy = next((n for r, n in self.resultNodes(slicer.mrmlScene.GetNodeByID(
+                    node.GetAttribute(RESULT_INPUT_ATTRIBUTE))).items()
+                    if r == node.GetAttribute(RESULT_ROLE_ATTRIBUTE) + "_proxy"), None)
+                if proxy is not None:
+                    slicer.util.setSliceViewerLayers(background=proxy, fit=True)
+            elif node.IsA("vtkMRMLPlotChartNode"):
+                slicer.modules.plots.logic().ShowChartInLayout(node)
+            elif node.IsA("vtkMRMLTableNode") and len(nodes) == 1:
+                slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(node.GetID())
+                slicer.app.applicationLogic().PropagateTableSelection()
 
 
 #
@@ -141,7 +682,8 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
 
 
 class InvarianceExplorerTest(ScriptedLoadableModuleTest):
-    """Self-test, run in Slicer (Developer mode: Reload and Test; or ctest)."""
+    """Self-test, run in Slicer (Developer mode: Reload and Test; or
+    ``Slicer --python-code "slicer.selfTests['InvarianceExplorer']()"``)."""
 
     def setUp(self):
         """Reset the scene."""
@@ -153,13 +695,20 @@ class InvarianceExplorerTest(ScriptedLoadableModuleTest):
         self.test_Resources()
         self.setUp()
         self.test_EngineImportIsLight()
+        self.setUp()
+        self.test_SampleInvariances()
 
     def test_Resources(self):
-        """The Resources directory is found and the module icon loads."""
+        """The Resources directory is found, the module icon loads, the sample CT matches its SHA-256."""
         iconPath = os.path.join(resourcesDir(), "Icons", "InvarianceExplorer.png")
         self.assertTrue(os.path.isfile(iconPath), iconPath)
         self.assertFalse(qt.QIcon(iconPath).isNull())
         self.assertFalse(slicer.modules.invarianceexplorer.icon.isNull())
+        import hashlib
+
+        sample = _engineImport("sample_data").SAMPLE_CT
+        with open(os.path.join(resourcesDir(), sample["file"]), "rb") as f:
+            self.assertEqual(hashlib.sha256(f.read()).hexdigest(), sample["sha256"])
         self.delayDisplay("Resources found")
 
     def test_EngineImportIsLight(self):
@@ -170,3 +719,51 @@ class InvarianceExplorerTest(ScriptedLoadableModuleTest):
         engine = importlib.import_module("InvarianceExplorerLib")
         self.assertNotIn("torch", sys.modules, "importing InvarianceExplorerLib imported torch")
         self.delayDisplay(f"InvarianceExplorerLib {engine.__version__} imports without torch")
+
+    def test_SampleInvariances(self):
+        """Load the sample CT, sample 4 invariances at a point in the right lung with the first bundled
+        denoiser, and check the nodes: count, crop shape and geometry, consistency under the model's bar."""
+        import numpy as np
+        import SampleData
+
+        registerSampleData()
+        sample = _engineImport("sample_data").SAMPLE_CT
+        volume = SampleData.downloadSample(sample["name"])
+        self.assertIsNotNone(volume)
+        panel = _engineImport("ui.panel")
+        modelsDir = os.path.join(resourcesDir(), "Models")
+        bundled = [name for name, _ in panel.DENOISERS if panel.bundled_denoiser_available(name, modelsDir)]
+        if not bundled:
+            self.delayDisplay("No bundled denoiser yet: sampling check skipped")
+            return
+        logic = InvarianceExplorerLogic()
+        if not logic.installDependencies(askUser=False):
+            self.fail("engine dependencies missing: " + logic.dependencyHint())
+        ijkToRAS = vtk.vtkMatrix4x4()
+        volume.GetIJKToRASMatrix(ijkToRAS)
+        center = (80, 128, 1)  # right lung of the sample phantom (image left)
+        ras = _numpyMatrix(ijkToRAS) @ np.array([*center, 1.0])
+        nodes = logic.sampleInvariances(volume, bundled[0], tuple(ras[:3]), count=4, seed=0, device="cpu")
+        self.assertEqual(nodes["invariances"].GetNumberOfDataNodes(), 4)
+        self.assertEqual(nodes["table"].GetTable().GetNumberOfRows(), 4)
+        crop = slicer.util.arrayFromVolume(nodes["crop"])
+        self.assertEqual(crop.shape[0], 1)
+        # the crop's centre voxel lies where the point is
+        cropMatrix = vtk.vtkMatrix4x4()
+        nodes["crop"].GetIJKToRASMatrix(cropMatrix)
+        half = np.array([crop.shape[2] // 2, crop.shape[1] // 2, 0, 1.0])
+        np.testing.assert_allclose((_numpyMatrix(cropMatrix) @ half)[:3], ras[:3], atol=1e-3)
+        # the consistency figure of the run lies below the bar in the model's metadata
+        import json
+
+        with open(os.path.join(modelsDir, bundled[0], "metadata.json")) as f:
+            bar = json.load(f).get("invariance", {}).get("consistency_bar")
+        consistency = nodes["table"].GetAttribute("InvarianceExplorer.Consistency")
+        self.assertTrue(consistency)
+        if bar is not None:
+            self.assertLess(float(consistency), float(bar))
+        # re-running replaces, not duplicates
+        again = logic.sampleInvariances(volume, bundled[0], tuple(ras[:3]), count=4, seed=1, device="cpu")
+        self.assertEqual(set(again), set(nodes))
+        self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLSequenceBrowserNode")), 1)
+        self.delayDisplay("Invariances sampled and checked")

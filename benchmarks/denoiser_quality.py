@@ -22,22 +22,34 @@ import time
 from pathlib import Path
 
 
-def training_commands(metadata: dict, data: str, out: str) -> list:
-    """The CLI commands that make the data set and train the model of ``metadata``."""
+def training_commands(metadata: dict, data: str, out: str, simulate: bool = True) -> list:
+    """The CLI commands that make the data set and train the model of ``metadata``, preceded by
+    those of the model folder it started from (``--init``), when that folder is still here."""
+    from InvarianceExplorerLib.train_denoiser import HYPERPARAMETERS
+
     t = metadata["training"]
-    d = t["data"]
+    d, hp = t["data"], t["hyperparameters"]
+    arch = metadata["architecture"]["name"]
     commands = []
-    if d.get("kind") == "simulated":
+    if simulate and d.get("kind") == "simulated":
         with open(Path(data) / "manifest.json") as f:
             manifest = json.load(f)
         commands.append(f"invariance-explorer data simulate --count {manifest['count']} --size {d['size']} "
                         f"--dose {d['dose']} --seed {d['seed']} --out {data}")
-    commands.append(f"invariance-explorer train denoiser --arch {metadata['architecture']['name']} --data {data} "
-                    f"--out {out} --epochs {t['epochs']} --steps-per-epoch {t['steps_per_epoch']} "
-                    f"--batch-size {t['batch_size']} --patch-size {metadata['patch_size']} "
-                    f"--lr {t['hyperparameters']['lr']:g} --seed {t['seed']}"
-                    + (f" --lr-decay {t['hyperparameters']['lr_decay']:g} --lr-decay-start "
-                       f"{t['hyperparameters'].get('lr_decay_start', 1)}" if t["hyperparameters"].get("lr_decay") else ""))
+    start = t.get("initialised_from")
+    if start and (Path(start["folder"]) / "metadata.json").is_file():
+        with open(Path(start["folder"]) / "metadata.json") as f:
+            commands += training_commands(json.load(f), data, str(Path(start["folder"]).parent), simulate=False)
+    defaults = json.loads(json.dumps(HYPERPARAMETERS[arch]))
+    overrides = [f"--set {k}={json.dumps(v).replace(' ', '')}" for k, v in hp.items()
+                 if k not in ("lr", "lr_decay", "lr_decay_start", "feature_network") and defaults.get(k) != v]
+    commands.append(" ".join([
+        f"invariance-explorer train denoiser --arch {arch} --data {data} --out {out} --epochs {t['epochs']}",
+        f"--steps-per-epoch {t['steps_per_epoch']} --batch-size {t['batch_size']} --patch-size {metadata['patch_size']}",
+        f"--lr {hp['lr']:g} --seed {t['seed']}"]
+        + ([f"--lr-decay {hp['lr_decay']:g} --lr-decay-start {hp.get('lr_decay_start', 1)}"] if hp.get("lr_decay") else [])
+        + overrides + ([f"--init {start['folder']}"] if start else [])
+        + ([f"--feature-network {hp['feature_network']}"] if hp.get("feature_network") else [])))
     return commands
 
 

@@ -5,6 +5,9 @@ Run: ``.venv/bin/python docs/make_figures.py``
 * ``phantom_montage.png``: procedural chest phantoms (seeds 0-7) in lung and soft-tissue windows.
 * ``lowdose_pair.png``: one phantom scanned at quarter and at full dose by the physics
   simulator (512 x 512, 0.7 mm), with a zoom on the lung, in lung and soft-tissue windows.
+* ``denoisers.png``: a held-out quarter-dose slice (phantom seed 10000, as in
+  Testing/test_bundled_denoisers.py), its full dose and the outputs of the bundled
+  denoisers, in lung and soft-tissue windows (central 256 x 256 pixels, 179 mm).
 """
 
 from __future__ import annotations
@@ -68,9 +71,32 @@ def lowdose_pair(path: str, seed: int = 3, dose: float = 0.25, tile: int = 384) 
     return save_png(tile_grid(tiles, captions), path)
 
 
+def denoiser_outputs(path: str, seed: int = 10_000, dose: float = 0.25, crop: int = 256) -> str:
+    """LD, FD and each bundled denoiser's output of one held-out phantom slice (central
+    ``crop`` pixels), one row per display window, with each image's RMSE against FD."""
+    from InvarianceExplorerLib.denoisers import DENOISERS, bundled_models_dir, load_denoiser
+    from InvarianceExplorerLib.image import CTImage
+    from InvarianceExplorerLib.inference import denoise, image_quality
+
+    pair = LowDoseSimulator(512, 0.7).simulate(chest_phantom(seed).hu, dose=dose, seed=seed, noiseless=False)
+    images = [(f"LD x{dose:g}", pair.low_dose), ("FD", pair.full_dose)]
+    for arch in DENOISERS:
+        if (bundled_models_dir() / arch / "metadata.json").is_file():
+            out = denoise(load_denoiser(arch), CTImage(pair.low_dose.astype(np.float32), (0.7, 0.7, 1.0)))
+            images.append((arch, out.array))
+    c = slice((512 - crop) // 2, (512 + crop) // 2)
+    rmse = {n: image_quality(a, pair.full_dose)["rmse_hu"] for n, a in images if n != "FD"}
+    tiles, captions = [], []
+    for wname, (center, width) in (("lung", LUNG_WINDOW), ("soft tissue", SOFT_TISSUE_WINDOW)):
+        tiles.append([window(a[c, c], center, width) for _, a in images])
+        captions.append([f"{n}, {wname}" + (f", RMSE {rmse[n]:.1f} HU" if n in rmse else "") for n, _ in images])
+    return save_png(tile_grid(tiles, captions), path)
+
+
 def main() -> None:
     print(phantom_montage(os.path.join(DOCS, "phantom_montage.png")))
     print(lowdose_pair(os.path.join(DOCS, "lowdose_pair.png")))
+    print(denoiser_outputs(os.path.join(DOCS, "denoisers.png")))
 
 
 if __name__ == "__main__":

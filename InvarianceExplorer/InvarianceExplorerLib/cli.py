@@ -5,7 +5,11 @@ Commands:
     data simulate   write a paired low-/full-dose training set of simulated chest slices
     data lowdose    simulate a low-dose scan of a user's full-dose CT (file or DICOM folder)
     train denoiser  train CNN-10, RED-CNN, WGAN-VGG or DU-GAN on paired data (resumable)
+    train cvae      train the representation (cVAE) of a frozen denoiser (resumable, torchrun)
+    train cinn      train the invariance flow (cINN) on a cVAE's codes (resumable, torchrun)
     denoise         denoise a CT image or volume with a bundled or trained denoiser
+    sample          sample the invariances of a denoiser for a patch around a voxel
+    analyze         find the invariances that change anatomy in a sample output folder
 
 Errors in the user's input are reported in one line (what was wrong and what to do) with
 exit status 2; nothing is written in that case.
@@ -28,6 +32,17 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
     return value
+
+
+def _hyperparameter(text: str) -> tuple:
+    """``NAME=VALUE`` -> (name, value); the value is read as JSON (numbers, lists), else kept as text."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. disc_channels=32; got {text!r}")
+    try:
+        return name.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return name.strip(), value
 
 
 def _dose(text: str) -> float:
@@ -86,13 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train_denoiser(sub)
     _add_denoise(sub)
+    _add_sample(sub)
+    _add_analyze(sub)
+    _add_gui(sub)
     return parser
 
 
 def _add_train_denoiser(sub) -> None:
     from .denoisers import DENOISERS, WEIGHT_DTYPES
 
-    train = sub.add_parser("train", help="train networks: denoisers")
+    train = sub.add_parser("train", help="train networks: denoisers, invariance models (cVAE, then cINN)")
     train_sub = train.add_subparsers(dest="train_command", required=True)
     den = train_sub.add_parser("denoiser", help="train a denoiser on paired LD/FD data; checkpoints every epoch")
     den.add_argument("--arch", choices=list(DENOISERS), required=True, help="denoiser architecture")
@@ -116,8 +134,121 @@ def _add_train_denoiser(sub) -> None:
                      help="storage of the exported weights (default float32)")
     den.add_argument("--feature-network", type=Path, default=None,
                      help="WGAN-VGG: reuse the feature network of this model folder instead of training one")
+    den.add_argument("--init", type=Path, default=None, dest="initial_weights",
+                     help="start from the denoiser weights of this model folder (same layers), e.g. a trained "
+                          "RED-CNN for DU-GAN's generator")
+    den.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", type=_hyperparameter,
+                     help="override a training hyperparameter of the architecture (repeatable), e.g. "
+                          "--set disc_channels=32")
     den.add_argument("--no-progress", action="store_true", help="no progress bars")
     den.set_defaults(func=_cmd_train_denoiser)
+    _add_train_invariance(train_sub)
+
+
+def _add_train_invariance(train_sub) -> None:
+    """``train cvae`` and ``train cinn``: the invariance models of a frozen denoiser."""
+    from .denoisers import WEIGHT_DTYPES
+
+    for kind, helptext in (("cvae", "train the representation (cVAE) of a frozen denoiser; checkpoints every epoch"),
+                           ("cinn", "train the invariance flow (cINN) on the codes of a trained cVAE; checkpoints "
+                                    "every epoch")):
+        p = train_sub.add_parser(kind, help=helptext,
+                                 description=helptext + ". Runs alone or under torchrun --nproc_per_node N "
+                                 "(DistributedDataParallel; rank 0 writes).")
+        if kind == "cvae":
+            p.add_argument("--denoiser", required=True, metavar="NAME_OR_FOLDER",
+                           help="the frozen denoiser f: bundled name (cnn10, redcnn, wganvgg, dugan) or model folder")
+        else:
+            p.add_argument("--denoiser", required=True, metavar="FOLDER",
+                           help="model folder holding the denoiser and its cVAE (OUT/model of train cvae)")
+        p.add_argument("--data", type=Path, required=True, help="simulated data set folder or paired DICOM folder")
+        p.add_argument("--out", type=Path, required=True,
+                       help="run folder: checkpoints/, history.json, validation/ and model/ (a copy of the "
+                            "denoiser's folder with the new weights and model card)")
+        p.add_argument("--epochs", type=_positive_int, default=10, help="total epochs (default 10)")
+        p.add_argument("--steps-per-epoch", type=_positive_int, default=500,
+                       help="batches per epoch and process (default 500)")
+        p.add_argument("--batch-size", type=_positive_int, default=8 if kind == "cvae" else 32,
+                       help=f"patches per batch and process (default {8 if kind == 'cvae' else 32})")
+        if kind == "cvae":
+            p.add_argument("--patch-size", type=_positive_int, default=128,
+                           help="patch side in pixels, a multiple of 32 (default 128 as in the paper; e.g. 64)")
+            p.add_argument("--feature-network", type=Path, default=None,
+                           help="model folder whose feature network gives the perceptual term (default: the "
+                                "denoiser's own if it ships one, else one is trained on tissue labels)")
+        p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: see train_invariance)")
+        p.add_argument("--seed", type=int, default=0, help="seed of weights, patches and every random draw")
+        p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+        p.add_argument("--device", default="auto", help="torch device: auto, cpu or cuda (default auto)")
+        p.add_argument("--num-workers", type=int, default=0, help="data loader processes (default 0)")
+        p.add_argument("--val-patches", type=_positive_int, default=32 if kind == "cvae" else 64,
+                       help="held-out validation patches per epoch")
+        p.add_argument("--pool", type=int, default=0, metavar="N", dest="pool_patches",
+                       help="draw batches from a fixed pool of N training patches per process whose f(x)"
+                            + (" and encoder codes are" if kind == "cinn" else " is")
+                            + " computed once (fast when f is slow, e.g. RED-CNN on a CPU; default 0: fresh "
+                              "patches every step)")
+        p.add_argument("--fidelity-slices", type=int, default=8,
+                       help="test slices for the fidelity figures of the model card (0: none; default 8)")
+        p.add_argument("--weights-dtype", choices=list(WEIGHT_DTYPES), default="float32",
+                       help="storage of the exported weights (default float32)")
+        p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", type=_hyperparameter,
+                       help=f"override a {kind} hyperparameter (repeatable), e.g. "
+                            + ("--set z_dim=128 --set lam_adv=0.01" if kind == "cvae" else "--set n_flows=8"))
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.set_defaults(func=_cmd_train_cvae if kind == "cvae" else _cmd_train_cinn)
+
+
+def _cmd_train_cvae(args) -> int:
+    from .train_invariance import train_cvae
+
+    folder = train_cvae(args.denoiser, args.data, args.out, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                        batch_size=args.batch_size, patch_size=args.patch_size, lr=args.lr, seed=args.seed,
+                        resume=args.resume, device=args.device, num_workers=args.num_workers,
+                        val_patches=args.val_patches, weights_dtype=args.weights_dtype,
+                        hyperparameters=dict(args.set), feature_network=args.feature_network,
+                        fidelity_slices=args.fidelity_slices, pool_patches=args.pool_patches,
+                        progress=not args.no_progress)
+    if os.environ.get("RANK", "0") == "0":
+        with open(folder / "metadata.json") as f:
+            record = json.load(f)["invariance"]["training"]["cvae"]
+        v = record["validation"] or {}
+        print(f"cvae: best epoch {record['best_epoch']} of {record['epochs']}: held-out reconstruction error "
+              f"{v.get('mae_hu', float('nan')):.1f} HU, f notices {v.get('output_error_hu', float('nan')):.2f} HU; "
+              f"model folder {folder} (next: invariance-explorer train cinn --denoiser {folder} ...)")
+    return 0
+
+
+def _cmd_train_cinn(args) -> int:
+    from .train_invariance import train_cinn
+
+    folder = train_cinn(args.denoiser, args.data, args.out, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, resume=args.resume,
+                        device=args.device, num_workers=args.num_workers, val_patches=args.val_patches,
+                        weights_dtype=args.weights_dtype, hyperparameters=dict(args.set),
+                        fidelity_slices=args.fidelity_slices, pool_patches=args.pool_patches,
+                        progress=not args.no_progress)
+    if os.environ.get("RANK", "0") == "0":
+        with open(folder / "metadata.json") as f:
+            info = json.load(f)["invariance"]
+        v = info["training"]["cinn"]["validation"] or {}
+        fid = info.get("fidelity") or {}
+        text = (f"; held-out consistency C {fid['consistency']:.3f}, noise baseline B "
+                f"{fid['noise_baseline'] if fid.get('noise_baseline') is None else format(fid['noise_baseline'], '.3f')}"
+                if fid else "")
+        print(f"cinn: best epoch {info['training']['cinn']['best_epoch']}: held-out NLL "
+              f"{v.get('nll_per_dim', float('nan')):.4f} nats/dim{text}; invariance models in {folder}")
+    return 0
+
+
+def _add_progress(parser) -> None:
+    """``--progress {bar,json,none}`` (and ``--no-progress`` = none): see :mod:`.progress`."""
+    from .progress import MODES
+
+    parser.add_argument("--progress", choices=MODES, default="bar",
+                        help="progress display: tqdm bar (default), JSON lines on stdout for programs, or none")
+    parser.add_argument("--no-progress", action="store_const", const="none", dest="progress",
+                        help="same as --progress none")
 
 
 def _add_denoise(sub) -> None:
@@ -131,8 +262,30 @@ def _add_denoise(sub) -> None:
     den.add_argument("--batch-size", type=_positive_int, default=4, help="slices per forward pass (default 4)")
     den.add_argument("--tile-size", type=_positive_int, default=512,
                      help="slices larger than this many pixels are denoised in overlapping tiles (default 512)")
-    den.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress(den)
     den.set_defaults(func=_cmd_denoise)
+
+
+def _add_sample(sub) -> None:
+    sam = sub.add_parser("sample", help="sample invariances x~ (f(x~) = f(x)) of a denoiser for the patch around a "
+                                        "voxel; write NRRD, JSON and a PNG figure")
+    sam.add_argument("--model", required=True,
+                     help="bundled denoiser name (cnn10, redcnn, wganvgg, dugan) or model folder with invariance models")
+    sam.add_argument("--input", type=Path, required=True, help="CT: NRRD/NIfTI/MHA file, DICOM file or series folder")
+    sam.add_argument("--center", required=True, metavar="I,J,K",
+                     help="voxel the patch is centred on: column i, row j, slice k (0-based; i,j for a 2D slice)")
+    sam.add_argument("--count", type=_positive_int, default=64, help="number of invariances to sample (default 64)")
+    sam.add_argument("--seed", type=int, default=0, help="seed of the sampled codes (default 0)")
+    sam.add_argument("--batch-size", type=_positive_int, default=10, help="invariances per forward pass (default 10)")
+    sam.add_argument("--device", default="auto", help="torch device: auto, cpu or cuda (default auto)")
+    sam.add_argument("--out", type=Path, required=True,
+                     help="output folder, created whole (it must not exist or be empty)")
+    sam.add_argument("--series-uid", default=None, help="SeriesInstanceUID when the folder holds several series")
+    sam.add_argument("--hu-offset", type=float, default=0.0, help="add to the stored values to get HU (e.g. -1024)")
+    sam.add_argument("--analyze", action="store_true",
+                     help="then analyse the folder (as invariance-explorer analyze OUT, default settings)")
+    _add_progress(sam)
+    sam.set_defaults(func=_cmd_sample)
 
 
 def _cmd_demo(args) -> int:
@@ -225,6 +378,21 @@ def _cmd_data_lowdose(args) -> int:
     return 0
 
 
+def _hyperparameters(args) -> dict:
+    """The overrides of :data:`~.train_denoiser.HYPERPARAMETERS` given on the command line."""
+    from .train_denoiser import HYPERPARAMETERS
+
+    overrides = dict(args.set)
+    known = set(HYPERPARAMETERS[args.arch]) | {"lr_decay", "lr_decay_start", "scheme"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"--set {', '.join(unknown)}: not a hyperparameter of {args.arch}; it has "
+                         f"{', '.join(sorted(known))}")
+    if args.lr_decay is not None:
+        overrides.update(lr_decay=args.lr_decay, lr_decay_start=args.lr_decay_start)
+    return overrides
+
+
 def _cmd_train_denoiser(args) -> int:
     from .train_denoiser import train_denoiser
 
@@ -232,9 +400,8 @@ def _cmd_train_denoiser(args) -> int:
                             batch_size=args.batch_size, patch_size=args.patch_size, lr=args.lr, seed=args.seed,
                             resume=args.resume, device=args.device, num_workers=args.num_workers,
                             val_slices=args.val_slices, weights_dtype=args.weights_dtype,
-                            feature_network=args.feature_network, progress=not args.no_progress,
-                            hyperparameters=None if args.lr_decay is None else
-                            {"lr_decay": args.lr_decay, "lr_decay_start": args.lr_decay_start})
+                            feature_network=args.feature_network, initial_weights=args.initial_weights,
+                            progress=not args.no_progress, hyperparameters=_hyperparameters(args))
     with open(folder / "metadata.json") as f:
         training = json.load(f)["training"]
     v = training["validation"]
@@ -245,38 +412,256 @@ def _cmd_train_denoiser(args) -> int:
 
 
 def _cmd_denoise(args) -> int:
-    from tqdm.auto import tqdm
-
     from .denoisers import load_denoiser
     from .inference import denoise
     from .io import CTInputError, read_image, write_nrrd
+    from .progress import Progress
 
     if args.output.suffix.lower() != ".nrrd":
         raise CTInputError(args.output, "output must be a .nrrd file", "Choose a file name ending in .nrrd.")
     if args.input.exists() and args.output.exists() and args.input.resolve() == args.output.resolve():
         raise CTInputError(args.output, "output is the input file", "Write the denoised CT to a new file.")
+    progress = Progress(args.progress)
     denoiser = load_denoiser(args.model, device=args.device)
     image = read_image(args.input, series_uid=args.series_uid, hu_offset=args.hu_offset)
-    bar = tqdm(total=1 if image.is_slice else image.array.shape[0], desc=f"denoising ({denoiser.arch})",
-               unit="slice", disable=args.no_progress)
+    slices = 1 if image.is_slice else image.array.shape[0]
+    update = progress.stage("denoising", slices, f"Denoising {slices} slice{'s' * (slices > 1)} ({denoiser.arch})")
     result = denoise(denoiser, image, device=args.device, batch_size=args.batch_size, tile_size=args.tile_size,
-                     progress=lambda done, total: bar.update(done - bar.n))
-    bar.close()
+                     progress=lambda done, total: update(done))
+    progress.close()
     write_nrrd(result, args.output)
-    print(f"denoised CT ({denoiser.arch}, {denoiser.folder}) written to {args.output}")
+    progress.done({"denoised": args.output},
+                  f"denoised CT ({denoiser.arch}, {denoiser.folder}) written to {args.output}")
     return 0
+
+
+def _add_gui(sub) -> None:
+    """``gui``: the sampling panel as a standalone app (needs the "gui" extra: Qt.py, PySide6)."""
+    gui = sub.add_parser("gui", help="open the sampling panel as a standalone app (Qt)")
+    gui.add_argument("--input", type=Path, default=None, help="CT to start with (file or DICOM folder)")
+    gui.add_argument("--results", type=Path, default=Path("results/gui"), help="where sample runs write their folders")
+    gui.add_argument("--open", type=Path, default=None, dest="open_folder", help="show this sample results folder")
+    gui.set_defaults(func=_cmd_gui)
+
+
+def _cmd_gui(args) -> int:
+    try:
+        from .ui.app import main as app_main
+    except ImportError as exc:
+        raise ValueError(f"the GUI needs Qt.py and PySide6 ({exc}); install them with "
+                         "`pip install 'invariance-explorer[gui]'`") from None
+    return app_main(results_dir=args.results, open_folder=args.open_folder, input_path=args.input)
+
+
+def _center(text: str) -> tuple:
+    """``"i,j,k"`` (or ``"i,j"``) -> a tuple of voxel indices."""
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (2, 3):
+        raise ValueError(f"--center {text!r}: give the voxel as i,j,k (column, row, slice; 0-based), e.g. 256,200,0")
+    return values
+
+
+def _cmd_sample(args) -> int:
+    """``sample``: crop, sample, write DIR whole (a temporary sibling folder, then renamed)."""
+    import shutil
+    import uuid
+
+    import numpy as np
+
+    from .figures import LUNG_WINDOW, save_png, tile_grid, window
+    from .image import CTImage
+    from .inference import warn_on_spacing
+    from .result_folder import FILES
+    from .io import read_image, write_nrrd
+    from .progress import Progress
+    from .sampler import InvarianceSampler
+
+    out = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: the output folder already exists and is not empty; choose a new folder "
+                         "(sample writes it whole) or remove the old one")
+    center = _center(args.center)
+    progress = Progress(args.progress)
+    update = progress.stage("loading", 2, "Loading the models and the image")
+    sampler = InvarianceSampler(args.model, device=args.device)
+    update(1)
+    image = read_image(args.input, series_uid=args.series_uid, hu_offset=args.hu_offset)
+    warn_on_spacing(sampler.models.denoiser, image)
+    patch = sampler.crop(image, center)
+    update(2)
+
+    current = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if current.get("stage") != (stage, total):
+            current["stage"] = (stage, total)
+            messages = {"encoding": "Encoding the patch", "sampling": f"Sampling {total} invariances"}
+            current["update"] = progress.stage(stage, total, messages.get(stage, stage))
+        current["update"](done)
+
+    result = sampler.sample(patch.array, count=args.count, seed=args.seed, batch_size=args.batch_size,
+                            progress=report)
+    update = progress.stage("writing", len(FILES), f"Writing {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
+    partial.mkdir()
+    try:
+        crop = patch.image
+        stack = CTImage(result.invariances, crop.spacing, crop.origin, crop.direction)  # axis 0: sample k
+        images = {"input": (crop, result.x), "denoised": (crop, result.denoised),
+                  "reconstruction": (crop, result.reconstruction), "invariances": (stack, result.invariances),
+                  "denoised_invariances": (stack, result.denoised_invariances), "std": (crop, result.std)}
+        for n, (name, (geometry, array)) in enumerate(images.items()):
+            write_nrrd(geometry, partial / FILES[name], array=array)
+            update(n + 1)
+        numbers = {
+            "model": str(args.model), "model_folder": str(sampler.models.folder),
+            "denoiser": sampler.models.denoiser.arch, "input": str(args.input),
+            "center_ijk": list(patch.center_ijk), "patch_size": sampler.patch_size,
+            "padded_pixels": patch.padded_pixels, "count": result.count, "seed": result.seed,
+            "batch_size": result.batch_size, "device": result.device,
+            "samples": [{"index": k, "mean_abs_change_hu": float(a), "mean_abs_output_change_hu": float(b)}
+                        for k, (a, b) in enumerate(zip(result.mean_abs_change_hu, result.mean_abs_output_change_hu))],
+            "mean_abs_change_hu": float(result.mean_abs_change_hu.mean()),
+            "mean_abs_output_change_hu": float(result.mean_abs_output_change_hu.mean()),
+            "consistency": result.consistency,
+            "reconstruction": {"mean_abs_error_hu": float(np.abs(result.reconstruction - result.x).mean()),
+                               "mean_abs_output_error_hu": float(np.abs(result.denoised_reconstruction -
+                                                                        result.denoised).mean())},
+            "seconds": result.seconds,
+            "invariances_stack": "axis 0 of invariances.nrrd and denoised_invariances.nrrd is the sample index k",
+        }
+        with open(partial / FILES["numbers"], "w") as f:
+            json.dump(numbers, f, indent=1)
+        update(len(images) + 1)
+        shown = result.invariances[:3]
+        tiles = [[window(a, *LUNG_WINDOW) for a in (result.x, result.denoised, *shown)] + [window(result.std, 150, 300)]]
+        labels = [["x", "f(x)", *[f"x~{k + 1}" for k in range(len(shown))], "std 0-300 HU"]]
+        save_png(tile_grid(tiles, labels), partial / FILES["figure"])
+        update(len(FILES))
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(partial, out)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial)
+    outputs = {name: out / file for name, file in FILES.items()}
+    message = (f"{result.count} invariances of {sampler.models.denoiser.arch} around voxel "
+               f"{tuple(patch.center_ijk)} (consistency {result.consistency:.3f}, {result.seconds:.1f} s on "
+               f"{result.device}) written to {out}")
+    if args.analyze:  # one "done" for both jobs
+        more, text = _run_analysis(out, progress)
+        outputs.update(more)
+        message += f"; {text}"
+    progress.done(outputs, message)
+    return 0
+
+
+def _add_analyze(sub) -> None:
+    from .analysis import ALPHA, FDR, MIN_AREA_MM2
+    from .lowdose import FILTERS
+
+    ana = sub.add_parser("analyze", help="find the invariances that change anatomy (noise analysis, method A per "
+                                         "invariance, method B against a noise-only null); write RESULTS_DIR/analysis/")
+    ana.add_argument("results", type=Path, metavar="RESULTS_DIR", help="a folder written by invariance-explorer sample")
+    ana.add_argument("--alpha", type=float, default=ALPHA,
+                     help=f"method A: expected false regions per invariance from noise alone (default {ALPHA})")
+    ana.add_argument("--fdr", type=float, default=FDR, help=f"method B: false discovery rate (default {FDR})")
+    ana.add_argument("--min-area", type=float, default=MIN_AREA_MM2, metavar="MM2",
+                     help=f"method A: smallest altered region in mm^2 (default {MIN_AREA_MM2})")
+    ana.add_argument("--sigma-mm", type=float, default=None,
+                     help="reference filter width (Gaussian sigma) in mm (default: the noise correlation length)")
+    null = ana.add_argument_group("noise-only null for method B (default: noise_only.nrrd in RESULTS_DIR, if any)")
+    null.add_argument("--null", type=Path, default=None, metavar="FILE",
+                      help="NRRD stack (axis 0 = realisation) of noise-only variants of the crop at the input's dose")
+    null.add_argument("--full-dose", type=Path, default=None, metavar="FILE",
+                      help="full-dose CT on the input's grid: simulate the noise-only variants with the scan simulator")
+    null.add_argument("--dose", type=_dose, default=0.25, help="dose fraction of the input (default 0.25)")
+    null.add_argument("--photons", type=float, default=None, help="full-dose quanta per ray (default: simulator's)")
+    null.add_argument("--filter", choices=FILTERS, default="hann", help="FBP apodisation filter (default hann)")
+    null.add_argument("--null-count", type=_positive_int, default=16, help="simulated realisations (default 16)")
+    null.add_argument("--seed", type=int, default=0, help="noise seed of the simulated realisations")
+    null.add_argument("--hu-offset", type=float, default=0.0, help="add to the full-dose file's values to get HU")
+    _add_progress(ana)
+    ana.set_defaults(func=_cmd_analyze)
+
+
+def _cmd_analyze(args) -> int:
+    from .progress import Progress
+
+    if args.null is not None and args.full_dose is not None:
+        raise ValueError("give either --null or --full-dose, not both")
+    progress = Progress(args.progress)
+    outputs, text = _run_analysis(args.results, progress, args)
+    progress.done(outputs, text)
+    return 0
+
+
+def _run_analysis(folder: Path, progress, args=None) -> tuple:
+    """Analyse a sample folder (``analyze``, or ``sample --analyze`` with default settings);
+    returns the outputs (name -> path) and a one-line summary for the "done" report."""
+    from .analysis import ALPHA, FDR, MIN_AREA_MM2
+    from .analysis_folder import analyze_folder, simulate_null_for_folder
+    from .io import read_image
+    from .result_folder import read_volume
+
+    null, source = None, None
+    if args is not None and args.null is not None:
+        null, source = read_volume(args.null).array, "given"
+    elif args is not None and args.full_dose is not None:
+        update = progress.stage("simulating", 1, f"Simulating {args.null_count} noise-only scans at dose {args.dose:g}")
+        null = simulate_null_for_folder(folder, read_image(args.full_dose, hu_offset=args.hu_offset), args.dose,
+                                        args.null_count, args.seed, photons=args.photons, filter=args.filter)
+        source = "simulator"
+        update(1)
+    messages = {"noise": "Measuring noise", "method A": "Method A: structure change per invariance",
+                "method B": "Method B: ensemble test against the noise-only null", "writing": "Writing the analysis"}
+    current = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if current.get("stage") != (stage, total):
+            current["stage"] = (stage, total)
+            current["update"] = progress.stage(stage, total, messages.get(stage, stage))
+        current["update"](done)
+
+    out, record = analyze_folder(
+        folder, null=null, null_source=source,
+        alpha=ALPHA if args is None else args.alpha, fdr=FDR if args is None else args.fdr,
+        sigma_mm=None if args is None else args.sigma_mm,
+        min_area_mm2=MIN_AREA_MM2 if args is None else args.min_area, progress=report)
+    a, b = record["method_a"], record["method_b"]
+    text = (f"analysis of {record['count']} invariances: method A flags {a['altered_samples']} with altered regions "
+            f"(|z| >= {a['threshold_z']:.2f}); ")
+    text += (f"method B skipped: {b['reason']}" if b["skipped"] else
+             f"method B ({b['null_source']} null of {b['null_count']}) flags {b['flagged_area_mm2']:.1f} mm2 "
+             f"at FDR {b['fdr_level']:g}")
+    text += f"; {record['noise']['answer']}; written to {out}"
+    progress.close()
+    return {f"analysis_{name}": out / file for name, file in record["files"].items()}, text
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``invariance-explorer`` and ``python -m InvarianceExplorerLib``."""
     from .io import CTInputError
 
+    from .progress import Progress
+
     args = build_parser().parse_args(argv)
+    json_progress = getattr(args, "progress", None) == "json"
     try:
         return int(args.func(args) or 0)
     except (CTInputError, ValueError) as exc:  # the user's input: one clear line, no traceback
+        if json_progress:
+            Progress("json").error(str(exc), kind="input")
         print(f"invariance-explorer: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug or a failing machine: programs reading JSON still get told
+        if json_progress:
+            Progress("json").error(f"{type(exc).__name__}: {exc}", kind="internal")
+        raise
 
 
 if __name__ == "__main__":

@@ -150,19 +150,33 @@ class WGANCritic(nn.Module):
     (64, 64, 128, 128, 256, 256 feature maps, strides 1, 2, 1, 2, 1, 2, LeakyReLU), a fully
     connected layer of 1024 units (LeakyReLU) and one output, the Wasserstein critic value.
     The fully connected layer fixes the input size to ``patch_size`` x ``patch_size``.
+
+    The defaults are the published critic. The representation's conditional critic
+    (:mod:`.train_invariance`) sees ``[image, f(x)]`` (``in_channels=2``) and is narrower
+    (``widths``, ``hidden``) to keep CPU training affordable.
+
+    Args:
+        patch_size: side of the square input in pixels (at least 24).
+        in_channels: image channels of the input.
+        widths: feature maps of the six convolutions.
+        hidden: units of the fully connected layer.
     """
 
-    def __init__(self, patch_size: int):
+    def __init__(self, patch_size: int, in_channels: int = 1, widths: Sequence[int] = (64, 64, 128, 128, 256, 256),
+                 hidden: int = 1024):
         super().__init__()
-        widths, strides = (64, 64, 128, 128, 256, 256), (1, 2, 1, 2, 1, 2)
+        widths, strides = tuple(int(w) for w in widths), (1, 2, 1, 2, 1, 2)
+        if len(widths) != len(strides):
+            raise ValueError(f"the WGAN critic has {len(strides)} convolutions; got widths {widths}")
         size = patch_size
         for s in strides:
             size = (size - 3) // s + 1
         if size < 1:
             raise ValueError(f"the WGAN critic needs patches of at least 24 pixels; got {patch_size}")
         self.features = nn.Sequential(*[_conv(c_in, c_out, 3, stride=s, padding=0, act="leakyrelu")
-                                        for c_in, c_out, s in zip((1,) + widths[:-1], widths, strides)])
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(256 * size * size, 1024), nn.LeakyReLU(), nn.Linear(1024, 1))
+                                        for c_in, c_out, s in zip((in_channels,) + widths[:-1], widths, strides)])
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(widths[-1] * size * size, hidden), nn.LeakyReLU(),
+                                  nn.Linear(hidden, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -409,11 +423,18 @@ def save_denoiser(folder, network: nn.Module, arch: str, arguments: dict, normal
               "architecture": {"name": arch, "class": DENOISERS[arch].__name__, "arguments": dict(arguments),
                                "receptive_field": receptive_field(network)},
               "normalization": normalization.to_dict(), "weights": weights, **(metadata or {})}
-    temporary = folder / f".{METADATA}.{os.getpid()}.tmp"
+    write_metadata(folder, record)
+    return folder
+
+
+def write_metadata(folder, record: dict) -> Path:
+    """Write ``record`` as the ``metadata.json`` of ``folder`` atomically (whole or not at all)."""
+    path = Path(folder) / METADATA
+    temporary = path.with_name(f".{METADATA}.{os.getpid()}.tmp")
     with open(temporary, "w") as f:
         json.dump(record, f, indent=1)
-    os.replace(temporary, folder / METADATA)
-    return folder
+    os.replace(temporary, path)
+    return path
 
 
 def read_metadata(folder_or_name) -> dict:

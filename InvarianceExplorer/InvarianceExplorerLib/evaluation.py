@@ -271,6 +271,9 @@ def model_card(metadata: dict) -> str:
                   f"{h.get('noise_regions', {}).get('estimator')} in phantom regions eroded by "
                   f"{h.get('noise_regions', {}).get('erosion_px')} px. Machine: {hm.get('cpu')}, "
                   f"torch {hm.get('torch')}.", "", quality_table(h)]
+    from .fidelity import invariance_card
+
+    lines += invariance_card(metadata)
     if metadata.get("reproduce"):
         lines += ["", "## Reproduce", "", "```bash", *metadata["reproduce"], "```"]
     return "\n".join(lines) + "\n"

@@ -87,7 +87,7 @@ def denoise(denoiser: Denoiser, image: CTImage, device="auto", batch_size: int =
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")
     check_hu(image.array, "input image")
-    _warn_on_spacing(denoiser, image)
+    warn_on_spacing(denoiser, image)
     device = resolve_device(device)
     network = denoiser.network.to(device).eval()
     norm = denoiser.normalization
@@ -104,7 +104,7 @@ def denoise(denoiser: Denoiser, image: CTImage, device="auto", batch_size: int =
     return image.with_array(out[0] if image.is_slice else out)
 
 
-def _warn_on_spacing(denoiser: Denoiser, image: CTImage) -> None:
+def warn_on_spacing(denoiser: Denoiser, image: CTImage) -> None:
     """Warn when the pixel size differs by more than 25 % from the training data's, which
     changes the noise texture and structure scale the denoiser has learnt."""
     trained = denoiser.metadata.get("training", {}).get("data", {}).get("pixel_spacing_mm")

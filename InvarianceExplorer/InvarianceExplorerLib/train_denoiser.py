@@ -1,14 +1,17 @@
 """Training the four denoisers: seeded, checkpointed every epoch, resumable, exported as a model folder.
 
-Training schemes (one :class:`_Objective` each; hyperparameters in :data:`HYPERPARAMETERS`):
+Training schemes (one :class:`_Objective` each, :data:`OBJECTIVES`; hyperparameters in
+:data:`HYPERPARAMETERS`; each architecture's published one by default, :data:`SCHEME`):
 
-* CNN-10 and RED-CNN: mean squared error to full dose (as published).
-* WGAN-VGG: Wasserstein critic with gradient penalty, plus the perceptual loss (L1 between
+* ``pixel`` — CNN-10 and RED-CNN: mean squared error to full dose (as published); also
+  the MSE pretraining of a GAN's generator (hyperparameter ``scheme="pixel"``), whose
+  model folder then starts the adversarial run (``initial_weights``, CLI ``--init``).
+* ``wgan-vgg`` — WGAN-VGG: Wasserstein critic with gradient penalty, plus the perceptual loss (L1 between
   deep features of the denoised and the full-dose image) weighted by ``lam_perc``, plus an
   optional MSE term ``lam_mse`` (0 in ldct-benchmark). The features come from our
   :class:`~.denoisers.FeatureNetwork`, first trained here to segment tissue labels
   (``feature_steps``), then frozen and shipped in the model folder.
-* DU-GAN: least-squares adversarial losses of two U-Net discriminators (images, and Sobel
+* ``du-gan`` — DU-GAN: least-squares adversarial losses of two U-Net discriminators (images, and Sobel
   gradient magnitudes), each with an encoder (global) and a decoder (per-pixel) output,
   CutMix regularisation of the discriminators, plus pixel MSE and gradient L1 losses.
 
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -41,8 +43,10 @@ from .denoisers import (DENOISERS, FeatureNetwork, UNetDiscriminator, WGANCritic
 from .devices import machine
 from .inference import METRIC_HU_RANGE, apply_network, image_quality
 from .normalization import PAPER_NORMALIZATION, HUNormalization
-
-CHECKPOINT = "last.pt"
+from .training import (CHECKPOINT, TrainingBatches as _TrainingBatches, adam as _adam, derive_seed as _seed,
+                       describe_data, gradient_penalty as _gradient_penalty, load_feature_network,
+                       make_generator as _generator, optimizer_step as _step, save_checkpoint as _save_checkpoint,
+                       train_feature_network as _train_feature_network, validation_items as _validation_items)
 
 #: Training hyperparameters per architecture, rounded from ldct-benchmark's configs (tuned
 #: there on the Mayo data): Adam learning rate and betas, and the loss weights of each scheme.
@@ -59,16 +63,6 @@ HYPERPARAMETERS = {
 
 
 # ----------------------------------------------------------------------------- training schemes
-
-
-def _adam(module: nn.Module, hp: dict) -> torch.optim.Adam:
-    return torch.optim.Adam(module.parameters(), lr=hp["lr"], betas=tuple(hp["betas"]))
-
-
-def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
 
 
 class _Objective:
@@ -102,14 +96,6 @@ class _PixelObjective(_Objective):
         return {"mse": loss.item()}
 
 
-def _gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, rng) -> torch.Tensor:
-    """Gulrajani et al. 2017: mean of (||grad critic(mix)||_2 - 1)^2 at random mixes of real and fake."""
-    a = torch.rand(real.shape[0], 1, 1, 1, generator=rng).to(real)
-    mix = (a * real + (1 - a) * fake).requires_grad_(True)
-    (grad,) = torch.autograd.grad(critic(mix).sum(), mix, create_graph=True)
-    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
-
-
 class _WGANVGGObjective(_Objective):
     """WGAN-VGG: ``n_critic`` critic steps (Wasserstein loss + ``lam_gp`` * gradient penalty),
     then a generator step on ``-lam_adv * critic + lam_perc * perceptual + lam_mse * MSE``."""
@@ -126,12 +112,7 @@ class _WGANVGGObjective(_Objective):
         features, source = self.networks["feature_network"], self.hp.get("feature_network")
         if not source:
             return _train_feature_network(features, batches, validation, self.hp, device, progress)
-        folder = resolve_model_folder(source)
-        metadata = read_metadata(folder)
-        if "feature_network" not in metadata["weights"]:
-            raise ValueError(f"{folder}: no feature network in this model folder (WGAN-VGG models have one)")
-        load_weights(features, folder, metadata["weights"]["feature_network"])
-        return dict(metadata["training"].get("feature_network", {}), source=str(folder))
+        return load_feature_network(features, source)
 
     def step(self, ld, fd, labels, step, rng):
         hp, generator, critic = self.hp, self.networks["denoiser"], self.networks["critic"]
@@ -151,42 +132,6 @@ class _WGANVGGObjective(_Objective):
         critic.requires_grad_(True)
         return {"critic": wasserstein.item(), "gp": penalty.item(), "adv": adversarial.item(),
                 "perceptual": perceptual.item(), "mse": mse.item()}
-
-
-def _train_feature_network(network: FeatureNetwork, batches, validation, hp: dict, device, progress: bool) -> dict:
-    """Train ``network`` to segment the tissue labels of low- and full-dose training patches
-    (per-pixel cross-entropy, Adam ``feature_lr``, ``feature_steps`` batches); leave it frozen
-    in eval mode and return its record."""
-    from tqdm.auto import tqdm
-
-    network.train().requires_grad_(True)
-    optimizer = torch.optim.Adam(network.parameters(), lr=hp["feature_lr"])
-    steps, running = hp["feature_steps"], []
-    bar = tqdm(total=steps, desc="feature network (tissue labels)", disable=not progress)
-    for batch in batches(steps):
-        if batch.get("labels") is None:
-            raise ValueError("WGAN-VGG's perceptual loss uses a feature network trained on tissue labels, which this "
-                             "data set lacks; train on simulated data or reuse the feature network of a WGAN-VGG "
-                             "model folder (--feature-network FOLDER)")
-        x = torch.cat([batch["ld"], batch["fd"]]).to(device)
-        target = batch["labels"].long().to(device)[:, 0].repeat(2, 1, 1)
-        loss = F.cross_entropy(network(x), target)
-        _step(optimizer, loss)
-        running.append(loss.item())
-        bar.update()
-        bar.set_postfix(ce=f"{np.mean(running[-50:]):.3f}")
-    bar.close()
-    network.eval().requires_grad_(False)
-    correct = total = 0
-    with torch.no_grad():
-        for item in validation:
-            if item.get("labels") is not None:
-                predicted = network(item["fd"][None].to(device)).argmax(1).cpu()
-                correct += int((predicted == item["labels"].long()).sum())
-                total += item["labels"].numel()
-    return {"steps": steps, "lr": hp["feature_lr"], "final_cross_entropy": float(np.mean(running[-50:])),
-            "val_pixel_accuracy": correct / total if total else None,
-            "inputs": "low- and full-dose training patches", "target": "phantom tissue labels (phantom.Label)"}
 
 
 def sobel_magnitude(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -270,59 +215,13 @@ class _DUGANObjective(_Objective):
                 "mse": pixel.item(), "gradient": gradient.item()}
 
 
-OBJECTIVES = {"cnn10": _PixelObjective, "redcnn": _PixelObjective, "wganvgg": _WGANVGGObjective,
-              "dugan": _DUGANObjective}
+#: Training schemes by name; hyperparameter ``scheme`` picks one (default: the architecture's
+#: published one, :data:`SCHEME`), e.g. ``pixel`` to pretrain a GAN's generator on MSE alone.
+OBJECTIVES = {"pixel": _PixelObjective, "wgan-vgg": _WGANVGGObjective, "du-gan": _DUGANObjective}
+SCHEME = {"cnn10": "pixel", "redcnn": "pixel", "wganvgg": "wgan-vgg", "dugan": "du-gan"}
 
 
 # ----------------------------------------------------------------------------- the training run
-
-
-def _seed(*words: int) -> int:
-    """A 63-bit seed derived from integers (numpy SeedSequence)."""
-    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def _generator(seed: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return g
-
-
-class _TrainingBatches:
-    """Batches of random training patches; the ``k``-th call's batches depend only on
-    ``(seed, k)``, so epoch ``e`` is the same whether or not the run was resumed."""
-
-    def __init__(self, source, patch_size, batch_size, seed, normalization, num_workers, device):
-        self.source, self.patch_size, self.batch_size, self.seed = source, patch_size, batch_size, seed
-        self.normalization, self.num_workers, self.device = normalization, num_workers, device
-
-    def __call__(self, steps: int, key: int = 0):
-        from monai.data import DataLoader
-        from torch.utils.data import RandomSampler
-
-        from .datasets import make_dataset
-
-        seed = _seed(self.seed, key, 1)
-        data = make_dataset(self.source, "train", patch_size=self.patch_size, augment=True, seed=seed % 2**32,
-                            normalization=self.normalization)
-        if len(data) == 0:
-            raise ValueError("the training split is empty; the data set needs more patients")
-        sampler = RandomSampler(data, replacement=True, num_samples=steps * self.batch_size,
-                                generator=_generator(seed))
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          generator=_generator(seed + 1), drop_last=True, pin_memory=self.device.type == "cuda")
-
-
-def _validation_items(source, split: str, limit: int, normalization):
-    """Up to ``limit`` whole slices of ``split`` (evenly spaced, deterministic)."""
-    from torch.utils.data import Subset
-
-    from .datasets import make_dataset
-
-    data = make_dataset(source, split, patch_size=None, augment=False, normalization=normalization)
-    if len(data) > limit:
-        data = Subset(data, np.linspace(0, len(data) - 1, limit).round().astype(int).tolist())
-    return data
 
 
 def evaluate(network: nn.Module, items, normalization: HUNormalization, device) -> Dict[str, dict]:
@@ -342,20 +241,6 @@ def evaluate(network: nn.Module, items, normalization: HUNormalization, device) 
     return {k: {m: float(np.mean([s[m] for s in v])) for m in v[0]} if v else {} for k, v in scores.items()}
 
 
-def describe_data(source, path) -> dict:
-    """What the training data were, for the model metadata."""
-    from .datasets import SimulatedDataset
-
-    if isinstance(source, SimulatedDataset):
-        p = source.manifest["parameters"]
-        return {"kind": "simulated", "path": str(path), "pairs": len(source), "size": p["size"],
-                "pixel_spacing_mm": p["spacing_mm"], "dose": p["dose"], "seed": p["seed"],
-                "contrast_fraction": p["contrast_fraction"], "photons": source.manifest.get("photons")}
-    first = source[0]
-    return {"kind": type(source).__name__, "path": str(path), "slices": len(source),
-            "patients": len(set(source.patient_ids)), "pixel_spacing_mm": float(first.spacing[0])}
-
-
 def learning_rate(hp: dict, epoch: int) -> float:
     """Adam learning rate of ``epoch`` (1-based): ``hp["lr"]``, times ``hp["lr_decay"]`` per
     epoch from epoch ``hp["lr_decay_start"]`` on (``lr * decay ** (epoch - start + 1)``);
@@ -364,18 +249,31 @@ def learning_rate(hp: dict, epoch: int) -> float:
     return float(hp["lr"]) * (float(decay) ** max(0, epoch - start + 1) if decay else 1.0)
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+def _initialise(network: nn.Module, arch: str, arguments: dict, source, normalization: HUNormalization) -> dict:
+    """Load the denoiser weights of model folder (or bundled name) ``source`` into ``network``
+    (checked: same network class and arguments, same normalisation); return the record."""
+    folder = resolve_model_folder(source)
+    metadata = read_metadata(folder)
+    architecture = metadata["architecture"]
+    if DENOISERS[architecture["name"]] is not DENOISERS[arch] or architecture.get("arguments", {}) != arguments:
+        raise ValueError(f"{folder} holds a {architecture['name']} network with arguments "
+                         f"{architecture.get('arguments', {})}, which cannot start a {arch} with arguments {arguments}; "
+                         "choose a model folder of the same architecture")
+    if metadata["normalization"] != normalization.to_dict():
+        raise ValueError(f"{folder} was trained with another normalisation ({metadata['normalization']}); "
+                         "its weights would see differently scaled images")
+    record = metadata["weights"]["denoiser"]
+    load_weights(network, folder, record)
+    return {"folder": str(folder), "architecture": architecture["name"], "sha256": record.get("sha256"),
+            "best_epoch": metadata.get("training", {}).get("best_epoch")}
 
 
 def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: int = 500, batch_size: int = 16,
                    patch_size: int = 128, lr: Optional[float] = None, seed: int = 0, resume: bool = False,
                    device="auto", num_workers: int = 0, val_slices: int = 32, weights_dtype: str = "float32",
                    arguments: Optional[dict] = None, hyperparameters: Optional[dict] = None,
-                   feature_network=None, normalization: HUNormalization = PAPER_NORMALIZATION,
-                   progress: bool = True) -> Path:
+                   feature_network=None, initial_weights=None,
+                   normalization: HUNormalization = PAPER_NORMALIZATION, progress: bool = True) -> Path:
     """Train denoiser ``arch`` on the paired data in ``data``; return its model folder ``<out>/model``.
 
     Args:
@@ -398,6 +296,9 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
         hyperparameters: overrides of :data:`HYPERPARAMETERS`.
         feature_network: WGAN-VGG only: a model folder whose feature network to reuse
             instead of training one (needed for data without tissue labels).
+        initial_weights: a model folder (or bundled name) whose denoiser weights start the
+            run instead of random ones, e.g. a RED-CNN for DU-GAN's generator; its network
+            must have the same layers (architecture class and arguments).
         normalization: HU <-> network units map, recorded with the model.
         progress: show tqdm progress bars.
     """
@@ -417,7 +318,8 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
         hp["feature_network"] = str(feature_network)
     config = {"arch": arch, "arguments": dict(arguments or {}), "hyperparameters": hp, "patch_size": patch_size,
               "batch_size": batch_size, "steps_per_epoch": steps_per_epoch, "seed": seed,
-              "normalization": normalization.to_dict()}
+              "normalization": normalization.to_dict(),
+              "initial_weights": None if initial_weights is None else str(initial_weights)}
     config = json.loads(json.dumps(config))  # tuples -> lists, as stored
     out = Path(out)
     checkpoint_path = out / "checkpoints" / CHECKPOINT
@@ -427,14 +329,17 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(_seed(seed, 0))
-    objective = OBJECTIVES[arch](build_denoiser(arch, **config["arguments"]), hp, patch_size).to(device)
+    scheme = hp.get("scheme", SCHEME[arch])
+    if scheme not in OBJECTIVES:
+        raise ValueError(f"unknown training scheme {scheme!r}; choose one of {', '.join(OBJECTIVES)}")
+    objective = OBJECTIVES[scheme](build_denoiser(arch, **config["arguments"]), hp, patch_size).to(device)
     denoiser = objective.networks["denoiser"]
     batches = _TrainingBatches(source, patch_size, batch_size, seed, normalization, num_workers, device)
     validation = _validation_items(source, "val", val_slices, normalization)
     if len(validation) == 0:
         raise ValueError(f"{data}: the validation split is empty; the data set needs at least 2 patients")
 
-    state = {"epoch": 0, "history": [], "seconds": 0.0, "best": None, "prepared": None}
+    state = {"epoch": 0, "history": [], "seconds": 0.0, "best": None, "prepared": None, "initialised_from": None}
     if resume and checkpoint_path.exists():
         saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         differences = sorted(k for k in config if saved["config"].get(k) != config[k])
@@ -445,9 +350,12 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
             network.load_state_dict(saved["networks"][name])
         for name, optimizer in objective.optimizers.items():
             optimizer.load_state_dict(saved["optimizers"][name])
-        state = {k: saved[k] for k in state}
+        state = {k: saved.get(k, state[k]) for k in state}
     else:
         started = time.perf_counter()
+        if initial_weights is not None:
+            state["initialised_from"] = _initialise(denoiser, arch, config["arguments"], initial_weights,
+                                                    normalization)
         state["prepared"] = objective.prepare(batches, validation, device, progress)
         state["seconds"] = time.perf_counter() - started
 
@@ -518,13 +426,16 @@ def _export(objective, state, config, source, data, folder: Path, val_slices, no
         "split": {"fractions": list(PAPER_FRACTIONS), "seed": 0,
                   "patients": {k: len(v) for k, v in split.items()}, "test_patients": split["test"]},
         "epochs": state["epoch"], "steps_per_epoch": config["steps_per_epoch"], "batch_size": config["batch_size"],
-        "seed": config["seed"], "hyperparameters": config["hyperparameters"],
+        "seed": config["seed"], "scheme": config["hyperparameters"].get("scheme", SCHEME[config["arch"]]),
+        "hyperparameters": config["hyperparameters"],
         "best_epoch": best and best["epoch"], "validation": best and best["val"],
         "validation_low_dose": last.get("val_low_dose"), "wall_time_s": round(state["seconds"], 1),
         "machine": machine(device), "engine_version": __version__,
     }
     if state["prepared"]:
         training["feature_network"] = state["prepared"]
+    if state.get("initialised_from"):
+        training["initialised_from"] = state["initialised_from"]
     extra = {"feature_network": objective.networks["feature_network"]} if "feature_network" in objective.networks \
         else None
     return save_denoiser(folder, denoiser, config["arch"], config["arguments"], normalization,

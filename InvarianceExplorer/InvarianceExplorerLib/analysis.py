@@ -1,0 +1,506 @@
+"""Which invariances change *anatomy*, not only noise? Two methods (docs/method.md, section 5).
+
+Sampled invariances x~_k of a denoiser f mostly differ from the input x by noise; the
+dangerous ones add or erase structure. Both methods below compare x~_k with x after a
+*reference filter* that suppresses noise, and judge the remaining difference against what
+noise alone would give. Images are 2D ``(H, W)`` in HU, stacks ``(K, H, W)`` with axis 0
+the sample, spacing ``(x, y)`` in mm.
+
+Reference filter — a Gaussian ``G_s`` whose width ``s`` is the noise correlation length
+(:func:`reference_sigma_px`, from the noise power spectrum of x, 1 to 4 pixels). Why a
+Gaussian and not, say, non-local means or a denoising network: it is linear and
+shift-invariant, so filtered noise stays (close to) Gaussian with a variance that can be
+estimated and a smoothness that random field theory can use — the z-scores and p-values
+below keep their meaning; a nonlinear, edge-preserving filter has signal-dependent noise
+statistics and, like f, may itself ignore small low-contrast structure (the very thing we
+look for). A width of one noise grain averages about ``(2 s / l)^2`` independent noise
+grains while blurring structures of a few millimetres (the nodules below 5 mm that matter)
+only moderately; a Gaussian of width ``s`` is also close to the matched filter of a blob of
+radius ``s * sqrt(2)``.
+
+Method A (:func:`structure_change`) — per invariance. ``D_k = G_s * (x~_k - x)`` (HU) is
+divided by its noise-only standard deviation ``sigma_k`` (HU) to give the change map
+``z_k``. ``sigma_k`` comes from noise-only realisations when given (the null ensemble: the
+filtered noise variance of one realisation, scaled to x~_k's own noise amplitude, since f is
+invariant to noise amplitude and that is a known, wanted invariance), or else robustly from
+``D_k`` itself (1.4826 x its median absolute deviation: the patch is mostly noise-only, and
+the estimate withstands altered regions up to half of it). The detection threshold ``u``
+makes the expected number of false regions per invariance equal to ``alpha`` (default 5 %)
+by the expected Euler characteristic of a smooth 2D Gaussian field (Worsley et al. 1996,
+"A unified statistical approach for determining significant signals in images of cerebral
+activation", Hum Brain Mapp 4:58-73), with the field's roughness measured from the data
+(variance of its finite differences) and capped by Bonferroni. A region is a connected part
+of ``|z_k| >= 2`` that reaches ``|z_k| >= u``, outlined at half its peak ``|D_k|`` (the
+half-maximum contour is the edge of a blurred structure larger than the filter, so the area
+in mm^2 is the structure's, not the blur's), of at least ``min_area_mm2``. Per invariance:
+the change map, a labelmap (1: brighter in x~_k than in x — structure added; 2: darker —
+structure removed) and the score: altered area (mm^2), peak |Delta HU| in the regions,
+region count; invariances are ranked by area, then peak, then max |z|.
+
+Method B (:func:`ensemble_test`) — the ensemble {x~_k} against a noise-only null ensemble
+{x'_j} of x at the same dose (from the low-dose simulator when the full-dose image is at
+hand, :func:`simulate_noise_only`; otherwise e.g. from the cVAE posterior of x; the caller
+says which). Per pixel, the variance over k of ``G_s * x~_k`` against the variance over j of
+``G_s * x'_j``: ``F = s_inv^2 / s_null^2 ~ F(K-1, J-1)`` if the invariances vary by noise
+only. Validity: the test at one pixel needs independent realisations and Gaussian values —
+the realisations are independent draws and filtered CT noise is a sum of many noise grains,
+so near Gaussian; the *spatial* correlation the filter adds does not touch a single pixel's
+test, only the dependence between tests, and the Benjamini-Hochberg procedure controls the
+false discovery rate for positively dependent tests (Benjamini & Yekutieli 2001, PRDS), as
+smoothed images give (Genovese, Lazar & Nichols 2002); ``method="by"`` gives the
+Benjamini-Yekutieli procedure, valid under any dependence. Because f is invariant to noise
+amplitude, the invariances' noise may be globally stronger or weaker than the null's; with
+``noise_scaling="median"`` (default) F is divided by ``median(F) / median of F(K-1, J-1)``
+first, so only *local* excess variance (structure) is flagged; the factor is reported (it
+is itself the noise-amplitude finding). The test is calibrated against the null itself: the
+null ensemble split in two halves goes through the same test, and the share of its pixels
+flagged (should be about 0) and with p < 0.05 (should be about 0.05) are reported.
+Outputs: ``-log10 q`` (q: BH-adjusted p-values) and a labelmap of the flagged regions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage, stats
+
+from .noise import (correlation_length_mm, estimate_noise, high_pass_residual, noise_power_spectrum,
+                    robust_std)
+
+#: Labelmap values of method A's altered regions.
+BRIGHTER, DARKER = 1, 2
+ALTERED_LABELS: Dict[int, str] = {BRIGHTER: "brighter in the invariance (structure added)",
+                                  DARKER: "darker in the invariance (structure removed)"}
+#: Default expected number of false regions per invariance (method A) and FDR level (method B).
+ALPHA = 0.05
+FDR = 0.05
+#: |z| a region grows through before it is outlined at half its peak.
+EXTENT_Z = 2.0
+#: Default smallest altered region in mm^2 (a 2 mm disc: below the 3-5 mm nodules of interest).
+MIN_AREA_MM2 = 3.0
+#: Width of the window (Gaussian sigma, in reference filter widths) of local noise estimates.
+LOCAL_WINDOW = 8.0
+#: Range of the reference filter's width in pixels.
+SIGMA_RANGE_PX = (1.0, 4.0)
+
+
+def _stack(images, name: str) -> np.ndarray:
+    a = np.asarray(getattr(images, "array", images), dtype=np.float64)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3:
+        raise ValueError(f"{name}: expected a stack (K, H, W) of images; got shape {a.shape}")
+    return a
+
+
+def _image(image, name: str) -> np.ndarray:
+    a = np.asarray(getattr(image, "array", image), dtype=np.float64)
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 2:
+        raise ValueError(f"{name}: expected one 2D image (H, W); got shape {a.shape}")
+    return a
+
+
+def pixel_area_mm2(spacing) -> float:
+    return float(spacing[0]) * float(spacing[1])
+
+
+def reference_sigma_px(noise, spacing=(1.0, 1.0)) -> float:
+    """Width (Gaussian sigma, pixels) of the reference filter: the noise correlation length
+    (:func:`~.noise.correlation_length_mm`) of mostly noise-only images ``noise`` (e.g. the
+    differences x~_k - x, or null realisations minus their mean; ``(H, W)`` or ``(N, H, W)``)
+    in pixels, kept within :data:`SIGMA_RANGE_PX`. (Measured on differences, not on x
+    itself, whose anatomy would count as coarse "noise".)"""
+    noise = np.asarray(noise, dtype=np.float64)
+    length_mm = correlation_length_mm(noise_power_spectrum(noise, spacing, detrend="mean"))
+    return float(np.clip(length_mm / math.sqrt(spacing[0] * spacing[1]), *SIGMA_RANGE_PX))
+
+
+def reference_filter(images, sigma_px: float) -> np.ndarray:
+    """The reference filter ``G_sigma *`` over the last two axes (reflecting borders)."""
+    a = np.asarray(images, dtype=np.float64)
+    return ndimage.gaussian_filter(a, (0.0,) * (a.ndim - 2) + (sigma_px, sigma_px), mode="reflect")
+
+
+def border_gain(shape: Tuple[int, int], sigma_px: float) -> np.ndarray:
+    """Variance of :func:`reference_filter`-ed white noise per pixel relative to the image's
+    inside ``(H, W)``: near the border the reflected samples count twice, so filtered noise
+    is up to 2x (corners 4x) stronger there; dividing by ``sqrt`` of this map makes the
+    filtered noise stationary (exact for white noise, close for noise correlated over about
+    a pixel, like CT noise)."""
+    gains = []
+    for n in shape:
+        operator = ndimage.gaussian_filter1d(np.eye(n), sigma_px, axis=0, mode="reflect")
+        v = (operator ** 2).sum(axis=1)
+        gains.append(v / v[n // 2])
+    return np.outer(gains[0], gains[1])
+
+
+def masked_smooth(values: np.ndarray, mask: Optional[np.ndarray], window_px: float) -> np.ndarray:
+    """Gaussian-weighted local mean of ``values`` over the pixels of ``mask`` (normalised
+    convolution; every pixel when ``mask`` is None or empty)."""
+    if mask is None or not mask.any():
+        return reference_filter(values, window_px)
+    weight = mask.astype(np.float64)
+    return reference_filter(values * weight, window_px) / np.maximum(reference_filter(weight, window_px), 1e-12)
+
+
+def local_noise_std(field: np.ndarray, window_px: float, mask: Optional[np.ndarray] = None, clip: float = 3.0,
+                    rounds: int = 2) -> np.ndarray:
+    """Local noise standard deviation (HU) of a mostly noise-only, zero-mean field ``(H, W)``:
+    the Gaussian-weighted (``window_px``) mean of ``field^2`` over ``mask`` (the pixels that
+    can hold noise), clipped at ``clip`` times the current estimate (so an altered region
+    barely raises it), starting from the robust global estimate. Noise in CT is not
+    stationary (lower towards the body's edge, none outside the scanner's field of view), so
+    one global value would misjudge it."""
+    c2 = clip * clip
+    # E[min(X^2, c^2)] for a standard normal X: the clipped mean's bias, corrected below
+    clipped_mean = (1.0 - 2.0 * clip * stats.norm.pdf(clip) - 2.0 * stats.norm.sf(clip)) + c2 * 2.0 * stats.norm.sf(clip)
+    inside = field if mask is None or not mask.any() else field[mask]
+    variance = np.full(field.shape, robust_std(inside) ** 2)
+    for _ in range(rounds):
+        variance = masked_smooth(np.minimum(field ** 2, c2 * variance), mask, window_px) / clipped_mean
+    return np.sqrt(variance)
+
+
+def roughness(z: np.ndarray) -> float:
+    """Roughness ``lambda`` of a unit-variance field (variance of its derivative per pixel,
+    the mean over both axes), robustly from the finite differences of ``z`` (2D or a stack)."""
+    z = np.asarray(z, dtype=np.float64)
+    dx = np.diff(z, axis=-1).ravel()
+    dy = np.diff(z, axis=-2).ravel()
+    return float(0.5 * (robust_std(dx) ** 2 + robust_std(dy) ** 2))
+
+
+def expected_false_regions(u: float, shape: Tuple[int, int], lam: float) -> float:
+    """Expected Euler characteristic of ``{|z| >= u}`` for a smooth unit-variance Gaussian
+    field of roughness ``lam`` on an ``H x W`` pixel rectangle (two-sided): at high ``u``
+    the expected number of regions noise alone gives (Worsley et al. 1996)."""
+    h, w = shape
+    area, half_perimeter = float(h * w), float(h + w)
+    e = math.exp(-u * u / 2.0)
+    one = (area * lam * (2 * math.pi) ** -1.5 * u * e + half_perimeter * math.sqrt(lam) / (2 * math.pi) * e
+           + stats.norm.sf(u))
+    return 2.0 * one
+
+
+def rft_threshold(shape: Tuple[int, int], lam: float, alpha: float = ALPHA) -> float:
+    """The |z| threshold at which noise alone gives ``alpha`` regions on average
+    (:func:`expected_false_regions`), at most the Bonferroni threshold over the pixels."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1); got {alpha}")
+    bonferroni = float(stats.norm.isf(alpha / (2.0 * shape[0] * shape[1])))
+    lo, hi = 1.0, 12.0
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if expected_false_regions(mid, shape, lam) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return float(min(hi, bonferroni))
+
+
+# ----------------------------------------------------------------------------- method A
+
+
+@dataclass
+class StructureChange:
+    """Method A's result for K invariances of one input.
+
+    Attributes:
+        change_map: z-scores ``(K, H, W)``: filtered difference / its noise-only std.
+        difference_hu: the filtered differences ``G * (x~_k - x)`` ``(K, H, W)`` (HU).
+        labels: altered regions ``(K, H, W)`` uint8 (:data:`ALTERED_LABELS`, 0 elsewhere).
+        samples: per invariance ``{"index", "area_mm2", "peak_abs_hu", "region_count",
+            "max_abs_z", "noise_sigma_hu", "rank"}`` (rank 1: the most altered).
+        threshold_z, extent_z, min_area_mm2, alpha, sigma_px, sigma_mm, noise_source,
+        roughness: the settings used (noise_source "null" or "robust").
+    """
+
+    change_map: np.ndarray
+    difference_hu: np.ndarray
+    labels: np.ndarray
+    samples: List[dict]
+    threshold_z: float
+    extent_z: float
+    min_area_mm2: float
+    alpha: float
+    sigma_px: float
+    sigma_mm: float
+    noise_source: str
+    roughness: float
+
+    @property
+    def ranking(self) -> List[int]:
+        """Sample indices, most altered first."""
+        return [s["index"] for s in sorted(self.samples, key=lambda s: s["rank"])]
+
+    def summary(self) -> dict:
+        return {"threshold_z": self.threshold_z, "extent_z": self.extent_z, "min_area_mm2": self.min_area_mm2,
+                "alpha": self.alpha, "reference_filter": {"kind": "gaussian", "sigma_px": self.sigma_px,
+                                                          "sigma_mm": self.sigma_mm},
+                "noise_source": self.noise_source, "roughness": self.roughness,
+                "altered_samples": int(sum(s["region_count"] > 0 for s in self.samples)),
+                "ranking": self.ranking, "labels": {str(k): v for k, v in ALTERED_LABELS.items()}}
+
+
+def altered_regions(z: np.ndarray, difference_hu: np.ndarray, threshold_z: float, spacing,
+                    min_area_mm2: float = MIN_AREA_MM2, extent_z: float = EXTENT_Z, extent: float = 0.5
+                    ) -> Tuple[np.ndarray, List[dict]]:
+    """Regions of one change map (see the module docstring): labelmap (uint8, BRIGHTER /
+    DARKER) and one record per region ``{"sign", "area_mm2", "peak_abs_hu", "peak_z",
+    "centroid_ij"}``."""
+    px = pixel_area_mm2(spacing)
+    labels = np.zeros(z.shape, np.uint8)
+    records = []
+    for sign, value in ((1.0, BRIGHTER), (-1.0, DARKER)):
+        sz, sd = sign * z, sign * difference_hu
+        seeds = sz >= threshold_z
+        if not seeds.any():
+            continue
+        grown, _ = ndimage.label(sz >= min(extent_z, threshold_z))
+        for c in np.unique(grown[seeds]):
+            component = grown == c
+            peak = float(sd[component].max())
+            core, n = ndimage.label(component & (sd >= extent * peak))
+            for piece_id in range(1, n + 1):
+                piece = core == piece_id
+                area = float(piece.sum() * px)
+                if area < min_area_mm2 or not (piece & seeds).any():
+                    continue
+                labels[piece] = value
+                rows, cols = np.nonzero(piece)
+                records.append({"sign": "brighter" if sign > 0 else "darker", "area_mm2": area,
+                                "peak_abs_hu": float(sd[piece].max()), "peak_z": float(sz[piece].max()),
+                                "centroid_ij": [float(cols.mean()), float(rows.mean())]})
+    return labels, records
+
+
+def structure_change(x, invariances, spacing=(1.0, 1.0), *, null=None, sigma_px: Optional[float] = None,
+                     alpha: float = ALPHA, threshold_z: Optional[float] = None, min_area_mm2: float = MIN_AREA_MM2,
+                     extent_z: float = EXTENT_Z) -> StructureChange:
+    """Method A: per-invariance structure change (see the module docstring).
+
+    Args:
+        x: the input patch ``(H, W)`` (HU).
+        invariances: the invariances x~_k ``(K, H, W)`` (HU).
+        spacing: pixel size ``(x, y)`` in mm.
+        null: optional noise-only realisations of x at its dose ``(J, H, W)`` (HU, J >= 2):
+            the noise-only fluctuation comes from them; else from each difference robustly.
+        sigma_px: reference filter width (pixels); default :func:`reference_sigma_px`.
+        alpha: expected false regions per invariance that sets the threshold (when
+            ``threshold_z`` is not given).
+        threshold_z: a fixed |z| threshold instead.
+        min_area_mm2: smallest region kept (mm^2).
+        extent_z: |z| down to which a detected region grows before it is outlined.
+    """
+    x = _image(x, "x")
+    stack = _stack(invariances, "invariances")
+    if stack.shape[1:] != x.shape:
+        raise ValueError(f"invariances of in-plane shape {stack.shape[1:]} differ from x's {x.shape}")
+    spacing = tuple(float(v) for v in spacing)[:2]
+    sigma_px = float(sigma_px or reference_sigma_px(stack - x[None], spacing))
+    noisy = np.abs(high_pass_residual(x)) > 1e-3  # not constant (the air a scanner shows outside its field of view)
+    gain = np.sqrt(border_gain(x.shape, sigma_px))
+    difference = reference_filter(stack - x[None], sigma_px)
+    window_px = max(LOCAL_WINDOW * sigma_px, 8.0)
+    if null is not None:
+        null = _stack(null, "null")
+        if null.shape[1:] != x.shape or null.shape[0] < 2:
+            raise ValueError(f"the noise-only ensemble must be (J >= 2, {x.shape[0]}, {x.shape[1]}); got {null.shape}")
+        filtered_null = reference_filter(null, sigma_px)
+        # filtered noise variance of one realisation per pixel (HU^2), smoothed over a window
+        one_realisation = masked_smooth(filtered_null.var(axis=0, ddof=1), noisy, window_px)
+        reference = estimate_noise(x)
+        own = np.array([robust_std(high_pass_residual(xk)[reference.mask]) for xk in stack])
+        null_amplitude = np.median([robust_std(high_pass_residual(n)[reference.mask]) for n in null])
+        scale = 1.0 + (own / max(null_amplitude, 1e-6)) ** 2
+        sigma = np.sqrt(one_realisation[None] * scale[:, None, None])
+        noise_source = "null"
+        floor = 1e-3 * math.sqrt(float(np.median(one_realisation)) + 1e-12)
+        null_z = (filtered_null - filtered_null.mean(axis=0)) / np.maximum(np.sqrt(one_realisation), floor)
+        lam = roughness(null_z)
+    else:
+        sigma = np.stack([local_noise_std(d / gain, window_px, noisy) for d in difference]) * gain[None]
+        noise_source = "robust"
+        lam = None
+    sigma_median = np.array([float(np.median(s)) for s in sigma])
+    sigma = np.maximum(sigma, 1e-3 * sigma_median[:, None, None] + 1e-6)
+    z = difference / sigma
+    if lam is None:
+        lam = roughness(z)
+    threshold = float(threshold_z) if threshold_z is not None else rft_threshold(x.shape, lam, alpha)
+    labels = np.zeros(z.shape, np.uint8)
+    samples = []
+    for k in range(z.shape[0]):
+        labels[k], regions = altered_regions(z[k], difference[k], threshold, spacing, min_area_mm2, extent_z)
+        samples.append({"index": k, "area_mm2": float(sum(r["area_mm2"] for r in regions)),
+                        "peak_abs_hu": float(max((r["peak_abs_hu"] for r in regions), default=0.0)),
+                        "region_count": len(regions), "max_abs_z": float(np.abs(z[k]).max()),
+                        "noise_sigma_hu": float(sigma_median[k]), "regions": regions})
+    order = sorted(range(len(samples)), key=lambda k: (-samples[k]["area_mm2"], -samples[k]["peak_abs_hu"],
+                                                        -samples[k]["max_abs_z"], k))
+    for rank, k in enumerate(order, start=1):
+        samples[k]["rank"] = rank
+    return StructureChange(z.astype(np.float32), difference.astype(np.float32), labels, samples, threshold, extent_z,
+                           float(min_area_mm2), float(alpha), sigma_px, sigma_px * math.sqrt(spacing[0] * spacing[1]),
+                           noise_source, lam)
+
+
+# ----------------------------------------------------------------------------- method B
+
+
+def benjamini_hochberg(p, method: str = "bh") -> np.ndarray:
+    """Adjusted p-values (q-values) of the Benjamini-Hochberg step-up procedure ("bh"), or of
+    Benjamini-Yekutieli ("by", valid under any dependence); same shape as ``p``. Reject the
+    hypotheses with ``q <= level`` to control the false discovery rate at ``level``."""
+    p = np.asarray(p, dtype=np.float64)
+    flat = p.ravel()
+    m = flat.size
+    if m == 0:
+        return p.copy()
+    order = np.argsort(flat)
+    scale = m / np.arange(1, m + 1)
+    if method == "by":
+        scale = scale * np.sum(1.0 / np.arange(1, m + 1))
+    elif method != "bh":
+        raise ValueError(f"method is 'bh' or 'by'; got {method!r}")
+    adjusted = np.minimum.accumulate((flat[order] * scale)[::-1])[::-1]
+    q = np.empty(m)
+    q[order] = np.minimum(adjusted, 1.0)
+    return q.reshape(p.shape)
+
+
+def _variance_ratio_p(a: np.ndarray, b: np.ndarray, noise_scaling: str) -> Tuple[np.ndarray, np.ndarray, float]:
+    """One-sided p-values of ``var(a) > var(b)`` per pixel (stacks, axis 0 the realisation),
+    the (scaled) variance ratio and the scale factor."""
+    d1, d2 = a.shape[0] - 1, b.shape[0] - 1
+    va, vb = a.var(axis=0, ddof=1), b.var(axis=0, ddof=1)
+    noisy = vb > 1e-6 * max(float(np.median(vb)), 1e-12)  # not the noise-free air outside the field of view
+    ratio = np.where(noisy, va / np.maximum(vb, 1e-12), 0.0)
+    if noise_scaling == "median":
+        scale = float(np.median(ratio[noisy]) / stats.f.median(d1, d2)) if noisy.any() else 1.0
+    elif noise_scaling == "none":
+        scale = 1.0
+    else:
+        raise ValueError(f"noise_scaling is 'median' or 'none'; got {noise_scaling!r}")
+    ratio = ratio / max(scale, 1e-12)
+    return stats.f.sf(ratio, d1, d2), ratio, scale
+
+
+@dataclass
+class EnsembleTest:
+    """Method B's result for one input.
+
+    Attributes:
+        significance: ``-log10 q`` per pixel ``(H, W)`` (q: FDR-adjusted p-value).
+        q, p: adjusted and raw p-values ``(H, W)``.
+        variance_ratio: (scaled) variance ratio invariances / null per pixel ``(H, W)``.
+        labels: flagged regions ``(H, W)`` uint8 (1 inside, 0 elsewhere).
+        noise_scale: variance ratio attributed to a global noise-amplitude difference.
+        summary: JSON-ready numbers (see :meth:`summary_dict`).
+    """
+
+    significance: np.ndarray
+    q: np.ndarray
+    p: np.ndarray
+    variance_ratio: np.ndarray
+    labels: np.ndarray
+    noise_scale: float
+    details: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return dict(self.details)
+
+
+def ensemble_test(invariances, null, spacing=(1.0, 1.0), *, sigma_px: Optional[float] = None, x=None,
+                  fdr: float = FDR, method: str = "bh", noise_scaling: str = "median", min_area_mm2: float = 0.0,
+                  null_source: str = "given") -> EnsembleTest:
+    """Method B: do the invariances vary more than noise alone, per pixel? (module docstring)
+
+    Args:
+        invariances: x~_k ``(K, H, W)`` HU, K >= 3.
+        null: noise-only variants of x at the same dose ``(J, H, W)`` HU, J >= 3.
+        spacing: pixel size ``(x, y)`` mm.
+        sigma_px: reference filter width; default :func:`reference_sigma_px` of the null.
+        x: the input (unused by the test; kept for the caller's records).
+        fdr: false discovery rate level; method: "bh" or "by".
+        noise_scaling: "median" (discount a global noise-amplitude difference) or "none".
+        min_area_mm2: drop flagged regions smaller than this (0: keep all, the FDR's own).
+        null_source: how the null was made, recorded in the summary ("simulator",
+            "cvae posterior", "given").
+    """
+    stack = _stack(invariances, "invariances")
+    null = _stack(null, "null")
+    if stack.shape[0] < 3 or null.shape[0] < 3:
+        raise ValueError(f"method B needs at least 3 invariances and 3 noise-only images; got {stack.shape[0]} "
+                         f"and {null.shape[0]}")
+    if stack.shape[1:] != null.shape[1:]:
+        raise ValueError(f"invariances {stack.shape[1:]} and null {null.shape[1:]} differ in size")
+    if not 0.0 < fdr < 1.0:
+        raise ValueError(f"the FDR level must be in (0, 1); got {fdr}")
+    spacing = tuple(float(v) for v in spacing)[:2]
+    sigma_px = float(sigma_px or reference_sigma_px(null - null.mean(axis=0), spacing))
+    filtered, filtered_null = reference_filter(stack, sigma_px), reference_filter(null, sigma_px)
+    p, ratio, scale = _variance_ratio_p(filtered, filtered_null, noise_scaling)
+    q = benjamini_hochberg(p, method)
+    flagged = q <= fdr
+    components, n = ndimage.label(flagged)
+    px = pixel_area_mm2(spacing)
+    labels = np.zeros(flagged.shape, np.uint8)
+    regions = []
+    for c in range(1, n + 1):
+        piece = components == c
+        area = float(piece.sum() * px)
+        if area < min_area_mm2:
+            continue
+        labels[piece] = 1
+        rows, cols = np.nonzero(piece)
+        regions.append({"area_mm2": area, "min_q": float(q[piece].min()),
+                        "centroid_ij": [float(cols.mean()), float(rows.mean())]})
+    calibration = None
+    if null.shape[0] >= 6:  # the null against itself: how often does pure noise get flagged?
+        p_null, _, _ = _variance_ratio_p(filtered_null[0::2], filtered_null[1::2], noise_scaling)
+        calibration = {"null_split": [int(filtered_null[0::2].shape[0]), int(filtered_null[1::2].shape[0])],
+                       "flagged_fraction": float((benjamini_hochberg(p_null, method) <= fdr).mean()),
+                       "p_below_0.05_fraction": float((p_null < 0.05).mean())}
+    significance = -np.log10(np.maximum(q, 1e-300))
+    details = {"null_source": null_source, "null_count": int(null.shape[0]), "invariance_count": int(stack.shape[0]),
+               "test": "per-pixel variance ratio F(K-1, J-1) of reference-filtered images, one-sided",
+               "fdr_method": "Benjamini-Hochberg" if method == "bh" else "Benjamini-Yekutieli", "fdr_level": fdr,
+               "noise_scaling": noise_scaling, "noise_scale": scale,
+               "reference_filter": {"kind": "gaussian", "sigma_px": sigma_px,
+                                    "sigma_mm": sigma_px * math.sqrt(spacing[0] * spacing[1])},
+               "flagged_area_mm2": float(labels.sum() * px), "flagged_fraction": float(labels.mean()),
+               "region_count": len(regions), "regions": regions, "min_area_mm2": float(min_area_mm2),
+               "max_significance": float(significance.max()), "calibration": calibration}
+    return EnsembleTest(significance.astype(np.float32), q.astype(np.float32), p.astype(np.float32),
+                        ratio.astype(np.float32), labels, scale, details)
+
+
+# ----------------------------------------------------------------------------- noise-only ensembles
+
+
+def simulate_noise_only(full_dose_hu, dose: float, count: int, seed: int = 0, *, spacing: float = None,
+                        simulator=None, batch: int = 4) -> np.ndarray:
+    """``count`` low-dose realisations ``(count, H, W)`` (HU) of a full-dose slice at ``dose``
+    with the scan simulator (:class:`~.lowdose.LowDoseSimulator`, made for the slice's size
+    and ``spacing`` mm unless given): the noise-only null of method B when the full-dose
+    image is at hand. Realisation j uses the noise seed ``seed + j`` (batches of ``batch``)."""
+    from .lowdose import LowDoseSimulator
+
+    full = _image(full_dose_hu, "full-dose image").astype(np.float32)
+    if simulator is None:
+        if spacing is None:
+            raise ValueError("give the pixel spacing (mm) or a simulator")
+        simulator = LowDoseSimulator(full.shape[-1], float(spacing))
+    out = np.empty((int(count),) + full.shape, np.float32)
+    for first in range(0, int(count), batch):
+        n = min(batch, int(count) - first)
+        pair = simulator.simulate(np.repeat(full[None], n, 0), dose=dose, seed=seed + first, noiseless=False)
+        out[first:first + n] = pair.low_dose
+    return out

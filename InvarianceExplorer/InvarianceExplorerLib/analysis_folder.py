@@ -1,0 +1,326 @@
+"""Analysis of a ``sample`` output folder: noise, method A, method B; written as files.
+
+:func:`analyze_folder` reads a folder that ``invariance-explorer sample`` wrote
+(:mod:`.result_folder`), runs :func:`~.noise.noise_summary`,
+:func:`~.analysis.structure_change` (method A) and, when a noise-only null ensemble is at
+hand, :func:`~.analysis.ensemble_test` (method B), and writes ``FOLDER/analysis/`` whole (a
+temporary sibling folder, then renamed; an earlier analysis is replaced):
+
+* ``change_maps.nrrd`` — method A's z-score maps, a stack (numpy axis 0 = sample k) with
+  the geometry of ``invariances.nrrd``; ``altered_regions.nrrd`` — its labelmaps (uint8,
+  1 brighter / 2 darker in the invariance: structure added / removed), the same way;
+* ``significance.nrrd`` — method B's ``-log10 q`` (one slice, the crop's geometry);
+  ``significant_regions.nrrd`` — its flagged regions (uint8, 1); both only when method B ran;
+* ``analysis.json`` — settings, the noise summary, method A's summary and per-sample
+  records, method B's summary (or ``{"skipped": true, "reason": ...}``), the files;
+* ``analysis.csv`` — one row per invariance (:data:`CSV_COLUMNS`);
+* ``figure.png`` — the paper's layout (x, f(x), three invariances — the three most
+  altered by method A — and the std map) with a change-map column (max |z| over all
+  samples); a second row shows the change maps of the three invariances shown, altered
+  regions outlined, and method B's significance map under the std map.
+
+The noise-only null of method B: the ``null`` argument (e.g. simulated by the CLI from the
+full-dose image, or a file the user gives), else ``noise_only.nrrd`` in the sample folder
+(:data:`NOISE_ONLY_FILE`, a stack like ``invariances.nrrd``; ``numbers.json["noise_only"]
+["source"]`` says how it was made, e.g. "cvae posterior"), else method B is skipped and
+the JSON says why.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from .analysis import ALPHA, ALTERED_LABELS, FDR, MIN_AREA_MM2, ensemble_test, structure_change
+from .image import CTImage
+from .noise import noise_summary
+from .result_folder import FILES, load_result, read_volume
+
+#: Sub-folder of a sample folder that holds the analysis.
+ANALYSIS_DIR = "analysis"
+#: Output name -> file name in ``FOLDER/analysis/``.
+ANALYSIS_FILES: Dict[str, str] = {
+    "change_maps": "change_maps.nrrd",
+    "altered_regions": "altered_regions.nrrd",
+    "significance": "significance.nrrd",
+    "significant_regions": "significant_regions.nrrd",
+    "numbers": "analysis.json",
+    "table": "analysis.csv",
+    "figure": "figure.png",
+}
+#: Outputs that exist only when method B ran.
+METHOD_B_FILES = ("significance", "significant_regions")
+#: Optional noise-only ensemble in a sample folder (see the module docstring).
+NOISE_ONLY_FILE = "noise_only.nrrd"
+#: Columns of ``analysis.csv``: (column, key of the merged per-sample record).
+CSV_COLUMNS = (
+    ("sample", "index"),
+    ("rank", "rank"),
+    ("noise_std_hu", "noise_std_hu"),
+    ("noise_ratio_to_input", "noise_ratio_to_input"),
+    ("noise_residual_correlation", "noise_residual_correlation"),
+    ("altered_area_mm2", "area_mm2"),
+    ("peak_abs_change_hu", "peak_abs_hu"),
+    ("altered_region_count", "region_count"),
+    ("max_abs_z", "max_abs_z"),
+    ("filtered_noise_sigma_hu", "noise_sigma_hu"),
+    ("mean_abs_change_hu", "mean_abs_change_hu"),
+)
+
+#: ``progress(stage, done, total)`` with stages "noise", "method A", "method B", "writing".
+ProgressCallback = Callable[[str, int, int], None]
+
+
+def _stack_image(crop: CTImage, array: np.ndarray) -> CTImage:
+    """A stack (axis 0 = sample k) with the crop's geometry, as ``sample`` writes stacks."""
+    return CTImage(np.asarray(array, np.float32), crop.spacing, crop.origin, crop.direction)
+
+
+def find_null(folder, numbers: dict, shape: Tuple[int, int]) -> Tuple[Optional[np.ndarray], Optional[str], str]:
+    """The noise-only ensemble a sample folder holds: ``(stack, source, note)``, or
+    ``(None, None, reason)`` when it holds none."""
+    path = Path(folder) / NOISE_ONLY_FILE
+    if not path.is_file():
+        held = ", ".join(sorted(p.name for p in Path(folder).iterdir() if p.is_file()))
+        return None, None, (f"no noise-only ensemble of x at its dose: the sample folder holds only {held} "
+                            f"(no {NOISE_ONLY_FILE}); give the full-dose image (analyze --full-dose FILE --dose D) "
+                            "or noise-only images (analyze --null FILE) to run method B")
+    stack = read_volume(path).array
+    if stack.shape[1:] != tuple(shape):
+        raise ValueError(f"{path}: in-plane size {stack.shape[1:]} differs from the crop's {tuple(shape)}")
+    source = str((numbers.get("noise_only") or {}).get("source", "sample folder"))
+    return stack, source, f"{NOISE_ONLY_FILE} in the sample folder"
+
+
+def simulate_null_for_folder(folder, full_dose: CTImage, dose: float, count: int = 16, seed: int = 0, *,
+                             photons: Optional[float] = None, filter: str = "hann", device="cpu") -> np.ndarray:
+    """Method B's null for a sample folder from the full-dose image at hand: ``count``
+    low-dose scans at ``dose`` of the full-dose slice the crop was cut from (simulated whole,
+    :func:`~.analysis.simulate_noise_only`, then cut like the crop), ``(count, P, P)`` HU.
+    ``full_dose`` must be on the input's grid (the crop's position is checked). The scan
+    settings (``photons``, ``filter``) should be those that made the low-dose input."""
+    from .analysis import simulate_noise_only
+    from .lowdose import LowDoseSimulator
+    from .sampler import crop_patch
+
+    result = load_result(folder)
+    numbers = result.numbers
+    if "center_ijk" not in numbers or "patch_size" not in numbers:
+        raise ValueError(f"{result.folder}: numbers.json has no center_ijk and patch_size; cannot find the crop")
+    i, j, k = (int(v) for v in numbers["center_ijk"])
+    size = int(numbers["patch_size"])
+    if full_dose.is_slice:
+        plane = full_dose
+    elif 0 <= k < full_dose.array.shape[0]:
+        plane = list(full_dose.slices())[k]
+    else:
+        raise ValueError(f"the full-dose image has {full_dose.array.shape[0]} slices; the crop is on slice {k}")
+    ny, nx = plane.array.shape
+    sx, sy = plane.pixel_spacing
+    if ny != nx or abs(sx - sy) > 1e-3 * sx:
+        raise ValueError(f"the full-dose slice is {nx} x {ny} pixels of {sx:g} x {sy:g} mm; the scan simulation needs "
+                         "a square slice of square pixels")
+    where = crop_patch(plane, (i, j), size).image
+    if not np.allclose(where.origin[:2], result.crop.origin[:2], atol=1e-3 * max(sx, 1.0)):
+        raise ValueError(f"the full-dose image is not on the input's grid: the crop would lie at {where.origin[:2]} mm, "
+                         f"the sample's crop lies at {result.crop.origin[:2]} mm")
+    simulator = LowDoseSimulator(nx, sx, photons=photons, filter=filter, device=device)
+    scans = simulate_noise_only(plane.array, dose, count, seed, simulator=simulator)
+    return np.stack([crop_patch(plane.with_array(scan), (i, j), size).array for scan in scans])
+
+
+def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Optional[str] = None,
+                   alpha: float = ALPHA, fdr: float = FDR, sigma_mm: Optional[float] = None,
+                   min_area_mm2: float = MIN_AREA_MM2, progress: Optional[ProgressCallback] = None
+                   ) -> Tuple[Path, dict]:
+    """Analyse the ``sample`` folder ``folder`` and write ``folder/analysis/`` (module docstring).
+
+    Args:
+        null: noise-only variants of x at its dose ``(J, P, P)`` HU (J >= 3), or None to
+            look for :data:`NOISE_ONLY_FILE` in the folder.
+        null_source: how ``null`` was made ("simulator", "cvae posterior", "given").
+        alpha: method A's expected false regions per invariance; fdr: method B's FDR level.
+        sigma_mm: reference filter width in mm (default: the noise correlation length).
+        min_area_mm2: method A's smallest altered region.
+        progress: ``progress(stage, done, total)``.
+
+    Returns ``(analysis folder, the analysis.json record)``.
+    """
+    report = progress or (lambda stage, done, total: None)
+    result = load_result(folder)
+    folder = result.folder
+    crop = result.crop
+    x = crop.array[0].astype(np.float64)
+    stack = result.volumes["invariances"].array.astype(np.float64)
+    spacing = crop.spacing[:2]
+    pixel = math.sqrt(spacing[0] * spacing[1])
+    sigma_px = None if sigma_mm is None else float(sigma_mm) / pixel
+
+    report("noise", 0, 1)
+    noise = noise_summary(x, stack, spacing)
+    report("noise", 1, 1)
+
+    note = "given"
+    if null is None:
+        null, null_source, note = find_null(folder, result.numbers, x.shape)
+    else:
+        null = np.asarray(null, dtype=np.float64)
+        null_source = null_source or "given"
+        if null.ndim != 3 or null.shape[1:] != x.shape:
+            raise ValueError(f"the noise-only ensemble must be a stack (J, {x.shape[0]}, {x.shape[1]}); got {null.shape}")
+
+    report("method A", 0, 1)
+    change = structure_change(x, stack, spacing, null=null, sigma_px=sigma_px, alpha=alpha,
+                              min_area_mm2=min_area_mm2)
+    report("method A", 1, 1)
+
+    test = None
+    if null is not None and stack.shape[0] >= 3 and null.shape[0] >= 3:
+        report("method B", 0, 1)
+        test = ensemble_test(stack, null, spacing, sigma_px=change.sigma_px, x=x, fdr=fdr, null_source=null_source)
+        report("method B", 1, 1)
+        method_b = {"skipped": False, **test.summary(), "null_note": note}
+    else:
+        reason = note if null is None else (f"method B needs at least 3 invariances and 3 noise-only images; "
+                                            f"got {stack.shape[0]} and {null.shape[0]}")
+        method_b = {"skipped": True, "reason": reason}
+
+    samples = _merged_samples(result.numbers, noise, change)
+    record = {
+        "version": 1,
+        "sample_folder": str(folder),
+        "count": int(stack.shape[0]),
+        "spacing_mm": list(spacing),
+        "noise": noise,
+        "method_a": {**change.summary(), "samples": [{k: v for k, v in s.items()} for s in change.samples]},
+        "method_b": method_b,
+        "samples": samples,
+        "stacks": "axis 0 of change_maps.nrrd and altered_regions.nrrd is the sample index k, as in invariances.nrrd",
+    }
+    out = folder / ANALYSIS_DIR
+    written = [name for name in ANALYSIS_FILES if test is not None or name not in METHOD_B_FILES]
+    record["files"] = {name: ANALYSIS_FILES[name] for name in written}
+    report("writing", 0, len(written))
+    partial = folder / f".{ANALYSIS_DIR}.{uuid.uuid4().hex[:8]}.partial"
+    partial.mkdir()
+    try:
+        _write(partial, crop, result, change, test, record, samples, lambda n: report("writing", n, len(written)))
+        old = None
+        if out.exists():
+            old = folder / f".{ANALYSIS_DIR}.{uuid.uuid4().hex[:8]}.old"
+            os.replace(out, old)
+        os.replace(partial, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial)
+    return out, record
+
+
+def _merged_samples(numbers: dict, noise: dict, change) -> list:
+    by_index = {s["index"]: s for s in numbers.get("samples", [])}
+    merged = []
+    for n, a in zip(noise["samples"], change.samples):
+        k = a["index"]
+        merged.append({"index": k, "rank": a["rank"], "noise_std_hu": n["std_hu"],
+                       "noise_ratio_to_input": n["ratio_to_input"],
+                       "noise_residual_correlation": n["residual_correlation"], "area_mm2": a["area_mm2"],
+                       "peak_abs_hu": a["peak_abs_hu"], "region_count": a["region_count"],
+                       "max_abs_z": a["max_abs_z"], "noise_sigma_hu": a["noise_sigma_hu"],
+                       "mean_abs_change_hu": by_index.get(k, {}).get("mean_abs_change_hu")})
+    return merged
+
+
+def _write(partial: Path, crop: CTImage, result, change, test, record: dict, samples: list,
+           update: Callable[[int], None]) -> None:
+    from .io import write_nrrd
+
+    stack = _stack_image(crop, change.change_map)
+    done = 0
+    volumes = [("change_maps", stack, change.change_map), ("altered_regions", stack, change.labels)]
+    if test is not None:
+        volumes += [("significance", crop, test.significance[None]), ("significant_regions", crop, test.labels[None])]
+    for name, geometry, array in volumes:
+        write_nrrd(geometry, partial / ANALYSIS_FILES[name], array=array)
+        done += 1
+        update(done)
+    with open(partial / ANALYSIS_FILES["numbers"], "w") as f:
+        json.dump(record, f, indent=1)
+    done += 1
+    update(done)
+    with open(partial / ANALYSIS_FILES["table"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([c for c, _ in CSV_COLUMNS])
+        for s in samples:
+            writer.writerow(["" if s[key] is None else s[key] for _, key in CSV_COLUMNS])
+    done += 1
+    update(done)
+    _figure(partial / ANALYSIS_FILES["figure"], crop, result, change, test)
+    update(done + 1)
+
+
+def _outline(labels: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    inside = labels > 0
+    return inside & ~ndimage.binary_erosion(inside)
+
+
+def _figure(path: Path, crop: CTImage, result, change, test) -> None:
+    """The paper's figure row (x, f(x), three invariances, std) + a change-map column; under
+    the invariances their change maps with altered regions outlined, under the std map
+    method B's significance map (see the module docstring)."""
+    from .figures import LUNG_WINDOW, save_png, tile_grid, window
+
+    x = crop.array[0]
+    denoised = result.volumes["denoised"].array[0] if "denoised" in result.volumes else np.zeros_like(x)
+    invariances = result.volumes["invariances"].array
+    std = result.volumes["std"].array[0] if "std" in result.volumes else invariances.std(axis=0)
+    shown = change.ranking[:3]
+    top = max(2.0 * change.threshold_z, 1.0)
+
+    def zmap(z, labels=None):
+        tile = window(np.abs(z), top / 2.0, top)
+        if labels is not None:
+            tile[_outline(labels)] = 255
+        return tile
+
+    blank = np.zeros(x.shape, np.uint8)
+    row1 = ([window(a, *LUNG_WINDOW) for a in (x, denoised, *invariances[shown])] + [window(std, 150, 300)]
+            + [zmap(np.abs(change.change_map).max(axis=0), change.labels.max(axis=0))])
+    labels1 = ["x", "f(x)", *[f"x~{k} (A rank {change.samples[k]['rank']})" for k in shown], "std 0-300 HU",
+               f"max |z| 0-{top:.0f}"]
+    row2 = [blank, blank, *[zmap(change.change_map[k], change.labels[k]) for k in shown]]
+    labels2 = ["", "", *[f"|z| x~{k}: {change.samples[k]['area_mm2']:.0f} mm2" for k in shown]]
+    if test is not None:
+        row2.append(window(test.significance, 2.0, 4.0))
+        labels2.append("B: -log10 q 0-4")
+    save_png(tile_grid([row1, row2], [labels1, labels2]), path)
+
+
+def load_analysis(folder) -> dict:
+    """Read ``folder/analysis/`` (``folder``: the sample folder or the analysis folder itself):
+    ``{"numbers": analysis.json, "<name>": CTImage for each NRRD present}``."""
+    folder = Path(folder)
+    if (folder / ANALYSIS_DIR).is_dir():
+        folder = folder / ANALYSIS_DIR
+    numbers_path = folder / ANALYSIS_FILES["numbers"]
+    if not numbers_path.is_file():
+        raise ValueError(f"{folder}: no analysis here (run invariance-explorer analyze on the sample folder)")
+    with open(numbers_path) as f:
+        loaded = {"numbers": json.load(f)}
+    for name, file in ANALYSIS_FILES.items():
+        if file.endswith(".nrrd") and (folder / file).is_file():
+            loaded[name] = read_volume(folder / file)
+    return loaded
+
+

@@ -1,0 +1,428 @@
+"""Fidelity figures of the invariance models of a denoiser, on held-out simulated slices.
+
+Issue 4's bars, each measured on patches of the test split (never trained on) of a
+simulated data set (:func:`held_out_patches`):
+
+* **consistency** ``C = mean|f(x~) - f(x)| / mean|x~ - x|`` over samples and patches (the
+  part of a change of the input that reaches f's output; bar: <= 0.35), beside the same
+  ratio ``C'`` for a fresh noise realisation x' of the same slice;
+* **noise baseline** ``B = mean|f(x~) - f(x)| / mean|f(x') - f(x)|``: the sampled
+  invariances move f's output about as little as a new noise realisation does (bar: <= 1.5);
+* **completeness** of the cVAE: ``mean|f(D(E(x), f(x))) - f(x)|`` (HU), and the noise of the
+  reconstruction against that of x (noise = image - full dose): correlation of their radial
+  noise power spectra (bar: >= 0.9) and the ratio of their standard deviations (bar: 0.8-1.25);
+* **diversity**: mean pairwise ``|x~_i - x~_j|`` (> 0), beside ``mean|x' - x|``;
+* **cINN**: held-out negative log-likelihood per dimension of the codes z, and the mean
+  and standard deviation of ``v = t(z | f(x))`` (0 and 1 for a perfect flow).
+
+The fresh realisation x' is a new scan of the slice's object at the data set's dose
+(:func:`another_realisation`): for a simulated data set the noise-free phantom is rebuilt
+from the item's seed and scanned again with :class:`~.lowdose.LowDoseSimulator` and the data
+set's scan parameters, so x and x' are two draws from exactly the same distribution (a
+rescan of the stored full-dose image would add its own noise on top).
+
+All differences are mean absolute values in HU. :func:`invariance_fidelity` computes all
+figures (quality tests and benchmarks call it); :func:`invariance_card` writes them into the
+model card.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+#: Issue 4's bars: name -> (lower bound or None, upper bound or None).
+BARS = {"consistency": (None, 0.35), "noise_baseline": (None, 1.5), "nps_correlation": (0.9, None),
+        "noise_std_ratio": (0.8, 1.25), "diversity_hu": (0.0, None)}
+
+
+# ----------------------------------------------------------------------------- held-out patches
+
+
+@dataclass(frozen=True)
+class HeldOutPatch:
+    """A square patch of a held-out slice.
+
+    Attributes:
+        index: the slice's item index in its source.
+        center: column and row ``(i, j)`` of the slice pixel the patch is centred on
+            (:func:`~.sampler.crop_patch`).
+        low_dose, full_dose: the patch in HU, ``(P, P)`` float32.
+    """
+
+    index: int
+    center: Tuple[int, int]
+    low_dose: np.ndarray
+    full_dose: np.ndarray
+
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        """The same patch of another image of the slice (e.g. a new noise realisation)."""
+        return _crop(image, self.center, self.low_dose.shape[0])
+
+
+def _crop(image: np.ndarray, center: Tuple[int, int], size: int) -> np.ndarray:
+    from .image import CTImage
+    from .sampler import crop_patch
+
+    return crop_patch(CTImage(np.asarray(image, dtype=np.float32), (1.0, 1.0, 1.0)), center, size).array
+
+
+def split_indices(source, split: str, limit: Optional[int] = None) -> List[int]:
+    """Item indices of the patient-level ``split`` of ``source`` (:func:`~.datasets.split_patients`),
+    at most ``limit`` of them, evenly spaced."""
+    from .datasets import split_patients
+
+    if split == "all":
+        indices = list(range(len(source)))
+    else:
+        chosen = set(split_patients(getattr(source, "split_ids", source.patient_ids))[split])
+        indices = [i for i, pid in enumerate(source.patient_ids) if pid in chosen]
+    if limit is not None and len(indices) > limit:
+        indices = [indices[k] for k in np.linspace(0, len(indices) - 1, limit).round().astype(int)]
+    return indices
+
+
+def held_out_patches(source, split: str, patch_size: int, slices: int = 8, per_slice: int = 2,
+                     seed: int = 0) -> List[HeldOutPatch]:
+    """``per_slice`` patches of ``patch_size`` pixels from each of up to ``slices`` slices of
+    ``split`` (deterministic): centres drawn uniformly (numpy, from ``(seed, index)``) in
+    the central half of the slice, where the body is, and far enough from the border that
+    the patch (cut by :func:`~.sampler.crop_patch`) lies inside the image."""
+    p = int(patch_size)
+    patches = []
+    for index in split_indices(source, split, slices):
+        item = source[index]
+        h, w = item.low_dose.shape
+        if min(h, w) < p:
+            raise ValueError(f"slice {index} is {w} x {h} pixels, smaller than the {p}-pixel patches")
+        rng = np.random.default_rng([int(seed), int(index)])
+        for _ in range(per_slice):
+            j, i = (int(rng.integers(lo, hi + 1)) if lo <= hi else n // 2
+                    for n in (h, w) for lo, hi in [(max(p // 2, n // 4), min(n - (p - p // 2), 3 * n // 4))])
+            patches.append(HeldOutPatch(index, (i, j), _crop(item.low_dose, (i, j), p),
+                                        _crop(item.full_dose, (i, j), p)))
+    return patches
+
+
+def another_realisation(source, index: int, seed: int) -> Optional[np.ndarray]:
+    """A new low-dose scan (HU, the slice's shape) of item ``index`` of a simulated data set:
+    its phantom rebuilt from the manifest's seed and scanned at the data set's dose with the
+    same scan parameters and noise seed ``seed``. None for sources that are not simulated."""
+    from .datasets import SimulatedDataset
+    from .lowdose import LowDoseSimulator
+    from .phantom import chest_phantom
+
+    if not isinstance(source, SimulatedDataset):
+        return None
+    p, record = source.manifest["parameters"], source.items[index]
+    scan = p["simulator"]
+    phantom = chest_phantom(int(record["phantom_seed"]), size=int(p["size"]), spacing=float(p["spacing_mm"]),
+                            contrast=bool(record["contrast"]))
+    simulator = LowDoseSimulator(int(p["size"]), float(p["spacing_mm"]), photons=scan["photons_full_dose"],
+                                 electronic_noise=scan["electronic_noise_quanta"], filter=scan["filter"],
+                                 n_views=scan["geometry"]["n_views"])
+    low = simulator.simulate(phantom.hu, dose=float(p["dose"]), seed=int(seed), noiseless=False).low_dose
+    return np.clip(np.rint(low), -32768, 32767).astype(np.float32)  # stored as int16 HU, like the data set
+
+
+# ----------------------------------------------------------------------------- noise texture
+
+
+def noise_power_spectrum(noise: np.ndarray) -> np.ndarray:
+    """Radially averaged 2D noise power spectrum of noise patches ``(N, P, P)`` (HU), each
+    with its mean removed: ``|FFT|^2 / P^2`` averaged over patches and over rings of integer
+    radius 0 .. P/2 - 1 (cycles per patch); HU^2 pixel units."""
+    noise = np.asarray(noise, dtype=np.float64)
+    noise = noise - noise.mean(axis=(-2, -1), keepdims=True)
+    p = noise.shape[-1]
+    power = (np.abs(np.fft.fft2(noise)) ** 2).mean(axis=0) / (p * p)
+    f = np.fft.fftfreq(p) * p
+    radius = np.rint(np.hypot(*np.meshgrid(f, f, indexing="ij"))).astype(int)
+    keep = radius < p // 2
+    return np.bincount(radius[keep], weights=power[keep], minlength=p // 2) / np.bincount(radius[keep],
+                                                                                           minlength=p // 2)
+
+
+def noise_texture(noise: np.ndarray, reference_noise: np.ndarray) -> Dict[str, float]:
+    """How ``noise`` ``(N, P, P)`` compares with ``reference_noise`` (same shape, HU):
+    ``nps_correlation``, the Pearson correlation of their radial noise power spectra
+    (without the zero frequency), and ``noise_std_ratio``, std(noise) / std(reference)."""
+    a, b = noise_power_spectrum(noise)[1:], noise_power_spectrum(reference_noise)[1:]
+    correlation = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+    ratio = float(np.std(noise) / max(np.std(reference_noise), 1e-12))
+    return {"nps_correlation": correlation, "noise_std_ratio": ratio}
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _denoiser_fn(denoiser, device):
+    from .inference import apply_network
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return apply_network(denoiser.network, t, tile_size=None)
+
+    return f
+
+
+@torch.inference_mode()
+def representation_fidelity(denoiser, representation, patches: Sequence[HeldOutPatch], device="cpu",
+                            batch_size: int = 16) -> dict:
+    """Completeness of the cVAE on ``patches``: with ``r = D(mean E(x), f(x))``,
+    ``output_error_hu`` = mean|f(r) - f(x)|, ``reconstruction_error_hu`` = mean|r - x|, and
+    :func:`noise_texture` of ``r - full dose`` against ``x - full dose``."""
+    norm, f = denoiser.normalization, _denoiser_fn(denoiser, device)
+    outputs, recon = [], []
+    for first in range(0, len(patches), batch_size):
+        chunk = patches[first:first + batch_size]
+        x = norm.normalize(torch.from_numpy(np.stack([p.low_dose for p in chunk]))[:, None]).to(device)
+        y = f(x)
+        mean, _ = representation.encode(x, y)
+        r = representation.decode(mean, y)
+        outputs.append((norm.denormalize(f(r)) - norm.denormalize(y)).abs().mean(dim=(1, 2, 3)).cpu().numpy())
+        recon.append(norm.denormalize(r)[:, 0].float().cpu().numpy())
+    recon = np.concatenate(recon)
+    x = np.stack([p.low_dose for p in patches])
+    fd = np.stack([p.full_dose for p in patches])
+    return {"output_error_hu": float(np.concatenate(outputs).mean()),
+            "reconstruction_error_hu": float(np.abs(recon - x).mean()),
+            **noise_texture(recon - fd, x - fd), "patches": len(patches)}
+
+
+@torch.inference_mode()
+def flow_fidelity(representation, flow, denoiser, patches: Sequence[HeldOutPatch], device="cpu",
+                  sample_z: bool = True, seed: int = 0, batch_size: int = 32) -> dict:
+    """The cINN on held-out codes: ``nll_per_dim`` (nats per dimension of z; 1.419 for a
+    standard normal), and the mean and standard deviation of ``v = t(z | f(x))`` over all
+    its numbers. z is a draw of the posterior (``sample_z``, noise from ``seed``) or its mean."""
+    from .invariance_flow import nll_per_dimension
+
+    norm, f = denoiser.normalization, _denoiser_fn(denoiser, device)
+    g = torch.Generator().manual_seed(int(seed))
+    vs, nll = [], []
+    for first in range(0, len(patches), batch_size):
+        chunk = patches[first:first + batch_size]
+        x = norm.normalize(torch.from_numpy(np.stack([p.low_dose for p in chunk]))[:, None]).to(device)
+        y = f(x)
+        mean, logvar = representation.encode(x, y)
+        noise = torch.randn(mean.shape, generator=g).to(mean)
+        z = mean + torch.exp(0.5 * logvar) * noise if sample_z else mean
+        v, log_det = flow(z, y)
+        nll.append(float(nll_per_dimension(v, log_det)) * len(chunk))
+        vs.append(v.float().cpu().numpy())
+    v = np.concatenate(vs)
+    return {"nll_per_dim": float(np.sum(nll) / len(patches)), "v_mean": float(v.mean()), "v_std": float(v.std()),
+            "z": "posterior sample" if sample_z else "posterior mean", "patches": len(patches)}
+
+
+def _pairwise_mean_abs(samples: np.ndarray) -> float:
+    """Mean |a_i - a_j| over all pairs i < j of ``samples`` ``(K, P, P)``."""
+    k = samples.shape[0]
+    if k < 2:
+        return float("nan")
+    total = sum(float(np.abs(samples[i] - samples[i + 1:]).mean(axis=(1, 2)).sum()) for i in range(k - 1))
+    return total / (k * (k - 1) / 2)
+
+
+def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_slice: int = 2, count: int = 16,
+                        seed: int = 0, device="cpu", batch_size: int = 16, sample_z: bool = True,
+                        figure=None, progress=None) -> dict:
+    """All fidelity figures (module docstring) of loaded :class:`~.sampler.InvarianceModels`
+    on ``per_slice`` patches of up to ``slices`` slices of ``split`` of ``data`` (a simulated
+    data set folder or source), ``count`` invariances per patch (sampler seed ``seed`` + patch
+    number). ``progress(done, total)`` is called per patch. ``figure``: a PNG path for the
+    paper's layout (per patch: x, f(x), three invariances, their std map) of up to four patches.
+
+    Returns a dict: ``consistency`` (C), ``consistency_noise`` (C'), ``noise_baseline`` (B;
+    None without a fresh realisation, i.e. for non-simulated data), ``completeness``
+    (:func:`representation_fidelity`), ``diversity`` (``pairwise_hu``: mean|x~_i - x~_j|,
+    ``realisation_hu``: mean|x' - x|), ``flow`` (:func:`flow_fidelity`), the underlying
+    means in HU (``change_hu`` = mean|x~ - x|, ``output_change_hu`` = mean|f(x~) - f(x)|,
+    ``realisation_output_change_hu`` = mean|f(x') - f(x)|), ``bars`` (each figure, its
+    bounds and whether it meets them), and what was measured on.
+    """
+    from .datasets import open_source
+    from .sampler import InvarianceSampler
+
+    source = data if hasattr(data, "patient_ids") else open_source(data)
+    patches = held_out_patches(source, split, models.patch_size, slices, per_slice, seed)
+    if not patches:
+        raise ValueError(f"{data}: the {split} split is empty")
+    sampler = InvarianceSampler(models, device=device)
+    f = _denoiser_fn(models.denoiser, sampler.device)
+    norm = models.denoiser.normalization
+    fresh: Dict[int, Optional[np.ndarray]] = {}
+    change, out_change, pairwise, real_change, real_out_change, shown = [], [], [], [], [], []
+    for n, patch in enumerate(patches):
+        result = sampler.sample(patch.low_dose, count=count, seed=seed + n, batch_size=batch_size)
+        if len(shown) < 4:
+            shown.append(result)
+        change.append(result.mean_abs_change_hu.mean())
+        out_change.append(result.mean_abs_output_change_hu.mean())
+        pairwise.append(_pairwise_mean_abs(result.invariances))
+        if patch.index not in fresh:
+            fresh[patch.index] = another_realisation(source, patch.index, seed=1_000_003 + 7919 * patch.index + seed)
+        if fresh[patch.index] is not None:
+            x2 = patch.crop(fresh[patch.index])
+            with torch.inference_mode():
+                y2 = norm.denormalize(f(norm.normalize(torch.from_numpy(x2)).to(sampler.device)[None, None]))
+            real_change.append(float(np.abs(x2 - patch.low_dose).mean()))
+            real_out_change.append(float(np.abs(y2[0, 0].float().cpu().numpy() - result.denoised).mean()))
+        if progress is not None:
+            progress(n + 1, len(patches))
+    rep, flow = models.representation, models.flow
+    completeness = representation_fidelity(models.denoiser, rep, patches, sampler.device)
+    flow_figures = flow_fidelity(rep, flow, models.denoiser, patches, sampler.device, sample_z, seed)
+    mean = lambda values: float(np.mean(values)) if values else None  # noqa: E731
+    figures = {
+        "consistency": mean(out_change) / max(mean(change), 1e-12),
+        "consistency_noise": mean(real_out_change) / max(mean(real_change), 1e-12) if real_change else None,
+        "noise_baseline": mean(out_change) / max(mean(real_out_change), 1e-12) if real_out_change else None,
+        "change_hu": mean(change), "output_change_hu": mean(out_change),
+        "realisation_change_hu": mean(real_change), "realisation_output_change_hu": mean(real_out_change),
+        "completeness": completeness,
+        "diversity": {"pairwise_hu": mean(pairwise), "realisation_hu": mean(real_change)},
+        "flow": flow_figures,
+    }
+    values = {"consistency": figures["consistency"], "noise_baseline": figures["noise_baseline"],
+              "nps_correlation": completeness["nps_correlation"], "noise_std_ratio": completeness["noise_std_ratio"],
+              "diversity_hu": figures["diversity"]["pairwise_hu"]}
+    figures["bars"] = {name: {"value": value, "min": BARS[name][0], "max": BARS[name][1],
+                              "met": None if value is None else _meets(value, *BARS[name])}
+                       for name, value in values.items()}
+    if figure is not None:
+        save_figure(shown, figure)
+        figures["figure"] = str(figure)
+    figures["measured_on"] = {"data": str(data), "split": split, "slices": len({p.index for p in patches}),
+                              "patches": len(patches), "patch_size": models.patch_size,
+                              "invariances_per_patch": count, "seed": seed, "device": str(sampler.device),
+                              "fresh_realisation": "phantom rebuilt from its seed, rescanned at the same dose"
+                              if real_change else None}
+    return figures
+
+
+def save_figure(results: Sequence, path) -> None:
+    """PNG of sampled :class:`~.sampler.Invariances` in the paper's layout: one row per patch
+    with x, f(x), three invariances x~ (lung window) and their per-pixel std (0-300 HU)."""
+    from .figures import LUNG_WINDOW, save_png, tile_grid, window
+
+    tiles = [[window(a, *LUNG_WINDOW) for a in (r.x, r.denoised, *r.invariances[:3])] + [window(r.std, 150, 300)]
+             for r in results]
+    labels = [["x", "f(x)", *[f"x~{k + 1}" for k in range(min(3, results[0].count))], "std 0-300 HU"]]
+    save_png(tile_grid(tiles, labels), str(path))
+
+
+def _meets(value: float, low: Optional[float], high: Optional[float]) -> bool:
+    if value != value:  # NaN
+        return False
+    if low is not None and (value <= low if low == 0.0 else value < low):
+        return False
+    return high is None or value <= high
+
+
+# ----------------------------------------------------------------------------- model card
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def fidelity_table(figures: dict) -> str:
+    """A Markdown table of :func:`invariance_fidelity`'s figures with issue 4's bars."""
+    c, d, fl = figures.get("completeness", {}), figures.get("diversity", {}), figures.get("flow", {})
+    bars = figures.get("bars", {})
+
+    def met(name):
+        b = bars.get(name)
+        return "–" if not b or b.get("met") is None else ("met" if b["met"] else "**missed**")
+
+    rows = [
+        ("consistency C = mean\\|f(x~) − f(x)\\| / mean\\|x~ − x\\|", _fmt(figures.get("consistency")), "≤ 0.35",
+         met("consistency")),
+        ("C' for a fresh noise realisation x'", _fmt(figures.get("consistency_noise")), "(reference)", "–"),
+        ("noise baseline B = mean\\|f(x~) − f(x)\\| / mean\\|f(x') − f(x)\\|", _fmt(figures.get("noise_baseline")),
+         "≤ 1.5", met("noise_baseline")),
+        ("mean\\|x~ − x\\| / mean\\|f(x~) − f(x)\\| (HU)",
+         f"{_fmt(figures.get('change_hu'), '.1f')} / {_fmt(figures.get('output_change_hu'), '.2f')}", "", ""),
+        ("mean\\|x' − x\\| / mean\\|f(x') − f(x)\\| (HU)",
+         f"{_fmt(figures.get('realisation_change_hu'), '.1f')} / "
+         f"{_fmt(figures.get('realisation_output_change_hu'), '.2f')}", "", ""),
+        ("cVAE completeness: mean\\|f(D(E(x))) − f(x)\\| (HU)", _fmt(c.get("output_error_hu"), ".2f"), "", ""),
+        ("cVAE reconstruction mean\\|D(E(x)) − x\\| (HU)", _fmt(c.get("reconstruction_error_hu"), ".1f"), "", ""),
+        ("noise power spectrum correlation, reconstruction vs x", _fmt(c.get("nps_correlation")), "≥ 0.9",
+         met("nps_correlation")),
+        ("noise std ratio, reconstruction / x", _fmt(c.get("noise_std_ratio")), "0.8–1.25", met("noise_std_ratio")),
+        ("diversity: mean pairwise \\|x~_i − x~_j\\| (HU)", _fmt(d.get("pairwise_hu"), ".1f"), "> 0",
+         met("diversity_hu")),
+        ("beside mean\\|x' − x\\| (HU)", _fmt(d.get("realisation_hu"), ".1f"), "", ""),
+        ("cINN held-out NLL (nats per dimension of z)", _fmt(fl.get("nll_per_dim")), "(1.419 = N(0, 1))", ""),
+        ("v mean / std over held-out z", f"{_fmt(fl.get('v_mean'))} / {_fmt(fl.get('v_std'))}", "0 / 1", ""),
+    ]
+    lines = ["| figure | value | bar | |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c_} | {m} |" for a, b, c_, m in rows]
+    return "\n".join(lines)
+
+
+def invariance_card(metadata: dict) -> List[str]:
+    """Model-card lines (Markdown) of ``metadata["invariance"]``: the representation and
+    invariance flow, how they were trained, and their fidelity figures. Empty without one."""
+    info = metadata.get("invariance")
+    if not info:
+        return []
+    weights = metadata.get("weights", {})
+    training = info.get("training", {})
+    lines = ["", "## Invariance models", "",
+             f"Representation (cVAE, `cvae`, {'conditional on f(x)' if info.get('conditional') else 'unconditional'}) "
+             f"and invariance flow (cINN, `cinn`) of this denoiser, on {info.get('patch_size')}² px patches, "
+             f"z of {info.get('z_dim')} numbers. cVAE arguments `{json.dumps(info.get('cvae'))}`; cINN arguments "
+             f"`{json.dumps(info.get('cinn'))}`." if "cinn" in info else
+             f"Representation (cVAE) only, `{json.dumps(info.get('cvae'))}`: its invariance flow (cINN) is not "
+             "trained yet, so invariances cannot be sampled.", ""]
+    for key, label in (("cvae", "representation (cVAE)"), ("cinn", "invariance flow (cINN)")):
+        t = training.get(key)
+        if not t:
+            continue
+        d, m = t.get("data", {}), t.get("machine", {})
+        lines += [f"### Training: {label}", "",
+                  f"- sizes: {t.get('parameters', 0):,} parameters, {_fmt(t.get('file_mb'), '.2f')} MB "
+                  f"({(weights.get(key) or {}).get('dtype')})",
+                  f"- data: {d.get('kind')} `{d.get('path')}` ({d.get('pairs') or d.get('slices')} slices, "
+                  f"{d.get('size')}² px at {d.get('pixel_spacing_mm')} mm, dose {d.get('dose')}), training split "
+                  f"only, low-dose patches of {t.get('patch_size')}² px with random flips/rotations",
+                  f"- {t.get('epochs')} epochs × {t.get('steps_per_epoch')} steps × batch {t.get('batch_size')}"
+                  f" × {t.get('world_size', 1)} process(es) = {t.get('steps')} steps; seed {t.get('seed')}",
+                  f"- losses and hyperparameters: `{json.dumps(t.get('hyperparameters'))}`"
+                  + (f"; batches from a fixed pool of {t['pool_patches']} patches per process with f(x) computed "
+                     "once" if t.get("pool_patches") else ""),
+                  f"- best epoch {t.get('best_epoch')} (validation "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in (t.get("validation") or {}).items()
+                              if isinstance(v, (int, float))) + ")",
+                  f"- wall time {t.get('wall_time_s')} s on {m.get('device')} ({m.get('cpu')}, "
+                  f"{m.get('cpu_threads')} threads, torch {m.get('torch')})"]
+        if t.get("feature_network"):
+            lines.append(f"- feature network of the perceptual loss: `{json.dumps(t['feature_network'])}`")
+        lines.append("")
+    fid = info.get("fidelity")
+    if fid:
+        on = fid.get("measured_on", {})
+        lines += ["### Fidelity figures (held-out)", "",
+                  f"{on.get('patches')} patches of {on.get('slices')} slices of the {on.get('split')} split of "
+                  f"`{on.get('data')}`, {on.get('invariances_per_patch')} invariances each (seed {on.get('seed')}, "
+                  f"{on.get('device')}); fresh realisations x': {on.get('fresh_realisation') or 'none'}. "
+                  "Bars from issue 4; a missed bar is reported, not hidden.", "", fidelity_table(fid)]
+        if fid.get("figure"):
+            from pathlib import Path
+
+            lines += ["", f"![x, f(x), three invariances and their std per held-out patch]({Path(fid['figure']).name})"]
+    elif info.get("completeness"):
+        c = info["completeness"]
+        lines += ["### Completeness of the cVAE (held-out)", "",
+                  f"mean|f(D(E(x))) − f(x)| {_fmt(c.get('output_error_hu'), '.2f')} HU, mean|D(E(x)) − x| "
+                  f"{_fmt(c.get('reconstruction_error_hu'), '.1f')} HU, noise power spectrum correlation "
+                  f"{_fmt(c.get('nps_correlation'))}, noise std ratio {_fmt(c.get('noise_std_ratio'))} "
+                  f"({c.get('patches')} patches)."]
+    return lines

@@ -1,0 +1,251 @@
+"""The representation: a conditional VAE (cVAE) that describes a CT patch x completely given f(x).
+
+Method (Eulig et al. 2025, section 2 of docs/method.md; Rombach et al., ECCV 2020): an
+encoder E takes the pair ``[x, f(x)]`` and gives a diagonal Gaussian q(z | x, f(x)) over a
+latent vector z; a decoder D takes z and the image f(x) and reconstructs x. Together with
+the invariance flow (:mod:`.invariance_flow`) it samples images x~ that the denoiser f maps
+to (almost) the same output.
+
+Our design, for CPU speed (the reference's ResNet-50 encoder and BigGAN-128 decoder cost
+2.7 + 42 GFLOP per 128x128 patch):
+
+* **Decoder** ``D(z, f(x)) = f(x) + r(z, f(x))``: it predicts only the residual r, the part
+  of x that f(x) does not explain (noise texture, erased structures), so an untrained or
+  blurry r still gives CT-like images and the network spends its capacity on what f throws
+  away. z goes through a linear layer to a ``4 x 4`` (for 128 pixels) feature map, then
+  stages of nearest-neighbour 2x upsampling and a MONAI :class:`~monai.networks.blocks.ResidualUnit`
+  up to full resolution, widths falling as the resolution rises (``channels``, 16 feature
+  maps at full resolution). Each stage is conditioned on f(x) by a spatial feature-wise
+  affine modulation (SPADE/FiLM: ``h * (1 + gamma) + beta``, Park et al. CVPR 2019) whose
+  ``gamma, beta`` come from a small convolutional pyramid of f(x) at that resolution.
+  That pyramid depends on f(x) only: :meth:`Representation.condition` computes it once per
+  patch and every sample of the same patch reuses it, so the cost per decoded sample is
+  the upsampling path alone: 0.54 GFLOP per decoded 128x128 patch at the defaults (0.14
+  GFLOP more for the conditioning, once per patch; the encoder costs 0.33 GFLOP).
+* **Encoder**: a stem convolution and stride-2 residual units down to the same ``4 x 4``
+  map (widths ``channels``), then a linear layer to the mean and log-variance of z.
+* **Unconditional variant** (``conditional=False``, the "VAE shared by all denoisers" of
+  the authors' code): E sees x alone, D(z) has no f(x) input and predicts x itself.
+
+Defaults (patch 128, z of 256): 2.47 M parameters (encoder 1.30 M), 9.9 MB as float32.
+
+No normalisation layers (outputs do not depend on what else is in a batch, so sampling is
+the same for every batch size); LeakyReLU 0.2. Images are in network units of the
+denoiser's :class:`~.normalization.HUNormalization`, ``(N, 1, P, P)`` with ``P`` the
+``patch_size`` the model was built for.
+
+Training (not here) uses :func:`reconstruction_loss` (L1), :func:`kl_divergence` and
+:func:`representation_loss`; its adversarial critic sees ``[image, f(x)]`` and its
+perceptual term compares features of x and D(E(x)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution, ResidualUnit
+
+#: LeakyReLU with slope 0.2, in MONAI's activation spelling.
+ACT = ("leakyrelu", {"negative_slope": 0.2})
+
+#: Default widths (feature maps) from full resolution down to the bottleneck: 128 -> 4 pixels.
+DEFAULT_CHANNELS = (16, 24, 48, 96, 128, 64)
+
+#: One (gamma, beta) pair per decoder stage, full resolution first (None when unconditional).
+Condition = Optional[List[Tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _conv(c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, act=ACT) -> Convolution:
+    """A 2D convolution (zero padding keeps the size / halves it with stride 2), then ``act``."""
+    return Convolution(2, c_in, c_out, strides=stride, kernel_size=kernel_size, act=act, norm=None,
+                       conv_only=act is None)
+
+
+def _unit(c_in: int, c_out: int, stride: int = 1, subunits: int = 2) -> ResidualUnit:
+    """MONAI residual unit: ``subunits`` 3x3 convolutions with LeakyReLU, plus a shortcut
+    (1x1 convolution when the width changes, strided 3x3 when the size does)."""
+    return ResidualUnit(2, c_in, c_out, strides=stride, kernel_size=3, subunits=subunits, act=ACT, norm=None)
+
+
+@dataclass
+class RepresentationOutput:
+    """One pass of the cVAE over a batch.
+
+    Attributes:
+        reconstruction: D(z, f(x)), ``(N, 1, P, P)`` in network units.
+        mean, logvar: the posterior q(z | x, f(x)), ``(N, z_dim)`` each (log-variance in nats).
+        z: the latent code that was decoded (a sample of q, or its mean).
+    """
+
+    reconstruction: torch.Tensor
+    mean: torch.Tensor
+    logvar: torch.Tensor
+    z: torch.Tensor
+
+
+class Representation(nn.Module):
+    """The cVAE (or unconditional VAE) over ``patch_size`` x ``patch_size`` CT patches.
+
+    Args:
+        patch_size: side of the square patches in pixels; must be divisible by
+            ``2 ** (len(channels) - 1)`` (128 in the paper).
+        z_dim: length of the latent vector z (256 in the paper).
+        channels: feature maps per resolution level, full resolution first; level ``k``
+            works at ``patch_size / 2**k`` pixels; the last level is the bottleneck.
+        conditional: True for the cVAE of the paper (E sees ``[x, f(x)]``, D is conditioned
+            on f(x) and predicts ``x - f(x)``); False for the unconditional VAE.
+        full_resolution_subunits: convolutions in the full-resolution decoder unit (1
+            keeps the thin full-resolution part cheap; the other units have 2).
+    """
+
+    def __init__(self, patch_size: int = 128, z_dim: int = 256, channels: Sequence[int] = DEFAULT_CHANNELS,
+                 conditional: bool = True, full_resolution_subunits: int = 1):
+        super().__init__()
+        channels = [int(c) for c in channels]
+        levels = len(channels) - 1
+        if levels < 1 or patch_size % (2 ** levels) or patch_size < 2 ** levels:
+            raise ValueError(f"patch_size {patch_size} must be a multiple of 2**{levels} = {2 ** levels} "
+                             f"for {len(channels)} resolution levels (channels={channels})")
+        self.patch_size, self.z_dim, self.channels = int(patch_size), int(z_dim), channels
+        self.conditional = bool(conditional)
+        self.full_resolution_subunits = int(full_resolution_subunits)
+        self.bottom = patch_size // 2 ** levels
+        flat = channels[-1] * self.bottom ** 2
+
+        # encoder E: [x, f(x)] (or x) -> mean, log-variance of z
+        self.encoder = nn.Sequential(
+            _conv(2 if conditional else 1, channels[0]),
+            *[_unit(channels[k], channels[k + 1], stride=2) for k in range(levels)],
+            nn.Flatten(),
+            nn.Linear(flat, 2 * z_dim),
+        )
+        # decoder D: z -> bottleneck map -> upsampling units (full resolution last) -> residual
+        self.project = nn.Linear(z_dim, flat)
+        self.stages = nn.ModuleList([_unit(channels[-1], channels[-1])] + [
+            _unit(channels[k + 1], channels[k], subunits=2 if k else self.full_resolution_subunits)
+            for k in reversed(range(levels))])
+        self.output = _conv(channels[0], 1, act=None)
+        with torch.no_grad():  # start near "x = f(x)": small residuals
+            self.output.conv.weight.mul_(0.1)
+        if conditional:
+            # pyramid of f(x): level k features at patch_size / 2**k, and their (gamma, beta)
+            self.condition_pyramid = nn.ModuleList(
+                [_conv(1, channels[0])] + [_conv(channels[k], channels[k + 1], stride=2) for k in range(levels)])
+            self.modulations = nn.ModuleList([_conv(c, 2 * c, kernel_size=1, act=None) for c in channels])
+
+    @property
+    def arguments(self) -> dict:
+        """The constructor arguments (JSON-able), for the model folder's metadata."""
+        return {"patch_size": self.patch_size, "z_dim": self.z_dim, "channels": list(self.channels),
+                "conditional": self.conditional, "full_resolution_subunits": self.full_resolution_subunits}
+
+    def _check(self, image: torch.Tensor, name: str) -> None:
+        if image.ndim != 4 or image.shape[1] != 1 or tuple(image.shape[-2:]) != (self.patch_size,) * 2:
+            raise ValueError(f"{name} must be (N, 1, {self.patch_size}, {self.patch_size}) patches in network "
+                             f"units; got {tuple(image.shape)}")
+
+    def _need_condition(self, y: Optional[torch.Tensor]) -> None:
+        if self.conditional and y is None:
+            raise ValueError("the conditional representation needs the denoised image f(x)")
+
+    # ----------------------------------------------------------------- encoder
+
+    def encode(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Posterior q(z | x, f(x)) of patches ``x`` with denoised ``y = f(x)`` (ignored when
+        unconditional): ``(mean, logvar)``, each ``(N, z_dim)``."""
+        self._check(x, "x")
+        if self.conditional:
+            self._need_condition(y)
+            self._check(y, "f(x)")
+            x = torch.cat((x, y.expand_as(x)), dim=1)
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    # ----------------------------------------------------------------- decoder
+
+    def condition(self, y: Optional[torch.Tensor]) -> Condition:
+        """The decoder's conditioning on ``y = f(x)``: per stage (full resolution first) the
+        modulation ``(gamma, beta)``, each ``(N, C_k, P / 2**k, P / 2**k)``. Depends on f(x)
+        only: compute it once per patch and pass it to :meth:`decode` for every sample.
+        None for the unconditional variant."""
+        if not self.conditional:
+            return None
+        self._need_condition(y)
+        self._check(y, "f(x)")
+        out, h = [], y
+        for layer, modulation in zip(self.condition_pyramid, self.modulations):
+            h = layer(h)
+            out.append(modulation(h).chunk(2, dim=1))
+        return out
+
+    def decode(self, z: torch.Tensor, y: Optional[torch.Tensor] = None, condition: Condition = None) -> torch.Tensor:
+        """D(z, f(x)): patches ``(N, 1, P, P)`` in network units from latent codes ``z``
+        ``(N, z_dim)``. The conditional model needs ``y = f(x)`` (``(N or 1, 1, P, P)``) and
+        accepts its precomputed :meth:`condition` instead of recomputing it; a batch of one
+        f(x) is shared by all N codes."""
+        if z.ndim != 2 or z.shape[1] != self.z_dim:
+            raise ValueError(f"z must be (N, {self.z_dim}); got {tuple(z.shape)}")
+        if self.conditional:
+            self._need_condition(y)
+            if condition is None:
+                condition = self.condition(y)
+        h = self.project(z).view(z.shape[0], self.channels[-1], self.bottom, self.bottom)
+        levels = len(self.channels) - 1
+        for n, stage in enumerate(self.stages):
+            if n:
+                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+            h = stage(h)
+            if self.conditional:
+                gamma, beta = condition[levels - n]
+                h = torch.addcmul(beta, h, 1.0 + gamma)
+        residual = self.output(h)
+        return residual + y if self.conditional else residual
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, sample: bool = True,
+                generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None
+                ) -> RepresentationOutput:
+        """Encode and decode: z is drawn from q(z | x, f(x)) by the reparametrisation trick
+        (``sample=True``, training) or is its mean (``sample=False``). The standard normal
+        draws are ``noise`` ``(N, z_dim)`` when given (e.g. drawn on the CPU for the same
+        numbers on every device), else drawn from ``generator`` (on the device of x)."""
+        mean, logvar = self.encode(x, y)
+        z = mean
+        if sample:
+            if noise is None:
+                noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + torch.exp(0.5 * logvar) * noise.to(mean)
+        return RepresentationOutput(self.decode(z, y), mean, logvar, z)
+
+
+def build_representation(**arguments) -> Representation:
+    """A new (untrained) :class:`Representation` from its :attr:`~Representation.arguments`."""
+    return Representation(**arguments)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error (L1) between D(E(x)) and x, in network units per pixel."""
+    return (reconstruction - x).abs().mean()
+
+
+def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z | x) || N(0, I)) in nats, summed over the latent dimensions, ``(N,)``."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+
+
+def representation_loss(output: RepresentationOutput, x: torch.Tensor, kl_weight: float = 1e-4
+                        ) -> Dict[str, torch.Tensor]:
+    """The likelihood part of the cVAE objective: ``total = l1 + kl_weight * kl``, where
+    ``l1`` is :func:`reconstruction_loss` and ``kl`` the batch mean of :func:`kl_divergence`
+    divided by the number of pixels (so ``kl_weight`` is independent of the patch size).
+    Training adds its adversarial and perceptual terms to ``total``. Returns the three
+    scalars as a dict (``total``, ``l1``, ``kl``)."""
+    l1 = reconstruction_loss(output.reconstruction, x)
+    kl = kl_divergence(output.mean, output.logvar).mean() / x[0].numel()
+    return {"total": l1 + kl_weight * kl, "l1": l1, "kl": kl}

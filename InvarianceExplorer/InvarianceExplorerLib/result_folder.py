@@ -1,0 +1,207 @@
+"""The folder ``invariance-explorer sample`` writes, read back for viewers (no Qt, no slicer).
+
+``sample --out DIR`` creates ``DIR`` whole, holding (every NRRD in the patient's LPS frame,
+as ITK writes it):
+
+* ``input.nrrd`` — the crop x of the input slice (a one-slice 3D NRRD with the crop's own
+  origin: its geometry is *the crop geometry* used for every result below);
+* ``denoised.nrrd`` — f(x); ``reconstruction.nrrd`` — D(E(x, f(x)), f(x));
+* ``invariances.nrrd`` — the K samples x~_k as a 3D stack (numpy axis 0 = sample k) with
+  the crop's in-plane geometry; ``denoised_invariances.nrrd`` — f(x~_k), the same way;
+* ``std.nrrd`` — the per-pixel standard deviation of the x~_k (HU);
+* ``numbers.json`` — ``{model, input, center_ijk, patch_size, count, seed, device,
+  samples: [{index, mean_abs_change_hu, mean_abs_output_change_hu}], consistency, seconds}``;
+* ``figure.png``.
+
+This module reads such a folder (:func:`load_result`), gives the crop's IJK-to-RAS matrix
+as 3D Slicer wants it (:func:`ijk_to_ras`: ITK/NRRD geometry is LPS, Slicer's world is RAS)
+and the per-sample table (:func:`sample_table`). The standalone app and the Slicer module
+both use it, so the Slicer layer only turns these arrays and matrices into nodes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .image import CTImage
+
+#: Output name (as in the CLI's ``done`` event) -> file name in the folder.
+FILES: Dict[str, str] = {
+    "input": "input.nrrd",
+    "denoised": "denoised.nrrd",
+    "reconstruction": "reconstruction.nrrd",
+    "invariances": "invariances.nrrd",
+    "denoised_invariances": "denoised_invariances.nrrd",
+    "std": "std.nrrd",
+    "numbers": "numbers.json",
+    "figure": "figure.png",
+}
+#: Volumes that hold one image (the crop) and those that hold a stack of K samples.
+SINGLE_VOLUMES = ("input", "denoised", "reconstruction", "std")
+STACK_VOLUMES = ("invariances", "denoised_invariances")
+
+#: Per-sample table: column name -> key in ``numbers.json``'s ``samples`` records.
+TABLE_COLUMNS: Tuple[Tuple[str, str], ...] = (
+    ("sample", "index"),
+    ("mean |x~ - x| (HU)", "mean_abs_change_hu"),
+    ("mean |f(x~) - f(x)| (HU)", "mean_abs_output_change_hu"),
+)
+
+#: LPS <-> RAS: negate the first two world axes.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def read_volume(path) -> CTImage:
+    """Read any scalar NRRD as written by the engine, as stored (3D arrays stay 3D, values are
+    not checked as HU: std maps and stacks are read too). Geometry in LPS, as in the file."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
+        raise ValueError(f"{path}: expected a scalar 2D or 3D image")
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    spacing, origin = image.GetSpacing(), image.GetOrigin()
+    direction = np.asarray(image.GetDirection(), dtype=float)
+    if image.GetDimension() == 2:
+        direction = np.pad(direction.reshape(2, 2), (0, 1)) + np.diag([0.0, 0.0, 1.0])
+        array = array[None]
+    return CTImage(array, spacing, origin, tuple(direction.ravel()))
+
+
+def ijk_to_lps(image: CTImage) -> np.ndarray:
+    """4x4 matrix from voxel index (i = column, j = row, k = slice) to LPS mm."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = image.direction_matrix * np.asarray(image.spacing)[None, :]
+    matrix[:3, 3] = image.origin
+    return matrix
+
+
+def ijk_to_ras(image: CTImage) -> np.ndarray:
+    """4x4 IJK-to-RAS matrix of ``image`` (the matrix a Slicer volume node takes)."""
+    return LPS_TO_RAS @ ijk_to_lps(image)
+
+
+def geometry_from_ijk_to_ras(matrix) -> Tuple[Tuple[float, ...], Tuple[float, ...], Tuple[float, ...]]:
+    """(spacing, origin, direction) in LPS, ITK's convention, of a Slicer IJK-to-RAS matrix."""
+    lps = LPS_TO_RAS @ np.asarray(matrix, dtype=float)
+    columns = lps[:3, :3]
+    spacing = np.linalg.norm(columns, axis=0)
+    direction = columns / spacing[None, :]
+    return tuple(spacing), tuple(lps[:3, 3]), tuple(direction.ravel())
+
+
+def ras_to_ijk_index(point_ras: Sequence[float], ijk_to_ras_matrix) -> Tuple[int, int, int]:
+    """The voxel (i, j, k) whose centre is nearest to the RAS point (e.g. a markups point)."""
+    ijk = np.linalg.inv(np.asarray(ijk_to_ras_matrix, dtype=float)) @ np.append(np.asarray(point_ras, float), 1.0)
+    return tuple(int(v) for v in np.floor(ijk[:3] + 0.5))
+
+
+def check_center(center_ijk: Sequence[int], shape_zyx: Sequence[int]) -> None:
+    """``ValueError`` naming the problem if voxel (i, j, k) lies outside a volume of numpy shape (z, y, x)."""
+    i, j, k = center_ijk
+    nz, ny, nx = (1,) * (3 - len(shape_zyx)) + tuple(shape_zyx)
+    if not (0 <= i < nx and 0 <= j < ny and 0 <= k < nz):
+        raise ValueError(f"the point (voxel {i}, {j}, {k}) lies outside the volume ({nx} x {ny} x {nz} voxels); "
+                         f"place it inside the image: i in 0..{nx - 1}, j in 0..{ny - 1}, k in 0..{nz - 1}")
+
+
+def stack_frames(stack: CTImage) -> List[np.ndarray]:
+    """The K samples of a stack volume as one-slice arrays ``(1, H, W)`` (numpy axis 0 = k)."""
+    return [stack.array[k][None] for k in range(stack.array.shape[0])]
+
+
+def sample_table(numbers: dict) -> Dict[str, np.ndarray]:
+    """The per-sample columns of ``numbers.json`` (see :data:`TABLE_COLUMNS`), in sample order."""
+    samples = sorted(numbers.get("samples", []), key=lambda s: s["index"])
+    columns = {}
+    for name, key in TABLE_COLUMNS:
+        dtype = np.int32 if key == "index" else np.float64
+        columns[name] = np.asarray([s[key] for s in samples], dtype=dtype)
+    return columns
+
+
+@dataclass
+class SampleResult:
+    """A sample output folder read back (see the module docstring).
+
+    ``volumes`` maps the names of :data:`SINGLE_VOLUMES` and :data:`STACK_VOLUMES` that are
+    present to :class:`CTImage` (3D arrays as stored); ``crop`` is the geometry of the crop
+    (``input.nrrd``), the geometry every result is shown with.
+    """
+
+    folder: Path
+    volumes: Dict[str, CTImage]
+    numbers: dict
+    figure: Optional[Path]
+
+    @property
+    def crop(self) -> CTImage:
+        return self.volumes["input"]
+
+    @property
+    def count(self) -> int:
+        return int(self.volumes["invariances"].array.shape[0])
+
+    def crop_ijk_to_ras(self) -> np.ndarray:
+        """IJK-to-RAS of one crop-sized slice, for every single volume and every sample frame."""
+        return ijk_to_ras(self.crop)
+
+    def frames(self, name: str) -> List[np.ndarray]:
+        return stack_frames(self.volumes[name])
+
+    def table(self) -> Dict[str, np.ndarray]:
+        return sample_table(self.numbers)
+
+
+def load_result(folder) -> SampleResult:
+    """Read a ``sample`` output folder; ``ValueError`` naming what is missing or inconsistent."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such results folder")
+    missing = [f for n, f in FILES.items() if n in ("input", "invariances", "numbers") and not (folder / f).is_file()]
+    if missing:
+        raise ValueError(f"{folder}: not a complete sample results folder (missing {', '.join(missing)})")
+    volumes = {name: read_volume(folder / FILES[name]) for name in SINGLE_VOLUMES + STACK_VOLUMES
+               if (folder / FILES[name]).is_file()}
+    with open(folder / FILES["numbers"]) as f:
+        numbers = json.load(f)
+    crop = volumes["input"]
+    if crop.array.shape[0] != 1:
+        raise ValueError(f"{folder / FILES['input']}: the crop should be one slice; it has {crop.array.shape[0]}")
+    for name, image in volumes.items():
+        if image.array.shape[1:] != crop.array.shape[1:]:
+            raise ValueError(f"{folder / FILES[name]}: in-plane size {image.array.shape[1:]} differs from the "
+                             f"crop's {crop.array.shape[1:]}")
+    for name in STACK_VOLUMES:
+        if name in volumes and "count" in numbers and volumes[name].array.shape[0] != int(numbers["count"]):
+            raise ValueError(f"{folder / FILES[name]}: {volumes[name].array.shape[0]} samples, numbers.json says "
+                             f"{numbers['count']}")
+    figure = folder / FILES["figure"]
+    return SampleResult(folder, volumes, numbers, figure if figure.is_file() else None)
+
+
+#: Roles of the result nodes the Slicer module creates -> name suffix after the input's name.
+RESULT_ROLES: Dict[str, str] = {
+    "crop": "x (crop)",
+    "denoised": "f(x)",
+    "reconstruction": "reconstruction",
+    "std": "std of invariances",
+    "invariances": "invariances",
+    "denoised_invariances": "f(invariances)",
+    "browser": "invariances browser",
+    "table": "invariance numbers",
+    "chart": "invariance numbers chart",
+    "series_change": "mean |x~ - x|",
+    "series_output_change": "mean |f(x~) - f(x)|",
+}
+
+
+def result_node_names(input_name: str) -> Dict[str, str]:
+    """The names of the result nodes of an input volume named ``input_name``, by role; a
+    re-run finds its earlier results by these roles (and asks before replacing renamed ones)."""
+    return {role: f"{input_name} {suffix}" for role, suffix in RESULT_ROLES.items()}

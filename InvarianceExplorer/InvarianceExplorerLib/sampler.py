@@ -1,0 +1,432 @@
+"""Sampling the invariances of a denoiser: the engine's entry point for everything else.
+
+For a CT patch x (HU) and a frozen denoiser f with its representation (cVAE, :mod:`.representation`)
+and invariance flow (cINN, :mod:`.invariance_flow`), :meth:`InvarianceSampler.sample` follows
+the paper's recipe (docs/method.md, section 4; the authors' ``reconstruct.py``):
+
+1. y = f(x); the posterior mean z of E(x, y) and the cVAE reconstruction D(z, y);
+2. draw ``v_k ~ N(0, I)``, ``z_k = t^-1(v_k | y)``, ``x~_k = D(z_k, y)``;
+3. feed each x~_k back through f and compare ``f(x~_k)`` with y.
+
+Everything that depends on y alone (the decoder's conditioning, the flow's embedding) is
+computed once per patch. The ``v_k`` are drawn on the CPU from a ``torch.Generator`` seeded
+with ``seed``, all at once, so a seed gives the same codes on every device and for every
+batch size; results are bit-identical for the same seed, device and batch size.
+
+Patches: :func:`crop_patch` cuts the model's patch around a voxel of a slice or volume and
+keeps its geometry, so outputs can be written as NRRD in the right physical place.
+
+Model folders: the cVAE and cINN live in the denoiser's model folder (``Resources/Models/<arch>/``)
+as two more weight records, ``"cvae"`` and ``"cinn"`` (safetensors files with SHA-256 in
+``metadata.json``), and ``metadata["invariance"]`` holds their constructor arguments and
+the patch size; see :func:`save_invariance_models` and :func:`load_invariance_models`.
+Training (:mod:`.train_invariance`) writes the cVAE first (:func:`save_representation`,
+read back by :func:`load_representation`) and adds the cINN trained on its codes.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .denoisers import (Denoiser, load_denoiser, load_weights, read_metadata, resolve_model_folder, save_weights,
+                        write_metadata)
+from .image import CTImage
+from .invariance_flow import InvarianceFlow, build_invariance_flow
+from .representation import Representation, build_representation
+from .result_folder import check_center
+
+#: Version of the ``metadata["invariance"]`` record.
+INVARIANCE_VERSION = 1
+#: Weight record names (and file stems) of the two models in a model folder.
+CVAE, CINN = "cvae", "cinn"
+#: HU that fills the part of a patch outside the image (air).
+AIR_HU = -1000.0
+
+#: ``progress(stage, done, total)``: stage "encoding" (1 unit) then "sampling" (``count`` units).
+ProgressCallback = Callable[[str, int, int], None]
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+@dataclass
+class InvarianceModels:
+    """A denoiser f with the representation and invariance flow trained for it.
+
+    :func:`load_invariance_models` returns them in eval mode with frozen weights; models
+    built in memory (e.g. by training, for validation figures) are used as they are: the
+    sampler runs them under ``torch.inference_mode`` and changes neither mode nor weights
+    (none of these networks has layers that behave differently in training mode).
+
+    Attributes:
+        denoiser: f (:class:`~.denoisers.Denoiser`: network, normalisation, metadata).
+        representation: the cVAE (or unconditional VAE).
+        flow: the cINN.
+        folder: the model folder they were loaded from (None when built in memory).
+    """
+
+    denoiser: Denoiser
+    representation: Representation
+    flow: InvarianceFlow
+    folder: Optional[Path] = None
+
+    def __post_init__(self):
+        if self.representation.z_dim != self.flow.z_dim:
+            raise ValueError(f"the representation's z has {self.representation.z_dim} numbers but the invariance "
+                             f"flow expects {self.flow.z_dim}; they must be trained together")
+
+    @property
+    def patch_size(self) -> int:
+        """Side in pixels of the square patches the models work on."""
+        return self.representation.patch_size
+
+    def to(self, device) -> "InvarianceModels":
+        for module in (self.denoiser.network, self.representation, self.flow):
+            module.to(device)
+        return self
+
+
+def save_invariance_models(folder, representation: Representation, flow: InvarianceFlow,
+                           metadata: Optional[dict] = None, *, dtype: str = "float32") -> Path:
+    """Add a representation (cVAE) and invariance flow (cINN) to the denoiser model folder
+    ``folder`` (written by :func:`~.denoisers.save_denoiser`): ``cvae.safetensors`` and
+    ``cinn.safetensors`` (floating-point values stored as ``dtype``), their records in
+    ``metadata["weights"]`` and ``metadata["invariance"] = {"version", "patch_size",
+    "conditional", "z_dim", "cvae": arguments, "cinn": arguments, **metadata}`` (``metadata``:
+    training details and figures). Replaces earlier invariance models. Returns the folder."""
+    folder = resolve_model_folder(folder)
+    record = read_metadata(folder)
+    if representation.z_dim != flow.z_dim:
+        raise ValueError(f"representation z_dim {representation.z_dim} differs from flow z_dim {flow.z_dim}")
+    record["weights"][CVAE] = save_weights(representation, folder / f"{CVAE}.safetensors", dtype)
+    record["weights"][CINN] = save_weights(flow, folder / f"{CINN}.safetensors", dtype)
+    record["invariance"] = {"version": INVARIANCE_VERSION, "patch_size": representation.patch_size,
+                            "conditional": representation.conditional, "z_dim": representation.z_dim,
+                            CVAE: representation.arguments, CINN: flow.arguments, **(metadata or {})}
+    write_metadata(folder, record)
+    return folder
+
+
+def save_representation(folder, representation: Representation, metadata: Optional[dict] = None, *,
+                        dtype: str = "float32") -> Path:
+    """Add a representation (cVAE) alone to the denoiser model folder ``folder``: the first
+    half of its invariance models, written after the cVAE's training and completed by
+    :func:`save_invariance_models` once the invariance flow is trained for it. Writes
+    ``cvae.safetensors`` and ``metadata["invariance"]`` as :func:`save_invariance_models`
+    does, without ``"cinn"``; an earlier cINN is removed (it was trained on another cVAE's
+    codes). Returns the folder."""
+    folder = resolve_model_folder(folder)
+    record = read_metadata(folder)
+    if record["weights"].pop(CINN, None) is not None:
+        (folder / f"{CINN}.safetensors").unlink(missing_ok=True)
+    record["weights"][CVAE] = save_weights(representation, folder / f"{CVAE}.safetensors", dtype)
+    record["invariance"] = {"version": INVARIANCE_VERSION, "patch_size": representation.patch_size,
+                            "conditional": representation.conditional, "z_dim": representation.z_dim,
+                            CVAE: representation.arguments, **(metadata or {})}
+    write_metadata(folder, record)
+    return folder
+
+
+def load_representation(folder_or_name, device="cpu") -> Tuple[Denoiser, Representation]:
+    """The denoiser of a model folder (or bundled name) and the representation (cVAE) trained
+    for it (checked and loaded as in :func:`load_invariance_models`; the cINN need not be
+    there yet), frozen in eval mode on ``device``. ``ValueError`` when there is no cVAE."""
+    from .devices import resolve_device
+
+    folder = resolve_model_folder(folder_or_name)
+    metadata = read_metadata(folder)
+    info = metadata.get("invariance") or {}
+    if CVAE not in metadata.get("weights", {}) or CVAE not in info:
+        raise ValueError(f"{folder}: this model folder holds no representation (cVAE) for its denoiser "
+                         f"{metadata['architecture']['name']}; train one first (invariance-explorer train cvae)")
+    device = resolve_device(device)
+    denoiser = load_denoiser(folder, device=device)
+    representation = load_weights(build_representation(**info[CVAE]), folder, metadata["weights"][CVAE])
+    representation.eval().requires_grad_(False).to(device)
+    return denoiser, representation
+
+
+def has_invariance_models(folder_or_name) -> bool:
+    """Whether a model folder (or bundled denoiser) holds a cVAE and a cINN."""
+    try:
+        metadata = read_metadata(folder_or_name)
+    except ValueError:
+        return False
+    return "invariance" in metadata and {CVAE, CINN} <= set(metadata.get("weights", {}))
+
+
+def load_invariance_models(folder_or_name, device="cpu") -> InvarianceModels:
+    """Load a denoiser with its cVAE and cINN from its model folder (or bundled name).
+
+    Every weight file is checked against its SHA-256 and read with safetensors (nothing is
+    unpickled); a folder without invariance models raises ``ValueError`` saying so and what
+    to do. Models are returned in eval mode with frozen weights on ``device``.
+    """
+    from .devices import resolve_device
+
+    folder = resolve_model_folder(folder_or_name)
+    metadata = read_metadata(folder)
+    info = metadata.get("invariance")
+    if not info or not {CVAE, CINN} <= set(metadata.get("weights", {})):
+        raise ValueError(f"{folder}: this model folder holds the denoiser "
+                         f"{metadata['architecture']['name']} but no invariance models (cVAE and cINN); "
+                         "train them for it (cVAE, then cINN) and save them with save_invariance_models, "
+                         "or choose a model that has them")
+    if int(info.get("version", 0)) > INVARIANCE_VERSION:
+        raise ValueError(f"{folder}: invariance models of format version {info['version']}; this InvarianceExplorer "
+                         f"reads version {INVARIANCE_VERSION} and older: update InvarianceExplorer")
+    device = resolve_device(device)
+    denoiser = load_denoiser(folder, device=device)  # checks every weight file's checksum
+    representation = load_weights(build_representation(**info[CVAE]), folder, metadata["weights"][CVAE])
+    flow = load_weights(build_invariance_flow(**info[CINN]), folder, metadata["weights"][CINN])
+    for module in (representation, flow):
+        module.eval().requires_grad_(False)
+    return InvarianceModels(denoiser, representation, flow, folder).to(device)
+
+
+# ----------------------------------------------------------------------------- patches
+
+
+@dataclass(frozen=True)
+class Patch:
+    """A square patch cut from a CT slice or volume (see :func:`crop_patch`).
+
+    Attributes:
+        image: the patch as a 2D :class:`~.image.CTImage` in HU whose geometry places it
+            where it was cut (origin: the LPS position in mm of its pixel ``[0, 0]``; spacing
+            and direction of the source, the slice thickness as its z spacing).
+        center_ijk: the voxel ``(i, j, k)`` of the source it is centred on (i: column,
+            j: row, k: slice; 0 for a 2D source); it is pixel ``[size // 2, size // 2]``.
+        corner_ij: source column and row of the patch's pixel ``[0, 0]`` (negative when the
+            patch reaches over the image's left or top border).
+        padded_pixels: pixels of the patch outside the source image, filled with ``fill_hu``.
+    """
+
+    image: CTImage
+    center_ijk: Tuple[int, int, int]
+    corner_ij: Tuple[int, int]
+    padded_pixels: int
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.image.array
+
+
+def _integer(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not float(value).is_integer():
+        raise ValueError(f"{name} must be a whole voxel index; got {value!r}")
+    return int(value)
+
+
+def crop_patch(image: CTImage, center_ijk: Sequence[int], size: int, fill_hu: float = AIR_HU) -> Patch:
+    """Cut the ``size`` x ``size`` patch centred on voxel ``center_ijk = (i, j, k)`` (column,
+    row, slice; ``(i, j)`` or ``k = 0`` for a 2D slice) out of ``image``.
+
+    Where the patch reaches over the image's border it is padded with ``fill_hu`` (default
+    -1000 HU, air): beyond a CT image's edge there is usually air outside the body, and air
+    adds no structure for the models to explain, unlike mirrored anatomy. Padded pixels are
+    counted in :attr:`Patch.padded_pixels`; near a border the results describe a partly
+    artificial patch, so centre on the anatomy of interest where possible.
+
+    Raises ``ValueError`` when the centre lies outside the image or the image is smaller
+    than the patch in-plane (pad or resample it to at least ``size`` pixels first).
+    """
+    if not isinstance(image, CTImage):
+        raise TypeError(f"crop_patch takes a CTImage; got {type(image).__name__}")
+    size = int(size)
+    center = [_integer(v, "each centre index") for v in center_ijk]
+    if len(center) == 2 and image.is_slice:
+        center.append(0)
+    if len(center) != 3:
+        raise ValueError(f"the centre is a voxel (i, j, k) (column, row, slice) or, for a 2D slice, (i, j); "
+                         f"got {tuple(center_ijk)} for a {'slice' if image.is_slice else 'volume'}")
+    i, j, k = center
+    check_center(center, image.array.shape)
+    ny, nx = image.array.shape[-2:]
+    if nx < size or ny < size:
+        raise ValueError(f"the image is {nx} x {ny} pixels, smaller than the {size} x {size} patch the invariance "
+                         f"models work on; give an image of at least {size} x {size} pixels")
+    source = image.array if image.is_slice else image.array[k]
+    i0, j0 = i - size // 2, j - size // 2
+    patch = np.full((size, size), fill_hu, dtype=np.float32)
+    r0, r1, c0, c1 = max(j0, 0), min(j0 + size, ny), max(i0, 0), min(i0 + size, nx)
+    patch[r0 - j0:r1 - j0, c0 - i0:c1 - i0] = source[r0:r1, c0:c1]
+    sx, sy, sz = image.spacing
+    origin = np.asarray(image.origin) + image.direction_matrix @ np.array([i0 * sx, j0 * sy, k * sz])
+    crop = CTImage(patch, image.spacing, tuple(float(v) for v in origin), image.direction)
+    return Patch(crop, (i, j, k), (i0, j0), size * size - (r1 - r0) * (c1 - c0))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class Invariances:
+    """Invariances of one patch (all images float32 HU, ``P`` the patch size).
+
+    Attributes:
+        x: the input patch ``(P, P)``.
+        denoised: f(x) ``(P, P)``.
+        reconstruction: the cVAE reconstruction D(mean E(x), f(x)) ``(P, P)``.
+        denoised_reconstruction: f of the reconstruction ``(P, P)`` (completeness check).
+        invariances: the samples x~_k ``(count, P, P)``.
+        denoised_invariances: f(x~_k) ``(count, P, P)``.
+        std: per-pixel standard deviation of x~_k over k ``(P, P)`` (HU, population std).
+        mean_abs_change_hu: mean |x~_k - x| per sample ``(count,)`` (HU).
+        mean_abs_output_change_hu: mean |f(x~_k) - f(x)| per sample ``(count,)`` (HU).
+        consistency: C = mean|f(x~) - f(x)| / mean|x~ - x| over all samples (small: f
+            barely notices what changed).
+        v: the flow's code of x, t(mean E(x) | f(x)) ``(z_dim,)``.
+        seed, batch_size, device: how they were sampled (the batch size and device actually
+            used after any out-of-memory fall-back).
+        seconds: wall time of the whole :meth:`InvarianceSampler.sample` call.
+    """
+
+    x: np.ndarray
+    denoised: np.ndarray
+    reconstruction: np.ndarray
+    denoised_reconstruction: np.ndarray
+    invariances: np.ndarray
+    denoised_invariances: np.ndarray
+    std: np.ndarray
+    mean_abs_change_hu: np.ndarray
+    mean_abs_output_change_hu: np.ndarray
+    consistency: float
+    v: np.ndarray
+    seed: int
+    batch_size: int
+    device: str
+    seconds: float = field(default=0.0)
+
+    @property
+    def count(self) -> int:
+        return self.invariances.shape[0]
+
+
+def _out_of_memory_errors() -> tuple:
+    return tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
+
+
+def run_with_memory_fallback(run: Callable[[torch.device, int], object], device: torch.device, batch_size: int
+                             ) -> Tuple[object, torch.device, int]:
+    """``run(device, batch_size)``; on CUDA out-of-memory retry with half the batch, and
+    after batch size 1 on the CPU, warning each time. Returns ``(result, device, batch_size)``
+    as finally used. Errors on the CPU are not caught."""
+    device = torch.device(device)
+    while True:
+        try:
+            return run(device, batch_size), device, batch_size
+        except _out_of_memory_errors():
+            if device.type != "cuda":
+                raise
+            torch.cuda.empty_cache()
+            if batch_size > 1:
+                batch_size = max(1, batch_size // 2)
+                warnings.warn(f"CUDA out of memory; retrying with batch size {batch_size}", RuntimeWarning)
+            else:
+                device = torch.device("cpu")
+                warnings.warn("CUDA out of memory even at batch size 1; continuing on the CPU", RuntimeWarning)
+
+
+class InvarianceSampler:
+    """Sample invariances x~ of a denoiser f for CT patches: ``f(x~) ~= f(x)``.
+
+    Args:
+        models: a model folder or bundled denoiser name holding invariance models, or
+            loaded :class:`InvarianceModels`.
+        device: "auto" (CUDA when present, else the CPU), "cpu" or "cuda" (the CPU, with a
+            warning, when there is no GPU).
+    """
+
+    def __init__(self, models: Union[InvarianceModels, str, Path], device="auto"):
+        from .devices import resolve_device
+
+        self.device = resolve_device(device)
+        if not isinstance(models, InvarianceModels):
+            models = load_invariance_models(models, device=self.device)
+        self.models = models.to(self.device)
+
+    @property
+    def patch_size(self) -> int:
+        return self.models.patch_size
+
+    def crop(self, image: CTImage, center_ijk: Sequence[int], fill_hu: float = AIR_HU) -> Patch:
+        """:func:`crop_patch` with this model's patch size."""
+        return crop_patch(image, center_ijk, self.patch_size, fill_hu)
+
+    def sample(self, x_hu, count: int = 16, seed: int = 0, batch_size: int = 10,
+               progress: Optional[ProgressCallback] = None) -> Invariances:
+        """``count`` invariances of the patch ``x_hu`` (HU, ``(P, P)`` with P the patch size),
+        ``batch_size`` at a time, reproducible for ``seed`` (see the module docstring).
+        ``progress(stage, done, total)`` reports the stages "encoding" and "sampling"."""
+        from .io import check_hu
+
+        x_hu = np.asarray(getattr(x_hu, "array", x_hu), dtype=np.float32)
+        p = self.patch_size
+        if x_hu.shape != (p, p):
+            raise ValueError(f"the invariance models work on {p} x {p} patches; got an image of shape {x_hu.shape}: "
+                             "cut one with crop_patch / InvarianceSampler.crop")
+        check_hu(x_hu, "input patch")
+        if int(count) < 1 or int(batch_size) < 1:
+            raise ValueError(f"count and batch_size must be positive; got {count} and {batch_size}")
+        start = time.perf_counter()
+        v = torch.randn(int(count), self.models.flow.z_dim, generator=torch.Generator().manual_seed(int(seed)))
+        result, device, batch_size = run_with_memory_fallback(
+            lambda dev, bs: self._sample(x_hu, v, dev, bs, progress), self.device, int(batch_size))
+        if device != self.device:
+            self.device = device
+            self.models.to(device)
+        return Invariances(**result, seed=int(seed), batch_size=batch_size, device=str(device),
+                           seconds=time.perf_counter() - start)
+
+    def _sample(self, x_hu: np.ndarray, v: torch.Tensor, device: torch.device, batch_size: int,
+                progress: Optional[ProgressCallback]) -> dict:
+        from .inference import apply_network
+
+        report = progress or (lambda stage, done, total: None)
+        models = self.models.to(device)
+        norm, rep, flow = models.denoiser.normalization, models.representation, models.flow
+
+        def f(t: torch.Tensor) -> torch.Tensor:
+            return apply_network(models.denoiser.network, t, tile_size=None)
+
+        def hu(t: torch.Tensor) -> np.ndarray:
+            return norm.denormalize(t[:, 0]).float().cpu().numpy()
+
+        count = v.shape[0]
+        with torch.inference_mode():
+            report("encoding", 0, 1)
+            x = norm.normalize(torch.from_numpy(x_hu)).to(device)[None, None]
+            y = f(x)
+            mean, _ = rep.encode(x, y)
+            condition = rep.condition(y)  # once per patch
+            embedding = flow.embed(y)  # once per patch
+            reconstruction = rep.decode(mean, y, condition)
+            code, _ = flow(mean, embedding=embedding)
+            denoised_reconstruction = f(reconstruction)
+            report("encoding", 1, 1)
+            report("sampling", 0, count)
+            samples, outputs = [], []
+            for first in range(0, count, batch_size):
+                z = flow.reverse(v[first:first + batch_size].to(device), embedding=embedding)
+                x_tilde = rep.decode(z, y, condition)
+                samples.append(hu(x_tilde))
+                outputs.append(hu(f(x_tilde)))
+                report("sampling", min(first + batch_size, count), count)
+        x_np, y_np = x_hu.copy(), hu(y)[0]
+        invariances, denoised_invariances = np.concatenate(samples), np.concatenate(outputs)
+        change = np.abs(invariances - x_np).mean(axis=(1, 2))
+        output_change = np.abs(denoised_invariances - y_np).mean(axis=(1, 2))
+        return dict(x=x_np, denoised=y_np, reconstruction=hu(reconstruction)[0],
+                    denoised_reconstruction=hu(denoised_reconstruction)[0], invariances=invariances,
+                    denoised_invariances=denoised_invariances, std=invariances.std(axis=0),
+                    mean_abs_change_hu=change, mean_abs_output_change_hu=output_change,
+                    consistency=float(output_change.mean() / max(change.mean(), 1e-12)),
+                    v=code[0].float().cpu().numpy())

@@ -1,0 +1,701 @@
+"""Training the invariance models of a frozen denoiser f: the representation (cVAE), then the
+invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
+
+* :func:`train_cvae` - the representation (:class:`~.representation.Representation`) of
+  low-dose patches x given f(x). Per step: ``r = D(z, f(x))`` with ``z ~ q(z | x, f(x))``
+  (reparametrisation); ``n_critic`` steps of a conditional Wasserstein critic
+  (:class:`~.denoisers.WGANCritic` on ``[image, f(x)]``, two channels) on real x against
+  r with the gradient penalty (Gulrajani et al. 2017) weighted ``lam_gp``; then one cVAE
+  step on ``L1(r, x) + kl_weight * KL / pixels + lam_perc * L1(phi(r), phi(x)) +
+  w_adv * (-critic(r, f(x)))``, phi the deep features of our
+  :class:`~.denoisers.FeatureNetwork` (the paper's perceptual term; ImageNet VGG cannot be
+  downloaded here): taken from ``feature_network`` or the denoiser's own folder when it
+  ships one (WGAN-VGG), else trained first on tissue labels as WGAN-VGG's training does.
+  The adversarial weight is adaptive (Esser et al., "Taming transformers", CVPR 2021, as
+  in the CompVis code this method comes from): ``w_adv = lam_adv * ||grad_w rec|| /
+  ||grad_w adv||`` at the decoder's last layer w, ``rec`` the L1 + KL + perceptual terms,
+  so the critic's gradient stays a fixed fraction of the likelihood's whatever their
+  scales; it is switched on after ``adv_start`` steps (the critic trains from the start).
+  Validation per epoch: L1 of the posterior-mean reconstruction on fixed held-out patches
+  (the best-epoch criterion), its error in HU, the KL, and how much f notices the
+  difference, plus a PNG of x, f(x) and reconstructions.
+* :func:`train_cinn` - the invariance flow (:class:`~.invariance_flow.InvarianceFlow`) by
+  maximum likelihood on codes of the frozen encoder: ``z ~ q(z | x, f(x))`` (a fresh
+  posterior draw each step, ``sample_z``: the flow then models the aggregate posterior, the
+  distribution of codes the decoder was trained to decode; posterior means only if
+  ``sample_z`` is false), act-norm started from ``init_batches`` batches of codes, gradient
+  norm clipped to ``clip_grad``. Validation per epoch: held-out NLL per dimension (the
+  best-epoch criterion) and the mean and std of v.
+
+Both runs are seeded (every random number of epoch ``e`` derives from ``(seed, e, rank)``),
+checkpoint to ``<out>/checkpoints/last.pt`` every epoch and resume exactly (``resume=True``;
+settings must match), show tqdm bars with running losses, and export the best epoch into
+``<out>/model/``: a copy of the input model folder plus the new weights
+(:func:`~.sampler.save_representation`, then :func:`~.sampler.save_invariance_models`)
+with a model card section (:func:`~.fidelity.invariance_card`): sizes, training data, steps,
+wall time, machine and the fidelity figures (:mod:`.fidelity`) on the test split.
+
+Cost per step on one CPU thread at the defaults (128x128 patches; measured while other
+jobs shared the CPU, CPU time): cVAE batch 8 about 2.0 s, cINN batch 32 about 0.39 s
+(0.07 s from a :class:`PatchPool`), plus f(x) itself: CNN-10 0.2 / 0.8 s, WGAN-VGG
+0.3 / 1.7 s, RED-CNN and DU-GAN 4.7 / 19 s per batch of 8 / 32; for the last two, a patch
+pool (``pool_patches``) computes f once per patch instead of once per step.
+
+Run them alone or under ``torchrun --nproc_per_node N`` (:func:`~.training.setup_distributed`):
+DistributedDataParallel averages gradients (gloo on the CPU, nccl on GPUs), every process
+draws its own batches, rank 0 validates, writes checkpoints and exports. The same code runs
+on the CPU and on CUDA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .denoisers import (FeatureNetwork, WGANCritic, read_metadata, resolve_model_folder, sha256,
+                        write_metadata)
+from .devices import machine
+from .invariance_flow import InvarianceFlow, nll_per_dimension
+from .representation import DEFAULT_CHANNELS, Representation, representation_loss
+from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_seed, describe_data,
+                       gradient_penalty, load_feature_network, make_generator, optimizer_step, save_checkpoint,
+                       setup_distributed, train_feature_network)
+
+#: Default hyperparameters. cVAE: Adam, the loss weights of the module docstring, the
+#: critic's size, the representation's arguments, and the feature network's pretraining.
+#: cINN: Adam, gradient clipping, act-norm start, the flow's arguments.
+HYPERPARAMETERS = {
+    "cvae": dict(lr=2e-4, betas=(0.5, 0.9), kl_weight=1e-4, lam_gp=10.0, n_critic=1, lam_adv=0.5, adv_start=500,
+                 lam_perc=0.1,
+                 critic_widths=(32, 32, 64, 64, 128, 128), critic_hidden=256,
+                 z_dim=256, channels=tuple(DEFAULT_CHANNELS), conditional=True, full_resolution_subunits=1,
+                 feature_steps=2000, feature_lr=1e-3),
+    "cinn": dict(lr=1e-4, betas=(0.9, 0.999), clip_grad=10.0, sample_z=True, init_batches=4, n_flows=12, hidden=128,
+                 embedding_dim=64, embedding_channels=(16, 32, 64, 64), clamp=2.0),
+}
+#: Representation / flow constructor arguments among the hyperparameters.
+CVAE_ARGUMENTS = ("z_dim", "channels", "conditional", "full_resolution_subunits")
+CINN_ARGUMENTS = ("n_flows", "hidden", "embedding_dim", "embedding_channels", "clamp")
+VALIDATION = "validation"
+#: PNG of held-out invariances written beside the weights at export (paper's layout).
+FIDELITY_FIGURE = "fidelity.png"
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+class _Objective:
+    """What one step optimises. ``networks``/``optimizers`` (by name) are what a checkpoint
+    holds; ``trained`` names the network that is exported; ``wrapped`` holds the
+    DistributedDataParallel wrappers used in steps (the modules themselves when alone)."""
+
+    criterion = "l1"  # validation figure of the best epoch (lowest)
+
+    def __init__(self, hp: dict):
+        self.hp = hp
+        self.networks: Dict[str, nn.Module] = {}
+        self.optimizers: Dict[str, torch.optim.Optimizer] = {}
+        self.wrapped: Dict[str, nn.Module] = {}
+
+    def wrap(self, dist: Distributed) -> None:
+        for name in self.optimizers:
+            self.wrapped[name] = dist.wrap(self.networks[name])
+
+    def prepare(self, batches, validation, device, progress: bool) -> Optional[dict]:
+        return None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, step: int, rng: torch.Generator, **cached) -> Dict[str, float]:
+        """One optimisation step on low-dose patches ``x`` with ``y = f(x)`` (network units);
+        ``step`` counts from 1 over the whole run. Returns the losses as numbers."""
+        raise NotImplementedError
+
+
+def _noise(shape, rng: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal numbers drawn on the CPU (same on every device), moved to ``like``."""
+    return torch.randn(shape, generator=rng).to(like)
+
+
+class _CVAEObjective(_Objective):
+    """The representation with its conditional critic and perceptual term (module docstring)."""
+
+    trained = "representation"
+
+    def __init__(self, hp: dict, patch_size: int, denoiser_folder: Path):
+        super().__init__(hp)
+        rep = Representation(patch_size, **{k: hp[k] for k in CVAE_ARGUMENTS})
+        critic = WGANCritic(patch_size, in_channels=2 if rep.conditional else 1, widths=hp["critic_widths"],
+                            hidden=hp["critic_hidden"])
+        self.networks = {"representation": rep, "critic": critic,
+                         "feature_network": FeatureNetwork().eval().requires_grad_(False)}
+        self.optimizers = {"representation": adam(rep, hp), "critic": adam(critic, hp)}
+        self.denoiser_folder = denoiser_folder
+
+    def prepare(self, batches, validation, device, progress):
+        """The feature network: from ``hp["feature_network"]``, else the denoiser's folder when
+        it ships one, else trained here on tissue labels."""
+        features = self.networks["feature_network"]
+        source = self.hp.get("feature_network")
+        if not source and "feature_network" in read_metadata(self.denoiser_folder)["weights"]:
+            source = self.denoiser_folder
+        if source:
+            return load_feature_network(features, source)
+        return train_feature_network(features, batches, validation, self.hp, device, progress)
+
+    def _pair(self, image: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat((image, y), dim=1) if self.networks["representation"].conditional else image
+
+    def step(self, x, y, step, rng):
+        hp, rep, critic = self.hp, self.wrapped["representation"], self.wrapped["critic"]
+        features = self.networks["feature_network"].features
+        out = rep(x, y, sample=True, noise=_noise((x.shape[0], self.networks["representation"].z_dim), rng, x))
+        fake = out.reconstruction.detach()
+        condition = y if self.networks["representation"].conditional else None
+        for _ in range(hp["n_critic"]):
+            real_score, fake_score = critic(self._pair(torch.cat((x, fake)), torch.cat((y, y)))).chunk(2)
+            wasserstein = fake_score.mean() - real_score.mean()
+            penalty = gradient_penalty(critic, x, fake, rng, condition)
+            optimizer_step(self.optimizers["critic"], wasserstein + hp["lam_gp"] * penalty)
+        self.networks["critic"].requires_grad_(False)
+        adversarial = -self.networks["critic"](self._pair(out.reconstruction, y)).mean()
+        perceptual = F.l1_loss(features(out.reconstruction), features(x))
+        losses = representation_loss(out, x, hp["kl_weight"])
+        likelihood = losses["total"] + hp["lam_perc"] * perceptual
+        weight = torch.zeros(())
+        if step > hp["adv_start"] and hp["lam_adv"] > 0:
+            last = self.networks["representation"].output.conv.weight
+            (g_rec,) = torch.autograd.grad(likelihood, last, retain_graph=True)
+            (g_adv,) = torch.autograd.grad(adversarial, last, retain_graph=True)
+            weight = hp["lam_adv"] * (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+        optimizer_step(self.optimizers["representation"], likelihood + weight * adversarial)
+        self.networks["critic"].requires_grad_(True)
+        return {"l1": losses["l1"].item(), "kl": losses["kl"].item(), "perceptual": perceptual.item(),
+                "adv": adversarial.item(), "adv_weight": float(weight), "critic": wasserstein.item(),
+                "gp": penalty.item()}
+
+
+class _CINNObjective(_Objective):
+    """The invariance flow by maximum likelihood on codes of the frozen encoder."""
+
+    trained = "flow"
+    criterion = "nll_per_dim"
+
+    def __init__(self, hp: dict, representation: Representation, seed: int):
+        super().__init__(hp)
+        self.representation = representation
+        flow = InvarianceFlow(representation.z_dim, seed=seed, **{k: hp[k] for k in CINN_ARGUMENTS})
+        self.networks = {"flow": flow}
+        self.optimizers = {"flow": adam(flow, hp)}
+
+    def codes(self, x: torch.Tensor, y: torch.Tensor, rng: torch.Generator, posterior=None) -> torch.Tensor:
+        """z of patches x with f(x) = y: a posterior draw (``sample_z``) or the mean;
+        ``posterior`` = precomputed ``(mean, logvar)`` of E(x, y) (a patch pool)."""
+        with torch.no_grad():
+            mean, logvar = posterior if posterior is not None else self.representation.encode(x, y)
+            if not self.hp["sample_z"]:
+                return mean
+            return mean + torch.exp(0.5 * logvar) * _noise(mean.shape, rng, mean)
+
+    def initialize(self, batches: List[tuple], rng: torch.Generator) -> dict:
+        """Act-norm from data: every ActNorm gets zero mean and unit variance on the codes of
+        ``batches`` (pairs ``(x, y)``)."""
+        z = torch.cat([self.codes(x, y, rng) for x, y in batches])
+        y = torch.cat([y for _, y in batches])
+        self.networks["flow"].initialize(z, y)
+        return {"act_norm_initialised_on": int(z.shape[0])}
+
+    def step(self, x, y, step, rng, posterior=None):
+        z = self.codes(x, y, rng, posterior)
+        v, log_det = self.wrapped["flow"](z, y)
+        loss = nll_per_dimension(v, log_det)
+        optimizer = self.optimizers["flow"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.networks["flow"].parameters(), self.hp["clip_grad"])
+        optimizer.step()
+        return {"nll": loss.item(), "v_std": v.detach().std().item(), "grad_norm": float(norm)}
+
+
+# ----------------------------------------------------------------------------- shared run
+
+
+def _frozen_denoiser(folder: Path, device):
+    from .denoisers import load_denoiser
+
+    denoiser = load_denoiser(folder, device=device)
+    network = denoiser.network
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return network(x)
+
+    return denoiser, f
+
+
+def _held_out_tensors(source, split: str, patch_size: int, count: int, normalization, device):
+    """Fixed held-out patches (:func:`~.fidelity.held_out_patches`, 2 per slice) as normalised
+    tensors ``(N, 1, P, P)`` (low dose) with the patches themselves."""
+    from .fidelity import held_out_patches
+
+    patches = held_out_patches(source, split, patch_size, slices=max(1, (count + 1) // 2), per_slice=2)[:count]
+    if not patches:
+        raise ValueError(f"the {split} split is empty; the data set needs at least 2 patients")
+    x = normalization.normalize(torch.from_numpy(np.stack([p.low_dose for p in patches]))[:, None]).to(device)
+    return x, patches
+
+
+def _weights_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's state (every tensor's bytes, in order), to compare processes."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _copy_model_folder(source: Path, destination: Path) -> Path:
+    """Copy the files of a model folder (weights, metadata, card) to ``destination``."""
+    destination.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != destination.resolve():
+        for old in destination.iterdir():
+            if old.is_file():
+                old.unlink()
+        for f in source.iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                shutil.copy2(f, destination / f.name)
+    return destination
+
+
+def _size_record(module: nn.Module, folder: Path, record: dict) -> dict:
+    return {"parameters": int(sum(p.numel() for p in module.parameters())),
+            "file_mb": round((folder / record["file"]).stat().st_size / 1e6, 3)}
+
+
+def _write_card(folder: Path) -> None:
+    from .evaluation import MODEL_CARD, model_card
+
+    (folder / MODEL_CARD).write_text(model_card(read_metadata(folder)))
+
+
+class PatchPool:
+    """A fixed pool of ``count`` training patches with their f(x) (and, for the cINN, the
+    frozen encoder's posterior ``mean``, ``logvar``), computed once; batches are then drawn
+    from it with replacement. For denoisers whose f costs more than the training step itself
+    (RED-CNN, DU-GAN: about 0.6 s per 128x128 patch on one CPU thread) this trades patch
+    variety for speed. The patches are those of ``batches`` (random crops, flips and
+    rotations applied before f, so f(x) is exact) and the draws of call ``key`` depend only
+    on ``(seed, key)``: resuming rebuilds the same pool and continues exactly."""
+
+    def __init__(self, batches: TrainingBatches, count: int, f: Callable, device, seed: int,
+                 encode: Optional[Callable] = None, progress: bool = False):
+        from tqdm.auto import tqdm
+
+        self.batch_size, self.seed = batches.batch_size, seed
+        parts: Dict[str, list] = {}
+        steps = -(-int(count) // batches.batch_size)
+        for batch in tqdm(batches(steps, 0), total=steps, desc=f"patch pool ({count} patches, f(x) once)",
+                          disable=not progress):
+            x = batch["ld"].to(device)
+            y = f(x)
+            values = {"ld": x, "y": y}
+            if encode is not None:
+                with torch.no_grad():
+                    values["mean"], values["logvar"] = encode(x, y)
+            for name, value in values.items():
+                parts.setdefault(name, []).append(value.detach().cpu())
+        self.data = {name: torch.cat(value)[:count] for name, value in parts.items()}
+
+    def __len__(self) -> int:
+        return self.data["ld"].shape[0]
+
+    def __call__(self, steps: int, key: int = 0):
+        g = make_generator(derive_seed(self.seed, key, 5))
+        for _ in range(steps):
+            index = torch.randint(len(self), (self.batch_size,), generator=g)
+            yield {name: value[index] for name, value in self.data.items()}
+
+
+def _run(kind: str, objective: _Objective, config: dict, out: Path, *, epochs: int, steps_per_epoch: int,
+         batches: TrainingBatches, f: Callable, validate: Callable[[int], dict], prepare: Callable[[], Optional[dict]],
+         dist: Distributed, seed: int, progress: bool) -> dict:
+    """The epoch loop both trainings share: checkpoint / resume (settings checked), seeded
+    epochs, tqdm with running means, validation and best-epoch tracking on rank 0. Returns
+    the run state (history, best weights of ``objective.trained``, seconds, ...)."""
+    from tqdm.auto import tqdm
+
+    device = dist.device
+    checkpoint_path = out / "checkpoints" / CHECKPOINT
+    resuming = checkpoint_path.exists()
+    if resuming and not config["resume"]:
+        raise ValueError(f"{out} already holds a training run ({checkpoint_path}); pass resume=True (--resume) "
+                         "to continue it or choose another output folder")
+    dist.barrier()  # every process has looked before rank 0 writes
+    config = {k: v for k, v in config.items() if k != "resume"}
+    if dist.is_main:
+        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"epoch": 0, "history": [], "seconds": 0.0, "best": None, "prepared": None}
+    if resuming:
+        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        differences = sorted(k for k in set(config) | set(saved["config"]) if saved["config"].get(k) != config.get(k))
+        if differences:
+            raise ValueError(f"{checkpoint_path} was trained with other settings ({', '.join(differences)}); "
+                             "resume with the same settings or train into another folder")
+        for name, network in objective.networks.items():
+            network.load_state_dict(saved["networks"][name])
+        for name, optimizer in objective.optimizers.items():
+            optimizer.load_state_dict(saved["optimizers"][name])
+        state = {k: saved.get(k, state[k]) for k in state}
+    else:
+        started = time.perf_counter()
+        state["prepared"] = prepare()
+        state["seconds"] = time.perf_counter() - started
+    objective.wrap(dist)
+    trained = objective.networks[objective.trained]
+
+    def checkpoint():
+        if dist.is_main:
+            save_checkpoint(checkpoint_path, {
+                "config": config, **state,
+                "networks": {k: v.state_dict() for k, v in objective.networks.items()},
+                "optimizers": {k: v.state_dict() for k, v in objective.optimizers.items()}})
+
+    if state["epoch"] == 0:
+        checkpoint()
+    criterion = objective.criterion
+    for epoch in range(state["epoch"] + 1, epochs + 1):
+        started = time.perf_counter()
+        rng = make_generator(derive_seed(seed, epoch, 2, dist.rank))
+        sums: Dict[str, float] = {}
+        bar = tqdm(total=steps_per_epoch, desc=f"{kind} epoch {epoch}/{epochs}",
+                   disable=not (progress and dist.is_main))
+        for network in objective.optimizers:
+            objective.networks[network].train()
+        for k, batch in enumerate(batches(steps_per_epoch, epoch)):
+            x = batch["ld"].to(device)
+            y = batch["y"].to(device) if "y" in batch else f(x)  # a patch pool holds f(x)
+            extra = {"posterior": (batch["mean"].to(device), batch["logvar"].to(device))} if "mean" in batch else {}
+            losses = objective.step(x, y, (epoch - 1) * steps_per_epoch + k + 1, rng, **extra)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value
+            bar.update()
+            bar.set_postfix({name: f"{total / (k + 1):.4g}" for name, total in sums.items()})
+        bar.close()
+        for network in objective.optimizers:
+            objective.networks[network].eval()
+        scores = validate(epoch) if dist.is_main else {}
+        state["seconds"] += time.perf_counter() - started
+        state["epoch"] = epoch
+        state["history"].append({"epoch": epoch, "train": {n: t / steps_per_epoch for n, t in sums.items()},
+                                 "val": scores, "seconds": round(state["seconds"], 3)})
+        best = state["best"]
+        if dist.is_main and (best is None or scores[criterion] < best["val"][criterion]):
+            state["best"] = {"epoch": epoch, "val": scores,
+                             "weights": {k: v.detach().cpu().clone() for k, v in trained.state_dict().items()}}
+        checkpoint()
+        if dist.is_main:
+            with open(out / "history.json", "w") as fh:
+                json.dump(state["history"], fh, indent=1)
+            if progress:
+                tqdm.write(f"{kind} epoch {epoch}: validation " + ", ".join(
+                    f"{n} {v:.4g}" for n, v in scores.items() if isinstance(v, (int, float))))
+        dist.barrier()
+    digests = [_weights_digest(trained)]
+    if dist.enabled:
+        import torch.distributed as torch_dist
+
+        gathered: List[Optional[str]] = [None] * dist.world_size
+        torch_dist.all_gather_object(gathered, digests[0])
+        digests = gathered
+    state["rank_digests"] = digests
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"the {dist.world_size} processes ended with different {objective.trained} weights; "
+                           "distributed training is broken")
+    return state
+
+
+def _training_record(state: dict, config: dict, source, data, dist: Distributed, module: nn.Module,
+                     folder: Path, weights: dict) -> dict:
+    from . import __version__
+
+    best = state["best"] or {}
+    return {"data": describe_data(source, data), "split": "train (patient-level 70/20/10 %, seed 0)",
+            "epochs": state["epoch"], "steps_per_epoch": config["steps_per_epoch"],
+            "batch_size": config["batch_size"], "world_size": dist.world_size,
+            "steps": state["epoch"] * config["steps_per_epoch"], "patch_size": config["patch_size"],
+            "seed": config["seed"], "hyperparameters": config["hyperparameters"],
+            "best_epoch": best.get("epoch"), "validation": best.get("val"),
+            "wall_time_s": round(state["seconds"], 1), "machine": machine(dist.device),
+            "distributed": {"world_size": dist.world_size, "final_weights_sha256": state.get("rank_digests")},
+            "denoiser": config["denoiser"], "pool_patches": config.get("pool_patches", 0),
+            "engine_version": __version__,
+            **_size_record(module, folder, weights)}
+
+
+def _config(kind: str, hp: dict, denoiser_folder: Path, *, patch_size, batch_size, steps_per_epoch, seed, resume,
+            dist: Distributed, data) -> dict:
+    metadata = read_metadata(denoiser_folder)
+    weights = {k: v["sha256"] for k, v in metadata["weights"].items()}
+    return json.loads(json.dumps({
+        "kind": kind, "hyperparameters": hp, "patch_size": patch_size, "batch_size": batch_size,
+        "steps_per_epoch": steps_per_epoch, "seed": seed, "world_size": dist.world_size,
+        "data": str(Path(data).resolve()),
+        "denoiser": {"folder": str(denoiser_folder.resolve()), "architecture": metadata["architecture"]["name"],
+                     "weights_sha256": weights},
+        "resume": resume}))
+
+
+def _check(epochs, steps_per_epoch, batch_size, patch_size, val_patches) -> None:
+    if min(epochs, steps_per_epoch, batch_size, val_patches) < 1 or patch_size < 24:
+        raise ValueError("epochs, steps_per_epoch, batch_size and val_patches must be positive and patch_size at "
+                         "least 24 pixels (the critic's minimum)")
+
+
+def _hyperparameters(kind: str, lr, overrides) -> dict:
+    unknown = sorted(set(overrides or {}) - set(HYPERPARAMETERS[kind]) - {"feature_network"})
+    if unknown:
+        raise ValueError(f"not a {kind} hyperparameter: {', '.join(unknown)}; known: "
+                         f"{', '.join(sorted(HYPERPARAMETERS[kind]))}")
+    return {**HYPERPARAMETERS[kind], **(overrides or {}), **({"lr": float(lr)} if lr is not None else {})}
+
+
+# ----------------------------------------------------------------------------- the representation
+
+
+def train_cvae(denoiser, data, out, *, epochs: int = 10, steps_per_epoch: int = 500, batch_size: int = 8,
+               patch_size: int = 128, lr: Optional[float] = None, seed: int = 0, resume: bool = False,
+               device="auto", num_workers: int = 0, val_patches: int = 32, weights_dtype: str = "float32",
+               hyperparameters: Optional[dict] = None, feature_network=None, fidelity_slices: int = 8,
+               pool_patches: int = 0, progress: bool = True) -> Path:
+    """Train the representation (cVAE) of the frozen ``denoiser``; return ``<out>/model``.
+
+    Args:
+        denoiser: model folder or bundled name of the denoiser f.
+        data: simulated data set folder or paired DICOM folder (:func:`~.datasets.open_source`);
+            low-dose patches of its training split are used (plus tissue labels to train a
+            feature network when none is given).
+        out: run folder: ``checkpoints/last.pt``, ``history.json``, ``validation/*.png`` and
+            ``model/`` (a copy of the denoiser's folder with ``cvae.safetensors`` added).
+        epochs: total epochs (a resumed run continues up to this number).
+        steps_per_epoch, batch_size, patch_size: batches per epoch (per process), patches
+            per batch, patch side in pixels (a multiple of 2**(levels); 128 as in the paper).
+        lr: Adam learning rate of cVAE and critic (default :data:`HYPERPARAMETERS`).
+        seed: seeds weights, patches and every random draw.
+        resume: continue from ``<out>/checkpoints/last.pt``; the settings must match.
+        device: "auto", "cpu" or "cuda" (under torchrun: each process takes its GPU).
+        num_workers: data loader processes.
+        val_patches: held-out patches of the validation split evaluated per epoch.
+        weights_dtype: "float32" or "float16" storage of the exported weights.
+        hyperparameters: overrides of ``HYPERPARAMETERS["cvae"]`` (e.g. ``z_dim``, ``lam_adv``).
+        feature_network: a model folder whose feature network gives the perceptual term.
+        fidelity_slices: test-split slices for the completeness figures of the model card (0: none).
+        pool_patches: train on a fixed :class:`PatchPool` of this many patches per process
+            with f(x) computed once (0: fresh patches and f(x) every step).
+        progress: tqdm bars (rank 0).
+    """
+    from .datasets import open_source
+
+    _check(epochs, steps_per_epoch, batch_size, patch_size, val_patches)
+    hp = _hyperparameters("cvae", lr, hyperparameters)
+    if feature_network is not None:
+        hp["feature_network"] = str(feature_network)
+    dist = setup_distributed(device)
+    try:
+        folder = resolve_model_folder(denoiser)
+        source = open_source(data)
+        out = Path(out)
+        config = _config("cvae", hp, folder, patch_size=patch_size, batch_size=batch_size,
+                         steps_per_epoch=steps_per_epoch, seed=seed, resume=resume, dist=dist, data=data)
+        config["pool_patches"] = int(pool_patches)
+        hp = config["hyperparameters"]
+        device = dist.device
+        den, f = _frozen_denoiser(folder, device)
+        norm = den.normalization
+        torch.manual_seed(derive_seed(seed, 0))
+        objective = _CVAEObjective(hp, patch_size, folder)
+        for network in objective.networks.values():
+            network.to(device)
+        rep = objective.networks["representation"]
+        batches = TrainingBatches(source, patch_size, batch_size, derive_seed(seed, dist.rank), norm, num_workers,
+                                  device)
+        if pool_patches:
+            batches = PatchPool(batches, pool_patches, f, device, derive_seed(seed, dist.rank),
+                                progress=progress and dist.is_main)
+        x_val, _ = _held_out_tensors(source, "val", patch_size, val_patches, norm, device)
+        y_val = f(x_val)
+
+        def prepare():
+            from .training import validation_items
+
+            validation = validation_items(source, "val", 8, norm)
+            return objective.prepare(TrainingBatches(source, patch_size, batch_size, derive_seed(seed, 0), norm,
+                                                     num_workers, device), validation, device,
+                                     progress and dist.is_main)
+
+        def validate(epoch: int) -> dict:
+            return _validate_cvae(rep, f, x_val, y_val, norm, out / VALIDATION / f"cvae_epoch_{epoch:03d}.png")
+
+        state = _run("cvae", objective, config, out, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                     batches=batches, f=f, validate=validate, prepare=prepare, dist=dist, seed=seed,
+                     progress=progress)
+        model = out / "model"
+        if dist.is_main:
+            from .fidelity import held_out_patches, representation_fidelity
+            from .sampler import CVAE, save_representation
+
+            if state["best"] is not None:
+                rep.load_state_dict(state["best"]["weights"])
+            rep.eval()
+            _copy_model_folder(folder, model)
+            (model / FIDELITY_FIGURE).unlink(missing_ok=True)  # of an earlier cVAE's invariances
+            save_representation(model, rep, {}, dtype=weights_dtype)
+            metadata = read_metadata(model)
+            record = _training_record(state, config, source, data, dist, rep, model, metadata["weights"][CVAE])
+            if state["prepared"]:
+                record["feature_network"] = state["prepared"]
+            record["critic"] = {"class": "WGANCritic", "in_channels": 2 if rep.conditional else 1,
+                                "parameters": int(sum(p.numel() for p in objective.networks["critic"].parameters()))}
+            record["validation_figures"] = sorted(str(p.relative_to(out)) for p in (out / VALIDATION).glob("*.png"))
+            info = metadata["invariance"]
+            info["training"] = {"cvae": record}
+            if fidelity_slices:
+                patches = held_out_patches(source, "test", patch_size, fidelity_slices, 2)
+                if patches:
+                    info["completeness"] = {**representation_fidelity(den, rep, patches, device), "split": "test"}
+            write_metadata(model, metadata)
+            _write_card(model)
+        dist.barrier()
+        return model
+    finally:
+        dist.close()
+
+
+@torch.no_grad()
+def _validate_cvae(rep: Representation, f, x: torch.Tensor, y: torch.Tensor, norm, png: Path) -> dict:
+    """Held-out figures of the cVAE (posterior-mean reconstruction r): ``l1`` (network units),
+    ``mae_hu`` = mean|r - x|, ``kl`` per pixel, ``output_error_hu`` = mean|f(r) - f(x)|; and a
+    PNG (rows: patches; columns x, f(x), r, a posterior sample; lung window)."""
+    from .figures import LUNG_WINDOW, save_png, tile_grid, window
+
+    was = rep.training
+    rep.eval()
+    mean, logvar = rep.encode(x, y)
+    r = rep.decode(mean, y)
+    sampled = rep.decode(mean + torch.exp(0.5 * logvar) * _noise(mean.shape, torch.Generator().manual_seed(0), mean),
+                         y)
+    rep.train(was)
+    l1 = float((r - x).abs().mean())
+    kl = float((0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)).mean() / x[0].numel())
+    hu = [norm.denormalize(t[:, 0]).float().cpu().numpy() for t in (x, y, r, sampled, f(r))]
+    rows = min(4, x.shape[0])
+    tiles = [[window(a[k], *LUNG_WINDOW) for a in hu[:4]] for k in range(rows)]
+    labels = [["x", "f(x)", "D(mean)", "D(z~q)"]]
+    save_png(tile_grid(tiles, labels), png)
+    return {"l1": l1, "mae_hu": float(np.abs(hu[2] - hu[0]).mean()), "kl": kl,
+            "output_error_hu": float(np.abs(hu[4] - hu[1]).mean())}
+
+
+# ----------------------------------------------------------------------------- the invariance flow
+
+
+def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500, batch_size: int = 32,
+               lr: Optional[float] = None, seed: int = 0, resume: bool = False, device="auto",
+               num_workers: int = 0, val_patches: int = 64, weights_dtype: str = "float32",
+               hyperparameters: Optional[dict] = None, fidelity_slices: int = 8, fidelity_count: int = 16,
+               pool_patches: int = 0, progress: bool = True) -> Path:
+    """Train the invariance flow (cINN) on the codes of the representation in ``model``;
+    return ``<out>/model`` (a copy of ``model`` with ``cinn.safetensors`` added: the complete
+    invariance models, with the fidelity figures of :func:`~.fidelity.invariance_fidelity`
+    on ``fidelity_slices`` test slices and ``fidelity_count`` invariances per patch in its
+    metadata and model card; 0 slices skips them).
+
+    ``model`` is a model folder holding a denoiser and its cVAE (``train_cvae``'s
+    ``<out>/model``); the patch size is the cVAE's. Other arguments as in :func:`train_cvae`
+    (defaults: batch 32; overrides of ``HYPERPARAMETERS["cinn"]``; a :class:`PatchPool` also
+    holds the frozen encoder's posterior, so a pooled step costs the flow alone).
+    """
+    from .datasets import open_source
+    from .sampler import load_representation
+
+    hp = _hyperparameters("cinn", lr, hyperparameters)
+    dist = setup_distributed(device)
+    try:
+        folder = resolve_model_folder(model)
+        den, rep = load_representation(folder, device=dist.device)
+        patch_size = rep.patch_size
+        _check(epochs, steps_per_epoch, batch_size, patch_size, val_patches)
+        source = open_source(data)
+        out = Path(out)
+        config = _config("cinn", hp, folder, patch_size=patch_size, batch_size=batch_size,
+                         steps_per_epoch=steps_per_epoch, seed=seed, resume=resume, dist=dist, data=data)
+        config["pool_patches"] = int(pool_patches)
+        config["cvae_sha256"] = sha256(folder / read_metadata(folder)["weights"]["cvae"]["file"])
+        hp = config["hyperparameters"]
+        device = dist.device
+        _, f = _frozen_denoiser(folder, device)
+        norm = den.normalization
+        torch.manual_seed(derive_seed(seed, 0))
+        objective = _CINNObjective(hp, rep, seed)
+        objective.networks["flow"].to(device)
+        flow = objective.networks["flow"]
+        batches = TrainingBatches(source, patch_size, batch_size, derive_seed(seed, dist.rank), norm, num_workers,
+                                  device)
+        if pool_patches:
+            batches = PatchPool(batches, pool_patches, f, device, derive_seed(seed, dist.rank), encode=rep.encode,
+                                progress=progress and dist.is_main)
+        x_val, _ = _held_out_tensors(source, "val", patch_size, val_patches, norm, device)
+        y_val = f(x_val)
+        z_val = objective.codes(x_val, y_val, torch.Generator().manual_seed(0))
+
+        def prepare():
+            init = TrainingBatches(source, patch_size, batch_size, derive_seed(seed, 0), norm, num_workers, device)
+            pairs = [(b["ld"].to(device), f(b["ld"].to(device))) for b in init(hp["init_batches"], 0)]
+            return objective.initialize(pairs, make_generator(derive_seed(seed, 0, 3)))
+
+        @torch.no_grad()
+        def validate(epoch: int) -> dict:
+            v, log_det = flow(z_val, y_val)
+            return {"nll_per_dim": float(nll_per_dimension(v, log_det)), "v_mean": float(v.mean()),
+                    "v_std": float(v.std())}
+
+        state = _run("cinn", objective, config, out, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                     batches=batches, f=f, validate=validate, prepare=prepare, dist=dist, seed=seed,
+                     progress=progress)
+        destination = out / "model"
+        if dist.is_main:
+            from .fidelity import invariance_fidelity
+            from .sampler import CINN, InvarianceModels, save_invariance_models
+
+            if state["best"] is not None:
+                flow.load_state_dict(state["best"]["weights"])
+            flow.eval()
+            previous = read_metadata(folder).get("invariance", {})
+            _copy_model_folder(folder, destination)
+            keep = {k: previous[k] for k in ("training", "completeness") if k in previous}
+            save_invariance_models(destination, rep, flow, keep, dtype=weights_dtype)
+            metadata = read_metadata(destination)
+            record = _training_record(state, config, source, data, dist, flow, destination, metadata["weights"][CINN])
+            record["act_norm"] = state["prepared"]
+            info = metadata["invariance"]
+            info.setdefault("training", {})["cinn"] = record
+            write_metadata(destination, metadata)
+            if fidelity_slices:
+                models = InvarianceModels(den, rep, flow, destination)
+                info["fidelity"] = invariance_fidelity(models, source, "test", slices=fidelity_slices,
+                                                       count=fidelity_count, device=device, sample_z=hp["sample_z"],
+                                                       figure=destination / FIDELITY_FIGURE)
+                info["fidelity"]["measured_on"]["data"] = str(data)
+                info["fidelity"]["figure"] = FIDELITY_FIGURE
+                write_metadata(destination, metadata)
+            _write_card(destination)
+        dist.barrier()
+        return destination
+    finally:
+        dist.close()

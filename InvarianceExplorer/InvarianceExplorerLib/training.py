@@ -1,0 +1,250 @@
+"""What every training run shares: seeds, batches of training patches, optimiser steps,
+the Wasserstein gradient penalty, the feature network of perceptual losses, checkpoints,
+the description of the training data, and torch.distributed set-up.
+
+Used by :mod:`.train_denoiser` (the denoisers) and :mod:`.train_invariance` (the
+representation and invariance flow of a frozen denoiser). Reproducibility rule of both:
+every random number of epoch ``e`` derives from ``(seed, e)`` (:func:`derive_seed`), so a
+run resumed from its checkpoint continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT = "last.pt"
+
+
+def derive_seed(*words: int) -> int:
+    """A 63-bit seed derived from integers (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``seed``."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def adam(module: nn.Module, hp: dict) -> torch.optim.Adam:
+    """Adam over ``module``'s parameters with ``hp["lr"]`` and ``hp["betas"]``."""
+    return torch.optim.Adam(module.parameters(), lr=hp["lr"], betas=tuple(hp["betas"]))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """Zero the gradients, back-propagate ``loss``, take one step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, rng: torch.Generator,
+                     condition: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gulrajani et al. 2017: mean of (||grad critic(mix)||_2 - 1)^2 at random mixes of real
+    and fake images (one mixing weight per image, drawn from ``rng``). A conditional critic
+    sees ``[mix, condition]`` (channels) and the gradient is taken w.r.t. the image only."""
+    a = torch.rand(real.shape[0], 1, 1, 1, generator=rng).to(real)
+    mix = (a * real + (1 - a) * fake).requires_grad_(True)
+    score = critic(mix if condition is None else torch.cat((mix, condition), dim=1))
+    (grad,) = torch.autograd.grad(score.sum(), mix, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+class TrainingBatches:
+    """Batches of random training patches; the ``k``-th call's batches depend only on
+    ``(seed, k)``, so epoch ``e`` is the same whether or not the run was resumed (give each
+    process of a distributed run its own ``seed`` so that they draw different patches)."""
+
+    def __init__(self, source, patch_size, batch_size, seed, normalization, num_workers, device):
+        self.source, self.patch_size, self.batch_size, self.seed = source, patch_size, batch_size, seed
+        self.normalization, self.num_workers, self.device = normalization, num_workers, device
+
+    def __call__(self, steps: int, key: int = 0):
+        from monai.data import DataLoader
+        from torch.utils.data import RandomSampler
+
+        from .datasets import make_dataset
+
+        seed = derive_seed(self.seed, key, 1)
+        data = make_dataset(self.source, "train", patch_size=self.patch_size, augment=True, seed=seed % 2**32,
+                            normalization=self.normalization)
+        if len(data) == 0:
+            raise ValueError("the training split is empty; the data set needs more patients")
+        sampler = RandomSampler(data, replacement=True, num_samples=steps * self.batch_size,
+                                generator=make_generator(seed))
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          generator=make_generator(seed + 1), drop_last=True,
+                          pin_memory=torch.device(self.device).type == "cuda")
+
+
+def validation_items(source, split: str, limit: int, normalization):
+    """Up to ``limit`` whole slices of ``split`` (evenly spaced, deterministic)."""
+    from torch.utils.data import Subset
+
+    from .datasets import make_dataset
+
+    data = make_dataset(source, split, patch_size=None, augment=False, normalization=normalization)
+    if len(data) > limit:
+        data = Subset(data, np.linspace(0, len(data) - 1, limit).round().astype(int).tolist())
+    return data
+
+
+def train_feature_network(network: nn.Module, batches: Iterable[dict], validation, hp: dict, device,
+                          progress: bool) -> dict:
+    """Train ``network`` (:class:`~.denoisers.FeatureNetwork`) to segment the tissue labels of
+    low- and full-dose training patches (per-pixel cross-entropy, Adam ``feature_lr``,
+    ``feature_steps`` batches of ``batches(steps)``); leave it frozen in eval mode and
+    return its record (steps, final loss, validation pixel accuracy)."""
+    from tqdm.auto import tqdm
+
+    network.train().requires_grad_(True)
+    optimizer = torch.optim.Adam(network.parameters(), lr=hp["feature_lr"])
+    steps, running = hp["feature_steps"], []
+    bar = tqdm(total=steps, desc="feature network (tissue labels)", disable=not progress)
+    for batch in batches(steps):
+        if batch.get("labels") is None:
+            raise ValueError("the perceptual loss uses a feature network trained on tissue labels, which this "
+                             "data set lacks; train on simulated data or reuse the feature network of a WGAN-VGG "
+                             "model folder (--feature-network FOLDER)")
+        x = torch.cat([batch["ld"], batch["fd"]]).to(device)
+        target = batch["labels"].long().to(device)[:, 0].repeat(2, 1, 1)
+        loss = F.cross_entropy(network(x), target)
+        optimizer_step(optimizer, loss)
+        running.append(loss.item())
+        bar.update()
+        bar.set_postfix(ce=f"{np.mean(running[-50:]):.3f}")
+    bar.close()
+    network.eval().requires_grad_(False)
+    correct = total = 0
+    with torch.no_grad():
+        for item in validation:
+            if item.get("labels") is not None:
+                predicted = network(item["fd"][None].to(device)).argmax(1).cpu()
+                correct += int((predicted == item["labels"].long()).sum())
+                total += item["labels"].numel()
+    return {"steps": steps, "lr": hp["feature_lr"], "final_cross_entropy": float(np.mean(running[-50:])),
+            "val_pixel_accuracy": correct / total if total else None,
+            "inputs": "low- and full-dose training patches", "target": "phantom tissue labels (phantom.Label)"}
+
+
+def load_feature_network(network: nn.Module, source) -> dict:
+    """Load the feature network of model folder (or bundled name) ``source`` into ``network``
+    (frozen, eval mode); return its training record with the folder. ``ValueError`` when the
+    folder has none (WGAN-VGG model folders have one)."""
+    from .denoisers import load_weights, read_metadata, resolve_model_folder
+
+    folder = resolve_model_folder(source)
+    metadata = read_metadata(folder)
+    if "feature_network" not in metadata["weights"]:
+        raise ValueError(f"{folder}: no feature network in this model folder (WGAN-VGG models have one)")
+    load_weights(network, folder, metadata["weights"]["feature_network"])
+    network.eval().requires_grad_(False)
+    return dict(metadata.get("training", {}).get("feature_network", {}), source=str(folder))
+
+
+def describe_data(source, path) -> dict:
+    """What the training data were, for the model metadata."""
+    from .datasets import SimulatedDataset
+
+    if isinstance(source, SimulatedDataset):
+        p = source.manifest["parameters"]
+        return {"kind": "simulated", "path": str(path), "pairs": len(source), "size": p["size"],
+                "pixel_spacing_mm": p["spacing_mm"], "dose": p["dose"], "seed": p["seed"],
+                "contrast_fraction": p["contrast_fraction"], "photons": source.manifest.get("photons")}
+    first = source[0]
+    return {"kind": type(source).__name__, "path": str(path), "slices": len(source),
+            "patients": len(set(source.patient_ids)), "pixel_spacing_mm": float(first.spacing[0])}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` ``state`` to ``path`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands in a (possibly) distributed run.
+
+    Attributes:
+        rank, world_size: this process's number and the number of processes (0 and 1 alone).
+        device: the torch device of this process (``cuda:<local rank>`` on GPUs).
+        initialized: whether this process set up the process group (and must tear it down).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    initialized: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and shows progress."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """``module`` in :class:`~torch.nn.parallel.DistributedDataParallel` when distributed
+        (gradients averaged over processes at every backward pass), else itself."""
+        if not self.enabled:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
+
+    def close(self) -> None:
+        if self.initialized:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def setup_distributed(device) -> Distributed:
+    """Join the process group that ``torchrun`` describes (``WORLD_SIZE`` > 1 in the
+    environment; also works when the group is already initialised, e.g. by
+    ``torch.multiprocessing.spawn``): backend nccl on CUDA, gloo on the CPU; each process
+    takes GPU ``LOCAL_RANK``. Alone (no ``WORLD_SIZE``), returns a single-process record on
+    ``device`` (:func:`~.devices.resolve_device`)."""
+    import torch.distributed as dist
+
+    from .devices import resolve_device
+
+    device = resolve_device(device)
+    if dist.is_available() and dist.is_initialized():
+        rank, world, initialized = dist.get_rank(), dist.get_world_size(), False
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if device.type == "cuda":  # before the process group, so that NCCL binds this GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world, initialized = dist.get_rank(), dist.get_world_size(), True
+    else:
+        return Distributed(device=device)
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    return Distributed(rank, world, device, initialized)

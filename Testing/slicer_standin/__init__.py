@@ -1,0 +1,278 @@
+"""SLICER STAND-IN (not 3D Slicer): just enough of ``slicer``, ``slicer.util``, MRML, ``qt`` and
+``ctk`` to import InvarianceExplorer.py and run its Logic in pytest.
+
+3D Slicer cannot be installed on the project's machines, so the Slicer layer is tested
+against this small stand-in, built on the real vtk wheel (image data, matrices, tables) and
+the real Qt (``qt`` is the panel's own shim over PySide6; widgets.py has the MRML widgets). Each function copies the
+behaviour of the Slicer call it stands for (see mrml.py); nothing here is used outside the
+tests, and the module's self-test (InvarianceExplorerTest) is the check in real Slicer.
+
+Use::
+
+    import slicer_standin
+    slicer = slicer_standin.install()     # registers the modules in sys.modules
+    import InvarianceExplorer              # the real module file
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import unittest
+from pathlib import Path
+from typing import get_args, get_origin, get_type_hints
+
+import numpy as np
+
+from . import mrml, widgets
+
+MODULE_DIR = Path(__file__).resolve().parents[2] / "InvarianceExplorer"
+
+
+# ----------------------------------------------------------------------------- slicer.util
+
+def arrayFromVolume(volumeNode):
+    """A numpy view (k, j, i) of the volume's voxels, as slicer.util.arrayFromVolume."""
+    from vtk.util import numpy_support
+
+    image = volumeNode.GetImageData()
+    nx, ny, nz = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nz, ny, nx)
+
+
+def updateVolumeFromArray(volumeNode, narray):
+    """Copy a (k, j, i) array into the volume's image data, as slicer.util.updateVolumeFromArray."""
+    import vtk
+    from vtk.util import numpy_support
+
+    narray = np.asarray(narray)
+    if narray.ndim != 3:
+        raise RuntimeError("Unsupported numpy array shape: " + str(narray.shape))
+    image = volumeNode.GetImageData()
+    if not image:
+        image = vtk.vtkImageData()
+        volumeNode.SetAndObserveImageData(image)
+    image.SetDimensions(tuple(reversed(narray.shape)))
+    image.AllocateScalars(numpy_support.get_vtk_array_type(narray.dtype), 1)
+    arrayFromVolume(volumeNode)[:] = narray
+
+
+def updateTableFromArray(tableNode, narrays, columnNames=None):
+    """Replace the table's columns by the given 1D arrays, as slicer.util.updateTableFromArray."""
+    from vtk.util import numpy_support
+
+    table = tableNode.GetTable()
+    table.Initialize()
+    columns = [narrays] if isinstance(narrays, np.ndarray) and narrays.ndim == 1 else list(narrays)
+    names = [columnNames] if isinstance(columnNames, str) else list(columnNames or [])
+    for index, column in enumerate(columns):
+        array = numpy_support.numpy_to_vtk(np.ascontiguousarray(column), deep=True)
+        array.SetName(names[index] if index < len(names) else f"Column {index + 1}")
+        table.AddColumn(array)
+    return tableNode
+
+
+def getNodesByClass(className, scene=None):
+    return [n for n in (scene or _state.scene).GetNodes() if n.IsA(className)]
+
+
+def getNode(pattern):
+    for node in _state.scene.GetNodes():
+        if pattern in (node.GetID(), node.GetName()):
+            return node
+    raise KeyError(pattern)
+
+
+class _Answers:
+    """Replies of the stand-in's dialogs (tests set them); every question is recorded."""
+
+    def __init__(self):
+        self.reply, self.asked = True, []
+
+
+def _confirm(message, *args, **kwargs):
+    _state.answers.asked.append(message)
+    return _state.answers.reply
+
+
+class _Views:
+    """What the module asked the views to show (slice layers, active browser, chart)."""
+
+    def __init__(self):
+        self.layers, self.browser, self.toolbarVisible, self.chart = {}, None, False, None
+
+    def setActiveBrowserNode(self, node):
+        self.browser = node
+
+    def setVisible(self, visible):
+        self.toolbarVisible = bool(visible)
+
+    def ShowChartInLayout(self, node):
+        self.chart = node
+
+
+def setSliceViewerLayers(background="keep-current", foreground="keep-current", label="keep-current",
+                         foregroundOpacity=None, labelOpacity=None, fit=False, rotateToVolumePlane=False):
+    """Record the layers, as slicer.util.setSliceViewerLayers sets them in every slice view."""
+    for name, value in (("background", background), ("foreground", foreground), ("label", label)):
+        if value != "keep-current":
+            _state.views.layers[name] = value
+    if foregroundOpacity is not None:
+        _state.views.layers["foregroundOpacity"] = foregroundOpacity
+
+
+def pip_install(requirements):
+    raise RuntimeError("the Slicer stand-in installs nothing")
+
+
+# ----------------------------------------------------------------------------- parameter node wrapper
+
+class WithinRange:
+    def __init__(self, minimum, maximum):
+        self.minimum, self.maximum = minimum, maximum
+
+    def check(self, value):
+        if not self.minimum <= value <= self.maximum:
+            raise ValueError(f"{value} is not within [{self.minimum}, {self.maximum}]")
+
+
+class Choice:
+    def __init__(self, choices):
+        self.choices = list(choices)
+
+    def check(self, value):
+        if value not in self.choices:
+            raise ValueError(f"{value!r} is not one of {self.choices}")
+
+
+def parameterNodeWrapper(cls):
+    """Typed, defaulted attributes stored on the parameter node (values kept as Python objects here;
+    real Slicer serialises them into the node)."""
+    hints = get_type_hints(cls, include_extras=True)
+
+    def make_property(name, hint):
+        validators = [a for a in get_args(hint)[1:] if hasattr(a, "check")] if get_origin(hint) is not None else []
+        default = getattr(cls, name, None)
+
+        def getter(self):
+            return self.parameterNode._values.get(name, default)
+
+        def setter(self, value):
+            for validator in validators:
+                validator.check(value)
+            self.parameterNode._values[name] = value
+
+        return property(getter, setter)
+
+    namespace = {"__init__": lambda self, parameterNode: setattr(self, "parameterNode", parameterNode),
+                 "__doc__": cls.__doc__}
+    for name, hint in hints.items():
+        namespace[name] = make_property(name, hint)
+    return type(cls.__name__, (), namespace)
+
+
+# ----------------------------------------------------------------------------- ScriptedLoadableModule
+
+class ScriptedLoadableModule:
+    def __init__(self, parent):
+        self.parent = parent
+
+
+ScriptedLoadableModuleWidget = widgets.ScriptedLoadableModuleWidget
+
+
+class ScriptedLoadableModuleLogic:
+    def __init__(self, parent=None):
+        self.moduleName = type(self).__name__.replace("Logic", "")
+
+    def getParameterNode(self):
+        for node in getNodesByClass("vtkMRMLScriptedModuleNode"):
+            if node.GetAttribute("ModuleName") == self.moduleName:
+                return node
+        node = mrml.vtkMRMLScriptedModuleNode()
+        node._values = {}
+        node.SetName(self.moduleName)
+        node.SetAttribute("ModuleName", self.moduleName)
+        return _state.scene.AddNode(node)
+
+
+class ScriptedLoadableModuleTest(unittest.TestCase):
+    def delayDisplay(self, message, msec=0):
+        print(message)
+
+
+# ----------------------------------------------------------------------------- install
+
+class _State:
+    scene = None
+    answers = None
+    views = None
+
+
+_state = _State()
+
+
+class _App:
+    def processEvents(self):
+        from InvarianceExplorerLib.ui.qtshim import qt
+
+        if qt.QApplication.instance() is not None:
+            qt.QApplication.processEvents()
+
+    def connect(self, signal, slot):
+        pass
+
+
+def install():
+    """Register the stand-in as ``slicer`` (and ``qt``, ``ctk``) in sys.modules; return ``slicer``.
+    Each call starts a fresh scene."""
+    from InvarianceExplorerLib.ui.qtshim import qt
+
+    _state.scene = mrml.vtkMRMLScene()
+    _state.answers = _Answers()
+    _state.views = _Views()
+    slicer = sys.modules.get("slicer")
+    if slicer is None or not getattr(slicer, "IS_STANDIN", False):
+        slicer = types.ModuleType("slicer", __doc__)
+        slicer.IS_STANDIN = True
+        util = types.ModuleType("slicer.util")
+        for fn in (arrayFromVolume, updateVolumeFromArray, updateTableFromArray, getNodesByClass, getNode, pip_install,
+                   setSliceViewerLayers):
+            setattr(util, fn.__name__, fn)
+        util.confirmOkCancelDisplay = util.confirmYesNoDisplay = _confirm
+        i18n = types.ModuleType("slicer.i18n")
+        i18n.tr = lambda text: text
+        pnw = types.ModuleType("slicer.parameterNodeWrapper")
+        pnw.parameterNodeWrapper, pnw.WithinRange, pnw.Choice = parameterNodeWrapper, WithinRange, Choice
+        slm = types.ModuleType("slicer.ScriptedLoadableModule")
+        for c in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
+                  ScriptedLoadableModuleTest):
+            setattr(slm, c.__name__, c)
+        slicer.util, slicer.i18n, slicer.parameterNodeWrapper, slicer.ScriptedLoadableModule = util, i18n, pnw, slm
+        for name, cls in mrml.NODE_CLASSES.items():
+            setattr(slicer, name, cls)
+        slicer.vtkMRMLSubjectHierarchyNode = mrml.vtkMRMLSubjectHierarchyNode
+        for cls in (widgets.qMRMLNodeComboBox, widgets.qSlicerSimpleMarkupsWidget, widgets.qSlicerMarkupsPlaceWidget):
+            setattr(slicer, cls.__name__, cls)
+        slicer.app = _App()
+        ctk = types.ModuleType("ctk")
+        ctk.ctkCollapsibleButton = qt.QGroupBox
+        sys.modules.update({"slicer": slicer, "slicer.util": util, "slicer.i18n": i18n,
+                            "slicer.parameterNodeWrapper": pnw, "slicer.ScriptedLoadableModule": slm,
+                            "qt": qt, "ctk": ctk})
+    slicer.mrmlScene = _state.scene
+    slicer.modules = types.SimpleNamespace(
+        sequences=types.SimpleNamespace(logic=lambda: mrml.vtkMRMLSequencesLogic(_state.scene),
+                                        toolBar=lambda: _state.views),
+        plots=types.SimpleNamespace(logic=lambda: _state.views))
+    slicer.answers, slicer.views = _state.answers, _state.views
+    if str(MODULE_DIR) not in sys.path:
+        sys.path.insert(0, str(MODULE_DIR))
+    return slicer
+
+
+def uninstall():
+    """Remove the stand-in from sys.modules (so that later tests see no ``slicer``)."""
+    for name in ("slicer", "slicer.util", "slicer.i18n", "slicer.parameterNodeWrapper",
+                 "slicer.ScriptedLoadableModule", "qt", "ctk", "InvarianceExplorer"):
+        sys.modules.pop(name, None)

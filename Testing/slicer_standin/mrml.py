@@ -1,0 +1,483 @@
+"""MRML STAND-IN (not 3D Slicer): the few MRML node classes and scene calls that
+InvarianceExplorer.py uses, with Slicer's semantics, built on the real vtk wheel.
+
+Only what the module calls is here, each with the behaviour Slicer documents:
+node IDs ``<class><n>``, attributes, a scene that adds, finds and removes nodes (a removed
+volume takes its display node with it), scalar volumes holding a real ``vtkImageData`` and
+an IJK-to-RAS ``vtkMatrix4x4``, sequences storing *copies* of data nodes, a browser whose
+proxy nodes the sequences logic creates, tables holding a real ``vtkTable``, plot series and
+charts, markups control points, the subject hierarchy's parent links, and the volume
+archetype storage node writing NRRD in LPS (as Slicer's writer does) through SimpleITK.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+
+class vtkMRMLNode:
+    def __init__(self):
+        self._id = None
+        self._name = ""
+        self._scene = None
+        self._attributes = {}
+
+    @classmethod
+    def _classNames(cls):
+        return [c.__name__ for c in cls.__mro__ if c.__name__.startswith("vtkMRML")]
+
+    def GetClassName(self):
+        return type(self).__name__
+
+    def IsA(self, className):
+        return className in self._classNames()
+
+    def GetID(self):
+        return self._id
+
+    def GetName(self):
+        return self._name
+
+    def SetName(self, name):
+        self._name = name
+
+    def GetScene(self):
+        return self._scene
+
+    def SetAttribute(self, name, value):
+        self._attributes[name] = str(value)
+
+    def GetAttribute(self, name):
+        return self._attributes.get(name)
+
+    def RemoveAttribute(self, name):
+        self._attributes.pop(name, None)
+
+    def GetAttributeNames(self):
+        return list(self._attributes)
+
+    def UnRegister(self, owner):
+        pass
+
+    def _copyFrom(self, other):
+        self._attributes = dict(other._attributes)
+
+
+class vtkMRMLColorTableNode(vtkMRMLNode):
+    pass
+
+
+class vtkMRMLScalarVolumeDisplayNode(vtkMRMLNode):
+    def __init__(self):
+        super().__init__()
+        self._auto, self._window, self._level, self._color = True, 256.0, 128.0, "vtkMRMLColorTableNodeGrey"
+
+    def SetAutoWindowLevel(self, on):
+        self._auto = bool(on)
+
+    def GetAutoWindowLevel(self):
+        return self._auto
+
+    def SetWindowLevel(self, window, level):
+        self._window, self._level = float(window), float(level)
+
+    def GetWindow(self):
+        return self._window
+
+    def GetLevel(self):
+        return self._level
+
+    def SetAndObserveColorNodeID(self, colorNodeID):
+        self._color = colorNodeID
+
+    def GetColorNodeID(self):
+        return self._color
+
+
+class vtkMRMLScalarVolumeNode(vtkMRMLNode):
+    def __init__(self):
+        super().__init__()
+        self._image = None
+        self._ijkToRAS = vtk.vtkMatrix4x4()
+        self._display = None
+
+    def GetImageData(self):
+        return self._image
+
+    def SetAndObserveImageData(self, image):
+        self._image = image
+
+    def GetIJKToRASMatrix(self, matrix):
+        matrix.DeepCopy(self._ijkToRAS)
+
+    def SetIJKToRASMatrix(self, matrix):
+        self._ijkToRAS.DeepCopy(matrix)
+
+    def GetRASToIJKMatrix(self, matrix):
+        vtk.vtkMatrix4x4.Invert(self._ijkToRAS, matrix)
+
+    def GetParentTransformNode(self):
+        return None
+
+    def CreateDefaultDisplayNodes(self):
+        if self._display is None and self._scene is not None:
+            self._display = self._scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+
+    def GetDisplayNode(self):
+        return self._display
+
+    def _copyFrom(self, other):
+        super()._copyFrom(other)
+        image = vtk.vtkImageData()
+        if other._image is not None:
+            image.DeepCopy(other._image)
+        self._image = image
+        self._ijkToRAS.DeepCopy(other._ijkToRAS)
+
+
+class vtkMRMLMarkupsFiducialNode(vtkMRMLNode):
+    def __init__(self):
+        super().__init__()
+        self._points = []
+
+    def AddControlPoint(self, x, y=None, z=None):
+        self._points.append(tuple(float(v) for v in ((x, y, z) if y is not None else x)))
+        return len(self._points) - 1
+
+    def GetNumberOfControlPoints(self):
+        return len(self._points)
+
+    def GetNthControlPointPositionWorld(self, index, out):
+        out[:] = self._points[index]
+
+
+class vtkMRMLSequenceNode(vtkMRMLNode):
+    NumericIndex = 0
+
+    def __init__(self):
+        super().__init__()
+        self._items = []  # (index value, node copy)
+        self._indexName, self._indexUnit = "time", "s"
+
+    def SetIndexName(self, name):
+        self._indexName = name
+
+    def GetIndexName(self):
+        return self._indexName
+
+    def SetIndexUnit(self, unit):
+        self._indexUnit = unit
+
+    def GetIndexUnit(self):
+        return self._indexUnit
+
+    def SetDataNodeAtValue(self, node, value):
+        """Stores a copy of ``node`` (Slicer copies the data node into the sequence's own scene)."""
+        copy = type(node)()
+        copy._copyFrom(node)
+        copy._name = node.GetName()
+        self._items = [(v, n) for v, n in self._items if v != value] + [(value, copy)]
+        return copy
+
+    def GetNumberOfDataNodes(self):
+        return len(self._items)
+
+    def GetNthDataNode(self, index):
+        return self._items[index][1]
+
+    def GetNthIndexValue(self, index):
+        return self._items[index][0]
+
+    def GetDataNodeAtValue(self, value):
+        return next((n for v, n in self._items if v == value), None)
+
+
+class vtkMRMLSequenceBrowserNode(vtkMRMLNode):
+    def __init__(self):
+        super().__init__()
+        self._sequenceIDs = []  # master first
+        self._proxyIDs = {}
+        self._selected = -1
+
+    def SetAndObserveMasterSequenceNodeID(self, sequenceNodeID):
+        self._sequenceIDs = [sequenceNodeID] if sequenceNodeID else []
+        self._proxyIDs = {}
+
+    def GetMasterSequenceNode(self):
+        return self._scene.GetNodeByID(self._sequenceIDs[0]) if self._sequenceIDs else None
+
+    def AddSynchronizedSequenceNodeID(self, sequenceNodeID):
+        if sequenceNodeID not in self._sequenceIDs:
+            self._sequenceIDs.append(sequenceNodeID)
+        return sequenceNodeID
+
+    def IsSynchronizedSequenceNodeID(self, sequenceNodeID, includeMasterNode=False):
+        ids = self._sequenceIDs if includeMasterNode else self._sequenceIDs[1:]
+        return sequenceNodeID in ids
+
+    def GetNumberOfSynchronizedSequenceNodes(self, includeMasterNode=False):
+        return len(self._sequenceIDs) - (0 if includeMasterNode else 1)
+
+    def SetSelectedItemNumber(self, index):
+        self._selected = int(index)
+
+    def GetSelectedItemNumber(self):
+        return self._selected
+
+    def GetProxyNode(self, sequenceNode):
+        proxyID = self._proxyIDs.get(sequenceNode.GetID())
+        return self._scene.GetNodeByID(proxyID) if proxyID and self._scene else None
+
+
+class vtkMRMLSequencesLogic:
+    """``slicer.modules.sequences.logic()``: proxy nodes show the selected item of each sequence."""
+
+    def __init__(self, scene):
+        self._scene = scene
+
+    def UpdateProxyNodesFromSequences(self, browser):
+        index = browser.GetSelectedItemNumber()
+        for sequenceID in browser._sequenceIDs:
+            sequence = self._scene.GetNodeByID(sequenceID)
+            proxy = browser.GetProxyNode(sequence)
+            item = sequence.GetNthDataNode(index) if 0 <= index < sequence.GetNumberOfDataNodes() else None
+            if item is None:
+                continue
+            if proxy is None:
+                proxy = self._scene.AddNewNodeByClass(item.GetClassName(), sequence.GetName())
+                browser._proxyIDs[sequenceID] = proxy.GetID()
+            attributes = dict(proxy._attributes)
+            proxy._copyFrom(item)
+            proxy._attributes = attributes
+
+
+class vtkMRMLTableNode(vtkMRMLNode):
+    def __init__(self):
+        super().__init__()
+        self._table = vtk.vtkTable()
+
+    def GetTable(self):
+        return self._table
+
+
+class vtkMRMLPlotSeriesNode(vtkMRMLNode):
+    PlotTypeLine, PlotTypeBar, PlotTypeScatter, PlotTypeScatterBar = range(4)
+
+    def __init__(self):
+        super().__init__()
+        self._table = self._x = self._y = None
+        self._type = self.PlotTypeLine
+
+    def SetAndObserveTableNodeID(self, tableNodeID):
+        self._table = tableNodeID
+
+    def GetTableNodeID(self):
+        return self._table
+
+    def SetXColumnName(self, name):
+        self._x = name
+
+    def GetXColumnName(self):
+        return self._x
+
+    def SetYColumnName(self, name):
+        self._y = name
+
+    def GetYColumnName(self):
+        return self._y
+
+    def SetPlotType(self, plotType):
+        self._type = plotType
+
+    def GetPlotType(self):
+        return self._type
+
+
+class vtkMRMLPlotChartNode(vtkMRMLNode):
+    def __init__(self):
+        super().__init__()
+        self._series = []
+        self._titles = {"": None, "x": None, "y": None}
+
+    def SetTitle(self, title):
+        self._titles[""] = title
+
+    def GetTitle(self):
+        return self._titles[""]
+
+    def SetXAxisTitle(self, title):
+        self._titles["x"] = title
+
+    def SetYAxisTitle(self, title):
+        self._titles["y"] = title
+
+    def AddAndObservePlotSeriesNodeID(self, seriesNodeID):
+        self._series.append(seriesNodeID)
+
+    def GetNumberOfPlotSeriesNodes(self):
+        return len(self._series)
+
+    def GetNthPlotSeriesNodeID(self, index):
+        return self._series[index]
+
+
+class vtkMRMLScriptedModuleNode(vtkMRMLNode):
+    pass
+
+
+class vtkMRMLVolumeArchetypeStorageNode(vtkMRMLNode):
+    """Writes a scalar volume as Slicer does: NRRD in the LPS frame (RAS negated on x and y)."""
+
+    def __init__(self):
+        super().__init__()
+        self._fileName, self._compress = None, True
+
+    def SetFileName(self, name):
+        self._fileName = name
+
+    def UseCompressionOff(self):
+        self._compress = False
+
+    def WriteData(self, volumeNode):
+        import SimpleITK as sitk
+
+        image = volumeNode.GetImageData()
+        nx, ny, nz = image.GetDimensions()
+        voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nz, ny, nx)
+        m = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(m)
+        ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ras
+        spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+        out = sitk.GetImageFromArray(voxels.copy())
+        out.SetSpacing(tuple(float(s) for s in spacing))
+        out.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
+        out.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing).ravel()))
+        sitk.WriteImage(out, self._fileName, useCompression=self._compress)
+        return 1
+
+
+class vtkMRMLSubjectHierarchyNode:
+    """Items with parents; every node added to the scene gets an item under the scene item."""
+
+    _byScene = {}
+
+    @classmethod
+    def GetSubjectHierarchyNode(cls, scene):
+        return cls._byScene.setdefault(id(scene), cls(scene))
+
+    def __init__(self, scene):
+        self._scene = scene
+        self._next = itertools.count(2)
+        self._parent = {}  # item -> parent item
+        self._node = {}  # item -> node ID
+        self._name = {}
+
+    def GetSceneItemID(self):
+        return 1
+
+    def GetItemByDataNode(self, node):
+        if node is None or node.GetScene() is not self._scene:
+            return 0
+        for item, nodeID in self._node.items():
+            if nodeID == node.GetID():
+                return item
+        item = next(self._next)
+        self._node[item], self._parent[item] = node.GetID(), 1
+        return item
+
+    def CreateFolderItem(self, parent, name):
+        item = next(self._next)
+        self._parent[item], self._name[item] = parent, name
+        return item
+
+    CreateStudyItem = CreateFolderItem
+
+    def GetItemParent(self, item):
+        return self._parent.get(item, 0)
+
+    def SetItemParent(self, item, parent):
+        self._parent[item] = parent
+
+    def _forget(self, nodeID):
+        for item in [i for i, n in self._node.items() if n == nodeID]:
+            del self._node[item], self._parent[item]
+
+
+NODE_CLASSES = {cls.__name__: cls for cls in (
+    vtkMRMLNode, vtkMRMLColorTableNode, vtkMRMLScalarVolumeDisplayNode, vtkMRMLScalarVolumeNode,
+    vtkMRMLMarkupsFiducialNode, vtkMRMLSequenceNode, vtkMRMLSequenceBrowserNode, vtkMRMLTableNode,
+    vtkMRMLPlotSeriesNode, vtkMRMLPlotChartNode, vtkMRMLScriptedModuleNode, vtkMRMLVolumeArchetypeStorageNode)}
+
+#: Colour tables every Slicer scene holds (a few of them).
+DEFAULT_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeGrey", "vtkMRMLColorTableNodeFileInferno.txt",
+                          "vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
+
+
+class vtkMRMLScene:
+    StartCloseEvent, EndCloseEvent = 66000, 66001
+
+    def __init__(self):
+        self._nodes = {}
+        self._counters = {}
+        self._addDefaults()
+
+    def _addDefaults(self):
+        for colorID in DEFAULT_COLOR_NODE_IDS:
+            node = vtkMRMLColorTableNode()
+            node._id, node._name, node._scene = colorID, colorID, self
+            self._nodes[colorID] = node
+
+    def CreateNodeByClass(self, className):
+        return NODE_CLASSES[className]()
+
+    def AddNode(self, node):
+        cls = node.GetClassName()
+        n = self._counters[cls] = self._counters.get(cls, 0) + 1
+        node._id, node._scene = f"{cls}{n}", self
+        if not node.GetName():
+            node.SetName(self.GenerateUniqueName(cls.replace("vtkMRML", "").replace("Node", "")))
+        self._nodes[node._id] = node
+        return node
+
+    def AddNewNodeByClass(self, className, name=""):
+        node = self.CreateNodeByClass(className)
+        node.SetName(name)
+        return self.AddNode(node)
+
+    def GenerateUniqueName(self, base):
+        names = {n.GetName() for n in self._nodes.values()}
+        if base not in names:
+            return base
+        return next(f"{base}_{i}" for i in itertools.count(1) if f"{base}_{i}" not in names)
+
+    def RemoveNode(self, node):
+        if node is None or self._nodes.get(node.GetID()) is not node:
+            return
+        del self._nodes[node.GetID()]
+        vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self)._forget(node.GetID())
+        node._scene = None
+        display = getattr(node, "_display", None)
+        if display is not None:
+            self.RemoveNode(display)
+
+    def GetNodeByID(self, nodeID):
+        return self._nodes.get(nodeID)
+
+    def GetNodes(self):
+        return list(self._nodes.values())
+
+    def GetFirstNodeByClass(self, className):
+        return next((n for n in self._nodes.values() if n.IsA(className)), None)
+
+    def GetNumberOfNodes(self):
+        return len(self._nodes)
+
+    def Clear(self, removeSingletons=False):
+        for node in list(self._nodes.values()):
+            if not node.IsA("vtkMRMLColorTableNode"):
+                self.RemoveNode(node)

@@ -1,0 +1,476 @@
+"""The invariance engine: representation (cVAE), invariance flow (cINN), sampler, patches,
+model folders and the ``sample`` command.
+
+Tiny, seeded settings throughout (32-pixel patches, z of 16 numbers, a CNN-10 with random
+weights as the denoiser f, a simulated 64-pixel low-dose slice); the default sizes are
+checked for shapes, cost (GFLOP per decoded 128x128 patch) and invertibility.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from InvarianceExplorerLib.cli import main
+from InvarianceExplorerLib.result_folder import FILES as SAMPLE_OUTPUTS
+from InvarianceExplorerLib.denoisers import Denoiser, build_denoiser, read_metadata, save_denoiser
+from InvarianceExplorerLib.image import CTImage
+from InvarianceExplorerLib.inference import apply_network
+from InvarianceExplorerLib.invariance_flow import InvarianceFlow, nll_per_dimension
+from InvarianceExplorerLib.io import read_image, write_nrrd
+from InvarianceExplorerLib.lowdose import LowDoseSimulator
+from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
+from InvarianceExplorerLib.phantom import chest_phantom
+from InvarianceExplorerLib.representation import Representation, kl_divergence, representation_loss
+from InvarianceExplorerLib.sampler import (AIR_HU, InvarianceModels, InvarianceSampler, crop_patch,
+                                           has_invariance_models, load_invariance_models, run_with_memory_fallback,
+                                           save_invariance_models)
+
+TINY_REPRESENTATION = dict(patch_size=32, z_dim=16, channels=(8, 16, 16, 32))
+TINY_FLOW = dict(z_dim=16, n_flows=4, hidden=32, embedding_dim=8, embedding_channels=(8, 8))
+SIZE = 64  # simulated slice, pixels
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _perturb_couplings(flow: InvarianceFlow, scale: float, seed: int = 0) -> InvarianceFlow:
+    """Give the zero-initialised last layers of the coupling MLPs random weights, so that the
+    flow is a real (non-identity) transform, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in flow.flow:
+            for name in ("subnet1", "subnet2"):
+                last = getattr(block, name, None)
+                if last is not None:
+                    last[-1].weight.copy_(scale * torch.randn(last[-1].weight.shape, generator=g))
+                    last[-1].bias.copy_(scale * torch.randn(last[-1].bias.shape, generator=g))
+    return flow
+
+
+def tiny_models(seed: int = 0, conditional: bool = True) -> InvarianceModels:
+    torch.manual_seed(seed)
+    network = build_denoiser("cnn10")
+    representation = Representation(**TINY_REPRESENTATION, conditional=conditional)
+    flow = _perturb_couplings(InvarianceFlow(**TINY_FLOW), 0.05, seed)
+    denoiser = Denoiser(network, PAPER_NORMALIZATION, {"architecture": {"name": "cnn10"}})
+    return InvarianceModels(denoiser, representation, flow)
+
+
+@pytest.fixture(scope="module")
+def low_dose_slice() -> CTImage:
+    """A simulated quarter-dose chest slice, 64 x 64 pixels of 5.6 mm."""
+    spacing = 0.7 * 512 / SIZE
+    phantom = chest_phantom(3, size=SIZE, spacing=spacing)
+    pair = LowDoseSimulator(SIZE, spacing, photons=1e4).simulate(phantom.hu, dose=0.25, seed=1)
+    return phantom.to_ctimage().with_array(pair.low_dose)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    """A CNN-10 model folder (random weights) with tiny invariance models."""
+    models = tiny_models()
+    folder = save_denoiser(tmp_path_factory.mktemp("models") / "cnn10", models.denoiser.network, "cnn10", {},
+                           PAPER_NORMALIZATION)
+    return save_invariance_models(folder, models.representation, models.flow, {"training": {"steps": 0}})
+
+
+# ----------------------------------------------------------------------------- representation
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_representation_shapes(conditional):
+    torch.manual_seed(0)
+    model = Representation(**TINY_REPRESENTATION, conditional=conditional).eval()
+    x, y = torch.randn(3, 1, 32, 32), torch.randn(3, 1, 32, 32)
+    mean, logvar = model.encode(x, y)
+    assert mean.shape == logvar.shape == (3, 16)
+    out = model(x, y, sample=False)
+    assert out.reconstruction.shape == x.shape and torch.equal(out.z, mean)
+    # one f(x) shared by several codes, with its conditioning computed once
+    z = torch.randn(5, 16)
+    shared = model.decode(z, y[:1], model.condition(y[:1]))
+    assert shared.shape == (5, 1, 32, 32)
+    assert torch.allclose(shared, model.decode(z, y[:1].expand(5, -1, -1, -1)), atol=1e-5)
+    if conditional:  # decoded images are f(x) plus a residual
+        assert not torch.allclose(model.decode(z, y[:1]), model.decode(z, y[1:2]))
+    else:  # the unconditional VAE never looks at f(x)
+        assert torch.equal(model.decode(z), model.decode(z, y[1:2]))
+        assert torch.equal(model.encode(x)[0], mean)
+    with pytest.raises(ValueError, match=r"\(N, 1, 32, 32\)"):
+        model.encode(torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="multiple of"):
+        Representation(patch_size=100)
+
+
+def test_default_representation_is_cheap_enough_for_the_cpu():
+    """The default cVAE at 128 pixels, z of 256: decoding one patch (its f(x) conditioning
+    computed once) costs under 1 GFLOP, against the reference decoder's 42."""
+    torch.manual_seed(0)
+    model = Representation().eval()
+    x, y, z = torch.randn(1, 1, 128, 128), torch.randn(1, 1, 128, 128), torch.randn(1, 256)
+    with torch.inference_mode():
+        assert model.encode(x, y)[0].shape == (1, 256)
+        condition = model.condition(y)
+        with FlopCounterMode(display=False) as flops:
+            out = model.decode(z, y, condition)
+    assert out.shape == (1, 1, 128, 128)
+    assert 0.2e9 < flops.get_total_flops() < 1.0e9
+    assert sum(p.numel() for p in model.parameters()) < 4e6
+
+
+def test_tiny_cvae_training_lowers_its_loss(low_dose_slice):
+    """40 Adam steps on patches of the simulated slice (f: a 3x3 mean filter) lower the
+    L1 + KL loss of a tiny cVAE well below its start."""
+    torch.manual_seed(0)
+    hu = torch.from_numpy(low_dose_slice.array)
+    patches = torch.stack([hu[r:r + 32, c:c + 32] for r in (0, 16, 32) for c in (0, 16, 32)])[:, None]
+    x = PAPER_NORMALIZATION.normalize(patches)
+    y = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    model = Representation(**TINY_REPRESENTATION)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+
+    def loss(sample=True, generator=None):
+        return representation_loss(model(x, y, sample=sample, generator=generator), x, kl_weight=1e-3)
+
+    with torch.no_grad():
+        before = loss(sample=False)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss(generator=g)["total"].backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = loss(sample=False)
+    assert after["total"] < 0.7 * before["total"], (before, after)
+    assert after["l1"] < before["l1"]
+    assert torch.allclose(kl_divergence(torch.zeros(2, 3), torch.zeros(2, 3)), torch.zeros(2))
+
+
+# ----------------------------------------------------------------------------- invariance flow
+
+
+@pytest.mark.parametrize("arguments", [TINY_FLOW, {}], ids=["tiny", "default"])
+def test_flow_is_invertible(arguments):
+    torch.manual_seed(1)
+    flow = _perturb_couplings(InvarianceFlow(**arguments), 0.02).eval()
+    d = flow.z_dim
+    z, y = 2.0 * torch.randn(8, d) + 0.5, torch.randn(8, 1, 32, 32)
+    with torch.no_grad():
+        v, log_det = flow(z, y)
+        assert v.shape == z.shape and log_det.shape == (8,)
+        assert (v - z).abs().mean() > 0.05  # a real transform, not the identity
+        assert torch.allclose(flow.reverse(v, y), z, atol=1e-4)
+        # the embedding computed once equals the condition given as an image
+        embedding = flow.embed(y)
+        assert torch.allclose(flow.reverse(v, embedding=embedding), z, atol=1e-4)
+        _, log_det_reverse = flow.flow(v, c=[embedding], rev=True, jac=True)
+        assert torch.allclose(log_det_reverse, -log_det, atol=1e-3)
+
+
+def test_flow_log_determinant_is_the_jacobians():
+    torch.manual_seed(2)
+    flow = _perturb_couplings(InvarianceFlow(z_dim=6, n_flows=3, hidden=16, embedding_dim=4,
+                                             embedding_channels=(4,)), 0.3).double().eval()
+    z, y = torch.randn(1, 6, dtype=torch.float64), torch.randn(1, 1, 16, 16, dtype=torch.float64)
+    embedding = flow.embed(y).detach()
+    jacobian = torch.autograd.functional.jacobian(lambda a: flow(a[None], embedding=embedding)[0][0], z[0])
+    assert torch.allclose(flow(z, embedding=embedding)[1][0], torch.linalg.slogdet(jacobian)[1], atol=1e-8)
+
+
+def test_flow_initialisation_and_maximum_likelihood_training():
+    """ActNorm starts from data (v standardised); 60 steps lower the NLL of codes whose
+    distribution depends on the condition."""
+    torch.manual_seed(3)
+    flow = InvarianceFlow(**TINY_FLOW)
+    level = torch.rand(256, 1, 1, 1) * 2 - 1
+    y = level.expand(-1, 1, 16, 16) + 0.01 * torch.randn(256, 1, 16, 16)
+    direction = torch.randn(1, 16)
+    z = 3.0 * level.view(-1, 1) * direction + 0.3 * torch.randn(256, 16) + 1.0
+    flow.initialize(z, y)
+    with torch.no_grad():
+        v, log_det = flow(z, y)
+        start = nll_per_dimension(v, log_det)
+    assert torch.allclose(v.mean(0), torch.zeros(16), atol=1e-4) and torch.allclose(v.std(0), torch.ones(16), atol=1e-3)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=3e-3)
+    for step in range(60):
+        batch = slice(64 * (step % 4), 64 * (step % 4 + 1))
+        optimizer.zero_grad()
+        flow.negative_log_likelihood(z[batch], y[batch]).backward()
+        optimizer.step()
+    with torch.no_grad():
+        end = flow.negative_log_likelihood(z, y)
+    assert end < start - 0.3, (start, end)
+    # the standard normal under the identity flow: 0.5 * log(2 pi e) per dimension
+    assert nll_per_dimension(torch.zeros(1, 4), torch.zeros(1)).item() == pytest.approx(0.5 * np.log(2 * np.pi))
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def test_save_and_load_invariance_models(model_folder, tmp_path):
+    metadata = read_metadata(model_folder)
+    assert {"denoiser", "cvae", "cinn"} <= set(metadata["weights"])
+    info = metadata["invariance"]
+    assert info["patch_size"] == 32 and info["conditional"] and info["training"] == {"steps": 0}
+    assert info["cvae"]["channels"] == [8, 16, 16, 32] and info["cinn"]["n_flows"] == 4
+    loaded = load_invariance_models(model_folder)
+    built = tiny_models()
+    for a, b in ((loaded.representation, built.representation), (loaded.flow, built.flow)):
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p, q), name
+    assert has_invariance_models(model_folder)
+
+    # float16 storage: half the size, same sampling up to fp16 rounding
+    half = save_denoiser(tmp_path / "half", built.denoiser.network, "cnn10", {}, PAPER_NORMALIZATION)
+    save_invariance_models(half, built.representation, built.flow, dtype="float16")
+    assert read_metadata(half)["weights"]["cvae"]["dtype"] == "float16"
+    x = np.full((32, 32), -500.0, np.float32)
+    a = InvarianceSampler(loaded, device="cpu").sample(x, count=2, seed=0)
+    b = InvarianceSampler(half, device="cpu").sample(x, count=2, seed=0)
+    assert np.abs(a.invariances - b.invariances).max() < 5.0  # HU
+
+    # a damaged file is refused, naming it
+    (half / "cinn.safetensors").write_bytes(b"damaged")
+    with pytest.raises(ValueError, match="cinn.safetensors"):
+        load_invariance_models(half)
+    # a denoiser without invariance models: a clear error saying what to do
+    bare = save_denoiser(tmp_path / "bare", built.denoiser.network, "cnn10", {}, PAPER_NORMALIZATION)
+    assert not has_invariance_models(bare)
+    with pytest.raises(ValueError, match="no invariance models"):
+        load_invariance_models(bare)
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+def test_sampler_is_deterministic_and_consistent(low_dose_slice):
+    sampler = InvarianceSampler(tiny_models(), device="cpu")
+    x = crop_patch(low_dose_slice, (30, 34, 0), 32).array
+    a = sampler.sample(x, count=7, seed=11, batch_size=3)
+    b = sampler.sample(x, count=7, seed=11, batch_size=3)
+    for name in ("invariances", "denoised_invariances", "reconstruction", "std", "v"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    c = sampler.sample(x, count=7, seed=12, batch_size=3)
+    assert not np.allclose(a.invariances, c.invariances)
+    d = sampler.sample(x, count=7, seed=11, batch_size=8)  # same codes, other batches
+    assert np.allclose(a.invariances, d.invariances, atol=1e-2)
+
+    assert a.invariances.shape == a.denoised_invariances.shape == (7, 32, 32) and a.count == 7
+    assert a.x.shape == a.denoised.shape == a.reconstruction.shape == a.std.shape == (32, 32)
+    assert np.array_equal(a.x, x) and a.device == "cpu" and a.seed == 11 and a.seconds > 0
+    models = sampler.models
+    with torch.inference_mode():  # f(x) is the denoiser applied to the patch
+        y = apply_network(models.denoiser.network, PAPER_NORMALIZATION.normalize(torch.from_numpy(x))[None, None])
+    assert np.allclose(a.denoised, PAPER_NORMALIZATION.denormalize(y)[0, 0].numpy(), atol=1e-3)
+    assert np.allclose(a.std, a.invariances.std(axis=0)) and a.std.max() > 0
+    change = np.abs(a.invariances - a.x).mean(axis=(1, 2))
+    output_change = np.abs(a.denoised_invariances - a.denoised).mean(axis=(1, 2))
+    assert np.allclose(a.mean_abs_change_hu, change) and np.allclose(a.mean_abs_output_change_hu, output_change)
+    assert a.consistency == pytest.approx(output_change.mean() / change.mean(), rel=1e-5)
+
+    with pytest.raises(ValueError, match="32 x 32 patches"):
+        sampler.sample(low_dose_slice.array, count=2)
+
+
+def test_unconditional_representation_samples_too(low_dose_slice):
+    sampler = InvarianceSampler(tiny_models(conditional=False), device="cpu")
+    result = sampler.sample(sampler.crop(low_dose_slice, (32, 32)).array, count=3, seed=0)
+    assert result.invariances.shape == (3, 32, 32) and np.isfinite(result.invariances).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fall-back on a machine without a GPU")
+def test_cuda_request_falls_back_to_the_cpu(low_dose_slice):
+    with pytest.warns(RuntimeWarning, match="no CUDA GPU"):
+        sampler = InvarianceSampler(tiny_models(), device="cuda")
+    assert sampler.device.type == "cpu"
+    result = sampler.sample(sampler.crop(low_dose_slice, (32, 32, 0)).array, count=2, seed=0)
+    assert result.device == "cpu" and result.invariances.shape == (2, 32, 32)
+
+
+def test_out_of_memory_halves_the_batch_then_uses_the_cpu():
+    """The retry policy, with a job that runs out of CUDA memory above a batch size."""
+    calls = []
+
+    def job(limit):
+        def run(device, batch_size):
+            calls.append((device.type, batch_size))
+            if device.type == "cuda" and batch_size > limit:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+            return "ok"
+        return run
+
+    with pytest.warns(RuntimeWarning) as record:
+        assert run_with_memory_fallback(job(4), torch.device("cuda"), 16) == ("ok", torch.device("cuda"), 4)
+    assert calls == [("cuda", 16), ("cuda", 8), ("cuda", 4)]
+    assert [str(w.message) for w in record] == [f"CUDA out of memory; retrying with batch size {n}" for n in (8, 4)]
+    with pytest.warns(RuntimeWarning) as record:
+        assert run_with_memory_fallback(job(0), torch.device("cuda"), 2)[1:] == (torch.device("cpu"), 1)
+    assert "continuing on the CPU" in str(record[-1].message)
+    def always(device, batch_size):
+        raise torch.cuda.OutOfMemoryError("out of memory (test)")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # on the CPU there is nothing to fall back to
+        run_with_memory_fallback(always, torch.device("cpu"), 2)
+
+
+# ----------------------------------------------------------------------------- patches
+
+
+def _rotation(degrees: float) -> np.ndarray:
+    a = np.radians(degrees)
+    return np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+
+
+def test_crop_keeps_the_physical_position(tmp_path):
+    array = np.arange(5 * 40 * 50, dtype=np.float32).reshape(5, 40, 50) * 0.1 - 1000.0  # HU, all different
+    volume = CTImage(array, spacing=(0.8, 0.9, 2.5), origin=(10.0, -20.0, 30.0), direction=_rotation(30).ravel())
+    patch = crop_patch(volume, (25, 20, 3), 16)
+    with pytest.raises(ValueError, match=r"\(i, j, k\)"):  # a volume needs its slice index
+        crop_patch(volume, (25, 20), 16)
+    assert np.array_equal(patch.array, array[3, 12:28, 17:33]) and patch.padded_pixels == 0
+    assert patch.corner_ij == (17, 12) and patch.center_ijk == (25, 20, 3)
+    corner = np.asarray(volume.origin) + volume.direction_matrix @ (np.array([17, 12, 3]) * volume.spacing)
+    assert np.allclose(patch.image.origin, corner)
+    assert patch.image.spacing == volume.spacing and patch.image.direction == volume.direction
+    # the centre voxel is the patch's pixel [size // 2, size // 2]
+    assert patch.array[8, 8] == array[3, 20, 25]
+    # written as NRRD it lands where it was cut
+    back = read_image(write_nrrd(patch.image, tmp_path / "patch.nrrd"))
+    assert np.allclose(back.origin, corner, atol=1e-4) and np.allclose(back.direction, volume.direction, atol=1e-6)
+
+
+def test_crop_pads_with_air_at_the_border_and_refuses_small_images():
+    image = CTImage(np.zeros((40, 50), np.float32), spacing=(0.7, 0.7, 1.0))
+    patch = crop_patch(image, (0, 0), 16)
+    assert patch.corner_ij == (-8, -8) and patch.padded_pixels == 16 * 16 - 8 * 8
+    assert (patch.array[:8] == AIR_HU).all() and (patch.array[:, :8] == AIR_HU).all() and (patch.array[8:, 8:] == 0).all()
+    assert np.allclose(patch.image.origin, (-8 * 0.7, -8 * 0.7, 0.0))
+    right = crop_patch(image, (49, 39, 0), 16)
+    assert (right.array[:, 9:] == AIR_HU).all() and (right.array[9:] == AIR_HU).all()
+    assert right.padded_pixels == 16 * 16 - 9 * 9 and (right.array[:9, :9] == 0).all()
+    with pytest.raises(ValueError, match=r"smaller than the 64 x 64 patch"):
+        crop_patch(image, (20, 20), 64)
+    with pytest.raises(ValueError, match="outside the volume"):
+        crop_patch(image, (50, 10), 16)
+    with pytest.raises(ValueError, match="outside the volume"):
+        crop_patch(image, (5, 5, 1), 16)
+    with pytest.raises(ValueError, match="whole voxel index"):
+        crop_patch(image, (5.5, 5), 16)
+
+
+# ----------------------------------------------------------------------------- the sample command
+
+
+def _events(text: str) -> list:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_sample_command_writes_every_output(model_folder, low_dose_slice, tmp_path, capsys):
+    ct = write_nrrd(low_dose_slice, tmp_path / "ld.nrrd")
+    out = tmp_path / "results" / "sample"
+    argv = ["sample", "--model", str(model_folder), "--input", ct, "--center", "40,20,0", "--count", "5",
+            "--seed", "3", "--batch-size", "2", "--device", "auto", "--out", str(out), "--progress", "json"]
+    assert main(argv) == 0
+    events = _events(capsys.readouterr().out)
+    stages = [e["stage"] for e in events if e["event"] == "stage"]
+    assert stages == ["loading", "encoding", "sampling", "writing"]
+    sampling = [e for e in events if e["event"] == "progress" and e["stage"] == "sampling"]
+    assert sampling[-1]["done"] == sampling[-1]["total"] == 5
+    assert events[-1]["event"] == "done" and set(events[-1]["outputs"]) == set(SAMPLE_OUTPUTS)
+    for name, path in events[-1]["outputs"].items():
+        assert path == str(out / SAMPLE_OUTPUTS[name])
+    assert sorted(p.name for p in out.iterdir()) == sorted(SAMPLE_OUTPUTS.values())  # nothing else, no leftovers
+    assert [p.name for p in out.parent.iterdir()] == ["sample"]
+
+    crop = crop_patch(low_dose_slice, (40, 20, 0), 32)
+    for name in ("input", "denoised", "reconstruction", "std"):
+        image = read_image(out / SAMPLE_OUTPUTS[name])
+        assert image.array.shape == (32, 32), name
+        assert np.allclose(image.origin, crop.image.origin, atol=1e-4) and image.spacing[:2] == pytest.approx(
+            crop.image.spacing[:2])
+    assert np.allclose(read_image(out / "input.nrrd").array, crop.array)
+    stack = read_image(out / "invariances.nrrd")
+    assert stack.array.shape == (5, 32, 32) and np.allclose(stack.origin, crop.image.origin, atol=1e-4)
+    assert stack.spacing[:2] == pytest.approx(crop.image.spacing[:2])
+    assert read_image(out / "denoised_invariances.nrrd").array.shape == (5, 32, 32)
+
+    numbers = json.loads((out / "numbers.json").read_text())
+    assert numbers["center_ijk"] == [40, 20, 0] and numbers["patch_size"] == 32 and numbers["count"] == 5
+    assert numbers["seed"] == 3 and numbers["device"] == "cpu" and numbers["model"] == str(model_folder)
+    assert numbers["input"] == ct and numbers["seconds"] > 0 and len(numbers["samples"]) == 5
+    assert [s["index"] for s in numbers["samples"]] == list(range(5))
+    assert numbers["consistency"] == pytest.approx(
+        np.mean([s["mean_abs_output_change_hu"] for s in numbers["samples"]]) /
+        np.mean([s["mean_abs_change_hu"] for s in numbers["samples"]]), rel=1e-5)
+    # the same numbers as the engine gives for that patch and seed
+    engine = InvarianceSampler(model_folder, device="cpu").sample(crop.array, count=5, seed=3, batch_size=2)
+    assert np.allclose(stack.array, engine.invariances, atol=1e-3)
+
+    from PIL import Image
+
+    with Image.open(out / "figure.png") as figure:  # x, f(x), three invariances, std: six 32-pixel tiles
+        assert figure.size == (6 * (32 + 4) + 4, 32 + 4 + 14 + 4)
+
+
+def test_sample_command_errors_are_clear_and_write_nothing(model_folder, low_dose_slice, tmp_path, capsys):
+    ct = write_nrrd(low_dose_slice, tmp_path / "ld.nrrd")
+    bare = save_denoiser(tmp_path / "bare", build_denoiser("cnn10"), "cnn10", {}, PAPER_NORMALIZATION)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "old.txt").write_text("keep me")
+
+    def run(model, center, out):
+        code = main(["sample", "--model", str(model), "--input", ct, "--center", center, "--count", "2",
+                     "--out", str(out), "--progress", "json"])
+        captured = capsys.readouterr()
+        return code, _events(captured.out)[-1], captured.err
+
+    for model, center, out, message in [
+            (bare, "32,32,0", tmp_path / "a", "no invariance models"),
+            (model_folder, "64,10,0", tmp_path / "b", "outside the volume"),
+            (model_folder, "10;10", tmp_path / "c", "give the voxel as i,j,k"),
+            (model_folder, "32,32,0", taken, "not empty")]:
+        code, event, err = run(model, center, out)
+        assert code == 2 and event["event"] == "error" and event["kind"] == "input"
+        assert message in event["message"] and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "ld.nrrd", "taken"]
+    assert (taken / "old.txt").read_text() == "keep me"
+    # an existing empty folder is fine
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no spacing warning: the model records no training spacing
+        assert main(["sample", "--model", str(model_folder), "--input", ct, "--center", "32,32", "--count", "1",
+                     "--out", str(empty), "--progress", "none"]) == 0
+    assert (empty / "figure.png").is_file()
+
+
+def test_sample_command_on_a_real_dicom_slice_near_its_border(model_folder, tmp_path):
+    """pydicom's CT_small.dcm (128 x 128, 0.66 mm): the patch around a voxel 5 pixels from
+    the left border is padded with air and keeps the DICOM position."""
+    from realdata import pydicom_test_file
+
+    src = pydicom_test_file("CT_small.dcm")
+    out = tmp_path / "real"
+    assert main(["sample", "--model", str(model_folder), "--input", src, "--center", "5,60,0", "--count", "3",
+                 "--out", str(out), "--progress", "none"]) == 0
+    numbers = json.loads((out / "numbers.json").read_text())
+    assert numbers["padded_pixels"] == 32 * 11 and numbers["center_ijk"] == [5, 60, 0]
+    dicom = read_image(src)
+    crop = read_image(out / "input.nrrd")
+    corner = np.asarray(dicom.origin) + dicom.direction_matrix @ (np.array([5 - 16, 60 - 16, 0]) * dicom.spacing)
+    assert np.allclose(crop.origin, corner, atol=1e-3)
+    assert np.array_equal(crop.array[:, 11:], dicom.array[44:76, :21]) and (crop.array[:, :11] == AIR_HU).all()
+    assert np.isfinite(read_image(out / "invariances.nrrd").array).all()

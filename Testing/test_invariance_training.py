@@ -1,0 +1,314 @@
+"""Training the invariance models (cVAE, then cINN) of a frozen denoiser, and their fidelity figures.
+
+Tiny, seeded settings throughout: 8 simulated 64-pixel slices made here, 32-pixel patches,
+z of 16 numbers, narrow critic and flow, a few steps per epoch, a CNN-10 with random weights
+as the frozen denoiser f. Checked: losses fall, a resumed run ends bit-identical to an
+uninterrupted one, the export loads and samples, two processes under DistributedDataParallel
+(gloo) end with identical weights, the CLI, and the fidelity figures on cases with a known answer.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from InvarianceExplorerLib.cli import main
+from InvarianceExplorerLib.datasets import SimulatedDataset, build_simulated_dataset
+from InvarianceExplorerLib.denoisers import Denoiser, build_denoiser, read_metadata, save_denoiser
+from InvarianceExplorerLib.fidelity import (_pairwise_mean_abs, another_realisation, held_out_patches,
+                                            invariance_fidelity, noise_power_spectrum, noise_texture)
+from InvarianceExplorerLib.invariance_flow import InvarianceFlow
+from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
+from InvarianceExplorerLib.representation import Representation
+from InvarianceExplorerLib.sampler import (InvarianceModels, InvarianceSampler, has_invariance_models,
+                                           load_invariance_models, load_representation)
+from InvarianceExplorerLib.train_invariance import _weights_digest, train_cinn, train_cvae
+
+CVAE_TINY = dict(z_dim=16, channels=[8, 16, 16, 32], critic_widths=[8, 8, 16, 16, 16, 16], critic_hidden=32,
+                 feature_steps=5, adv_start=10)
+CINN_TINY = dict(n_flows=4, hidden=32, embedding_dim=8, embedding_channels=[8, 8], init_batches=2)
+CVAE_RUN = dict(steps_per_epoch=10, batch_size=4, patch_size=32, lr=3e-3, seed=5, device="cpu", val_patches=4,
+                hyperparameters=CVAE_TINY, fidelity_slices=1, progress=False)
+CINN_RUN = dict(steps_per_epoch=6, batch_size=8, lr=2e-3, seed=5, device="cpu", val_patches=4,
+                hyperparameters=CINN_TINY, fidelity_slices=1, fidelity_count=4, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pairs")
+    build_simulated_dataset(out, 8, size=64, seed=3, photons=1e4, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def denoiser_folder(tmp_path_factory):
+    """A CNN-10 with seeded random weights as the frozen denoiser f."""
+    torch.manual_seed(0)
+    return save_denoiser(tmp_path_factory.mktemp("cnn10"), build_denoiser("cnn10"), "cnn10", {}, PAPER_NORMALIZATION,
+                         {"patch_size": 32})
+
+
+@pytest.fixture(scope="module")
+def cvae_run(pairs, denoiser_folder, tmp_path_factory):
+    """The cVAE trained for 3 epochs at once: its run folder."""
+    out = tmp_path_factory.mktemp("cvae") / "run"
+    train_cvae(denoiser_folder, pairs, out, epochs=3, **CVAE_RUN)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cinn_run(pairs, cvae_run, tmp_path_factory):
+    """The cINN trained for 3 epochs on the codes of that cVAE: its run folder."""
+    out = tmp_path_factory.mktemp("cinn") / "run"
+    train_cinn(cvae_run / "model", pairs, out, epochs=3, **CINN_RUN)
+    return out
+
+
+def _history(run):
+    return json.loads((run / "history.json").read_text())
+
+
+def _checkpoint(run):
+    return torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+
+
+def _same_networks(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        for key, tensor in a[name].items():
+            assert torch.equal(tensor, b[name][key]), f"{name}.{key} differs"
+
+
+# ----------------------------------------------------------------------------- the representation
+
+
+def test_cvae_training_lowers_the_losses_and_validates_every_epoch(cvae_run):
+    history = _history(cvae_run)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["val"]["l1"] < history[0]["val"]["l1"]
+    assert history[-1]["val"]["mae_hu"] < history[0]["val"]["mae_hu"]
+    assert history[-1]["train"]["perceptual"] < history[0]["train"]["perceptual"]
+    assert history[0]["train"]["adv_weight"] == 0 < history[1]["train"]["adv_weight"]  # adversarial after 10 steps
+    for h in history:
+        assert {"l1", "kl", "perceptual", "adv", "critic", "gp"} <= set(h["train"])
+        assert {"l1", "mae_hu", "kl", "output_error_hu"} <= set(h["val"])
+        assert (cvae_run / "validation" / f"cvae_epoch_{h['epoch']:03d}.png").is_file()
+
+
+def test_cvae_resumes_exactly(pairs, denoiser_folder, cvae_run, tmp_path):
+    out = tmp_path / "run"
+    train_cvae(denoiser_folder, pairs, out, epochs=1, **CVAE_RUN)
+    with pytest.raises(ValueError, match="already holds a training run"):
+        train_cvae(denoiser_folder, pairs, out, epochs=3, **CVAE_RUN)
+    with pytest.raises(ValueError, match="other settings"):
+        train_cvae(denoiser_folder, pairs, out, epochs=3, resume=True, **{**CVAE_RUN, "batch_size": 2})
+    train_cvae(denoiser_folder, pairs, out, epochs=3, resume=True, **CVAE_RUN)
+    resumed, straight = _checkpoint(out), _checkpoint(cvae_run)
+    _same_networks(resumed["networks"], straight["networks"])
+    assert [h["train"] for h in resumed["history"]] == [h["train"] for h in straight["history"]]
+
+
+def test_cvae_export_is_the_denoiser_folder_plus_the_representation(cvae_run, denoiser_folder):
+    model = cvae_run / "model"
+    metadata = read_metadata(model)
+    assert metadata["weights"]["denoiser"] == read_metadata(denoiser_folder)["weights"]["denoiser"]
+    assert "cvae" in metadata["weights"] and "cinn" not in metadata["weights"]
+    assert not has_invariance_models(model)  # the flow is still missing
+    info = metadata["invariance"]
+    record = info["training"]["cvae"]
+    best = min(_history(cvae_run), key=lambda h: h["val"]["l1"])
+    assert record["best_epoch"] == best["epoch"] and record["steps"] == 30 and record["world_size"] == 1
+    assert record["parameters"] > 0 and record["file_mb"] > 0 and record["machine"]["device"] == "cpu"
+    assert record["feature_network"]["steps"] == 5  # trained here: CNN-10 folders have none
+    assert set(info["completeness"]) >= {"output_error_hu", "reconstruction_error_hu", "nps_correlation",
+                                        "noise_std_ratio"}
+    denoiser, representation = load_representation(model)
+    assert representation.patch_size == 32 and representation.z_dim == 16
+    card = (model / "MODEL_CARD.md").read_text()
+    assert "## Invariance models" in card and "Completeness of the cVAE" in card
+
+
+# ----------------------------------------------------------------------------- the invariance flow
+
+
+def test_cinn_training_lowers_the_likelihood_loss(cinn_run):
+    history = _history(cinn_run)
+    assert history[-1]["train"]["nll"] < history[0]["train"]["nll"]
+    assert history[-1]["val"]["nll_per_dim"] < history[0]["val"]["nll_per_dim"]
+    assert all({"nll_per_dim", "v_mean", "v_std"} <= set(h["val"]) for h in history)
+
+
+def test_cinn_resumes_exactly(pairs, cvae_run, cinn_run, tmp_path):
+    out = tmp_path / "run"
+    train_cinn(cvae_run / "model", pairs, out, epochs=2, **{**CINN_RUN, "fidelity_slices": 0})
+    train_cinn(cvae_run / "model", pairs, out, epochs=3, resume=True, **{**CINN_RUN, "fidelity_slices": 0})
+    _same_networks(_checkpoint(out)["networks"], _checkpoint(cinn_run)["networks"])
+
+
+def test_a_patch_pool_trains_and_resumes_exactly(pairs, denoiser_folder, cvae_run, tmp_path):
+    """--pool: f(x) and the encoder's posterior computed once for a fixed pool of patches."""
+    run = dict(CINN_RUN, fidelity_slices=0, pool_patches=20)
+    train_cinn(cvae_run / "model", pairs, tmp_path / "straight", epochs=2, **run)
+    train_cinn(cvae_run / "model", pairs, tmp_path / "resumed", epochs=1, **run)
+    train_cinn(cvae_run / "model", pairs, tmp_path / "resumed", epochs=2, resume=True, **run)
+    _same_networks(_checkpoint(tmp_path / "resumed")["networks"], _checkpoint(tmp_path / "straight")["networks"])
+    history = _history(tmp_path / "straight")
+    assert history[-1]["train"]["nll"] < history[0]["train"]["nll"]
+    assert read_metadata(tmp_path / "straight" / "model")["invariance"]["training"]["cinn"]["pool_patches"] == 20
+    with pytest.raises(ValueError, match="other settings"):
+        train_cinn(cvae_run / "model", pairs, tmp_path / "resumed", epochs=3, resume=True, **CINN_RUN)
+    train_cvae(denoiser_folder, pairs, tmp_path / "cvae", epochs=1,
+               **dict(CVAE_RUN, pool_patches=8, steps_per_epoch=2, fidelity_slices=0))
+    assert _history(tmp_path / "cvae")[0]["train"]["l1"] > 0
+
+
+def test_cinn_export_loads_samples_and_reports_fidelity(cinn_run, cvae_run, pairs):
+    model = cinn_run / "model"
+    assert has_invariance_models(model)
+    info = read_metadata(model)["invariance"]
+    assert set(info["training"]) == {"cvae", "cinn"}
+    assert info["training"]["cvae"] == read_metadata(cvae_run / "model")["invariance"]["training"]["cvae"]
+    assert info["training"]["cinn"]["act_norm"]["act_norm_initialised_on"] == 16
+    fidelity = info["fidelity"]
+    for key in ("consistency", "consistency_noise", "noise_baseline"):
+        assert np.isfinite(fidelity[key]) and fidelity[key] >= 0
+    assert fidelity["diversity"]["pairwise_hu"] > 0 and fidelity["bars"]["diversity_hu"]["met"]
+    assert fidelity["flow"]["patches"] == 2 and fidelity["measured_on"]["split"] == "test"
+    card = (model / "MODEL_CARD.md").read_text()
+    assert "Fidelity figures (held-out)" in card and "noise baseline B" in card and "(fidelity.png)" in card
+    assert (model / "fidelity.png").is_file()
+    models = load_invariance_models(model)
+    x = SimulatedDataset(pairs)[0].low_dose[16:48, 16:48]
+    result = InvarianceSampler(models, device="cpu").sample(x, count=3, seed=1, batch_size=2)
+    assert result.invariances.shape == (3, 32, 32) and np.isfinite(result.invariances).all()
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, pairs, denoiser_folder, out) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        run = dict(CVAE_RUN, steps_per_epoch=2, fidelity_slices=0,
+                   hyperparameters=dict(CVAE_TINY, adv_start=0))  # the adaptive adversarial weight from step 1
+        model = train_cvae(denoiser_folder, pairs, out / "cvae", epochs=1, **run)
+        train_cinn(model, pairs, out / "cinn", epochs=1, **dict(CINN_RUN, steps_per_epoch=2, fidelity_slices=0))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_end_with_identical_weights(pairs, denoiser_folder, tmp_path):
+    """DistributedDataParallel over gloo with two CPU processes: every process records the
+    SHA-256 of its final weights, rank 0 checks them (and would raise) and writes them."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), pairs, denoiser_folder, tmp_path), nprocs=2, join=True)
+    assert _history(tmp_path / "cvae")[0]["train"]["adv_weight"] > 0
+    for kind, name in (("cvae", "representation"), ("cinn", "flow")):
+        record = read_metadata(tmp_path / kind / "model")["invariance"]["training"][kind]
+        digests = record["distributed"]["final_weights_sha256"]
+        assert record["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+        network = (Representation(32, z_dim=16, channels=(8, 16, 16, 32)) if kind == "cvae"
+                   else InvarianceFlow(16, **{k: v for k, v in CINN_TINY.items() if k != "init_batches"}, seed=5))
+        network.load_state_dict(_checkpoint(tmp_path / kind)["networks"][name])
+        assert _weights_digest(network) == digests[0]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_cli_trains_cvae_then_cinn(pairs, denoiser_folder, tmp_path, capsys):
+    common = ["--data", str(pairs), "--epochs", "1", "--steps-per-epoch", "2", "--seed", "1", "--device", "cpu",
+              "--val-patches", "2", "--fidelity-slices", "0", "--no-progress"]
+    tiny_cvae = [a for k, v in CVAE_TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    tiny_cinn = [a for k, v in CINN_TINY.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    assert main(["train", "cvae", "--denoiser", str(denoiser_folder), "--out", str(tmp_path / "cvae"),
+                 "--batch-size", "2", "--patch-size", "32", *common, *tiny_cvae]) == 0
+    assert main(["train", "cinn", "--denoiser", str(tmp_path / "cvae" / "model"), "--out", str(tmp_path / "cinn"),
+                 "--batch-size", "4", *common, *tiny_cinn]) == 0
+    printed = capsys.readouterr().out
+    assert "train cinn --denoiser" in printed and "invariance models in" in printed
+    assert has_invariance_models(tmp_path / "cinn" / "model")
+    assert main(["train", "cvae", "--denoiser", str(denoiser_folder), "--out", str(tmp_path / "bad"),
+                 "--patch-size", "32", *common, "--set", "no_such=1"]) == 2
+    assert main(["train", "cinn", "--denoiser", str(denoiser_folder), "--out", str(tmp_path / "bad2"),
+                 *common]) == 2  # no cVAE in that folder
+
+
+# ----------------------------------------------------------------------------- fidelity figures
+
+
+def test_noise_texture_has_known_answers():
+    rng = np.random.default_rng(0)
+    white = rng.normal(0, 10, (16, 32, 32))
+    nps = noise_power_spectrum(white)
+    assert nps.shape == (16,) and np.allclose(nps[1:], 100.0, rtol=0.2)  # white: flat at the variance
+    same = noise_texture(white, white)
+    assert same["nps_correlation"] == pytest.approx(1.0) and same["noise_std_ratio"] == pytest.approx(1.0)
+    doubled = noise_texture(2 * white, white)
+    assert doubled["nps_correlation"] == pytest.approx(1.0) and doubled["noise_std_ratio"] == pytest.approx(2.0)
+    from scipy.ndimage import uniform_filter
+
+    low = uniform_filter(white, size=(1, 3, 3), mode="wrap")  # low-pass noise: power falls with frequency
+    high = white - low  # high-pass noise: power rises with frequency
+    other = uniform_filter(rng.normal(0, 10, white.shape), size=(1, 3, 3), mode="wrap")
+    assert noise_texture(other, low)["nps_correlation"] > 0.95  # same texture, new realisation
+    assert noise_texture(high, low)["nps_correlation"] < -0.5
+    constant = np.stack([np.full((4, 4), v) for v in (0.0, 1.0, 3.0)])
+    assert _pairwise_mean_abs(constant) == pytest.approx(2.0)  # pairs differ by 1, 3, 2
+
+
+def test_fresh_realisation_is_the_same_scan_with_new_noise(pairs):
+    source = SimulatedDataset(pairs)
+    item = source[0]
+    fresh = another_realisation(source, 0, seed=11)
+    assert fresh.shape == item.low_dose.shape and not np.array_equal(fresh, item.low_dose)
+    inside = item.labels > 0  # the body
+    ratio = np.std((fresh - item.full_dose)[inside]) / np.std((item.low_dose - item.full_dose)[inside])
+    assert 0.85 < ratio < 1.15
+    assert np.abs(fresh - item.full_dose)[inside].mean() < 2 * np.abs(item.low_dose - item.full_dose)[inside].mean()
+    assert another_realisation(list(source), 0, 11) is None  # not a simulated data set
+
+
+def test_consistency_of_an_identity_denoiser_is_one(pairs):
+    """f = identity: every change reaches the output, so C = C' = 1, B = mean|x~ - x| / mean|x' - x|
+    and the completeness error equals the reconstruction error."""
+    torch.manual_seed(0)
+    identity = Denoiser(nn.Identity(), PAPER_NORMALIZATION, {"architecture": {"name": "cnn10"}})
+    rep = Representation(32, z_dim=16, channels=(8, 16, 16, 32))
+    flow = InvarianceFlow(16, n_flows=2, hidden=16, embedding_dim=4, embedding_channels=(4, 4))
+    models = InvarianceModels(identity, rep.eval(), flow.eval())
+    figures = invariance_fidelity(models, pairs, "test", slices=1, per_slice=2, count=3)
+    assert figures["consistency"] == pytest.approx(1.0, abs=1e-5)
+    assert figures["consistency_noise"] == pytest.approx(1.0, abs=1e-5)
+    assert figures["noise_baseline"] == pytest.approx(figures["change_hu"] / figures["realisation_change_hu"],
+                                                      rel=1e-5)
+    c = figures["completeness"]
+    assert c["output_error_hu"] == pytest.approx(c["reconstruction_error_hu"], rel=1e-4)
+    assert figures["bars"]["consistency"]["met"] is False and figures["bars"]["noise_baseline"]["max"] == 1.5
+    assert figures["measured_on"]["patches"] == 2 == len(held_out_patches(SimulatedDataset(pairs), "test", 32, 1))

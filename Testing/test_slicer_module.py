@@ -1,0 +1,351 @@
+"""The Slicer layer (InvarianceExplorer/InvarianceExplorer.py) under the SLICER STAND-IN
+(Testing/slicer_standin: slicer.util / MRML calls on the real vtk wheel; not 3D Slicer).
+
+Checked: the parameter node's defaults, the point -> voxel conversion, export of the input
+without touching the scene, the crop geometry of every result node (IJK-to-RAS of the crop,
+NRRD/LPS vs RAS), sequence contents and their browser, table columns and chart, placement
+in the input's study, replace-not-duplicate on re-run (asking about renamed results), and a
+scene left unchanged by a failing import, by an engine error and by cancel (real engine
+processes). The real-Slicer check is the module's self-test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+pytest.importorskip("vtk")
+pytest.importorskip("PySide6")
+
+import vtk  # noqa: E402
+
+import slicer_standin  # noqa: E402
+from InvarianceExplorerLib.io import read_image  # noqa: E402
+from InvarianceExplorerLib.result_folder import FILES, result_node_names  # noqa: E402
+from InvarianceExplorerLib.ui.process import process_group_alive  # noqa: E402
+from ui_helpers import write_sample_folder  # noqa: E402
+
+#: An oblique RAS geometry typed out by hand (rows of IJK-to-RAS), independent of the code under test.
+C, S = np.cos(np.deg2rad(30.0)), np.sin(np.deg2rad(30.0))
+VOLUME_IJK_TO_RAS = np.array([[-0.7 * C, 0.8 * S, 0.0, 121.0],
+                              [-0.7 * S, -0.8 * C, 0.0, 95.5],
+                              [0.0, 0.0, 2.5, -33.0],
+                              [0.0, 0.0, 0.0, 1.0]])
+SHAPE = (4, 48, 56)  # (k, j, i)
+CENTER = (30, 20, 2)  # (i, j, k)
+PATCH = 16
+
+
+@pytest.fixture()
+def slicer():
+    module = slicer_standin.install()
+    yield module
+    slicer_standin.uninstall()
+
+
+@pytest.fixture()
+def module(slicer):
+    import importlib
+
+    import InvarianceExplorer
+
+    return importlib.reload(InvarianceExplorer)
+
+
+def vtk_matrix(array):
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array[r][c]))
+    return m
+
+
+def numpy_matrix(node):
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def add_volume(slicer, name="LD chest"):
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    array = np.random.default_rng(0).normal(-700, 60, SHAPE).astype(np.float32)
+    slicer.util.updateVolumeFromArray(node, array)
+    node.SetIJKToRASMatrix(vtk_matrix(VOLUME_IJK_TO_RAS))
+    node.CreateDefaultDisplayNodes()
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    study = sh.CreateStudyItem(sh.GetSceneItemID(), "study")
+    sh.SetItemParent(sh.GetItemByDataNode(node), study)
+    return node, array, study
+
+
+def voxel_ras(i, j, k):
+    return (VOLUME_IJK_TO_RAS @ np.array([i, j, k, 1.0]))[:3]
+
+
+def snapshot(slicer):
+    """Everything the tests can see of a scene: nodes, names, attributes, subject hierarchy parents."""
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    return sorted((n.GetID(), n.GetClassName(), n.GetName(), tuple(sorted(n._attributes.items())),
+                   sh.GetItemParent(sh.GetItemByDataNode(n)) if not n.IsA("vtkMRMLColorTableNode") else 0)
+                  for n in slicer.mrmlScene.GetNodes())
+
+
+def results_folder(module, slicer, volume, tmp_path, count=5, seed=0):
+    """Export the volume as the module does, and write a sample folder cropped from the export."""
+    logic = module.InvarianceExplorerLogic()
+    exported = logic.exportVolume(volume, tmp_path / f"export{seed}.nrrd")
+    image = read_image(exported)
+    out = tmp_path / f"result{seed}"
+    write_sample_folder(out, image, CENTER, patch=PATCH, count=count, seed=seed)
+    return out, image
+
+
+@pytest.fixture()
+def python_slicer(tmp_path, monkeypatch):
+    """PythonSlicer on PATH (this interpreter), as in a Slicer installation."""
+    bin_dir = tmp_path / "slicer-bin"
+    bin_dir.mkdir()
+    launcher = bin_dir / "PythonSlicer"  # like Slicer's, a launcher of the real interpreter
+    launcher.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    launcher.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+    return temp_root
+
+
+def test_parameter_node_defaults_and_ranges(module):
+    p = module.InvarianceExplorerLogic().getParameterNode()
+    assert (p.sampleCount, p.seed, p.device, p.denoiser) == (32, 0, "auto", "cnn10")
+    assert p.inputVolume is None and p.point is None
+    p.sampleCount = 8
+    assert module.InvarianceExplorerLogic().getParameterNode().sampleCount == 8
+    with pytest.raises(ValueError):
+        p.sampleCount = 0
+    with pytest.raises(ValueError):
+        p.device = "tpu"
+
+
+def test_point_to_voxel_and_export_keep_the_scene(module, slicer, tmp_path):
+    logic = module.InvarianceExplorerLogic()
+    volume, array, _ = add_volume(slicer)
+    point = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "P")
+    point.AddControlPoint(*(voxel_ras(*CENTER) + [0.2, -0.2, 0.9]))  # within the voxel
+    assert logic.centerIJK(volume, point) == CENTER
+    assert logic.centerIJK(volume, tuple(voxel_ras(0, 47, 3))) == (0, 47, 3)
+    with pytest.raises(ValueError, match="outside the volume"):
+        logic.centerIJK(volume, tuple(voxel_ras(56, 10, 1)))
+    with pytest.raises(ValueError, match="has no point"):
+        logic.centerIJK(volume, slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "empty"))
+    before = snapshot(slicer)
+    path = logic.exportVolume(volume, tmp_path / "input.nrrd")
+    assert snapshot(slicer) == before
+    written = sitk.ReadImage(path)
+    # NRRD is LPS: x and y of RAS change sign; the voxels are stored as they are
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ VOLUME_IJK_TO_RAS
+    np.testing.assert_allclose(written.GetOrigin(), lps[:3, 3], atol=1e-6)
+    np.testing.assert_allclose(written.GetSpacing(), (0.7, 0.8, 2.5), atol=1e-9)
+    np.testing.assert_allclose(np.reshape(written.GetDirection(), (3, 3)) * (0.7, 0.8, 2.5), lps[:3, :3], atol=1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(written), array)
+
+
+def test_results_become_nodes_with_the_crop_geometry(module, slicer, tmp_path):
+    logic = module.InvarianceExplorerLogic()
+    volume, array, study = add_volume(slicer)
+    folder, image = results_folder(module, slicer, volume, tmp_path, count=5)
+    nodes = logic.importResults(volume, folder)
+    names = result_node_names("LD chest")
+    assert set(nodes) == {"crop", "denoised", "reconstruction", "std", "invariances", "denoised_invariances",
+                          "browser", "invariances_proxy", "denoised_invariances_proxy", "table", "chart",
+                          "series_change", "series_output_change"}
+    for role, node in nodes.items():
+        assert node.GetScene() is slicer.mrmlScene
+        assert node.GetAttribute("InvarianceExplorer.InputVolumeID") == volume.GetID()
+        assert node.GetAttribute("InvarianceExplorer.Role") == role
+        assert node.GetName() == names[role.replace("_proxy", "")]
+
+    # geometry: the crop's IJK-to-RAS is the volume's, moved to the crop's corner voxel
+    i0, j0, k = CENTER[0] - PATCH // 2, CENTER[1] - PATCH // 2, CENTER[2]
+    expected = VOLUME_IJK_TO_RAS.copy()
+    expected[:3, 3] = voxel_ras(i0, j0, k)
+    crop_array = array[k, j0:j0 + PATCH, i0:i0 + PATCH]
+    for role in ("crop", "denoised", "reconstruction", "std", "invariances_proxy", "denoised_invariances_proxy"):
+        np.testing.assert_allclose(numpy_matrix(nodes[role]), expected, atol=1e-4, err_msg=role)
+        assert slicer.util.arrayFromVolume(nodes[role]).shape == (1, PATCH, PATCH)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(nodes["crop"])[0], crop_array)
+    # the point's voxel is the crop's centre
+    np.testing.assert_allclose((numpy_matrix(nodes["crop"]) @ [PATCH // 2, PATCH // 2, 0, 1])[:3],
+                               voxel_ras(*CENTER), atol=1e-4)
+
+    # sequences: one frame per sample, in order, with the crop geometry; one browser for both
+    stack = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / FILES["invariances"])))
+    denoised_stack = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / FILES["denoised_invariances"])))
+    for role, values in (("invariances", stack), ("denoised_invariances", denoised_stack)):
+        seq = nodes[role]
+        assert seq.GetNumberOfDataNodes() == 5 and seq.GetIndexName() == "sample"
+        assert [seq.GetNthIndexValue(n) for n in range(5)] == ["0", "1", "2", "3", "4"]
+        for n in range(5):
+            frame = seq.GetNthDataNode(n)
+            np.testing.assert_array_equal(slicer.util.arrayFromVolume(frame)[0], values[n])
+            np.testing.assert_allclose(numpy_matrix(frame), expected, atol=1e-4)
+    browser = nodes["browser"]
+    assert browser.GetMasterSequenceNode() is nodes["invariances"]
+    assert browser.IsSynchronizedSequenceNodeID(nodes["denoised_invariances"].GetID())
+    assert browser.GetProxyNode(nodes["invariances"]) is nodes["invariances_proxy"]
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(nodes["invariances_proxy"])[0], stack[0])
+
+    # display: lung window, std map in a colour map
+    for role in ("crop", "denoised", "invariances_proxy", "denoised_invariances_proxy"):
+        display = nodes[role].GetDisplayNode()
+        assert not display.GetAutoWindowLevel() and (display.GetWindow(), display.GetLevel()) == (1500.0, -600.0)
+    assert nodes["std"].GetDisplayNode().GetColorNodeID() == "vtkMRMLColorTableNodeFileInferno.txt"
+
+    # table and chart of the per-sample numbers
+    numbers = json.loads((folder / FILES["numbers"]).read_text())
+    table = nodes["table"].GetTable()
+    columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    assert columns == ["sample", "mean |x~ - x| (HU)", "mean |f(x~) - f(x)| (HU)"]
+    assert table.GetNumberOfRows() == 5
+    np.testing.assert_allclose([table.GetValue(r, 1).ToDouble() for r in range(5)],
+                               [s["mean_abs_change_hu"] for s in numbers["samples"]])
+    assert [table.GetValue(r, 0).ToInt() for r in range(5)] == [0, 1, 2, 3, 4]
+    assert nodes["table"].GetAttribute("InvarianceExplorer.Consistency") == "0.5"
+    chart = nodes["chart"]
+    series = [slicer.mrmlScene.GetNodeByID(chart.GetNthPlotSeriesNodeID(n)) for n in range(2)]
+    assert [(s.GetXColumnName(), s.GetYColumnName(), s.GetTableNodeID()) for s in series] == \
+        [("sample", c, nodes["table"].GetID()) for c in columns[1:]]
+    # in the input's study
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    assert {sh.GetItemParent(sh.GetItemByDataNode(n)) for n in nodes.values()} == {study}
+    assert logic.resultNodes(volume) == nodes
+
+
+def test_rerun_replaces_the_previous_results_and_asks_about_renamed_ones(module, slicer, tmp_path):
+    logic = module.InvarianceExplorerLogic()
+    volume, _, _ = add_volume(slicer)
+    other, _, _ = add_volume(slicer, "other CT")
+    first_folder, _ = results_folder(module, slicer, volume, tmp_path, seed=0)
+    second_folder, _ = results_folder(module, slicer, volume, tmp_path, seed=1)
+    other_nodes = logic.importResults(other, first_folder)
+    first = logic.importResults(volume, first_folder)
+    count = slicer.mrmlScene.GetNumberOfNodes()
+    second = logic.importResults(volume, second_folder)
+    assert slicer.mrmlScene.GetNumberOfNodes() == count  # replaced, not duplicated
+    assert all(node.GetScene() is None for node in first.values())
+    assert all(node.GetScene() is slicer.mrmlScene for node in list(second.values()) + list(other_nodes.values()))
+    assert slicer.answers.asked == []
+    # a renamed result: the user is asked; "no" keeps it as the user's own node
+    second["std"].SetName("my std map")
+    slicer.answers.reply = False
+    third = logic.importResults(volume, first_folder)
+    assert len(slicer.answers.asked) == 1
+    assert second["std"].GetScene() is slicer.mrmlScene and second["std"].GetAttribute(
+        "InvarianceExplorer.InputVolumeID") is None
+    assert all(n.GetScene() is slicer.mrmlScene for n in list(second.values()) + list(third.values()))
+    assert logic.resultNodes(volume) == third
+    third["crop"].SetName("renamed crop")
+    slicer.answers.reply = True
+    logic.importResults(volume, second_folder)
+    assert len(slicer.answers.asked) == 2 and third["crop"].GetScene() is None
+
+
+def test_a_failing_import_leaves_the_scene_unchanged(module, slicer, tmp_path):
+    logic = module.InvarianceExplorerLogic()
+    volume, _, _ = add_volume(slicer)
+    good, _ = results_folder(module, slicer, volume, tmp_path, seed=0)
+    logic.importResults(volume, good)
+    bad, _ = results_folder(module, slicer, volume, tmp_path, seed=1)
+    numbers = json.loads((bad / FILES["numbers"]).read_text())
+    for sample in numbers["samples"]:
+        del sample["mean_abs_output_change_hu"]  # fails after the volumes and sequences were made
+    (bad / FILES["numbers"]).write_text(json.dumps(numbers))
+    before = snapshot(slicer)
+    with pytest.raises(KeyError):
+        logic.importResults(volume, bad)
+    assert snapshot(slicer) == before
+
+
+def test_engine_error_and_cancel_leave_the_scene_unchanged(module, slicer, tmp_path, python_slicer):
+    logic = module.InvarianceExplorerLogic()
+    volume, _, _ = add_volume(slicer)
+    point = tuple(voxel_ras(*CENTER))
+    before = snapshot(slicer)
+    # a real engine process (PythonSlicer -m InvarianceExplorerLib sample ...) that fails
+    events = []
+    with pytest.raises(RuntimeError) as failure:
+        logic.sampleInvariances(volume, str(tmp_path / "no-model"), point, count=2, device="cpu",
+                                progressCallback=events.append)
+    assert "sample" in str(failure.value) or "no-model" in str(failure.value)
+    assert snapshot(slicer) == before and list(python_slicer.iterdir()) == []
+    # cancel while the engine runs
+    job = logic.prepareSampling(volume, str(tmp_path / "no-model"), point, count=2)
+    assert job.command[0] == str(tmp_path / "slicer-bin" / "PythonSlicer")
+    args = job.command[3:]
+    assert args[args.index("--center") + 1] == "30,20,2" and Path(job.temp_dir, "input.nrrd").is_file()
+    job.start()
+    assert job.running
+    job.cancel()
+    assert job.finished_event["event"] == "cancelled" and not process_group_alive(job.process.pid)
+    assert not job.temp_dir.exists() and list(python_slicer.iterdir()) == []
+    assert snapshot(slicer) == before
+
+
+def test_widget_plugs_node_selectors_into_the_panel_and_keeps_the_parameter_node(module, slicer, tmp_path,
+                                                                                 python_slicer):
+    from InvarianceExplorerLib.ui.panel import RUN_TEXT
+    from InvarianceExplorerLib.ui.qtshim import application, qt
+    from ui_helpers import wait_until
+
+    application()
+    volume, _, _ = add_volume(slicer)
+    widget = module.InvarianceExplorerWidget()
+    widget.setup()
+    panel = widget.panel
+    form = panel.inputsForm
+    assert [form.itemAt(r, qt.QFormLayout.LabelRole).widget().text() for r in range(3)] == \
+        ["Input volume:", "Point:", "Denoiser:"]
+    p = widget.logic.getParameterNode()
+    assert p.inputVolume is volume and widget.volumeSelector.currentNode() is volume  # the first CT is picked
+    panel.countSpin.setValue(8)
+    panel.setDenoiser(str(tmp_path / "no-model"))
+    panel.deviceCombo.setCurrentIndex(1)
+    assert (p.sampleCount, p.denoiser, p.customModelFolder, p.device) == (8, "custom", str(tmp_path / "no-model"),
+                                                                          "cpu")
+    assert not panel.start() and "Place a point" in panel.errorText()
+    point = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "P")
+    point.AddControlPoint(*voxel_ras(*CENTER))
+    widget.pointWidget.setCurrentNode(point)
+    assert p.point is point
+    # a second widget (module re-entered) shows the saved settings
+    again = module.InvarianceExplorerWidget()
+    again.setup()
+    assert again.panel.settings() == panel.settings() and again.pointWidget.currentNode() is point
+    before = snapshot(slicer)
+    assert panel.start(), panel.errorText()  # a real engine process; it refuses the missing model
+    wait_until(lambda: not panel.running, timeout=60)
+    assert panel.errorText() and panel.runButton.text() == RUN_TEXT
+    assert snapshot(slicer) == before and list(python_slicer.iterdir()) == []
+
+
+def test_missing_packages_are_asked_for_and_named_when_they_cannot_be_installed(module, slicer, monkeypatch):
+    logic = module.InvarianceExplorerLogic()
+    assert logic.missingDependencies() == []  # this environment has the engine's packages
+    assert logic.installDependencies(askUser=True) and slicer.answers.asked == []
+    monkeypatch.setitem(module.ENGINE_REQUIREMENTS, "no_such_package_xyz", "no-such-package-xyz>=1")
+    assert logic.missingDependencies() == ["no-such-package-xyz>=1"]
+    assert "no-such-package-xyz>=1" in logic.engineStatusText()
+    slicer.answers.reply = False  # the user says no: nothing is installed
+    assert not logic.installDependencies(askUser=True)
+    assert len(slicer.answers.asked) == 1 and "no-such-package-xyz>=1" in slicer.answers.asked[0]
+    slicer.answers.reply = True  # yes, but offline (the stand-in's pip_install installs nothing)
+    with pytest.raises(RuntimeError, match=r"PythonSlicer -m pip install no-such-package-xyz>=1"):
+        logic.installDependencies(askUser=True)
