@@ -39,10 +39,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from .analysis import ALPHA, ALTERED_LABELS, FDR, MIN_AREA_MM2, ensemble_test, structure_change
+from .analysis import ALPHA, FDR, MIN_AREA_MM2, ensemble_test, structure_change
 from .image import CTImage
 from .noise import noise_summary
-from .result_folder import FILES, load_result, read_volume
+from .result_folder import load_result, read_volume
 
 #: Sub-folder of a sample folder that holds the analysis.
 ANALYSIS_DIR = "analysis"
@@ -67,6 +67,8 @@ CSV_COLUMNS = (
     ("noise_std_hu", "noise_std_hu"),
     ("noise_ratio_to_input", "noise_ratio_to_input"),
     ("noise_residual_correlation", "noise_residual_correlation"),
+    ("varying_noise_std_hu", "varying_noise_std_hu"),
+    ("varying_noise_ratio_to_input", "varying_noise_ratio_to_input"),
     ("altered_area_mm2", "area_mm2"),
     ("peak_abs_change_hu", "peak_abs_hu"),
     ("altered_region_count", "region_count"),
@@ -137,6 +139,43 @@ def simulate_null_for_folder(folder, full_dose: CTImage, dose: float, count: int
     return np.stack([crop_patch(plane.with_array(scan), (i, j), size).array for scan in scans])
 
 
+def posterior_null(folder, count: int = 16, seed: int = 0, *, model=None, device="cpu") -> np.ndarray:
+    """Method B's null from the cVAE posterior of x, for when no full-dose image is at hand:
+    ``count`` decodings ``D(z_j, f(x))`` of ``z_j ~ q(z | x, f(x))`` ``(count, P, P)`` HU, with
+    the denoiser and cVAE of ``model`` (default: the model folder recorded in the sample
+    folder's numbers.json). The draws are made on the CPU from ``seed``.
+
+    Caveat (say so with the results): the posterior's spread is what the representation
+    cannot pin down given x and f(x); it is a noise-only null only insofar as the cVAE is
+    complete and that spread is noise. The scan simulator's null is the better one."""
+    import torch
+
+    from .inference import apply_network
+    from .sampler import load_representation
+
+    result = load_result(folder)
+    model = model or result.numbers.get("model_folder") or result.numbers.get("model")
+    if not model:
+        raise ValueError(f"{result.folder}: numbers.json names no model folder; give the model")
+    denoiser, representation = load_representation(model, device=device)
+    x_hu = result.crop.array[0]
+    if x_hu.shape != (representation.patch_size,) * 2:
+        raise ValueError(f"the crop is {x_hu.shape[0]} pixels but the cVAE works on {representation.patch_size}")
+    norm = denoiser.normalization
+    noise = torch.randn(int(count), representation.z_dim, generator=torch.Generator().manual_seed(int(seed)))
+    with torch.inference_mode():
+        x = norm.normalize(torch.from_numpy(x_hu)).to(_device(denoiser))[None, None]
+        y = apply_network(denoiser.network, x, tile_size=None)
+        mean, logvar = representation.encode(x, y)
+        z = mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
+        decoded = representation.decode(z, y, representation.condition(y) if representation.conditional else None)
+    return norm.denormalize(decoded[:, 0]).float().cpu().numpy()
+
+
+def _device(denoiser):
+    return next(denoiser.network.parameters()).device
+
+
 def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Optional[str] = None,
                    alpha: float = ALPHA, fdr: float = FDR, sigma_mm: Optional[float] = None,
                    min_area_mm2: float = MIN_AREA_MM2, progress: Optional[ProgressCallback] = None
@@ -199,6 +238,8 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         "sample_folder": str(folder),
         "count": int(stack.shape[0]),
         "spacing_mm": list(spacing),
+        "settings": {"alpha": alpha, "fdr": fdr, "sigma_mm": sigma_mm, "min_area_mm2": min_area_mm2,
+                     "null_source": null_source},
         "noise": noise,
         "method_a": {**change.summary(), "samples": [{k: v for k, v in s.items()} for s in change.samples]},
         "method_b": method_b,
@@ -233,7 +274,9 @@ def _merged_samples(numbers: dict, noise: dict, change) -> list:
         k = a["index"]
         merged.append({"index": k, "rank": a["rank"], "noise_std_hu": n["std_hu"],
                        "noise_ratio_to_input": n["ratio_to_input"],
-                       "noise_residual_correlation": n["residual_correlation"], "area_mm2": a["area_mm2"],
+                       "noise_residual_correlation": n["residual_correlation"],
+                       "varying_noise_std_hu": n["varying_std_hu"],
+                       "varying_noise_ratio_to_input": n["varying_ratio_to_input"], "area_mm2": a["area_mm2"],
                        "peak_abs_hu": a["peak_abs_hu"], "region_count": a["region_count"],
                        "max_abs_z": a["max_abs_z"], "noise_sigma_hu": a["noise_sigma_hu"],
                        "mean_abs_change_hu": by_index.get(k, {}).get("mean_abs_change_hu")})
@@ -272,7 +315,7 @@ def _outline(labels: np.ndarray) -> np.ndarray:
     from scipy import ndimage
 
     inside = labels > 0
-    return inside & ~ndimage.binary_erosion(inside)
+    return ndimage.binary_dilation(inside) & ~inside  # just outside, so that it shows on a bright region
 
 
 def _figure(path: Path, crop: CTImage, result, change, test) -> None:

@@ -579,10 +579,14 @@ def _add_analyze(sub) -> None:
                       help="NRRD stack (axis 0 = realisation) of noise-only variants of the crop at the input's dose")
     null.add_argument("--full-dose", type=Path, default=None, metavar="FILE",
                       help="full-dose CT on the input's grid: simulate the noise-only variants with the scan simulator")
+    null.add_argument("--posterior", action="store_true",
+                      help="no full-dose image: draw the variants from the cVAE posterior of x (the model folder in "
+                           "numbers.json; a weaker null, recorded as such)")
     null.add_argument("--dose", type=_dose, default=0.25, help="dose fraction of the input (default 0.25)")
     null.add_argument("--photons", type=float, default=None, help="full-dose quanta per ray (default: simulator's)")
     null.add_argument("--filter", choices=FILTERS, default="hann", help="FBP apodisation filter (default hann)")
-    null.add_argument("--null-count", type=_positive_int, default=16, help="simulated realisations (default 16)")
+    null.add_argument("--null-count", type=_positive_int, default=16,
+                      help="simulated or posterior realisations (default 16)")
     null.add_argument("--seed", type=int, default=0, help="noise seed of the simulated realisations")
     null.add_argument("--hu-offset", type=float, default=0.0, help="add to the full-dose file's values to get HU")
     _add_progress(ana)
@@ -592,8 +596,8 @@ def _add_analyze(sub) -> None:
 def _cmd_analyze(args) -> int:
     from .progress import Progress
 
-    if args.null is not None and args.full_dose is not None:
-        raise ValueError("give either --null or --full-dose, not both")
+    if (args.null is not None) + (args.full_dose is not None) + bool(args.posterior) > 1:
+        raise ValueError("give one of --null, --full-dose and --posterior")
     progress = Progress(args.progress)
     outputs, text = _run_analysis(args.results, progress, args)
     progress.done(outputs, text)
@@ -604,7 +608,7 @@ def _run_analysis(folder: Path, progress, args=None) -> tuple:
     """Analyse a sample folder (``analyze``, or ``sample --analyze`` with default settings);
     returns the outputs (name -> path) and a one-line summary for the "done" report."""
     from .analysis import ALPHA, FDR, MIN_AREA_MM2
-    from .analysis_folder import analyze_folder, simulate_null_for_folder
+    from .analysis_folder import analyze_folder, posterior_null, simulate_null_for_folder
     from .io import read_image
     from .result_folder import read_volume
 
@@ -616,6 +620,10 @@ def _run_analysis(folder: Path, progress, args=None) -> tuple:
         null = simulate_null_for_folder(folder, read_image(args.full_dose, hu_offset=args.hu_offset), args.dose,
                                         args.null_count, args.seed, photons=args.photons, filter=args.filter)
         source = "simulator"
+        update(1)
+    elif args is not None and args.posterior:
+        update = progress.stage("posterior", 1, f"Drawing {args.null_count} images from the cVAE posterior of x")
+        null, source = posterior_null(folder, args.null_count, args.seed), "cvae posterior"
         update(1)
     messages = {"noise": "Measuring noise", "method A": "Method A: structure change per invariance",
                 "method B": "Method B: ensemble test against the noise-only null", "writing": "Writing the analysis"}

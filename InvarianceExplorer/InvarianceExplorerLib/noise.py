@@ -45,8 +45,9 @@ pixel spacing ``(x, y)`` in mm; nothing here imports torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -266,19 +267,37 @@ def correlation_length_mm(nps: NoisePowerSpectrum) -> float:
 # ----------------------------------------------------------------------------- summaries
 
 
+def _robust_cov(a: np.ndarray, b: np.ndarray) -> float:
+    """Covariance of two (mostly Gaussian) samples from robust variances of their sum and difference."""
+    return 0.25 * (robust_std(a + b) ** 2 - robust_std(a - b) ** 2)
+
+
 def noise_summary(x, invariances, spacing=(1.0, 1.0), mask: Optional[np.ndarray] = None) -> dict:
     """Does f ignore noise amplitude and realisation? Numbers for x and every x~_k.
 
+    Two measurements, both on the pixels of x's noise region (:func:`estimate_noise`):
+
+    * single-image: each image's noise std from its own high-pass residual, and the
+      correlation of the residuals of x~_k and x (about 1 for the same noise realisation,
+      about 0 for another). Fine anatomical texture shared by x and x~_k counts as noise
+      here, pulling ratios towards 1 and correlations upwards — hence the flat region;
+    * ensemble-referenced (K >= 4): the noise that *varies* over the ensemble, free of any
+      anatomy: the mean of the other invariances (their common anatomy plus 1/(K-1) of their
+      noise, whose variance is taken out exactly) is subtracted from x~_k and from x.
+      Noise shared by all images (x's own realisation kept by every x~_k) cannot be told
+      from anatomy this way, so the single-image correlation decides about realisations, and
+      this measurement gives the amplitudes when the realisations differ.
+
     Returns a JSON-ready dict:
 
-    * ``input``: x's :class:`NoiseEstimate` (``std_hu``, ``pixels``, ``region``);
-    * ``samples``: per x~_k ``{"index", "std_hu", "ratio_to_input", "residual_correlation"}``
-      (noise std measured on the *same* pixels as x's, its ratio to x's, and the correlation
-      of the high-pass residuals of x~_k and x on those pixels: about 1 for the same noise
-      realisation, about 0 for another);
-    * ``amplitude``: ``{"min_ratio", "max_ratio", "median_ratio", "spread_ratio"}`` —
-      spread_ratio = (max - min) / x's std: how far apart the noise amplitudes are that f
-      maps to the same output, relative to the input's noise;
+    * ``input``: x's :class:`NoiseEstimate` (``std_hu``, ``pixels``, ``region``) and
+      ``varying_std_hu`` (ensemble-referenced; None with K < 4);
+    * ``samples``: per x~_k ``{"index", "std_hu", "ratio_to_input", "residual_correlation",
+      "varying_std_hu", "varying_ratio_to_input"}``;
+    * ``amplitude``: ``{"min_ratio", "max_ratio", "median_ratio", "spread_ratio", "basis"}``
+      — spread_ratio = (max - min) of the noise amplitudes f maps to the same output,
+      relative to the input's; ``basis`` says which ratios: "ensemble-referenced" when K >= 4
+      and the realisations differ (mean |correlation| < 0.5), else "single-image";
     * ``realisation``: mean and max |residual correlation|;
     * ``nps``: radial NPS (HU^2 mm^2) of x's and the mean of the x~_k's high-pass residuals
       at ``frequency_per_mm``, and the correlation lengths (mm);
@@ -291,32 +310,50 @@ def noise_summary(x, invariances, spacing=(1.0, 1.0), mask: Optional[np.ndarray]
         raise ValueError(f"invariances of in-plane shape {stack.shape[1:]} differ from x's {x.shape}")
     reference = estimate_noise(x, mask)
     region = reference.mask
-    rx = high_pass_residual(x)
-    rx_c = rx[region] - rx[region].mean()
+    count = stack.shape[0]
+    rx = high_pass_residual(x)[region]
     samples = []
     for k, xk in enumerate(stack):
-        rk = high_pass_residual(xk)
-        std_k = robust_std(rk[region])
-        rk_c = rk[region] - rk[region].mean()
-        denom = float(np.sqrt((rx_c ** 2).sum() * (rk_c ** 2).sum()))
+        rk = high_pass_residual(xk)[region]
+        std_k = robust_std(rk)
+        denom = reference.std_hu * std_k
         samples.append({"index": k, "std_hu": std_k,
                         "ratio_to_input": std_k / reference.std_hu if reference.std_hu > 0 else float("nan"),
-                        "residual_correlation": float((rx_c * rk_c).sum() / denom) if denom > 0 else 0.0})
-    ratios = np.array([s["ratio_to_input"] for s in samples])
+                        "residual_correlation": float(np.clip(_robust_cov(rx, rk) / denom, -1, 1)) if denom > 0 else 0.0,
+                        "varying_std_hu": None, "varying_ratio_to_input": None})
+    varying_input = None
+    if count >= 4:
+        total = stack.sum(axis=0)
+        v = np.array([robust_std(high_pass_residual(stack[k] - (total - stack[k]) / (count - 1))[region]) ** 2
+                      for k in range(count)])
+        # v_k = s_k^2 + (S - s_k^2) / (K-1)^2 with S the sum of all s_j^2: solve for S, then each s_k^2
+        total_var = v.sum() * (count - 1) / count
+        own = np.maximum((v - total_var / (count - 1) ** 2) / (1.0 - 1.0 / (count - 1) ** 2), 0.0)
+        input_var = robust_std(high_pass_residual(x - total / count)[region]) ** 2 - total_var / count ** 2
+        varying_input = math.sqrt(max(input_var, 0.0))
+        for k, sample in enumerate(samples):
+            sample["varying_std_hu"] = math.sqrt(own[k])
+            sample["varying_ratio_to_input"] = math.sqrt(own[k]) / varying_input if varying_input > 0 else None
     correlations = np.abs([s["residual_correlation"] for s in samples])
-    nps_x = noise_power_spectrum(rx, spacing, detrend="none")
-    nps_k = noise_power_spectrum(high_pass_residual(stack), spacing, detrend="none")
-    amplitude = {"min_ratio": float(ratios.min()), "max_ratio": float(ratios.max()),
-                 "median_ratio": float(np.median(ratios)), "spread_ratio": float(ratios.max() - ratios.min())}
     realisation = {"mean_abs_correlation": float(correlations.mean()), "max_abs_correlation": float(correlations.max())}
+    basis = ("ensemble-referenced" if varying_input and realisation["mean_abs_correlation"] < 0.5
+             else "single-image")
+    key = "varying_ratio_to_input" if basis == "ensemble-referenced" else "ratio_to_input"
+    ratios = np.array([s[key] for s in samples], dtype=float)
+    amplitude = {"min_ratio": float(ratios.min()), "max_ratio": float(ratios.max()),
+                 "median_ratio": float(np.median(ratios)), "spread_ratio": float(ratios.max() - ratios.min()),
+                 "basis": basis}
+    nps_x = noise_power_spectrum(high_pass_residual(x), spacing, detrend="none")
+    nps_k = noise_power_spectrum(high_pass_residual(stack), spacing, detrend="none")
     answer = (f"input noise {reference.std_hu:.1f} HU ({reference.region}, {reference.pixels} px); the invariances' "
-              f"noise spans {amplitude['min_ratio']:.2f}x to {amplitude['max_ratio']:.2f}x of it and their noise "
-              f"realisations correlate with the input's by {realisation['mean_abs_correlation']:.2f} on average "
-              f"(0: other realisations): f maps "
+              f"noise spans {amplitude['min_ratio']:.2f}x to {amplitude['max_ratio']:.2f}x of the input's ({basis}) "
+              f"and correlates with it by {realisation['mean_abs_correlation']:.2f} on average (0: other "
+              "realisations): f maps "
               + ("other noise realisations" if realisation["mean_abs_correlation"] < 0.5 else "the same noise realisation")
               + (" and noise amplitudes" if amplitude["spread_ratio"] > 0.2 else "")
               + " to the same output")
-    return {"input": reference.to_dict(), "samples": samples, "amplitude": amplitude, "realisation": realisation,
+    return {"input": {**reference.to_dict(), "varying_std_hu": varying_input},
+            "samples": samples, "amplitude": amplitude, "realisation": realisation,
             "nps": {"frequency_per_mm": nps_x.frequency_per_mm.tolist(),
                     "input_hu2_mm2": np.nan_to_num(nps_x.radial).tolist(),
                     "invariances_mean_hu2_mm2": np.nan_to_num(nps_k.radial).tolist(),

@@ -1,0 +1,478 @@
+"""The analysis: noise amplitude and NPS, method A (per-invariance structure change), method B
+(ensemble test against a noise-only null), and the ``analyze`` command on a real sample folder.
+
+Synthetic cases with known answers, all seeded and small (128-pixel images, 16 samples):
+
+* noise: stationary Gaussian noise (``mode="wrap"`` filtering, so no border artefacts) of a
+  known standard deviation, white or correlated over about a pixel like CT noise; and real
+  CT noise from the scan simulator (low dose minus the noiseless reconstruction of the same
+  scan, whose standard deviation is measured directly);
+* pure noise: the invariances are other noise realisations of x — nothing should be found
+  beyond the error rates the methods promise (method A: ``alpha`` = 0.05 false regions per
+  invariance; method B: FDR 0.05, which under the complete null is the chance of flagging
+  anything at all);
+* a disc of known radius and contrast added to some invariances — found at its place with
+  its area.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from InvarianceExplorerLib.analysis import (ALPHA, BRIGHTER, DARKER, benjamini_hochberg, border_gain, edge_level,
+                                            ensemble_test, expected_false_regions, outline, rft_threshold,
+                                            simulate_noise_only, structure_change)
+from InvarianceExplorerLib.analysis_folder import ANALYSIS_DIR, ANALYSIS_FILES, METHOD_B_FILES, load_analysis
+from InvarianceExplorerLib.cli import main
+from InvarianceExplorerLib.lowdose import LowDoseSimulator
+from InvarianceExplorerLib.noise import (correlation_length_mm, estimate_noise, noise_power_spectrum,
+                                         noise_summary)
+from InvarianceExplorerLib.phantom import Label, chest_phantom
+
+SPACING = (0.7, 0.7)
+SHAPE = (128, 128)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gaussian_noise(rng, count, std, correlation_px=0.0, shape=SHAPE):
+    """``count`` stationary noise images of standard deviation ``std`` HU (Gaussian-correlated
+    over ``correlation_px`` pixels; periodic filtering keeps the borders like the inside)."""
+    white = rng.standard_normal((count,) + shape)
+    if correlation_px:
+        white = ndimage.gaussian_filter(white, (0, correlation_px, correlation_px), mode="wrap")
+        white /= np.sqrt(np.sum(_kernel(correlation_px) ** 2))
+    return std * white
+
+
+def _kernel(sigma):
+    impulse = np.zeros((41, 41))
+    impulse[20, 20] = 1.0
+    return ndimage.gaussian_filter(impulse, sigma, mode="wrap")
+
+
+def disc(center_ij, radius_px, shape=SHAPE):
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    return np.hypot(cols - center_ij[0], rows - center_ij[1]) <= radius_px
+
+
+@pytest.fixture(scope="module")
+def ct_scans():
+    """Real CT noise: 33 quarter-dose scans of one 128-pixel chest slice (2.8 mm pixels) with
+    independent noise, and the noiseless reconstruction of the same scan."""
+    size, spacing = 128, 0.7 * 512 / 128
+    phantom = chest_phantom(4, size=size, spacing=spacing)
+    simulator = LowDoseSimulator(size, spacing)
+    scans = simulate_noise_only(phantom.hu, 0.25, 33, seed=0, simulator=simulator, batch=11)
+    return scans, (spacing, spacing)
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+@pytest.mark.parametrize("std, correlation_px", [(5.0, 0.0), (20.0, 0.0), (60.0, 0.0), (20.0, 0.7)])
+def test_noise_estimate_on_gaussian_noise_of_known_std(std, correlation_px):
+    rng = np.random.default_rng(int(std * 10 + correlation_px * 100))
+    rows, cols = np.mgrid[0:128, 0:128]
+    anatomy = 40.0 + 0.3 * cols - 0.2 * rows  # soft tissue with a slow trend the estimator must ignore
+    noise = gaussian_noise(rng, 1, std, correlation_px)[0]
+    truth = noise.std()
+    estimate = estimate_noise(anatomy + noise)
+    assert estimate.region == "soft tissue" and estimate.pixels > 0.8 * noise.size
+    assert estimate.std_hu == pytest.approx(truth, rel=0.10)
+    roi = disc((64, 64), 30)
+    assert estimate_noise(anatomy + noise, roi).std_hu == pytest.approx(noise[roi].std(), rel=0.10)
+
+
+def test_noise_estimate_on_real_ct_noise():
+    """Scan-simulator noise (low dose minus the noiseless reconstruction): the estimate on the
+    low-dose image is within 10 % of the noise's own standard deviation on the same pixels —
+    on a water cylinder (found automatically), inside a ROI of the chest phantom (the heart),
+    and on the noise image itself."""
+    size, spacing = 256, 0.7 * 512 / 256
+    simulator = LowDoseSimulator(size, spacing)
+    rows, cols = (np.mgrid[0:size, 0:size] - (size - 1) / 2) * spacing
+    water = np.where(np.hypot(rows, cols) < 0.35 * size * spacing, 0.0, -1000.0).astype(np.float32)
+    phantom = chest_phantom(2, size=size, spacing=spacing)
+    scans = simulator.simulate(np.stack([water, phantom.hu]), dose=0.25, seed=2)
+    noise = scans.low_dose - scans.noiseless
+
+    found = estimate_noise(scans.low_dose[0])
+    assert found.region == "soft tissue" and found.pixels > 5000
+    assert found.std_hu == pytest.approx(noise[0][found.mask].std(), rel=0.10)
+
+    heart = phantom.labels == Label.HEART
+    in_roi = estimate_noise(scans.low_dose[1], heart)
+    assert in_roi.region == "roi"
+    assert in_roi.std_hu == pytest.approx(noise[1][heart].std(), rel=0.10)
+
+    centre = noise[1][64:192, 64:192]
+    assert estimate_noise(centre + 40.0).std_hu == pytest.approx(centre.std(), rel=0.10)
+
+
+def test_noise_power_spectrum_of_white_noise():
+    rng = np.random.default_rng(5)
+    noise = gaussian_noise(rng, 8, 20.0, shape=(64, 64))
+    nps = noise_power_spectrum(noise, SPACING, detrend="mean")
+    assert nps.realisations == 8
+    assert nps.frequency_per_mm.max() < 0.5 / SPACING[0] and nps.frequency_per_mm[-1] > 0.45 / SPACING[0]
+    expected = 20.0 ** 2 * SPACING[0] * SPACING[1]  # HU^2 mm^2, flat
+    assert np.nanmedian(nps.radial) == pytest.approx(expected, rel=0.1)
+    assert nps.variance_hu2 == pytest.approx(noise.var(), rel=0.02)  # Parseval: the integral is the variance
+    assert correlation_length_mm(nps) == pytest.approx(1.3 * SPACING[0], rel=0.1)
+    coarse = noise_power_spectrum(gaussian_noise(rng, 8, 20.0, 1.0, shape=(64, 64)), SPACING, detrend="mean")
+    assert correlation_length_mm(coarse) > 1.5 * correlation_length_mm(nps)  # coarser grain, longer length
+
+
+def test_noise_summary_measures_amplitude_spread_and_realisation():
+    """Invariances with other noise realisations of 0.5x to 1.5x the input's amplitude: the
+    ratios are found within 10 % and the correlation with the input's noise is near 0; the
+    input's own noise (plus a little) gives a correlation near 1."""
+    rng = np.random.default_rng(6)
+    x = 40.0 + gaussian_noise(rng, 1, 20.0, 0.7)[0]
+    scales = np.tile(np.linspace(0.5, 1.5, 6), 2)
+    invariances = 40.0 + gaussian_noise(rng, 12, 20.0, 0.7) * scales[:, None, None]
+    summary = noise_summary(x, invariances, SPACING)
+    for key in ("ratio_to_input", "varying_ratio_to_input"):
+        assert np.allclose([s[key] for s in summary["samples"]], scales, rtol=0.1), key
+    assert summary["amplitude"]["spread_ratio"] == pytest.approx(1.0, abs=0.15)
+    assert summary["amplitude"]["basis"] == "ensemble-referenced"
+    assert summary["realisation"]["mean_abs_correlation"] < 0.1  # other noise realisations
+    assert "noise amplitudes" in summary["answer"]
+    same = noise_summary(x, x[None] + gaussian_noise(rng, 6, 5.0, 0.7), SPACING)
+    assert same["realisation"]["mean_abs_correlation"] > 0.9  # the input's own noise
+    assert same["amplitude"]["basis"] == "single-image" and "same noise realisation" in same["answer"]
+    few = noise_summary(x, invariances[:3], SPACING)
+    assert few["input"]["varying_std_hu"] is None and few["amplitude"]["basis"] == "single-image"
+    json.dumps(summary)
+
+
+def test_noise_summary_ensemble_reference_ignores_shared_anatomy_texture():
+    """Anatomy with a fine texture (15 HU, as fine as the noise) shared by x and every x~_k:
+    a single image counts it as noise, the ensemble-referenced amplitudes do not."""
+    rng = np.random.default_rng(16)
+    anatomy = 40.0 + gaussian_noise(rng, 1, 15.0, 1.0)[0]
+    x = anatomy + gaussian_noise(rng, 1, 20.0, 0.7)[0]
+    scales = np.tile(np.linspace(0.5, 1.5, 6), 2)
+    summary = noise_summary(x, anatomy + gaussian_noise(rng, 12, 20.0, 0.7) * scales[:, None, None], SPACING)
+    assert np.allclose([s["varying_ratio_to_input"] for s in summary["samples"]], scales, rtol=0.1)
+    assert summary["input"]["varying_std_hu"] == pytest.approx(20.0, rel=0.1)
+    assert summary["input"]["std_hu"] > 22.0  # the texture counted as noise
+
+
+# ----------------------------------------------------------------------------- method A
+
+
+def test_threshold_from_random_field_theory():
+    lam = 0.07
+    u = rft_threshold(SHAPE, lam, 0.05)
+    assert expected_false_regions(u, SHAPE, lam) == pytest.approx(0.05, rel=1e-3)
+    assert rft_threshold(SHAPE, lam, 0.01) > u > rft_threshold(SHAPE, lam, 0.2)
+    assert rft_threshold(SHAPE, 10.0, 0.05) <= 5.0  # a rough field: Bonferroni over 16384 pixels caps it
+    assert edge_level(100.0, 2.0) == pytest.approx(0.5, abs=0.01) and edge_level(5.0, 2.0) < 0.45
+    gain = border_gain(SHAPE, 2.0)
+    assert gain[64, 64] == pytest.approx(1.0) and gain[0, 64] > 1.5 and gain[0, 0] > 3.0
+
+
+def test_method_a_finds_no_region_in_pure_noise():
+    """Invariances that are other noise realisations: about alpha = 0.05 false regions per
+    invariance (random field theory), so over 8 x 16 invariances at most twice that."""
+    false_regions = 0
+    for seed in range(8):
+        rng = np.random.default_rng(100 + seed)
+        x = 40.0 + gaussian_noise(rng, 1, 20.0, 0.7)[0]
+        invariances = 40.0 + gaussian_noise(rng, 16, 20.0, 0.7)
+        change = structure_change(x, invariances, SPACING)
+        false_regions += sum(s["region_count"] for s in change.samples)
+        assert change.labels.dtype == np.uint8 and change.change_map.shape == (16,) + SHAPE
+        assert abs(np.std(change.change_map) - 1.0) < 0.1  # z-scores in units of the noise-only fluctuation
+    assert false_regions <= 2 * ALPHA * 8 * 16
+
+
+def test_method_a_does_not_count_a_noise_amplitude_change():
+    """f is invariant to noise amplitude: invariances with 0.5x to 2x the input's noise are
+    not altered anatomy (each difference is judged against its own noise)."""
+    rng = np.random.default_rng(300)
+    x = 40.0 + gaussian_noise(rng, 1, 20.0, 0.7)[0]
+    scales = np.linspace(0.5, 2.0, 16)[:, None, None]
+    change = structure_change(x, 40.0 + gaussian_noise(rng, 16, 20.0, 0.7) * scales, SPACING)
+    assert sum(s["region_count"] for s in change.samples) <= 2
+    sigmas = [s["noise_sigma_hu"] for s in change.samples]
+    assert sigmas[-1] > 1.5 * sigmas[0]  # the louder difference, the larger its noise-only std
+
+
+def test_method_a_finds_no_region_in_real_ct_noise(ct_scans):
+    """Real CT noise on real (phantom) anatomy: x and 16 invariances are quarter-dose scans of
+    the same slice with independent noise; 16 more scans are the null, whose differences
+    with x go through the same test (calibration). Expected 0.8 false regions in each set of
+    16 (alpha = 0.05 each); at most 3 (Poisson probability of more: 1 %)."""
+    scans, spacing = ct_scans
+    x, invariances, null = scans[0], scans[1:17], scans[17:]
+    change = structure_change(x, invariances, spacing, null=null)
+    assert sum(s["region_count"] for s in change.samples) <= 3
+    assert change.calibration["null_count"] == 16 and change.calibration["false_regions"] <= 3
+
+
+def test_method_a_finds_an_added_and_a_removed_disc_with_their_area():
+    """A disc of radius 7 pixels (4.9 mm, 73 mm^2 on the pixel grid) and 100 HU contrast added
+    to invariance 3 and taken away from invariance 9 (noise 20 HU): one region each, at the
+    disc (centroid within 1 pixel), labelled brighter / darker, its area within 15 % — the
+    outline of the noiseless blurred disc has its area within 3 % (checked below; a
+    pixelated disc is not quite round), and noise moves the outline by a fraction of a pixel
+    along its 44-pixel perimeter: over 12 seeds the area ratio was 1.01 +- 0.05 (range
+    0.93-1.11), so 15 % is three standard deviations — and these two invariances ranked
+    first; the others have no region."""
+    rng = np.random.default_rng(7)
+    x = 40.0 + gaussian_noise(rng, 1, 20.0, 0.7)[0]
+    invariances = 40.0 + gaussian_noise(rng, 16, 20.0, 0.7)
+    shape = disc((70, 50), 7.0)
+    invariances[3] += 100.0 * shape
+    invariances[9] -= 100.0 * shape
+    change = structure_change(x, invariances, SPACING)
+    true_area = shape.sum() * SPACING[0] * SPACING[1]
+    for k, label in ((3, BRIGHTER), (9, DARKER)):
+        sample = change.samples[k]
+        assert sample["region_count"] == 1, sample
+        region = sample["regions"][0]
+        assert region["area_mm2"] == pytest.approx(true_area, rel=0.15)
+        assert np.allclose(region["centroid_ij"], (70, 50), atol=1.0)
+        assert sample["peak_abs_hu"] == pytest.approx(100.0, abs=25.0)
+        assert set(np.unique(change.labels[k])) == {0, label}
+        assert (change.labels[k] > 0)[50, 70]
+    assert sorted(change.ranking[:2]) == [3, 9]
+    others = [s["region_count"] for s in change.samples if s["index"] not in (3, 9)]
+    assert sum(others) <= 1
+    # the noiseless outline of the blurred disc, and the curvature it corrects: half the
+    # peak would lose 8 % of the area here
+    blurred = ndimage.gaussian_filter(100.0 * shape, change.sigma_px)
+    assert outline(blurred, blurred > 1.0, change.sigma_px).sum() / shape.sum() == pytest.approx(1.0, abs=0.03)
+    assert (blurred >= 0.5 * blurred.max()).sum() / shape.sum() < 0.95
+
+
+# ----------------------------------------------------------------------------- method B
+
+
+def test_benjamini_hochberg_matches_the_definition():
+    p = np.array([0.01, 0.04, 0.03, 0.2, 0.5])
+    # sorted 0.01, 0.03, 0.04, 0.2, 0.5 -> p * m / rank = 0.05, 0.075, 0.0667, 0.25, 0.5, then cumulative minima
+    assert np.allclose(benjamini_hochberg(p), [0.05, 0.0667, 0.0667, 0.25, 0.5], atol=1e-3)
+    assert (benjamini_hochberg(p, "by") >= benjamini_hochberg(p)).all()
+
+
+def test_method_b_flags_nothing_in_pure_noise():
+    """Under the complete null, BH at level 0.05 flags anything at all with probability <= 0.05;
+    over 6 seeds at most one run may flag, and then only a few pixels. A global change of the
+    noise amplitude (f is invariant to it) is not flagged but reported as the noise scale."""
+    runs_flagging = 0
+    for seed in range(6):
+        rng = np.random.default_rng(200 + seed)
+        invariances = 40.0 + gaussian_noise(rng, 16, 20.0, 0.7)
+        null = 40.0 + gaussian_noise(rng, 16, 20.0, 0.7)
+        test = ensemble_test(invariances, null, SPACING)
+        summary = test.summary()
+        runs_flagging += summary["flagged_fraction"] > 0
+        assert summary["flagged_fraction"] <= 0.05
+        assert summary["calibration"]["flagged_fraction"] <= 0.05
+        assert summary["calibration"]["p_below_0.05_fraction"] == pytest.approx(0.05, abs=0.03)
+    assert runs_flagging <= 1
+    rng = np.random.default_rng(9)
+    louder = ensemble_test(40.0 + gaussian_noise(rng, 16, 30.0, 0.7), 40.0 + gaussian_noise(rng, 16, 20.0, 0.7),
+                           SPACING)
+    assert louder.summary()["flagged_fraction"] == 0.0 and louder.noise_scale == pytest.approx(2.25, rel=0.2)
+
+
+def test_method_b_flags_nothing_in_real_ct_noise(ct_scans):
+    scans, spacing = ct_scans
+    test = ensemble_test(scans[1:17], scans[17:], spacing, null_source="simulator")
+    summary = test.summary()
+    assert summary["null_source"] == "simulator" and summary["flagged_fraction"] <= 0.001
+
+
+def test_method_b_flags_a_disc_that_the_invariances_vary():
+    """Half of 16 invariances hold a disc (radius 7 px, 100 HU): flagged there, the largest
+    region's centroid within 1.5 pixels and its area within 10 % (the outline follows the
+    excess standard deviation over the 16 images; over 12 seeds the area ratio was
+    1.00 +- 0.02, range 0.97-1.02, so 10 % is a wide margin); flagged pixels away from the disc
+    (beyond the filter's reach) stay a small share, as the FDR allows."""
+    rng = np.random.default_rng(8)
+    shape = disc((70, 50), 7.0)
+    invariances = 40.0 + gaussian_noise(rng, 16, 20.0, 0.7)
+    invariances[::2] += 100.0 * shape
+    null = 40.0 + gaussian_noise(rng, 16, 20.0, 0.7)
+    test = ensemble_test(invariances, null, SPACING)
+    regions = sorted(test.summary()["regions"], key=lambda r: -r["area_mm2"])
+    true_area = shape.sum() * SPACING[0] * SPACING[1]
+    assert regions[0]["area_mm2"] == pytest.approx(true_area, rel=0.10)
+    assert np.allclose(regions[0]["centroid_ij"], (70, 50), atol=1.5)
+    near = ndimage.binary_dilation(shape, iterations=8)
+    flagged = test.q <= 0.05
+    assert flagged[shape].mean() > 0.95
+    assert (flagged & ~near).sum() <= 0.05 * flagged.sum() + 5
+    assert test.significance[50, 70] > 3.0 and test.labels[50, 70] == 1
+
+
+# ----------------------------------------------------------------------------- the analyze command
+
+
+@pytest.fixture(scope="module")
+def sample_folder(tmp_path_factory):
+    """A real ``sample`` output folder (tiny invariance models of a random CNN-10, as in
+    test_invariance.py) for a simulated quarter-dose slice, plus its full-dose image."""
+    from InvarianceExplorerLib.denoisers import build_denoiser, save_denoiser
+    from InvarianceExplorerLib.invariance_flow import InvarianceFlow
+    from InvarianceExplorerLib.io import write_nrrd
+    from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
+    from InvarianceExplorerLib.representation import Representation
+    from InvarianceExplorerLib.sampler import save_invariance_models
+
+    root = tmp_path_factory.mktemp("analyze")
+    torch.manual_seed(0)
+    folder = save_denoiser(root / "cnn10", build_denoiser("cnn10"), "cnn10", {}, PAPER_NORMALIZATION)
+    save_invariance_models(folder, Representation(patch_size=32, z_dim=16, channels=(8, 16, 16, 32)),
+                           InvarianceFlow(z_dim=16, n_flows=4, hidden=32, embedding_dim=8, embedding_channels=(8, 8)),
+                           {"training": {"steps": 0}})
+    size, spacing = 64, 0.7 * 512 / 64
+    phantom = chest_phantom(3, size=size, spacing=spacing)
+    pair = LowDoseSimulator(size, spacing, photons=1e4).simulate(phantom.hu, dose=0.25, seed=1)
+    image = phantom.to_ctimage()
+    low = write_nrrd(image.with_array(pair.low_dose), root / "ld.nrrd")
+    full = write_nrrd(image.with_array(pair.full_dose), root / "fd.nrrd")
+    out = root / "sample"
+    assert main(["sample", "--model", str(folder), "--input", low, "--center", "30,34,0", "--count", "6",
+                 "--seed", "1", "--device", "cpu", "--out", str(out), "--progress", "none"]) == 0
+    return out, full
+
+
+def _events(text: str) -> list:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_analyze_command_writes_every_output_with_the_crop_geometry(sample_folder, capsys):
+    from InvarianceExplorerLib.result_folder import load_result, read_volume
+
+    out, full = sample_folder
+    assert main(["analyze", str(out), "--full-dose", full, "--dose", "0.25", "--photons", "1e4", "--null-count", "8",
+                 "--progress", "json"]) == 0
+    events = _events(capsys.readouterr().out)
+    stages = [e["stage"] for e in events if e["event"] == "stage"]
+    assert stages == ["simulating", "noise", "method A", "method B", "writing"]
+    assert events[-1]["event"] == "done"
+    analysis = out / ANALYSIS_DIR
+    assert set(events[-1]["outputs"]) == {f"analysis_{name}" for name in ANALYSIS_FILES}
+    assert sorted(p.name for p in analysis.iterdir()) == sorted(ANALYSIS_FILES.values())
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+    sample = load_result(out)
+    crop, stack = sample.crop, sample.volumes["invariances"]
+    for name, reference, frames in (("change_maps", stack, 6), ("altered_regions", stack, 6),
+                                    ("significance", crop, 1), ("significant_regions", crop, 1)):
+        volume = read_volume(analysis / ANALYSIS_FILES[name])
+        assert volume.array.shape == (frames, 32, 32), name
+        assert np.allclose(volume.origin, reference.origin, atol=1e-4), name
+        assert np.allclose(volume.spacing, reference.spacing, atol=1e-5), name
+        assert np.allclose(volume.direction, reference.direction), name
+    import SimpleITK as sitk
+
+    assert sitk.ReadImage(str(analysis / "altered_regions.nrrd")).GetPixelID() == sitk.sitkUInt8
+
+    record = json.loads((analysis / "analysis.json").read_text())
+    assert record["count"] == 6 and len(record["samples"]) == 6
+    assert record["method_b"]["skipped"] is False and record["method_b"]["null_source"] == "simulator"
+    assert record["method_b"]["null_count"] == 8 and record["method_b"]["fdr_level"] == 0.05
+    assert sorted(s["rank"] for s in record["samples"]) == list(range(1, 7))
+    assert record["noise"]["input"]["std_hu"] > 0 and "answer" in record["noise"]
+    with open(analysis / "analysis.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {"noise_std_hu", "altered_area_mm2", "rank", "peak_abs_change_hu"} <= set(rows[0])
+    assert [float(r["altered_area_mm2"]) for r in rows] == [s["area_mm2"] for s in record["samples"]]
+    loaded = load_analysis(out)
+    assert np.allclose(loaded["change_maps"].array, read_volume(analysis / "change_maps.nrrd").array)
+
+    from PIL import Image
+
+    with Image.open(analysis / "figure.png") as figure:  # x, f(x), 3 invariances, std, change map; 2 rows
+        assert figure.size == (7 * (32 + 4) + 4, 2 * (32 + 4 + 14) + 4)
+
+
+def test_analyze_without_a_null_skips_method_b_and_says_why(sample_folder, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(sample_folder[0], out)
+    shutil.rmtree(out / ANALYSIS_DIR, ignore_errors=True)
+    assert main(["analyze", str(out), "--progress", "none"]) == 0
+    text = capsys.readouterr().out
+    assert "method B skipped" in text and "noise_only.nrrd" in text
+    record = json.loads((out / ANALYSIS_DIR / "analysis.json").read_text())
+    assert record["method_b"]["skipped"] is True and "--full-dose" in record["method_b"]["reason"]
+    names = {p.name for p in (out / ANALYSIS_DIR).iterdir()}
+    assert names == {f for n, f in ANALYSIS_FILES.items() if n not in METHOD_B_FILES}
+    # a re-run replaces the analysis whole; bad input is one clear line and exit status 2
+    assert main(["analyze", str(out), "--progress", "none", "--alpha", "0.01"]) == 0
+    assert json.loads((out / ANALYSIS_DIR / "analysis.json").read_text())["method_a"]["alpha"] == 0.01
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "nothing"), "--progress", "none"]) == 2
+    assert "no such results folder" in capsys.readouterr().err
+
+
+def test_sample_with_analyze_runs_the_analysis(sample_folder, tmp_path, capsys):
+    from InvarianceExplorerLib.result_folder import FILES, load_result
+
+    numbers = load_result(sample_folder[0]).numbers
+    out = tmp_path / "sampled"
+    assert main(["sample", "--model", numbers["model"], "--input", numbers["input"], "--center", "30,34,0",
+                 "--count", "4", "--device", "cpu", "--out", str(out), "--analyze", "--progress", "json"]) == 0
+    events = _events(capsys.readouterr().out)
+    assert [e["event"] for e in events].count("done") == 1
+    stages = [e["stage"] for e in events if e["event"] == "stage"]
+    assert stages[-4:] == ["writing", "noise", "method A", "writing"]
+    outputs = events[-1]["outputs"]
+    assert set(FILES) <= set(outputs) and "analysis_change_maps" in outputs
+    assert (out / ANALYSIS_DIR / "change_maps.nrrd").is_file()
+
+
+def test_analyze_with_the_cvae_posterior_as_null(sample_folder, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "posterior"
+    shutil.copytree(sample_folder[0], out)
+    assert main(["analyze", str(out), "--posterior", "--null-count", "6", "--progress", "json"]) == 0
+    events = _events(capsys.readouterr().out)
+    assert [e["stage"] for e in events if e["event"] == "stage"][0] == "posterior"
+    record = json.loads((out / ANALYSIS_DIR / "analysis.json").read_text())
+    assert record["method_b"]["null_source"] == "cvae posterior" and record["method_b"]["null_count"] == 6
+    assert (out / ANALYSIS_DIR / "significance.nrrd").is_file()
+    assert record["method_a"]["calibration"]["null_count"] == 6
+    assert main(["analyze", str(out), "--posterior", "--null", str(out / "invariances.nrrd"), "--progress", "none"]) == 2
+
+
+def test_analyze_takes_a_null_file_or_the_folders_noise_only_stack(sample_folder, tmp_path):
+    import shutil
+
+    out = tmp_path / "given"
+    shutil.copytree(sample_folder[0], out)
+    null = tmp_path / "null.nrrd"
+    shutil.copy(out / "invariances.nrrd", null)  # any stack of the crop's size will do here
+    assert main(["analyze", str(out), "--null", str(null), "--progress", "none"]) == 0
+    record = json.loads((out / ANALYSIS_DIR / "analysis.json").read_text())
+    assert record["method_b"]["null_source"] == "given" and record["method_b"]["null_count"] == 6
+
+    shutil.copy(null, out / "noise_only.nrrd")
+    numbers = json.loads((out / "numbers.json").read_text())
+    (out / "numbers.json").write_text(json.dumps({**numbers, "noise_only": {"source": "cvae posterior"}}))
+    assert main(["analyze", str(out), "--progress", "none"]) == 0
+    record = json.loads((out / ANALYSIS_DIR / "analysis.json").read_text())
+    assert record["method_b"]["null_source"] == "cvae posterior"
+    assert record["method_b"]["null_note"] == "noise_only.nrrd in the sample folder"
