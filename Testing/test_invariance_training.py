@@ -38,8 +38,11 @@ CINN_RUN = dict(steps_per_epoch=6, batch_size=8, lr=2e-3, seed=5, device="cpu", 
                 hyperparameters=CINN_TINY, fidelity_slices=1, fidelity_count=4, progress=False)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
+    """Every run of this module on one thread, the module-scoped reference runs included (they
+    are set up before any function-scoped fixture): bit-exact resume compares runs whose
+    arithmetic must be identical, and some CPU kernels sum in a thread-count-dependent order."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
