@@ -2,7 +2,8 @@
 have data without a network.
 
 It is made by the project's own pipeline, deterministically: a procedural chest phantom
-(:func:`~.phantom.chest_stack`, seed 3, three 2 mm slices of 256 x 256 pixels of 1.4 mm)
+(:func:`~.phantom.chest_stack`, seed 3, three 2 mm slices of 512 x 512 pixels of 0.7 mm, the
+pixel size the bundled denoisers were trained on)
 scanned at quarter dose by :class:`~.lowdose.LowDoseSimulator`, stored as int16 HU in a
 gzip NRRD. :data:`SAMPLE_CT` records its file name and SHA-256 (3D Slicer's SampleData
 module checks it); ``python -m InvarianceExplorerLib.sample_data`` writes it again.
@@ -16,8 +17,8 @@ from pathlib import Path
 SAMPLE_CT = {
     "name": "InvarianceExplorerChestLD",
     "file": "SampleData/InvarianceExplorerChestLD.nrrd",
-    "sha256": "cbac1aab5ee1fff0692a2bd7f526bc73047a2ca88887dc92c2513d11a4875b6b",
-    "recipe": {"phantom_seed": 3, "slices": 3, "size": 256, "spacing_mm": 1.4, "slice_thickness_mm": 2.0,
+    "sha256": "4c4ba00ed2bea9b78ef2867ecca66d1008314c663fdc3f9e7308524caa64fba3",
+    "recipe": {"phantom_seed": 3, "slices": 3, "size": 512, "spacing_mm": 0.7, "slice_thickness_mm": 2.0,
                "dose": 0.25, "noise_seed": 3},
 }
 

@@ -1,0 +1,53 @@
+"""The bundled invariance models (cVAE + cINN) meet issue 4's consistency and noise-baseline
+bars on fixed held-out phantom slices.
+
+Three quarter-dose chest slices are simulated here like the training data (512 x 512 /
+0.7 mm), from a base seed whose phantoms are checked to be none of the training set's; two
+128² patches of each, 8 invariances per patch (:func:`~.fidelity.invariance_fidelity`).
+Bars: consistency C = mean|f(x~) - f(x)| / mean|x~ - x| <= 0.35, and noise baseline
+B = mean|f(x~) - f(x)| / mean|f(x') - f(x)| <= 1.5 (x': another noise realisation).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from InvarianceExplorerLib.datasets import build_simulated_dataset, item_seeds, open_source
+from InvarianceExplorerLib.denoisers import DENOISERS, bundled_models_dir, read_metadata
+from InvarianceExplorerLib.fidelity import BARS, invariance_fidelity
+from InvarianceExplorerLib.sampler import has_invariance_models, load_invariance_models
+
+#: Denoisers whose invariance models are shipped, so a missing one is a failure, not a skip.
+SHIPPED: set = set()
+#: Base seed of the held-out slices (its phantom seeds are checked against training's).
+SEED, COUNT = 31_337, 3
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """A simulated data set of three held-out slices, scanned like the training data."""
+    folder = tmp_path_factory.mktemp("held_out")
+    build_simulated_dataset(folder, COUNT, size=512, seed=SEED, dose=0.25, progress=False)
+    return open_source(folder)
+
+
+def bundled(arch: str):
+    folder = bundled_models_dir() / arch
+    if not (folder / "metadata.json").is_file() or not has_invariance_models(folder):
+        if arch in SHIPPED:
+            pytest.fail(f"the invariance models of {arch} are shipped but missing from {folder}")
+        pytest.skip(f"{arch} has no bundled invariance models yet")
+    return load_invariance_models(arch)
+
+
+@pytest.mark.parametrize("arch", list(DENOISERS))
+def test_bundled_invariance_models_meet_consistency_and_noise_baseline(arch, held_out):
+    models = bundled(arch)
+    training = read_metadata(arch)["invariance"]["training"]["cvae"]["data"]
+    trained_on = {item_seeds(training["seed"], i)[0] for i in range(training["pairs"])}
+    assert not trained_on & {item_seeds(SEED, i)[0] for i in range(COUNT)}
+    figures = invariance_fidelity(models, held_out, split="all", slices=COUNT, per_slice=2, count=8)
+    c, b = figures["consistency"], figures["noise_baseline"]
+    assert c <= BARS["consistency"][1], f"{arch}: consistency C = {c:.3f}"
+    assert b <= BARS["noise_baseline"][1], f"{arch}: noise baseline B = {b:.3f}"
+    assert figures["diversity"]["pairwise_hu"] > 0.0
