@@ -322,7 +322,7 @@ def _figure(path: Path, crop: CTImage, result, change, test) -> None:
     """The paper's figure row (x, f(x), three invariances, std) + a change-map column; under
     the invariances their change maps with altered regions outlined, under the std map
     method B's significance map (see the module docstring)."""
-    from .figures import LUNG_WINDOW, save_png, tile_grid, window
+    from .figures import LUNG_WINDOW, save_png, std_tile, tile_grid, window
 
     x = crop.array[0]
     denoised = result.volumes["denoised"].array[0] if "denoised" in result.volumes else np.zeros_like(x)
@@ -338,9 +338,10 @@ def _figure(path: Path, crop: CTImage, result, change, test) -> None:
         return tile
 
     blank = np.zeros(x.shape, np.uint8)
-    row1 = ([window(a, *LUNG_WINDOW) for a in (x, denoised, *invariances[shown])] + [window(std, 150, 300)]
+    std_image, std_label = std_tile(std)
+    row1 = ([window(a, *LUNG_WINDOW) for a in (x, denoised, *invariances[shown])] + [std_image]
             + [zmap(np.abs(change.change_map).max(axis=0), change.labels.max(axis=0))])
-    labels1 = ["x", "f(x)", *[f"x~{k} (A rank {change.samples[k]['rank']})" for k in shown], "std 0-300 HU",
+    labels1 = ["x", "f(x)", *[f"x~{k} (A rank {change.samples[k]['rank']})" for k in shown], std_label,
                f"max |z| 0-{top:.0f}"]
     row2 = [blank, blank, *[zmap(change.change_map[k], change.labels[k]) for k in shown]]
     labels2 = ["", "", *[f"|z| x~{k}: {change.samples[k]['area_mm2']:.0f} mm2" for k in shown]]

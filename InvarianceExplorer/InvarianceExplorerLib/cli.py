@@ -471,7 +471,7 @@ def _cmd_sample(args) -> int:
 
     import numpy as np
 
-    from .figures import LUNG_WINDOW, save_png, tile_grid, window
+    from .figures import LUNG_WINDOW, save_png, std_tile, tile_grid, window
     from .image import CTImage
     from .inference import warn_on_spacing
     from .result_folder import FILES
@@ -538,8 +538,9 @@ def _cmd_sample(args) -> int:
             json.dump(numbers, f, indent=1)
         update(len(images) + 1)
         shown = result.invariances[:3]
-        tiles = [[window(a, *LUNG_WINDOW) for a in (result.x, result.denoised, *shown)] + [window(result.std, 150, 300)]]
-        labels = [["x", "f(x)", *[f"x~{k + 1}" for k in range(len(shown))], "std 0-300 HU"]]
+        std, std_label = std_tile(result.std)
+        tiles = [[window(a, *LUNG_WINDOW) for a in (result.x, result.denoised, *shown)] + [std]]
+        labels = [["x", "f(x)", *[f"x~{k + 1}" for k in range(len(shown))], std_label]]
         save_png(tile_grid(tiles, labels), partial / FILES["figure"])
         update(len(FILES))
         if out.exists():

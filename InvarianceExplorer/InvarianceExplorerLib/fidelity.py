@@ -307,12 +307,14 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
 
 def save_figure(results: Sequence, path) -> None:
     """PNG of sampled :class:`~.sampler.Invariances` in the paper's layout: one row per patch
-    with x, f(x), three invariances x~ (lung window) and their per-pixel std (0-300 HU)."""
-    from .figures import LUNG_WINDOW, save_png, tile_grid, window
+    with x, f(x), three invariances x~ (lung window) and their per-pixel std (0 to the first
+    patch's 99th percentile)."""
+    from .figures import LUNG_WINDOW, save_png, std_tile, tile_grid, window
 
-    tiles = [[window(a, *LUNG_WINDOW) for a in (r.x, r.denoised, *r.invariances[:3])] + [window(r.std, 150, 300)]
+    top = max(1.0, float(np.ceil(np.percentile(results[0].std, 99))))
+    tiles = [[window(a, *LUNG_WINDOW) for a in (r.x, r.denoised, *r.invariances[:3])] + [std_tile(r.std, top)[0]]
              for r in results]
-    labels = [["x", "f(x)", *[f"x~{k + 1}" for k in range(min(3, results[0].count))], "std 0-300 HU"]]
+    labels = [["x", "f(x)", *[f"x~{k + 1}" for k in range(min(3, results[0].count))], std_tile(results[0].std, top)[1]]]
     save_png(tile_grid(tiles, labels), str(path))
 
 

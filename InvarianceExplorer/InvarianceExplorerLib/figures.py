@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -18,6 +18,14 @@ def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
     lo = center - width / 2.0
     scaled = (np.asarray(hu, dtype=np.float32) - lo) / float(width)
     return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def std_tile(std_hu: np.ndarray, top: Optional[float] = None) -> Tuple[np.ndarray, str]:
+    """A per-pixel std map (HU) as an 8-bit tile from 0 to ``top`` HU (default: its 99th
+    percentile, at least 1 HU), and its label, e.g. ``"std 0-24 HU"``."""
+    if top is None:
+        top = max(1.0, float(np.ceil(np.percentile(std_hu, 99))))
+    return window(std_hu, top / 2.0, top), f"std 0-{top:.0f} HU"
 
 
 def tile_grid(
