@@ -534,6 +534,19 @@ class _LoadPair:
         return out
 
 
+def split_indices(source, split: str, limit: Optional[int] = None) -> List[int]:
+    """Item indices of the patient-level ``split`` of ``source`` (:func:`~.datasets.split_patients`),
+    at most ``limit`` of them, evenly spaced."""
+    if split == "all":
+        indices = list(range(len(source)))
+    else:
+        chosen = set(split_patients(getattr(source, "split_ids", source.patient_ids))[split])
+        indices = [i for i, pid in enumerate(source.patient_ids) if pid in chosen]
+    if limit is not None and len(indices) > limit:
+        indices = [indices[k] for k in np.linspace(0, len(indices) - 1, limit).round().astype(int)]
+    return indices
+
+
 def make_dataset(source, split: str = "train", *, patch_size: Optional[int] = 128, augment: bool = True,
                  seed: int = 0, fractions: Sequence[float] = PAPER_FRACTIONS, split_seed: int = 0,
                  normalization: HUNormalization = PAPER_NORMALIZATION):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
@@ -405,6 +406,20 @@ def load_weights(module: nn.Module, folder, record: dict) -> nn.Module:
 
     module.load_state_dict(load_file(str(verify_weights(folder, record))))
     return module
+
+
+def copy_model_folder(source: Path, destination: Path) -> Path:
+    """Copy the files of a model folder (weights, metadata, card) to ``destination``, replacing
+    the files there (a folder copied onto itself is left as it is); return ``destination``."""
+    destination.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != destination.resolve():
+        for old in destination.iterdir():
+            if old.is_file():
+                old.unlink()
+        for f in source.iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                shutil.copy2(f, destination / f.name)
+    return destination
 
 
 def save_denoiser(folder, network: nn.Module, arch: str, arguments: dict, normalization: HUNormalization,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Sequence
@@ -23,7 +22,8 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from .devices import machine
-from .denoisers import METADATA, Denoiser, load_denoiser, read_metadata, resolve_model_folder, save_denoiser
+from .denoisers import (METADATA, Denoiser, copy_model_folder, load_denoiser, read_metadata, resolve_model_folder,
+                        save_denoiser)
 from .inference import METRIC_HU_RANGE, denoise, image_quality
 
 MODEL_CARD = "MODEL_CARD.md"
@@ -87,16 +87,10 @@ def held_out_quality(data, denoisers: Mapping[str, Denoiser], split: str = "test
         ``rmse_reduction`` (fraction of the low-dose RMSE removed, denoisers only) and
         ``noise_std_hu`` ``{"heart", "soft_tissue"}`` (:func:`noise_std`, HU).
     """
-    from .datasets import open_source, split_patients
+    from .datasets import open_source, split_indices
 
     source = open_source(data) if isinstance(data, (str, os.PathLike)) else data
-    if split == "all":
-        indices = list(range(len(source)))
-    else:
-        chosen = set(split_patients(getattr(source, "split_ids", source.patient_ids))[split])
-        indices = [i for i, pid in enumerate(source.patient_ids) if pid in chosen]
-    if limit is not None and len(indices) > limit:
-        indices = [indices[k] for k in np.linspace(0, len(indices) - 1, limit).round().astype(int)]
+    indices = split_indices(source, split, limit)
     if not indices:
         raise ValueError(f"{data}: the {split} split is empty")
     rows = ["low_dose", *denoisers, "full_dose"]
@@ -180,14 +174,7 @@ def ship_denoiser(trained, destination, data, tolerance_hu: float = 0.1, limit: 
         rmse = {d: result["figures"][f"{name} {d}"]["rmse_hu"] for d in ("float32", "float16")}
         dtype = "float16" if abs(rmse["float16"] - rmse["float32"]) <= tolerance_hu else "float32"
         source = Path(tmp) / "fp16" if dtype == "float16" else trained
-        destination = Path(destination)
-        destination.mkdir(parents=True, exist_ok=True)
-        for old in destination.iterdir():
-            if old.is_file():
-                old.unlink()
-        for f in source.iterdir():
-            if f.is_file() and not f.name.startswith("."):
-                shutil.copy2(f, destination / f.name)
+        destination = copy_model_folder(source, Path(destination))
     figures = result["figures"]
     chosen = figures.pop(f"{name} {dtype}")
     figures.pop(f"{name} {'float32' if dtype == 'float16' else 'float16'}")

@@ -71,21 +71,6 @@ def _crop(image: np.ndarray, center: Tuple[int, int], size: int) -> np.ndarray:
     return crop_patch(CTImage(np.asarray(image, dtype=np.float32), (1.0, 1.0, 1.0)), center, size).array
 
 
-def split_indices(source, split: str, limit: Optional[int] = None) -> List[int]:
-    """Item indices of the patient-level ``split`` of ``source`` (:func:`~.datasets.split_patients`),
-    at most ``limit`` of them, evenly spaced."""
-    from .datasets import split_patients
-
-    if split == "all":
-        indices = list(range(len(source)))
-    else:
-        chosen = set(split_patients(getattr(source, "split_ids", source.patient_ids))[split])
-        indices = [i for i, pid in enumerate(source.patient_ids) if pid in chosen]
-    if limit is not None and len(indices) > limit:
-        indices = [indices[k] for k in np.linspace(0, len(indices) - 1, limit).round().astype(int)]
-    return indices
-
-
 def held_out_patches(source, split: str, patch_size: int, slices: int = 8, per_slice: int = 2,
                      seed: int = 0) -> List[HeldOutPatch]:
     """``per_slice`` patches of ``patch_size`` pixels from each of up to ``slices`` slices of
@@ -94,6 +79,8 @@ def held_out_patches(source, split: str, patch_size: int, slices: int = 8, per_s
     the patch (cut by :func:`~.sampler.crop_patch`) lies inside the image."""
     p = int(patch_size)
     patches = []
+    from .datasets import split_indices
+
     for index in split_indices(source, split, slices):
         item = source[index]
         h, w = item.low_dose.shape
@@ -309,9 +296,9 @@ def save_figure(results: Sequence, path) -> None:
     """PNG of sampled :class:`~.sampler.Invariances` in the paper's layout: one row per patch
     with x, f(x), three invariances x~ (lung window) and their per-pixel std (0 to the first
     patch's 99th percentile)."""
-    from .figures import LUNG_WINDOW, save_png, std_tile, tile_grid, window
+    from .figures import LUNG_WINDOW, save_png, std_tile, std_top, tile_grid, window
 
-    top = max(1.0, float(np.ceil(np.percentile(results[0].std, 99))))
+    top = std_top(results[0].std)  # one scale for all rows
     tiles = [[window(a, *LUNG_WINDOW) for a in (r.x, r.denoised, *r.invariances[:3])] + [std_tile(r.std, top)[0]]
              for r in results]
     labels = [["x", "f(x)", *[f"x~{k + 1}" for k in range(min(3, results[0].count))], std_tile(results[0].std, top)[1]]]

@@ -20,11 +20,15 @@ def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
     return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def std_top(std_hu: np.ndarray) -> float:
+    """The top of a std map's display range (HU): its 99th percentile, at least 1 HU."""
+    return max(1.0, float(np.ceil(np.percentile(std_hu, 99))))
+
+
 def std_tile(std_hu: np.ndarray, top: Optional[float] = None) -> Tuple[np.ndarray, str]:
-    """A per-pixel std map (HU) as an 8-bit tile from 0 to ``top`` HU (default: its 99th
-    percentile, at least 1 HU), and its label, e.g. ``"std 0-24 HU"``."""
-    if top is None:
-        top = max(1.0, float(np.ceil(np.percentile(std_hu, 99))))
+    """A per-pixel std map (HU) as an 8-bit tile from 0 to ``top`` HU (default
+    :func:`std_top`), and its label, e.g. ``"std 0-24 HU"``."""
+    top = std_top(std_hu) if top is None else top
     return window(std_hu, top / 2.0, top), f"std 0-{top:.0f} HU"
 
 

@@ -45,7 +45,8 @@ from .inference import METRIC_HU_RANGE, apply_network, image_quality
 from .normalization import PAPER_NORMALIZATION, HUNormalization
 from .training import (CHECKPOINT, TrainingBatches as _TrainingBatches, adam as _adam, derive_seed as _seed,
                        describe_data, gradient_penalty as _gradient_penalty, load_feature_network,
-                       make_generator as _generator, optimizer_step as _step, save_checkpoint as _save_checkpoint,
+                       make_generator as _generator, optimizer_step as _step, restore_checkpoint,
+                       save_checkpoint as _save_checkpoint,
                        train_feature_network as _train_feature_network, validation_items as _validation_items)
 
 #: Training hyperparameters per architecture, rounded from ldct-benchmark's configs (tuned
@@ -341,16 +342,7 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
 
     state = {"epoch": 0, "history": [], "seconds": 0.0, "best": None, "prepared": None, "initialised_from": None}
     if resume and checkpoint_path.exists():
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        differences = sorted(k for k in config if saved["config"].get(k) != config[k])
-        if differences:
-            raise ValueError(f"{checkpoint_path} was trained with other settings ({', '.join(differences)}); "
-                             "resume with the same settings or train into another folder")
-        for name, network in objective.networks.items():
-            network.load_state_dict(saved["networks"][name])
-        for name, optimizer in objective.optimizers.items():
-            optimizer.load_state_dict(saved["optimizers"][name])
-        state = {k: saved.get(k, state[k]) for k in state}
+        state = restore_checkpoint(checkpoint_path, config, objective, state)
     else:
         started = time.perf_counter()
         if initial_weights is not None:

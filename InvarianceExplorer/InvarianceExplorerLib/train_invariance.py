@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -61,13 +60,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .denoisers import (FeatureNetwork, WGANCritic, read_metadata, resolve_model_folder, sha256,
+from .denoisers import (FeatureNetwork, WGANCritic, copy_model_folder, read_metadata, resolve_model_folder, sha256,
                         write_metadata)
 from .devices import machine
 from .invariance_flow import InvarianceFlow, nll_per_dimension
 from .representation import DEFAULT_CHANNELS, Representation, representation_loss
 from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_seed, describe_data,
-                       gradient_penalty, load_feature_network, make_generator, optimizer_step, save_checkpoint,
+                       gradient_penalty, load_feature_network, make_generator, optimizer_step, restore_checkpoint,
+                       save_checkpoint,
                        setup_distributed, train_feature_network)
 
 #: Default hyperparameters. cVAE: Adam, the loss weights of the module docstring, the
@@ -261,19 +261,6 @@ def _weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _copy_model_folder(source: Path, destination: Path) -> Path:
-    """Copy the files of a model folder (weights, metadata, card) to ``destination``."""
-    destination.mkdir(parents=True, exist_ok=True)
-    if source.resolve() != destination.resolve():
-        for old in destination.iterdir():
-            if old.is_file():
-                old.unlink()
-        for f in source.iterdir():
-            if f.is_file() and not f.name.startswith("."):
-                shutil.copy2(f, destination / f.name)
-    return destination
-
-
 def _size_record(module: nn.Module, folder: Path, record: dict) -> dict:
     return {"parameters": int(sum(p.numel() for p in module.parameters())),
             "file_mb": round((folder / record["file"]).stat().st_size / 1e6, 3)}
@@ -343,16 +330,7 @@ def _run(kind: str, objective: _Objective, config: dict, out: Path, *, epochs: i
         checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
     state = {"epoch": 0, "history": [], "seconds": 0.0, "best": None, "prepared": None}
     if resuming:
-        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        differences = sorted(k for k in set(config) | set(saved["config"]) if saved["config"].get(k) != config.get(k))
-        if differences:
-            raise ValueError(f"{checkpoint_path} was trained with other settings ({', '.join(differences)}); "
-                             "resume with the same settings or train into another folder")
-        for name, network in objective.networks.items():
-            network.load_state_dict(saved["networks"][name])
-        for name, optimizer in objective.optimizers.items():
-            optimizer.load_state_dict(saved["optimizers"][name])
-        state = {k: saved.get(k, state[k]) for k in state}
+        state = restore_checkpoint(checkpoint_path, config, objective, state)
     else:
         started = time.perf_counter()
         state["prepared"] = prepare()
@@ -553,7 +531,7 @@ def train_cvae(denoiser, data, out, *, epochs: int = 10, steps_per_epoch: int = 
             if state["best"] is not None:
                 rep.load_state_dict(state["best"]["weights"])
             rep.eval()
-            _copy_model_folder(folder, model)
+            copy_model_folder(folder, model)
             (model / FIDELITY_FIGURE).unlink(missing_ok=True)  # of an earlier cVAE's invariances
             save_representation(model, rep, {}, dtype=weights_dtype)
             metadata = read_metadata(model)
@@ -677,7 +655,7 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
                 flow.load_state_dict(state["best"]["weights"])
             flow.eval()
             previous = read_metadata(folder).get("invariance", {})
-            _copy_model_folder(folder, destination)
+            copy_model_folder(folder, destination)
             keep = {k: previous[k] for k in ("training", "completeness") if k in previous}
             save_invariance_models(destination, rep, flow, keep, dtype=weights_dtype)
             metadata = read_metadata(destination)

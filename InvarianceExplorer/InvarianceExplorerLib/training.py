@@ -165,6 +165,22 @@ def describe_data(source, path) -> dict:
             "patients": len(set(source.patient_ids)), "pixel_spacing_mm": float(first.spacing[0])}
 
 
+def restore_checkpoint(path: Path, config: dict, objective, state: dict) -> dict:
+    """Load the checkpoint ``path`` into ``objective``'s networks and optimisers and return the
+    run state it saved (keys of ``state``, defaults from ``state``); ``ValueError`` naming the
+    settings that differ when it was trained with another ``config``."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    differences = sorted(k for k in set(config) | set(saved["config"]) if saved["config"].get(k) != config.get(k))
+    if differences:
+        raise ValueError(f"{path} was trained with other settings ({', '.join(differences)}); "
+                         "resume with the same settings or train into another folder")
+    for name, network in objective.networks.items():
+        network.load_state_dict(saved["networks"][name])
+    for name, optimizer in objective.optimizers.items():
+        optimizer.load_state_dict(saved["optimizers"][name])
+    return {k: saved.get(k, state[k]) for k in state}
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """``torch.save`` ``state`` to ``path`` atomically (temporary file, then rename)."""
     path = Path(path)
