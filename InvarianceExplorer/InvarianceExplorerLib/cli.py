@@ -7,6 +7,8 @@ Commands:
     train denoiser  train CNN-10, RED-CNN, WGAN-VGG or DU-GAN on paired data (resumable)
     train cvae      train the representation (cVAE) of a frozen denoiser (resumable, torchrun)
     train cinn      train the invariance flow (cINN) on a cVAE's codes (resumable, torchrun)
+    fit             your own denoiser (TorchScript, MONAI bundle, class + state dict): check it,
+                    fit its invariance models, write a model folder (resumable, torchrun)
     denoise         denoise a CT image or volume with a bundled or trained denoiser
     sample          sample the invariances of a denoiser for a patch around a voxel
     analyze         find the invariances that change anatomy in a sample output folder
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     low.set_defaults(func=_cmd_data_lowdose)
 
     _add_train_denoiser(sub)
+    _add_fit(sub)
     _add_denoise(sub)
     _add_sample(sub)
     _add_analyze(sub)
@@ -238,6 +241,97 @@ def _cmd_train_cinn(args) -> int:
                 if fid else "")
         print(f"cinn: best epoch {info['training']['cinn']['best_epoch']}: held-out NLL "
               f"{v.get('nll_per_dim', float('nan')):.4f} nats/dim{text}; invariance models in {folder}")
+    return 0
+
+
+def _add_fit(sub) -> None:
+    from .custom_denoisers import USES
+    from .denoisers import WEIGHT_DTYPES
+    from .fit import DEFAULT_BUDGET
+
+    p = sub.add_parser("fit", help="your own denoiser: check it, fit its invariance models (cVAE + cINN), write a "
+                                   "model folder for --model / the Slicer panel",
+                       description="Import a denoiser (TorchScript file, MONAI bundle folder, or state dict with "
+                                   "--class), check it, train its cVAE and cINN on the low-dose images of --data, "
+                                   "measure the fidelity figures on the test split, and write a model folder. "
+                                   "Alone or under torchrun --nproc_per_node N.")
+    p.add_argument("--denoiser", type=Path, required=True, metavar="PATH",
+                   help="TorchScript file (torch.jit.save), MONAI bundle folder, or state dict file (.pt read with "
+                        "weights_only=True, or .safetensors) with --class")
+    p.add_argument("--class", dest="class_path", metavar="MODULE:CLASS",
+                   help="the network class of a state dict: package.module:Class or path/to/file.py:Class")
+    p.add_argument("--arguments", type=json.loads, default=None, metavar="JSON",
+                   help="keyword arguments of the class, as a JSON object")
+    p.add_argument("--declaration", type=Path, metavar="FILE",
+                   help="JSON file declaring normalization, use, class, arguments, name (options given here win)")
+    p.add_argument("--normalization", metavar="SPEC",
+                   help="the network's input normalisation: paper, identity (HU), window:LOW,HIGH (HU onto 0..1) "
+                        "or mean-std:MEAN,STD (HU)")
+    p.add_argument("--use", choices=USES, help="patch: a local network, tiled on large slices (default); "
+                                               "full-image: applied to whole slices only")
+    p.add_argument("--name", help="name shown in the model card (default: the file or folder name)")
+    p.add_argument("--data", type=Path,
+                   help="simulated data set (data simulate) or paired DICOM folder; only low-dose images train")
+    p.add_argument("--out", type=Path, help="the model folder to write")
+    p.add_argument("--budget", default=DEFAULT_BUDGET,
+                   help=f"cVAE steps (e.g. 3000steps) or wall time (e.g. 45m, 2h) (default {DEFAULT_BUDGET})")
+    p.add_argument("--work", type=Path, default=None, help="run folder with checkpoints (default OUT.work)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted fit from its work folder")
+    p.add_argument("--device", default="auto", help="torch device: auto, cpu or cuda (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, patches and every random draw")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="cVAE patches per batch (default 8)")
+    p.add_argument("--patch-size", type=_positive_int, default=128, help="patch side in pixels (default 128)")
+    p.add_argument("--fidelity-slices", type=int, default=4, help="test slices for the fidelity figures (default 4)")
+    p.add_argument("--weights-dtype", choices=list(WEIGHT_DTYPES), default="float32",
+                   help="storage of the cVAE and cINN weights (default float32)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.NAME=VALUE", type=_hyperparameter,
+                   help="override a hyperparameter of stage cvae or cinn (repeatable), e.g. --set cvae.z_dim=128")
+    p.add_argument("--check", action="store_true", help="only check the denoiser and print what was measured")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_fit)
+
+
+def _cmd_fit(args) -> int:
+    from .custom_denoisers import check_denoiser, read_declaration, read_network
+    from .normalization import HUNormalization
+
+    declared = read_declaration(args.declaration) if args.declaration else {}
+    spec = args.normalization or declared.get("normalization")
+    if spec is None:
+        raise ValueError("declare the denoiser's input normalisation: --normalization (paper, identity, "
+                         "window:LOW,HIGH or mean-std:MEAN,STD) or \"normalization\" in --declaration")
+    settings = dict(normalization=HUNormalization.parse(spec), use=args.use or declared.get("use", "patch"),
+                    class_path=args.class_path or declared.get("class"),
+                    arguments=args.arguments if args.arguments is not None else declared.get("arguments"),
+                    name=args.name or declared.get("name"))
+    overrides = {"cvae": {}, "cinn": {}}
+    for key, value in args.set:
+        stage, _, name = key.partition(".")
+        if stage not in overrides or not name:
+            raise ValueError(f"--set {key}=...: name the stage, e.g. --set cvae.z_dim=128 or --set cinn.n_flows=8")
+        overrides[stage][name] = value
+    if args.check:
+        network, _, _ = read_network(args.denoiser, settings["class_path"], settings["arguments"])
+        report = check_denoiser(network, settings["normalization"], use=settings["use"], device=args.device,
+                                patch_size=args.patch_size)
+        print(f"{args.denoiser}: passes the checks: " + json.dumps(report))
+        return 0
+    if args.data is None or args.out is None:
+        raise ValueError("fit needs --data (training images) and --out (the model folder to write); "
+                         "--check alone only checks the denoiser")
+    from .fit import fit
+
+    out = fit(args.denoiser, args.data, args.out, budget=args.budget, device=args.device, seed=args.seed,
+              resume=args.resume, work=args.work, patch_size=args.patch_size, batch_size=args.batch_size,
+              fidelity_slices=args.fidelity_slices, weights_dtype=args.weights_dtype, hyperparameters=overrides,
+              progress=not args.no_progress, **settings)
+    if os.environ.get("RANK", "0") == "0":
+        with open(out / "metadata.json") as f:
+            metadata = json.load(f)
+        fid = metadata["invariance"].get("fidelity") or {}
+        text = f"; held-out consistency C {fid['consistency']:.3f}" if fid else ""
+        print(f"fit: {metadata['fit']['plan']['cvae_steps']} cVAE steps in {metadata['fit']['wall_time_s']:.0f} s"
+              f"{text}; model folder {out} (use it with --model {out} or the panel's custom model folder)")
     return 0
 
 

@@ -46,6 +46,8 @@ MODEL_VERSION = 1
 METADATA = "metadata.json"
 WEIGHTS = "denoiser.safetensors"
 WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+#: ``architecture.name`` of a user's own denoiser (:mod:`.custom_denoisers`).
+CUSTOM = "custom"
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1, padding: Optional[int] = None,
@@ -333,6 +335,11 @@ class Denoiser:
         return self.metadata["architecture"]["name"]
 
     @property
+    def use(self) -> str:
+        """"patch" (a local network: large slices may be tiled) or "full-image" (whole slices only)."""
+        return self.metadata["architecture"].get("use", "patch")
+
+    @property
     def receptive_field(self) -> int:
         return receptive_field(self.network)
 
@@ -409,15 +416,19 @@ def load_weights(module: nn.Module, folder, record: dict) -> nn.Module:
 
 
 def copy_model_folder(source: Path, destination: Path) -> Path:
-    """Copy the files of a model folder (weights, metadata, card) to ``destination``, replacing
-    the files there (a folder copied onto itself is left as it is); return ``destination``."""
+    """Copy a model folder (weights, metadata, card, an imported denoiser's ``bundle/``) to
+    ``destination``, replacing what is there (a folder copied onto itself is left as it is);
+    hidden files are left out. Returns ``destination``."""
     destination.mkdir(parents=True, exist_ok=True)
     if source.resolve() != destination.resolve():
         for old in destination.iterdir():
-            if old.is_file():
-                old.unlink()
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
         for f in source.iterdir():
-            if f.is_file() and not f.name.startswith("."):
+            if f.name.startswith("."):
+                continue
+            if f.is_dir():
+                shutil.copytree(f, destination / f.name, ignore=shutil.ignore_patterns(".*"))
+            else:
                 shutil.copy2(f, destination / f.name)
     return destination
 
@@ -460,9 +471,18 @@ def read_metadata(folder_or_name) -> dict:
         raise ValueError(f"{folder}: not a denoiser model folder (no {METADATA})")
     with open(path) as f:
         metadata = json.load(f)
-    if metadata.get("format") != MODEL_FORMAT or metadata.get("architecture", {}).get("name") not in DENOISERS:
+    if metadata.get("format") != MODEL_FORMAT or metadata.get("architecture", {}).get("name") not in (*DENOISERS,
+                                                                                                       CUSTOM):
         raise ValueError(f"{path}: not an InvarianceExplorer denoiser (format {metadata.get('format')!r}, "
                          f"architecture {metadata.get('architecture', {}).get('name')!r})")
+    if metadata.get("version") != MODEL_VERSION:
+        from . import __version__
+
+        made = metadata.get("engine_version") or "an unknown version"
+        raise ValueError(f"{folder}: this model folder has format version {metadata.get('version')} (made by "
+                         f"InvarianceExplorer {made}); InvarianceExplorer {__version__} reads version "
+                         f"{MODEL_VERSION}: use the InvarianceExplorer it was made with, or make it again "
+                         "(invariance-explorer fit)")
     return metadata
 
 
@@ -478,9 +498,14 @@ def load_denoiser(folder_or_name: Union[str, os.PathLike], device="cpu") -> Deno
     folder = resolve_model_folder(folder_or_name)
     metadata = read_metadata(folder)
     architecture = metadata["architecture"]
-    network = build_denoiser(architecture["name"], **architecture.get("arguments", {}))
     for record in metadata["weights"].values():
         verify_weights(folder, record)
-    load_weights(network, folder, metadata["weights"]["denoiser"])
+    if architecture["name"] == CUSTOM:
+        from .custom_denoisers import build_custom_network
+
+        network = build_custom_network(folder, metadata)
+    else:
+        network = load_weights(build_denoiser(architecture["name"], **architecture.get("arguments", {})), folder,
+                               metadata["weights"]["denoiser"])
     network.eval().requires_grad_(False).to(resolve_device(device))
     return Denoiser(network, HUNormalization.from_dict(metadata["normalization"]), metadata, folder)

@@ -17,13 +17,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from .devices import machine
-from .denoisers import (METADATA, Denoiser, copy_model_folder, load_denoiser, read_metadata, resolve_model_folder,
-                        save_denoiser)
+from .denoisers import (CUSTOM, METADATA, Denoiser, copy_model_folder, load_denoiser, read_metadata,
+                        resolve_model_folder, save_denoiser)
 from .inference import METRIC_HU_RANGE, denoise, image_quality
 
 MODEL_CARD = "MODEL_CARD.md"
@@ -208,8 +208,43 @@ def write_held_out(folder, result: dict, reproduce: Sequence[str] = (), notes: S
     return path
 
 
+def _custom_card(metadata: dict) -> List[str]:
+    """Model card lines of an imported denoiser (:mod:`.custom_denoisers`) and its fit."""
+    a, checks, fit = metadata["architecture"], metadata.get("checks", {}), metadata.get("fit")
+    n = metadata["normalization"]
+    lines = [f"# {a.get('display_name')} — model card", "",
+             f"The user's own denoiser `{a.get('display_name')}`, imported by InvarianceExplorer "
+             f"{metadata.get('engine_version')} from `{a.get('source')}` ({a['kind']}"
+             + (f", class `{a['class']}`, arguments `{json.dumps(a.get('arguments', {}))}`" if a.get("class") else "")
+             + f"); use: {a.get('use')}; receptive field {a.get('receptive_field')} px "
+             f"(measured{', at least' if checks.get('receptive_field_lower_bound') else ''}). Generated from "
+             f"`{METADATA}`.", "", "## Files", ""]
+    for key, r in {**metadata["weights"], **a.get("files", {})}.items():
+        lines.append(f"- `{r['file']}` ({key}): SHA-256 `{r['sha256']}`")
+    lines += ["", "## Declared normalisation", "",
+              f"network units = (HU + {n.get('offset')} − {n.get('mean')}) / {n.get('std')}", "",
+              "## Checks passed at import", "",
+              f"On {checks.get('device')} with {checks.get('probe')} {checks.get('input_shape')}: one channel in and "
+              f"out, same size, finite, two eval-mode runs differ by {checks.get('repeat_max_difference_hu')} HU, "
+              f"mean change {checks.get('mean_abs_change_hu')} HU."]
+    if fit:
+        p, m = fit["plan"], fit.get("machine", {})
+        lines += ["", "## Fit", "",
+                  f"`invariance-explorer fit` with budget `{fit['budget']}`: cVAE {p['cvae_steps']} steps (feature "
+                  f"network {p['feature_steps']}, critic from step {p['adv_start']}), cINN {p['cinn_steps']} steps"
+                  + (f"; {p['seconds_per_cvae_step']:.2f} s per cVAE step measured"
+                     if p.get("seconds_per_cvae_step") else "")
+                  + f". Spent {fit['wall_time_s']} s on {m.get('device')} ({m.get('cpu')}, {m.get('cpu_threads')} "
+                  f"threads, {fit.get('world_size')} process(es)). Perceptual term: {fit.get('perceptual_term')}."]
+    return lines
+
+
 def model_card(metadata: dict) -> str:
     """``MODEL_CARD.md`` text of a model folder's metadata (every figure from the metadata)."""
+    from .fidelity import invariance_card
+
+    if metadata["architecture"]["name"] == CUSTOM:
+        return "\n".join(_custom_card(metadata) + invariance_card(metadata)) + "\n"
     a, t = metadata["architecture"], metadata.get("training", {})
     d, h = t.get("data", {}), metadata.get("held_out") or {}
     m = t.get("machine", {})
@@ -258,8 +293,6 @@ def model_card(metadata: dict) -> str:
                   f"{h.get('noise_regions', {}).get('estimator')} in phantom regions eroded by "
                   f"{h.get('noise_regions', {}).get('erosion_px')} px. Machine: {hm.get('cpu')}, "
                   f"torch {hm.get('torch')}.", "", quality_table(h)]
-    from .fidelity import invariance_card
-
     lines += invariance_card(metadata)
     if metadata.get("reproduce"):
         lines += ["", "## Reproduce", "", "```bash", *metadata["reproduce"], "```"]

@@ -75,7 +75,8 @@ def denoise(denoiser: Denoiser, image: CTImage, device="auto", batch_size: int =
 
     HU are mapped to network units and back with the denoiser's own
     :class:`~.normalization.HUNormalization`. ``batch_size`` slices go through the network
-    at once; slices larger than ``tile_size`` are tiled (:func:`apply_network`).
+    at once; slices larger than ``tile_size`` are tiled (:func:`apply_network`) unless the
+    denoiser is declared for full images.
     ``progress(done, total)`` is called after each batch with the number of slices done.
     Returns a float32 CTImage in HU with ``image``'s geometry.
     """
@@ -97,7 +98,7 @@ def denoise(denoiser: Denoiser, image: CTImage, device="auto", batch_size: int =
     with torch.inference_mode():
         for start in range(0, total, batch_size):
             x = torch.from_numpy(stack[start:start + batch_size, None]).to(device)
-            y = apply_network(network, norm.normalize(x), tile_size, batch_size)
+            y = apply_network(network, norm.normalize(x), tile_size if denoiser.use == "patch" else None, batch_size)
             out[start:start + batch_size] = norm.denormalize(y)[:, 0].float().cpu().numpy()
             if progress is not None:
                 progress(min(start + batch_size, total), total)

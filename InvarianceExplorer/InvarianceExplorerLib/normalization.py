@@ -52,6 +52,36 @@ class HUNormalization:
         kwargs = dict(subtrahend=self.shift_hu, divisor=self.std)
         return NormalizeIntensityd(keys=keys, **kwargs) if keys else NormalizeIntensity(**kwargs)
 
+    @classmethod
+    def window(cls, low_hu: float, high_hu: float) -> "HUNormalization":
+        """The HU window ``[low_hu, high_hu]`` mapped linearly onto ``[0, 1]`` (not clipped:
+        the invariance engine needs an invertible map)."""
+        if not high_hu > low_hu:
+            raise ValueError(f"a HU window needs low < high; got {low_hu}, {high_hu}")
+        return cls(offset=0.0, mean=float(low_hu), std=float(high_hu) - float(low_hu))
+
+    @classmethod
+    def parse(cls, text: str) -> "HUNormalization":
+        """A normalisation from its short form: ``paper`` (:data:`PAPER_NORMALIZATION`),
+        ``identity`` (the network works in HU), ``window:LOW,HIGH`` (HU window onto 0..1) or
+        ``mean-std:MEAN,STD`` (``(HU - MEAN) / STD``, both in HU)."""
+        kind, _, numbers = str(text).strip().partition(":")
+        try:
+            values = [float(v) for v in numbers.split(",")] if numbers else []
+        except ValueError:
+            values = None
+        expected = {"paper": 0, "identity": 0, "window": 2, "mean-std": 2}
+        if kind not in expected or values is None or len(values) != expected[kind]:
+            raise ValueError(f"normalisation {text!r} is not one of: paper, identity, window:LOW,HIGH (HU), "
+                             "mean-std:MEAN,STD (HU); e.g. window:-1024,3072")
+        if kind == "paper":
+            return PAPER_NORMALIZATION
+        if kind == "identity":
+            return cls(offset=0.0, mean=0.0, std=1.0)
+        if kind == "window":
+            return cls.window(*values)
+        return cls(offset=0.0, mean=values[0], std=values[1])
+
     def to_dict(self) -> dict:
         return asdict(self)
 

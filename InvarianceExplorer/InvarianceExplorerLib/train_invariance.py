@@ -113,6 +113,10 @@ class _Objective:
     def prepare(self, batches, validation, device, progress: bool) -> Optional[dict]:
         return None
 
+    def selectable(self, step: int, total: int) -> bool:
+        """Whether an epoch ending at ``step`` (of ``total``) may be exported as the best."""
+        return True
+
     def step(self, x: torch.Tensor, y: torch.Tensor, step: int, rng: torch.Generator, **cached) -> Dict[str, float]:
         """One optimisation step on low-dose patches ``x`` with ``y = f(x)`` (network units);
         ``step`` counts from 1 over the whole run. Returns the losses as numbers."""
@@ -149,6 +153,11 @@ class _CVAEObjective(_Objective):
         if source:
             return load_feature_network(features, source)
         return train_feature_network(features, batches, validation, self.hp, device, progress)
+
+    def selectable(self, step: int, total: int) -> bool:
+        """Only epochs trained with the whole objective (after ``adv_start``) compete, unless
+        the run never reaches it: L1 alone favours blurred reconstructions without noise."""
+        return self.hp["lam_adv"] <= 0 or step > self.hp["adv_start"] or total <= self.hp["adv_start"]
 
     def _pair(self, image: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.cat((image, y), dim=1) if self.networks["representation"].conditional else image
@@ -374,7 +383,8 @@ def _run(kind: str, objective: _Objective, config: dict, out: Path, *, epochs: i
         state["history"].append({"epoch": epoch, "train": {n: t / steps_per_epoch for n, t in sums.items()},
                                  "val": scores, "seconds": round(state["seconds"], 3)})
         best = state["best"]
-        if dist.is_main and (best is None or scores[criterion] < best["val"][criterion]):
+        eligible = objective.selectable(epoch * steps_per_epoch, epochs * steps_per_epoch)
+        if dist.is_main and eligible and (best is None or scores[criterion] < best["val"][criterion]):
             state["best"] = {"epoch": epoch, "val": scores,
                              "weights": {k: v.detach().cpu().clone() for k, v in trained.state_dict().items()}}
         checkpoint()

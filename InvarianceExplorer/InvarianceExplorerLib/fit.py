@@ -1,0 +1,193 @@
+"""``invariance-explorer fit``: the invariance models of the user's own denoiser in one run.
+
+:func:`fit` imports and checks the denoiser (:mod:`.custom_denoisers`), trains its
+representation (cVAE, :func:`~.train_invariance.train_cvae`) and invariance flow (cINN,
+:func:`~.train_invariance.train_cinn`) on the low-dose images of ``data``, measures the
+fidelity figures on the test split, and writes a model folder of the bundled shape, with the
+budget spent in its metadata and model card. The intermediate runs live in a work folder
+(checkpoints every epoch), so an interrupted fit continues with ``resume``. Alone, on one GPU
+or under ``torchrun`` (every process runs :func:`fit`; rank 0 writes).
+
+The budget (:func:`parse_budget`) is a number of cVAE optimisation steps (``3000steps``) or a
+wall time (``45m``, ``2h``) turned into steps by timing a few real cVAE steps on this machine
+(:func:`plan`). Only low-dose images are used for training (a paired data set's full-dose
+images serve the fidelity figures); data without phantom tissue labels (DICOM) train without
+the perceptual term, which needs a feature network trained on labels.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+#: Share of a time budget given to the cVAE (with its feature network); the rest goes to the
+#: cINN, the patch pool and the fidelity figures.
+CVAE_SHARE = 0.75
+#: Budget when none is given.
+DEFAULT_BUDGET = "2000steps"
+#: Epochs of each training (checkpoints and validation after each).
+EPOCHS = 4
+
+
+def parse_budget(text: str) -> dict:
+    """``{"steps": N}`` for ``"N"``/``"Nsteps"``, ``{"minutes": M}`` for ``"Mm"``/``"Mmin"``/
+    ``"Hh"``; ``ValueError`` saying the forms otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(steps?|m|min|minutes?|h|hours?)?\s*", str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"budget {text!r}: give cVAE steps (e.g. 3000steps) or a wall time (e.g. 45m, 2h)")
+    value, unit = float(match.group(1)), (match.group(2) or "steps")
+    if unit.startswith("step"):
+        if value != int(value) or value < 8:
+            raise ValueError(f"budget {text!r}: at least 8 whole steps")
+        return {"steps": int(value)}
+    return {"minutes": value * (60.0 if unit.startswith("h") else 1.0)}
+
+
+def seconds_per_cvae_step(denoiser_folder: Path, patch_size: int, batch_size: int, device, repeats: int = 2) -> float:
+    """Wall seconds of one full cVAE step (critic, gradient penalty, adversarial weight) on
+    random patches, timed here after one warm-up step."""
+    from .denoisers import load_denoiser
+    from .train_invariance import HYPERPARAMETERS, _CVAEObjective
+
+    hp = dict(HYPERPARAMETERS["cvae"])
+    denoiser = load_denoiser(denoiser_folder, device=device)
+    objective = _CVAEObjective(hp, patch_size, denoiser_folder)
+    for name, network in objective.networks.items():
+        network.to(device)
+        objective.wrapped[name] = network
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, 1, patch_size, patch_size, generator=rng).to(device) * 0.1
+    with torch.no_grad():
+        y = denoiser.network(x)
+    objective.step(x, y, hp["adv_start"] + 1, rng)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        objective.step(x, y, hp["adv_start"] + 1, rng)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - started) / repeats
+
+
+def plan(budget: dict, seconds_per_step: Optional[float] = None) -> dict:
+    """Steps of each stage for a budget: the cVAE's steps (from a time budget: its share of
+    the time over ``seconds_per_step``), its feature network and adversarial start, and the
+    cINN's steps, each a multiple of :data:`EPOCHS` epochs."""
+    if "steps" in budget:
+        steps = budget["steps"]
+    else:
+        if not seconds_per_step:
+            raise ValueError("a time budget needs the measured seconds per cVAE step")
+        steps = int(budget["minutes"] * 60.0 * CVAE_SHARE / (1.6 * seconds_per_step))  # 0.6: feature network
+    per_epoch = max(1, steps // EPOCHS)
+    steps = per_epoch * EPOCHS
+    return {"cvae_steps": steps, "cvae_steps_per_epoch": per_epoch, "feature_steps": max(20, min(2000, steps // 2)),
+            "adv_start": steps // 4, "cinn_steps": EPOCHS * max(25, per_epoch), "cinn_steps_per_epoch": max(25, per_epoch),
+            "seconds_per_cvae_step": seconds_per_step}
+
+
+def _broadcast(value, dist):
+    """Rank 0's ``value`` on every process."""
+    if not dist.enabled:
+        return value
+    import torch.distributed as torch_dist
+
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def fit(source, data, out, *, normalization, use: str = "patch", class_path: Optional[str] = None,
+        arguments: Optional[dict] = None, name: Optional[str] = None, budget: str = DEFAULT_BUDGET,
+        device="auto", seed: int = 0, resume: bool = False, work=None, patch_size: int = 128, batch_size: int = 8,
+        fidelity_slices: int = 4, weights_dtype: str = "float32", hyperparameters: Optional[dict] = None,
+        progress: bool = True) -> Path:
+    """Import the denoiser ``source`` (see :func:`~.custom_denoisers.import_denoiser` for
+    ``normalization``, ``use``, ``class_path``, ``arguments``, ``name``), fit its invariance
+    models on ``data`` (simulated set or paired DICOM folder) within ``budget``, and write the
+    model folder ``out`` whole (replacing it only when it is the output of an earlier fit).
+    ``work`` (default ``<out>.work``) keeps the runs; ``resume`` continues them.
+    ``hyperparameters``: ``{"cvae": {...}, "cinn": {...}}`` overrides of
+    :data:`~.train_invariance.HYPERPARAMETERS` (e.g. a smaller model). Returns ``out``."""
+    from . import __version__
+    from .custom_denoisers import import_denoiser
+    from .datasets import SimulatedDataset, open_source
+    from .denoisers import read_metadata, write_metadata
+    from .devices import machine
+    from .train_invariance import _write_card, train_cinn, train_cvae
+    from .training import setup_distributed
+
+    started = time.perf_counter()
+    out = Path(out)
+    work = Path(work) if work is not None else out.with_name(out.name + ".work")
+    limits = parse_budget(budget)
+    if out.exists() and any(out.iterdir()) and not (out / "metadata.json").is_file():
+        raise ValueError(f"{out} exists and is not a model folder; choose a new output folder")
+    if out.exists() and (out / "metadata.json").is_file() and "fit" not in read_metadata(out):
+        raise ValueError(f"{out} holds a model folder that fit did not make; choose a new output folder")
+    if work.exists() and any(work.iterdir()) and not resume:
+        raise ValueError(f"{work} holds an earlier fit; pass --resume to continue it, or delete it to start over")
+    source_data = open_source(data)
+    dist = setup_distributed(device)
+    try:
+        denoiser_folder = work / "denoiser"
+        if dist.is_main and not (denoiser_folder / "metadata.json").is_file():
+            work.mkdir(parents=True, exist_ok=True)
+            import_denoiser(source, denoiser_folder, normalization=normalization, use=use, class_path=class_path,
+                            arguments=arguments, name=name, device=dist.device, patch_size=patch_size,
+                            overwrite=True)
+        dist.barrier()
+        per_step = None
+        if "minutes" in limits:
+            per_step = _broadcast(seconds_per_cvae_step(denoiser_folder, patch_size, batch_size, dist.device)
+                                  if dist.is_main else None, dist)
+        steps = plan(limits, per_step)
+        labelled = isinstance(source_data, SimulatedDataset)
+        overrides = hyperparameters or {}
+        unknown = set(overrides) - {"cvae", "cinn"}
+        if unknown:
+            raise ValueError(f"hyperparameters are given per stage, cvae and cinn; got {', '.join(sorted(unknown))}")
+        hp = {"feature_steps": steps["feature_steps"], "adv_start": steps["adv_start"], **overrides.get("cvae", {})}
+        if not labelled:
+            hp["lam_perc"] = 0.0
+        common = dict(seed=seed, device=dist.device, weights_dtype=weights_dtype, progress=progress,
+                      fidelity_slices=fidelity_slices)
+        cvae_run, cinn_run = work / "cvae", work / "cinn"
+        cvae_model = train_cvae(denoiser_folder, data, cvae_run, epochs=EPOCHS,
+                                steps_per_epoch=steps["cvae_steps_per_epoch"], batch_size=batch_size,
+                                patch_size=patch_size, resume=resume and cvae_run.exists(), hyperparameters=hp,
+                                val_patches=16, **common)
+        model = train_cinn(cvae_model, data, cinn_run, epochs=EPOCHS, steps_per_epoch=steps["cinn_steps_per_epoch"],
+                           resume=resume and cinn_run.exists(), pool_patches=1024, val_patches=32,
+                           hyperparameters=overrides.get("cinn"), **common)
+        if dist.is_main:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            temporary = out.parent / f".{out.name}.partial"
+            shutil.rmtree(temporary, ignore_errors=True)
+            try:
+                shutil.copytree(model, temporary)
+                metadata = read_metadata(temporary)
+                metadata["fit"] = {
+                    "budget": budget, "plan": steps, "wall_time_s": round(time.perf_counter() - started, 1),
+                    "perceptual_term": "feature network trained on phantom tissue labels" if labelled else
+                    "off: the data have no tissue labels",
+                    "machine": machine(dist.device), "world_size": dist.world_size, "engine_version": __version__,
+                    "work_folder": str(work.resolve())}
+                write_metadata(temporary, metadata)
+                _write_card(temporary)
+                if out.exists():
+                    shutil.rmtree(out)
+                os.replace(temporary, out)
+            finally:
+                shutil.rmtree(temporary, ignore_errors=True)
+        dist.barrier()
+        return out
+    finally:
+        dist.close()

@@ -1,0 +1,304 @@
+"""The user's own denoiser: import (TorchScript, MONAI bundle, class + state dict), the checks,
+``fit`` end to end, and the refusal of damaged or foreign model folders.
+
+The denoiser brought here is the bundled, trained CNN-10 in each of the three forms (a real
+network, not a stand-in). Fits are tiny and seeded: 8 simulated 64-pixel slices, 32-pixel
+patches, a narrow cVAE and cINN, 200 cVAE steps (about 25 s on one CPU thread). Their
+threshold: held-out consistency C <= 0.8, where the same models untrained give C of 0.96-0.98
+(measured with these settings; C = 1 means the invariances change f's output as much as
+they change the image).
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from InvarianceExplorerLib.cli import main
+from InvarianceExplorerLib.custom_denoisers import (DenoiserCheckError, check_denoiser, import_denoiser,
+                                                    read_declaration)
+from InvarianceExplorerLib.datasets import build_simulated_dataset
+from InvarianceExplorerLib.denoisers import load_denoiser, read_metadata, resolve_model_folder, write_metadata
+from InvarianceExplorerLib.fidelity import invariance_fidelity
+from InvarianceExplorerLib.fit import fit, parse_budget, plan
+from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION, HUNormalization
+from InvarianceExplorerLib.sample_data import sample_ct_path
+from InvarianceExplorerLib.sampler import load_invariance_models
+
+TINY = {"cvae": dict(z_dim=16, channels=[8, 16, 16, 32], critic_widths=[8, 8, 16, 16, 16, 16], critic_hidden=32,
+                     lr=3e-3),
+        "cinn": dict(n_flows=4, hidden=32, embedding_dim=8, embedding_channels=[8, 8], init_batches=2, lr=2e-3)}
+FIT = dict(budget="200steps", device="cpu", seed=0, patch_size=32, batch_size=4, fidelity_slices=1,
+           hyperparameters=TINY, progress=False)
+MAX_CONSISTENCY = 0.8
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cnn10():
+    """The bundled, trained CNN-10 network (float32)."""
+    return load_denoiser("cnn10").network.float()
+
+
+@pytest.fixture(scope="module")
+def torchscript_file(cnn10, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ts") / "my_denoiser.pt"
+    torch.jit.save(torch.jit.script(cnn10), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def monai_bundle(cnn10, tmp_path_factory):
+    """A MONAI bundle folder (configs/inference.json with network_def, configs/metadata.json,
+    models/model.pt) holding the bundled CNN-10."""
+    bundle = tmp_path_factory.mktemp("bundle") / "cnn10_bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    (bundle / "configs" / "inference.json").write_text(json.dumps({
+        "bundle_root": ".", "device": "$torch.device('cpu')",
+        "network_def": {"_target_": "InvarianceExplorerLib.denoisers.CNN10"},
+        "network": "$@network_def.to(@device)"}))
+    (bundle / "configs" / "metadata.json").write_text(json.dumps({
+        "version": "0.1.0", "network_data_format": {
+            "inputs": {"image": {"type": "image", "num_channels": 1, "spatial_shape": ["*", "*"]}},
+            "outputs": {"pred": {"type": "image", "num_channels": 1, "spatial_shape": ["*", "*"]}}}}))
+    torch.save({"model": cnn10.state_dict()}, bundle / "models" / "model.pt")
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pairs")
+    build_simulated_dataset(out, 8, size=64, seed=3, photons=1e4, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def torchscript_fit(torchscript_file, pairs, tmp_path_factory):
+    """The CLI's fit of the TorchScript denoiser: the model folder."""
+    out = tmp_path_factory.mktemp("fit") / "my_model"
+    sets = [f"--set={stage}.{k}={json.dumps(v)}" for stage, hp in TINY.items() for k, v in hp.items()]
+    assert main(["fit", "--denoiser", str(torchscript_file), "--normalization", "paper", "--data", str(pairs),
+                 "--out", str(out), "--budget", "200steps", "--device", "cpu", "--patch-size", "32",
+                 "--batch-size", "4", "--fidelity-slices", "1", "--no-progress", *sets]) == 0
+    return out
+
+
+def _consistency(folder, pairs) -> float:
+    return invariance_fidelity(load_invariance_models(folder), pairs, slices=1, count=8)["consistency"]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_fit_of_a_torchscript_denoiser_samples_consistent_invariances(torchscript_fit, pairs, tmp_path, capsys):
+    metadata = read_metadata(torchscript_fit)
+    assert metadata["architecture"]["kind"] == "torchscript"
+    assert metadata["fit"]["plan"]["cvae_steps"] == 200 and metadata["fit"]["wall_time_s"] > 0
+    assert metadata["invariance"]["fidelity"]["consistency"] <= MAX_CONSISTENCY
+    assert _consistency(torchscript_fit, pairs) <= MAX_CONSISTENCY
+    card = (torchscript_fit / "MODEL_CARD.md").read_text()
+    assert "budget `200steps`" in card and "my_denoiser" in card
+    assert not list(torchscript_fit.parent.glob(".*partial"))
+    # everything else works unchanged: the sample command with --model FOLDER
+    out = tmp_path / "sampled"
+    assert main(["sample", "--model", str(torchscript_fit), "--input", str(sample_ct_path()), "--center",
+                 "368,283,1", "--count", "4", "--seed", "0", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "invariances.nrrd").is_file()
+
+
+def test_fit_of_a_monai_bundle_samples_consistent_invariances(monai_bundle, pairs, tmp_path):
+    out = fit(monai_bundle, pairs, tmp_path / "bundle_model", normalization=PAPER_NORMALIZATION, **FIT)
+    metadata = read_metadata(out)
+    assert metadata["architecture"]["kind"] == "monai-bundle"
+    assert (out / "bundle" / "inference.json").is_file()
+    assert _consistency(out, pairs) <= MAX_CONSISTENCY
+
+
+def test_a_resumed_fit_of_a_finished_run_gives_the_same_models(torchscript_file, pairs, tmp_path):
+    out = tmp_path / "model"
+    fit(torchscript_file, pairs, out, normalization=PAPER_NORMALIZATION, **{**FIT, "budget": "40steps",
+                                                                            "fidelity_slices": 0})
+    first = read_metadata(out)["weights"]
+    with pytest.raises(ValueError, match="--resume"):
+        fit(torchscript_file, pairs, out, normalization=PAPER_NORMALIZATION, **{**FIT, "budget": "40steps"})
+    fit(torchscript_file, pairs, out, normalization=PAPER_NORMALIZATION, resume=True,
+        **{**FIT, "budget": "40steps", "fidelity_slices": 0})
+    again = read_metadata(out)["weights"]
+    assert {k: v["sha256"] for k, v in again.items()} == {k: v["sha256"] for k, v in first.items()}
+
+
+# ----------------------------------------------------------------------------- import forms
+
+
+def test_a_class_file_and_state_dict_import_and_load_without_the_source(cnn10, tmp_path):
+    code = tmp_path / "my_network.py"
+    code.write_text(textwrap.dedent("""
+        import torch
+        import torch.nn as nn
+
+        class Block(nn.Module):
+            def __init__(self, cin, cout, k, act=True):
+                super().__init__()
+                self.conv, self.act = nn.Conv2d(cin, cout, k, padding=k // 2), act
+
+            def forward(self, x):
+                x = self.conv(x)
+                return torch.relu(x) if self.act else x
+
+        class SRCNN(nn.Sequential):
+            def __init__(self, width=64):
+                super().__init__(Block(1, width, 9), Block(width, 32, 3), Block(32, 1, 5, act=False))
+    """))
+    torch.save(cnn10.state_dict(), tmp_path / "weights.pt")
+    folder = import_denoiser(tmp_path / "weights.pt", tmp_path / "model", normalization=PAPER_NORMALIZATION,
+                             class_path=f"{code}:SRCNN", arguments={"width": 64})
+    code.unlink()
+    (tmp_path / "weights.pt").unlink()
+    loaded = load_denoiser(folder)
+    assert (folder / "network.py").is_file() and loaded.receptive_field == 15
+    x = torch.randn(1, 1, 40, 40)
+    assert torch.allclose(loaded.network(x), cnn10(x), atol=1e-6)
+
+
+def test_a_declaration_file_and_normalisation_forms(tmp_path):
+    path = tmp_path / "denoiser.json"
+    path.write_text(json.dumps({"normalization": "window:-1024,3072", "use": "full-image"}))
+    assert read_declaration(path)["use"] == "full-image"
+    window = HUNormalization.parse("window:-1024,3072")
+    assert window.normalize(-1024.0) == 0.0 and window.normalize(3072.0) == 1.0
+    assert HUNormalization.parse("identity").normalize(40.0) == 40.0
+    assert HUNormalization.parse("mean-std:0,1000").normalize(500.0) == 0.5
+    assert HUNormalization.parse("paper") == PAPER_NORMALIZATION
+    for bad in ("window:3", "hu", "mean-std:a,b", "window:100,-100"):
+        with pytest.raises(ValueError):
+            HUNormalization.parse(bad)
+    path.write_text(json.dumps({"normalisation": "paper"}))
+    with pytest.raises(ValueError, match="keys among"):
+        read_declaration(path)
+
+
+def test_budgets_parse_and_plan():
+    assert parse_budget("3000steps") == {"steps": 3000} and parse_budget("500") == {"steps": 500}
+    assert parse_budget("45m") == {"minutes": 45.0} and parse_budget("2h") == {"minutes": 120.0}
+    for bad in ("soon", "0m", "3 apples", "5steps"):
+        with pytest.raises(ValueError, match="budget"):
+            parse_budget(bad)
+    steps = plan({"steps": 1000})
+    assert steps["cvae_steps"] == 1000 and steps["adv_start"] == 250
+    timed = plan({"minutes": 10.0}, seconds_per_step=0.5)
+    assert 500 < timed["cvae_steps"] < 600  # 75 % of 600 s over 1.6 x 0.5 s
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+class _Wrong(nn.Module):
+    """CNN-10 with one thing wrong (``how``)."""
+
+    def __init__(self, base: nn.Module, how: str):
+        super().__init__()
+        self.base, self.how = base, how
+
+    def forward(self, x):
+        if self.how == "three_in":
+            return self.base(x.repeat(1, 3, 1, 1)[:, :1]) if x.shape[1] == 3 else F.conv2d(x, torch.ones(1, 3, 3, 3))
+        y = self.base(x)
+        if self.how == "three_out":
+            return y.repeat(1, 3, 1, 1)
+        if self.how == "smaller":
+            return y[..., 1:-1, 1:-1]
+        if self.how == "nan":
+            return y / (y - y)
+        if self.how == "dropout":
+            return F.dropout(y, 0.5, training=True)
+        if self.how == "tuple":
+            return y, x
+        if self.how == "window_out":
+            return (y + 1024.0) / 4096.0
+        return y
+
+
+@pytest.mark.parametrize("how, message", [
+    ("three_in", "raised RuntimeError.*one channel"),
+    ("three_out", "returned 3 channels"),
+    ("smaller", r"returned shape \(2, 1, 126, 126\)"),
+    ("nan", "NaN or infinite"),
+    ("dropout", "not deterministic"),
+    ("tuple", "returned a tuple"),
+])
+def test_each_failing_check_says_what_the_network_did(cnn10, how, message):
+    with pytest.raises(DenoiserCheckError, match=message):
+        check_denoiser(_Wrong(cnn10, how), PAPER_NORMALIZATION)
+
+
+def test_a_wrong_normalisation_or_an_untrained_network_is_caught(cnn10):
+    with pytest.raises(DenoiserCheckError, match="normalisation"):  # output in window units, input in HU
+        check_denoiser(_Wrong(cnn10, "window_out"), HUNormalization.parse("identity"))
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(0)
+    with pytest.raises(DenoiserCheckError, match="normalisation"):
+        check_denoiser(BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=(4, 4, 8, 8, 16, 4)),
+                       PAPER_NORMALIZATION, use="full-image")
+    report = check_denoiser(cnn10, PAPER_NORMALIZATION)
+    assert report["receptive_field"] == 15 and 0 < report["mean_abs_change_hu"] < 60
+
+
+def test_a_network_that_looks_far_must_be_declared_full_image():
+    class GlobalMean(nn.Module):
+        def forward(self, x):
+            return 0.5 * x + 0.5 * x.mean(dim=(2, 3), keepdim=True)
+
+    with pytest.raises(DenoiserCheckError, match="declare use full-image"):
+        check_denoiser(GlobalMean(), PAPER_NORMALIZATION)
+
+
+def test_the_cli_checks_only_and_explains_a_missing_declaration(torchscript_file, capsys):
+    assert main(["fit", "--denoiser", str(torchscript_file), "--normalization", "paper", "--check",
+                 "--device", "cpu"]) == 0
+    assert "passes the checks" in capsys.readouterr().out
+    assert main(["fit", "--denoiser", str(torchscript_file), "--check"]) == 2
+    assert "normalisation" in capsys.readouterr().err
+    state = torch.nn.Conv2d(1, 1, 3).state_dict()
+    torch.save(state, torchscript_file.with_name("plain.pt"))
+    assert main(["fit", "--denoiser", str(torchscript_file.with_name("plain.pt")), "--normalization", "paper",
+                 "--check"]) == 2
+    assert "--class" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- refused folders
+
+
+def test_damaged_or_foreign_model_folders_are_refused(torchscript_fit, pairs, tmp_path):
+    import shutil
+
+    damaged = shutil.copytree(torchscript_fit, tmp_path / "damaged")
+    with open(damaged / "denoiser.torchscript.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="checksum"):
+        load_invariance_models(damaged)
+    newer = shutil.copytree(torchscript_fit, tmp_path / "newer")
+    metadata = read_metadata(newer)
+    metadata["version"] = 99
+    write_metadata(newer, metadata)
+    with pytest.raises(ValueError, match="format version 99"):
+        load_invariance_models(newer)
+    bundled = shutil.copytree(resolve_model_folder("cnn10"), tmp_path / "bundled")
+    with pytest.raises(ValueError, match="fit did not make"):
+        fit(torchscript_fit / "denoiser.torchscript.pt", pairs, bundled,
+            normalization=PAPER_NORMALIZATION, **FIT)
