@@ -282,21 +282,25 @@ def _check_fail(what: str) -> DenoiserCheckError:
 
 
 def measure_receptive_field(network: nn.Module, x: torch.Tensor) -> Optional[int]:
-    """Side (pixels, odd) of the square of input pixels the centre output pixel depends on:
-    the support of its gradient over the probe ``x`` ``(1, 1, S, S)``; None when it reaches
-    the probe's border (the network looks at least S pixels wide)."""
-    x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        out = network(x)
-        s = x.shape[-1]
-        out[0, 0, s // 2, s // 2].backward()
-    support = (x.grad[0, 0] != 0).nonzero()
-    if support.numel() == 0:
-        return 1
-    low, high = support.min(0).values, support.max(0).values
-    if int(low.min()) == 0 or int(high.max()) == s - 1:
-        return None
-    radius = int(max((s // 2 - low).max(), (high - s // 2).max()))
+    """Side (pixels, odd) of the square of input pixels one output pixel depends on: the
+    widest gradient support, over the probe ``x`` ``(1, 1, S, S)``, of five output pixels (the
+    centre and four points S/4 from it); None when a support reaches the probe's border (the
+    network looks at least about S/2 pixels wide)."""
+    s = x.shape[-1]
+    radius = 0
+    for dy, dx in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)):
+        row, col = s // 2 + dy * (s // 4), s // 2 + dx * (s // 4)
+        probe = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            network(probe)[0, 0, row, col].backward()
+        support = (probe.grad[0, 0] != 0).nonzero()
+        if support.numel() == 0:
+            continue
+        low, high = support.min(0).values, support.max(0).values
+        if int(low.min()) == 0 or int(high.max()) == s - 1:
+            return None
+        centre = torch.tensor([row, col])
+        radius = max(radius, int((centre - low).max()), int((high - centre).max()))
     return 2 * radius + 1
 
 

@@ -1,0 +1,265 @@
+"""Planted-invariance benchmark: do analysis methods A and B find invariances we planted?
+
+For each denoiser (its model folder with cVAE + cINN), on held-out test patches of a
+simulated data set: sample ``--count`` invariances per patch, draw ``--null-count`` noise-only
+scans of the same phantom slice at the same dose (the method-B null; phantom rebuilt from its
+seed and rescanned), run method A and method B, and score them against the planted truth:
+
+- region-blind (``networks.RegionBlind``): truth = the disc M at the patch centre. Per-pixel
+  ROC AUC of each method's score (A: mean |z| over the invariances; B: -log10 p of the
+  variance-ratio test), per-region AUC (mean score in M against four discs of M's size
+  elsewhere in the patch), recall of M's pixels at a 5 % per-pixel false-positive rate, and
+  the methods' own binary flags (share of M flagged, share of the rest flagged).
+- control (an ordinary denoiser): truth = nothing. A patch is flagged by method A when more
+  of its invariances hold an altered region than noise alone explains (binomial test at 5 %
+  with A's 5 % false-region rate per invariance), by method B when any pixel survives FDR.
+
+Targets (issue): AUC >= 0.85 on region-blind, <= 5 % of control patches flagged.
+
+    .venv/bin/python benchmarks/planted/run.py --data data/sim512 \\
+        --region-blind runs/planted/region_blind --control cnn10 --write-readme
+
+Prints one table, writes ``--out`` (JSON) and ``--figure`` (PNG), and with
+``--write-readme`` puts the table, command and machine between the README's planted markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+from scipy import stats
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from networks import centre_disc  # noqa: E402
+
+FALSE_POSITIVE_RATE = 0.05
+README_BEGIN, README_END = "<!-- planted:begin -->", "<!-- planted:end -->"
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def roc_auc(scores: np.ndarray, truth: np.ndarray) -> Optional[float]:
+    """Area under the ROC curve of ``scores`` for the boolean ``truth`` (Mann-Whitney U with
+    ties counted half); None without both classes."""
+    scores, truth = np.ravel(scores).astype(np.float64), np.ravel(truth).astype(bool)
+    positives, negatives = int(truth.sum()), int((~truth).sum())
+    if not positives or not negatives:
+        return None
+    ranks = stats.rankdata(scores)
+    return float((ranks[truth].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def recall_at_fpr(scores: np.ndarray, truth: np.ndarray, fpr: float = FALSE_POSITIVE_RATE) -> Optional[float]:
+    """Share of the true pixels scoring above the ``1 - fpr`` quantile of the others."""
+    scores, truth = np.ravel(scores), np.ravel(truth).astype(bool)
+    if not truth.any() or truth.all():
+        return None
+    return float((scores[truth] > np.quantile(scores[~truth], 1.0 - fpr)).mean())
+
+
+def region_discs(size: int, radius: float) -> List[np.ndarray]:
+    """The disc M at the centre of a ``size`` patch and four discs of its size centred a
+    quarter of the patch away diagonally (they do not overlap M when size/4 * sqrt(2) > 2 r)."""
+    rows, cols = np.mgrid[:size, :size]
+    centres = [(size // 2, size // 2)] + [(size // 2 + a * (size // 4), size // 2 + b * (size // 4))
+                                          for a in (-1, 1) for b in (-1, 1)]
+    return [((rows - r) ** 2 + (cols - c) ** 2) <= radius ** 2 for r, c in centres]
+
+
+def method_a_flags_patch(altered: int, count: int, alpha: float) -> bool:
+    """Whether ``altered`` of ``count`` invariances with an altered region is more than noise
+    alone gives (each has one with probability ``alpha``): one-sided binomial test at 5 %."""
+    return bool(stats.binom.sf(altered - 1, count, alpha) < 0.05)
+
+
+# ----------------------------------------------------------------------------- one denoiser
+
+
+def evaluate(folder, source, truth: Optional[Callable[[int], np.ndarray]], *, slices: int, count: int,
+             null_count: int, seed: int, nulls: Dict[int, np.ndarray], device="cpu") -> dict:
+    """Methods A and B on ``per_slice`` = 2 test patches of ``slices`` slices; ``truth(P)`` is
+    the planted mask of a P-pixel patch (None: a control). ``nulls`` caches the noise-only
+    scans per slice. Returns the per-pixel scores, flags and per-patch records."""
+    from InvarianceExplorerLib.analysis import ALPHA, ensemble_test, structure_change
+    from InvarianceExplorerLib.fidelity import _crop, another_realisation, held_out_patches
+    from InvarianceExplorerLib.sampler import InvarianceSampler, load_invariance_models
+
+    models = load_invariance_models(folder, device=device)
+    size = models.patch_size
+    spacing = float(source.manifest["parameters"]["spacing_mm"])
+    sampler = InvarianceSampler(models, device=device)
+    patches = held_out_patches(source, "test", size, slices, 2, seed)
+    a_scores, b_scores, a_flags, b_flags, records = [], [], [], [], []
+    for n, patch in enumerate(patches):
+        if patch.index not in nulls:
+            nulls[patch.index] = np.stack([another_realisation(source, patch.index, 2_000_003 + 7919 * patch.index + j)
+                                           for j in range(null_count)])
+        null = np.stack([_crop(scan, patch.center, size) for scan in nulls[patch.index]])
+        result = sampler.sample(patch.low_dose, count=count, seed=seed + n)
+        a = structure_change(patch.low_dose, result.invariances, (spacing, spacing))
+        b = ensemble_test(result.invariances, null, (spacing, spacing), x=patch.low_dose, null_source="simulator")
+        altered = sum(1 for s in a.samples if s["region_count"] > 0)
+        a_scores.append(np.abs(a.change_map).mean(axis=0))
+        b_scores.append(-np.log10(np.clip(b.p, 1e-300, 1.0)))
+        a_flags.append((a.labels > 0).any(axis=0))
+        b_flags.append(b.labels > 0)
+        records.append({"slice": int(patch.index), "center": list(patch.center), "altered_invariances": altered,
+                        "a_flags_patch": method_a_flags_patch(altered, count, ALPHA),
+                        "b_flags_patch": bool((b.labels > 0).any()), "consistency": float(result.consistency),
+                        "std_hu": float(result.std.mean()), "example": (patch.low_dose, result, a, b) if n < 3
+                        else None})
+    return {"patch_size": size, "spacing_mm": spacing, "a": np.stack(a_scores), "b": np.stack(b_scores),
+            "a_flags": np.stack(a_flags), "b_flags": np.stack(b_flags), "records": records,
+            "truth": None if truth is None else truth(size)}
+
+
+def planted_figures(run: dict, radius: float) -> dict:
+    """The region-blind figures of :func:`evaluate`'s ``run`` (see the module docstring)."""
+    mask = np.broadcast_to(run["truth"], run["a"].shape)
+    discs = region_discs(run["patch_size"], radius)
+    out = {}
+    for method in ("a", "b"):
+        scores = run[method]
+        regions = np.array([[s[d].mean() for d in discs] for s in scores])
+        region_truth = np.zeros_like(regions, dtype=bool)
+        region_truth[:, 0] = True
+        flags = run[f"{method}_flags"]
+        out[method] = {"pixel_auc": roc_auc(scores, mask), "region_auc": roc_auc(regions, region_truth),
+                       "recall_at_5pct_fpr": recall_at_fpr(scores, mask),
+                       "flagged_inside_m": float(flags[mask].mean()), "flagged_outside_m": float(flags[~mask].mean())}
+    return out
+
+
+def control_figures(run: dict) -> dict:
+    records = run["records"]
+    return {method: {"patches_flagged": float(np.mean([r[f"{method}_flags_patch"] for r in records])),
+                     "pixels_flagged": float(run[f"{method}_flags"].mean())} for method in ("a", "b")}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(value, spec=".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def table(results: dict) -> str:
+    rows = ["| denoiser (planted invariance) | method | pixel AUC | region AUC | recall at 5 % FPR | M flagged / "
+            "rest flagged | control patches flagged | target |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in results["denoisers"].items():
+        for method, label in (("a", "A (per invariance)"), ("b", "B (ensemble vs noise null)")):
+            f = r["figures"][method]
+            if r["kind"] == "region-blind":
+                rows.append(f"| {name} (disc M, r = {r['radius_px']:g} px) | {label} | {_fmt(f['pixel_auc'])} | "
+                            f"{_fmt(f['region_auc'])} | {_fmt(f['recall_at_5pct_fpr'])} | "
+                            f"{_fmt(f['flagged_inside_m'])} / {_fmt(f['flagged_outside_m'], '.3f')} | – | "
+                            f"AUC ≥ 0.85: {'met' if (f['pixel_auc'] or 0) >= 0.85 else 'missed'} |")
+            else:
+                rows.append(f"| {name} (control: none planted) | {label} | – | – | – | – / "
+                            f"{_fmt(f['pixels_flagged'], '.3f')} | {_fmt(100 * f['patches_flagged'], '.0f')} % | "
+                            f"≤ 5 %: {'met' if f['patches_flagged'] <= 0.05 else 'missed'} |")
+    rows.append("| nodule-blind RED-CNN | A, B | not run: no nodule-blind denoiser trained yet | | | | | "
+                "AUC ≥ 0.75 |")
+    return "\n".join(rows)
+
+
+def save_figure(results_runs: dict, path: Path) -> None:
+    """Per denoiser, up to three patches: x, three invariances, std map, method A mean |z|,
+    method B -log10 p (display ranges in the captions)."""
+    from InvarianceExplorerLib.figures import LUNG_WINDOW, save_png, std_tile, tile_grid, window
+
+    rows, labels = [], []
+    size = max(run["patch_size"] for run in results_runs.values())
+    for name, run in results_runs.items():
+        for record in run["records"]:
+            if record["example"] is None:
+                continue
+            x, result, a, b = record["example"]
+            scale = size // x.shape[0]
+            up = (lambda t: np.kron(t, np.ones((scale, scale), dtype=t.dtype)))  # noqa: E731
+            std, std_label = std_tile(result.std)
+            za = np.abs(a.change_map).mean(axis=0)
+            sb = -np.log10(np.clip(b.p, 1e-300, 1.0))
+            rows.append([up(window(x, *LUNG_WINDOW))] + [up(window(t, *LUNG_WINDOW)) for t in result.invariances[:3]]
+                        + [up(std), up(window(za, 2.0, 4.0)), up(window(sb, 4.0, 8.0))])
+            labels.append([f"{name}: x", "x~1", "x~2", "x~3", std_label, "A mean|z| 0-4", "B -log p 0-8"])
+    save_png(tile_grid(rows, labels), str(path))
+
+
+def write_readme(readme: Path, text: str) -> None:
+    content = readme.read_text()
+    if README_BEGIN not in content or README_END not in content:
+        raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} block")
+    head, rest = content.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{text}\n{README_END}{tail}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="simulated data set (its test split is used)")
+    parser.add_argument("--region-blind", type=Path, required=True, help="model folder of the region-blind fit")
+    parser.add_argument("--control", default="cnn10", help="model folder or bundled name of the control")
+    parser.add_argument("--slices", type=int, default=8, help="test slices (2 patches each; default 8)")
+    parser.add_argument("--count", type=int, default=16, help="invariances per patch (default 16)")
+    parser.add_argument("--null-count", type=int, default=16, help="noise-only scans per slice (default 16)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/planted/results.json"))
+    parser.add_argument("--figure", type=Path, default=Path("docs/planted.png"))
+    parser.add_argument("--write-readme", action="store_true", help="put the table in README.md")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from InvarianceExplorerLib.datasets import open_source
+    from InvarianceExplorerLib.denoisers import read_metadata
+    from InvarianceExplorerLib.devices import machine
+
+    started = time.perf_counter()
+    source = open_source(args.data)
+    nulls: Dict[int, np.ndarray] = {}
+    arguments = read_metadata(args.region_blind)["architecture"].get("arguments", {})
+    radius = float(arguments.get("radius_px", 10.0))
+    common = dict(slices=args.slices, count=args.count, null_count=args.null_count, seed=args.seed, nulls=nulls)
+    runs = {"region-blind": evaluate(args.region_blind, source, lambda p: centre_disc(p, p, radius).numpy() > 0,
+                                     **common),
+            "control": evaluate(args.control, source, None, **common)}
+    results = {"denoisers": {
+        "region-blind": {"kind": "region-blind", "folder": str(args.region_blind), "radius_px": radius,
+                         "figures": planted_figures(runs["region-blind"], radius)},
+        "control": {"kind": "control", "folder": str(args.control), "figures": control_figures(runs["control"])}}}
+    for name, run in runs.items():
+        results["denoisers"][name]["patches"] = [{k: v for k, v in r.items() if k != "example"}
+                                                 for r in run["records"]]
+        results["denoisers"][name]["patch_size"] = run["patch_size"]
+    results.update({"data": str(args.data), "slices": args.slices, "invariances_per_patch": args.count,
+                    "null_scans_per_slice": args.null_count, "seed": args.seed, "machine": machine(),
+                    "wall_time_s": round(time.perf_counter() - started, 1),
+                    "command": "python benchmarks/planted/run.py " + " ".join(shlex.quote(a) for a in
+                                                                              (argv or sys.argv[1:]))})
+    text = table(results)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    save_figure(runs, args.figure)
+    if args.write_readme:
+        m = results["machine"]
+        write_readme(Path("README.md"), f"{text}\n\nMeasured by `{results['command']}` on {m['cpu']} "
+                     f"({m['cpu_threads']} threads, torch {m['torch']}) in {results['wall_time_s'] / 60:.0f} min: "
+                     f"{2 * args.slices} test patches per denoiser, {args.count} invariances each, "
+                     f"{args.null_count} noise-only scans per slice. Figure: `{args.figure}`.")
+
+
+if __name__ == "__main__":
+    main()
