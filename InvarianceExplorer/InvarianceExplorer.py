@@ -34,8 +34,26 @@ from slicer.ScriptedLoadableModule import (
 PAPER_DOI_URL = "https://doi.org/10.1002/mp.17413"
 
 #: Attributes that mark a node as a result of this module, for the input volume of that ID.
+#: The input-volume selector hides the volumes that carry them (they are no inputs).
 RESULT_INPUT_ATTRIBUTE = "InvarianceExplorer.InputVolumeID"
 RESULT_ROLE_ATTRIBUTE = "InvarianceExplorer.Role"
+
+#: Result roles of the analysis (``sample --analyze``) -> name suffix after the input's name
+#: (the engine's result_folder.RESULT_ROLES name the others).
+ANALYSIS_ROLES = {"anatomy_changes": "anatomy changes"}
+
+#: Segments of the anatomy-change segmentation: (analysis output, label value, segment name, colour).
+#: Method A's altered regions (label 1: brighter in the invariance, structure added; 2: darker,
+#: structure removed) are merged over all invariances; method B's regions exist only when it ran.
+ANATOMY_SEGMENTS = (
+    ("altered_regions", 1, "structure added (method A, any invariance)", (1.0, 0.55, 0.0)),
+    ("altered_regions", 2, "structure removed (method A, any invariance)", (0.2, 0.6, 1.0)),
+    ("significant_regions", 1, "significant change (method B)", (1.0, 0.0, 1.0)),
+)
+
+#: Outputs listed in the panel, each with its own Show button, in this order (roles).
+OUTPUT_ROLES = ("invariances", "denoised_invariances", "crop", "denoised", "reconstruction", "std", "table", "chart",
+                "anatomy_changes")
 
 #: Lung window (centre, width) in HU, as in the paper.
 LUNG_WINDOW = (-600.0, 1500.0)
@@ -103,6 +121,9 @@ such as a small lesion.
 This module samples images that a denoiser cannot tell apart from the input and measures how they differ,
 following E. Eulig et al., "Reconstructing and analyzing the invariances of low-dose CT image denoising
 networks", Medical Physics 52(1):188-200, 2025, <a href="{url}">doi:10.1002/mp.17413</a>.
+<p>Choose the centre with a markups point or an ROI (its centre): the crop is the denoiser's patch
+(128 x 128 pixels for the bundled denoisers) around that centre, in the slice that contains it; the ROI's
+size is not used. Each output has its own <i>Show</i> button.</p>
 """).format(url=PAPER_DOI_URL)
         self.parent.acknowledgementText = _("""
 The method is by E. Eulig, F. Jäger, J. Maier, B. Ommer and M. Kachelrieß
@@ -152,19 +173,30 @@ def registerSampleData():
 class InvarianceExplorerParameterNode:
     """The module's settings, saved with the scene.
 
-    inputVolume - the low-dose CT (HU). point - where to sample (its first control point
-    picks the slice and the centre of the crop). denoiser - a bundled name (cnn10, redcnn,
-    wganvgg, dugan) or "custom" with customModelFolder. sampleCount, seed, device - as in
-    the CLI's ``sample``.
+    inputVolume - the low-dose CT (HU). centerFrom - "point" or "roi": what gives the centre of
+    the crop (and its slice): point - its first control point; roi - its centre. denoiser - a
+    bundled name (cnn10, redcnn, wganvgg, dugan) or "custom" with customModelFolder.
+    sampleCount, seed, device - as in the CLI's ``sample``; analyze - ``sample --analyze``.
     """
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
+    centerFrom: Annotated[str, Choice(["point", "roi"])] = "point"
     point: slicer.vtkMRMLMarkupsFiducialNode
+    roi: slicer.vtkMRMLMarkupsROINode
     denoiser: str = "cnn10"
     customModelFolder: str = ""
     sampleCount: Annotated[int, WithinRange(1, 1024)] = 32
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    analyze: bool = False
+
+
+def resultNodeNames(inputName):
+    """Names of the result nodes of an input named ``inputName``, by role (the engine's and the
+    analysis's)."""
+    names = _engineImport("result_folder").result_node_names(inputName)
+    names.update({role: f"{inputName} {suffix}" for role, suffix in ANALYSIS_ROLES.items()})
+    return names
 
 
 #
@@ -188,20 +220,41 @@ class InvarianceExplorerWidget(ScriptedLoadableModuleWidget):
 
         self.volumeSelector = slicer.qMRMLNodeComboBox()
         self.volumeSelector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+        self.volumeSelector.showChildNodeTypes = False  # no labelmaps
         self.volumeSelector.addEnabled = False
         self.volumeSelector.removeEnabled = False
         self.volumeSelector.noneEnabled = True
         self.volumeSelector.setMRMLScene(slicer.mrmlScene)
-        self.volumeSelector.setToolTip(_("The low-dose CT to analyse (HU)"))
+        self.volumeSelector.setToolTip(_("The low-dose CT to analyse (HU); this module's results are not listed"))
+
+        # the centre: a markups point, or the centre of a markups ROI
+        self.centerFromPointButton = qt.QRadioButton(_("Point"))
+        self.centerFromPointButton.setToolTip(_("Centre the crop on a markups point"))
+        self.centerFromROIButton = qt.QRadioButton(_("ROI centre"))
+        self.centerFromROIButton.setToolTip(_("Centre the crop on the centre of a markups ROI (its size is not used)"))
+        self.centerFromPointButton.setChecked(True)
         self.pointWidget = slicer.qSlicerSimpleMarkupsWidget()
         self.pointWidget.setMRMLScene(slicer.mrmlScene)
         self.pointWidget.markupsPlaceWidget().setPlaceMultipleMarkups(
             slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup)
         self.pointWidget.setToolTip(_("Click in a slice view to place the point to sample around (e.g. in a lung)"))
+        self.roiSelector = slicer.qMRMLNodeComboBox()
+        self.roiSelector.nodeTypes = ["vtkMRMLMarkupsROINode"]
+        self.roiSelector.addEnabled = True
+        self.roiSelector.removeEnabled = True
+        self.roiSelector.renameEnabled = True
+        self.roiSelector.noneEnabled = True
+        self.roiSelector.setMRMLScene(slicer.mrmlScene)
+        self.roiSelector.setToolTip(_("A markups ROI: the crop is centred on its centre, in the slice containing it"))
+        self.roiPlaceWidget = slicer.qSlicerMarkupsPlaceWidget()
+        self.roiPlaceWidget.setMRMLScene(slicer.mrmlScene)
+        self.roiPlaceWidget.setPlaceMultipleMarkups(slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup)
+        self.roiPlaceWidget.setToolTip(_("Place the ROI in a slice view"))
+        self.centerWidget = self._centerWidget()
 
         self.panel = panelModule.SamplingPanel(models_dir=os.path.join(resourcesDir(), "Models"))
         self.panel.addInputRow(_("Input volume:"), self.volumeSelector)
-        self.panel.addInputRow(_("Point:"), self.pointWidget)
+        self.panel.addInputRow(_("Centre:"), self.centerWidget)
         self.panel.prepareJob = self.prepareJob
         self.panel.collectResults = self.collectResults
         self.layout.addWidget(self.panel)
@@ -210,13 +263,64 @@ class InvarianceExplorerWidget(ScriptedLoadableModuleWidget):
         self.layout.addWidget(self.statusLabel)
         self.layout.addStretch(1)
 
+        self.roiSelector.currentNodeChanged.connect(lambda *args: self.roiPlaceWidget.setCurrentNode(
+            self.roiSelector.currentNode()))
+        self.centerFromROIButton.toggled.connect(lambda *args: self._updateCenterRows())
         for signal in (self.volumeSelector.currentNodeChanged, self.pointWidget.markupsNodeChanged,
+                       self.roiSelector.currentNodeChanged, self.centerFromROIButton.toggled,
                        self.panel.countSpin.valueChanged, self.panel.seedSpin.valueChanged,
-                       self.panel.deviceCombo.currentIndexChanged, self.panel.denoiserCombo.currentIndexChanged):
+                       self.panel.deviceCombo.currentIndexChanged, self.panel.denoiserCombo.currentIndexChanged,
+                       self.panel.analyzeCheck.toggled):
             signal.connect(lambda *args: self.updateParameterNodeFromGUI())
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        # result volumes get their marking attributes once all are made: filter after the import
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
+        self.updateVolumeSelectorFilter()
         self.initializeParameterNode()
+
+    def _centerWidget(self):
+        """The Centre row: point or ROI centre, their selectors, and what the crop is."""
+        widget = qt.QWidget()
+        layout = qt.QVBoxLayout(widget)
+        layout.setContentsMargins(0, 0, 0, 0)
+        choice = qt.QHBoxLayout()
+        choice.addWidget(self.centerFromPointButton)
+        choice.addWidget(self.centerFromROIButton)
+        choice.addStretch(1)
+        layout.addLayout(choice)
+        layout.addWidget(self.pointWidget)
+        self.roiRow = qt.QWidget()
+        roiLayout = qt.QHBoxLayout(self.roiRow)
+        roiLayout.setContentsMargins(0, 0, 0, 0)
+        roiLayout.addWidget(self.roiSelector, 1)
+        roiLayout.addWidget(self.roiPlaceWidget)
+        layout.addWidget(self.roiRow)
+        self.patchNote = qt.QLabel(_("The crop is the denoiser's patch (128 x 128 pixels for the bundled denoisers) "
+                                     "around this centre, in the slice that contains it."))
+        self.patchNote.setWordWrap(True)
+        layout.addWidget(self.patchNote)
+        self._updateCenterRows()
+        return widget
+
+    def _updateCenterRows(self):
+        useROI = self.centerFromROIButton.isChecked()
+        self.pointWidget.setVisible(not useROI)
+        self.roiRow.setVisible(useROI)
+
+    def centerNode(self):
+        """The node that gives the centre: the ROI or the point, as chosen."""
+        if self.centerFromROIButton.isChecked():
+            return self.roiSelector.currentNode()
+        return self.pointWidget.currentNode()
+
+    def onNodeAdded(self, caller, event):
+        qt.QTimer.singleShot(0, self.updateVolumeSelectorFilter)
+
+    def updateVolumeSelectorFilter(self):
+        """Hide this module's result volumes from the input selector (the combo box's filter
+        model, as qMRMLSortFilterProxyModel.hiddenNodeIDs)."""
+        self.volumeSelector.sortFilterProxyModel().hiddenNodeIDs = self.logic.resultVolumeIDs()
 
     def cleanup(self):
         """Called when the module is closed or reloaded: stop a running job."""
@@ -237,8 +341,10 @@ class InvarianceExplorerWidget(ScriptedLoadableModuleWidget):
     def initializeParameterNode(self):
         self._parameterNode = self.logic.getParameterNode()
         if not self._parameterNode.inputVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first and not first.GetAttribute(RESULT_INPUT_ATTRIBUTE):
+            hidden = set(self.logic.resultVolumeIDs())
+            first = next((n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                          if n.GetClassName() == "vtkMRMLScalarVolumeNode" and n.GetID() not in hidden), None)
+            if first is not None:
                 self._parameterNode.inputVolume = first
         self.updateGUIFromParameterNode()
 
@@ -256,6 +362,10 @@ class InvarianceExplorerWidget(ScriptedLoadableModuleWidget):
         self.volumeSelector.setCurrentNode(p.inputVolume)
         if p.point:
             self.pointWidget.setCurrentNode(p.point)
+        self.roiSelector.setCurrentNode(p.roi)
+        (self.centerFromROIButton if p.centerFrom == "roi" else self.centerFromPointButton).setChecked(True)
+        self._updateCenterRows()
+        self.panel.analyzeCheck.setChecked(bool(p.analyze))
         self.panel.setDenoiser(p.customModelFolder if p.denoiser == "custom" else p.denoiser)
         self.panel.countSpin.setValue(p.sampleCount)
         self.panel.seedSpin.setValue(p.seed)
@@ -269,6 +379,9 @@ class InvarianceExplorerWidget(ScriptedLoadableModuleWidget):
         settings = self.panel.settings()
         p.inputVolume = self.volumeSelector.currentNode()
         p.point = self.pointWidget.currentNode()
+        p.roi = self.roiSelector.currentNode()
+        p.centerFrom = "roi" if self.centerFromROIButton.isChecked() else "point"
+        p.analyze = settings["analyze"]
         bundled = [name for name, _ in _engineImport("ui.panel").DENOISERS]
         p.denoiser = settings["model"] if settings["model"] in bundled else "custom"
         p.customModelFolder = "" if p.denoiser != "custom" else settings["model"]
@@ -276,25 +389,34 @@ class InvarianceExplorerWidget(ScriptedLoadableModuleWidget):
 
     def prepareJob(self, settings):
         """Panel hook: check inputs and dependencies, export the input, build the engine job."""
-        volume, point = self.volumeSelector.currentNode(), self.pointWidget.currentNode()
+        volume, center = self.volumeSelector.currentNode(), self.centerNode()
         if volume is None:
             raise ValueError(_("Select the input volume (a low-dose CT in HU)."))
-        if point is None or point.GetNumberOfControlPoints() < 1:
+        if self.centerFromROIButton.isChecked():
+            if center is None or center.GetNumberOfControlPoints() < 1:
+                raise ValueError(_("Select an ROI and place it in the image: its centre is where to sample."))
+        elif center is None or center.GetNumberOfControlPoints() < 1:
             raise ValueError(_("Place a point in the image (where to sample), e.g. in a lung."))
         if not self.logic.installDependencies(askUser=True, forceCPU=settings["device"] == "cpu"):
             raise RuntimeError(_("The engine's Python packages are missing: ") + self.logic.dependencyHint())
-        job = self.logic.prepareSampling(volume, settings["model"], point, settings["count"], settings["seed"],
-                                         device=settings["device"])
+        job = self.logic.prepareSampling(volume, settings["model"], center, settings["count"], settings["seed"],
+                                         device=settings["device"], analyze=settings["analyze"])
         self._jobVolume = volume
         return job
 
     def collectResults(self, outputs, job):
-        """Panel hook: the engine finished: create the nodes, show them, list them in Outputs."""
+        """Panel hook: the engine finished: create the nodes, show them, list them in Outputs
+        (one row per output, each with its own Show button)."""
         volume = self._jobVolume
         nodes = self.logic.importResults(volume, job.outDir)
+        self.updateVolumeSelectorFilter()
         self.logic.showResults(nodes)
-        return [(node.GetName(), lambda n=node: self.logic.showResults({"shown": n}))
-                for role, node in nodes.items() if not role.endswith("_proxy")]
+        return self.outputItems(nodes)
+
+    def outputItems(self, nodes):
+        """The panel's Outputs rows for result ``nodes``: (node name, show it) in OUTPUT_ROLES order."""
+        return [(nodes[role].GetName(), lambda r=role: self.logic.showResult(nodes, r))
+                for role in OUTPUT_ROLES if role in nodes]
 
 
 #
@@ -392,7 +514,14 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
     # ---------------------------------------------------------------- inputs
 
     def pointRAS(self, point):
-        """The RAS position of ``point``: a markups node (its first control point) or 3 numbers."""
+        """The RAS position of ``point``: a markups ROI (its centre), a markups point (its first
+        control point) or 3 numbers."""
+        if hasattr(point, "IsA") and point.IsA("vtkMRMLMarkupsROINode"):
+            if point.GetNumberOfControlPoints() < 1:
+                raise ValueError(_("The ROI {name} is not placed yet; place it.").format(name=point.GetName()))
+            center = [0.0, 0.0, 0.0]
+            point.GetCenterWorld(center)
+            return tuple(center)
         if hasattr(point, "GetNumberOfControlPoints"):
             if point.GetNumberOfControlPoints() < 1:
                 raise ValueError(_("The markups node {name} has no point; place one.").format(name=point.GetName()))
@@ -433,7 +562,7 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
     # ---------------------------------------------------------------- running
 
     def prepareSampling(self, volumeNode, denoiser, point, count=32, seed=0, device="auto", batchSize=8,
-                        python=None):
+                        python=None, analyze=False):
         """Export the input to a new temporary folder and return the engine job (not started).
 
         The job runs ``invariance-explorer sample`` into ``job.outDir`` inside its temporary
@@ -446,7 +575,7 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
             source = self.exportVolume(volumeNode, os.path.join(tempDir, "input.nrrd"))
             outDir = os.path.join(tempDir, "result")
             args = process.sample_args(model=denoiser, input_path=source, center_ijk=center, count=count, seed=seed,
-                                       device=device, batch_size=batchSize, out_dir=outDir)
+                                       device=device, batch_size=batchSize, out_dir=outDir, analyze=analyze)
             job = process.EngineJob(args, python=python, temp_dir=tempDir)
         except Exception:
             import shutil
@@ -457,14 +586,16 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
         return job
 
     def sampleInvariances(self, volumeNode, denoiser, point, count=32, seed=0, device="auto", batchSize=8,
-                          progressCallback=None, confirmReplace=None, python=None):
+                          progressCallback=None, confirmReplace=None, python=None, analyze=False):
         """Sample ``count`` invariances of ``denoiser`` around ``point`` and return the created nodes.
 
         Args:
             volumeNode: the low-dose CT (scalar volume, HU).
             denoiser: bundled name (cnn10, redcnn, wganvgg, dugan) or a model folder.
-            point: markups node (first control point) or RAS coordinates in mm.
+            point: markups point (first control point), markups ROI (its centre) or RAS
+                coordinates in mm; the crop is the model's patch around it, in its slice.
             count, seed, device, batchSize: as the CLI's ``sample``.
+            analyze: also run the analysis (``sample --analyze``): adds ``anatomy_changes``.
             progressCallback: called with each progress event (dict) of the engine.
         Returns:
             dict role -> node (see :meth:`importResults`). Raises RuntimeError with the engine's
@@ -472,7 +603,7 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
 
         Slicer stays responsive (events are processed while the engine process runs).
         """
-        job = self.prepareSampling(volumeNode, denoiser, point, count, seed, device, batchSize, python)
+        job = self.prepareSampling(volumeNode, denoiser, point, count, seed, device, batchSize, python, analyze)
         try:
             job.start()
             final = None
@@ -497,6 +628,12 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
 
     # ---------------------------------------------------------------- results as nodes
 
+    @staticmethod
+    def resultVolumeIDs():
+        """IDs of the volumes that are results of this module (for any input)."""
+        return [node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                if node.GetAttribute(RESULT_INPUT_ATTRIBUTE)]
+
     def resultNodes(self, volumeNode):
         """The result nodes of ``volumeNode`` in the scene: dict role -> node."""
         found = {}
@@ -510,7 +647,7 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
         ``confirmReplace(names)`` (default: :meth:`askReplaceRenamed`, a dialog) is asked first;
         when it says no, they are kept as the user's own nodes (no longer results of this
         module) and nothing is removed. Pass ``lambda names: True`` to replace without asking."""
-        names = _engineImport("result_folder").result_node_names(volumeNode.GetName())
+        names = resultNodeNames(volumeNode.GetName())
         previous = self.resultNodes(volumeNode)
         renamed = [node.GetName() for role, node in previous.items()
                    if node.GetName() != names.get(role[:-len("_proxy")] if role.endswith("_proxy") else role)]
@@ -535,13 +672,16 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
         geometry). Creates: ``crop`` (x), ``denoised`` (f(x)), ``reconstruction``, ``std``
         (colour map), the sequences ``invariances`` (x~_k) and ``denoised_invariances``
         (f(x~_k)) in one browser (``browser``) with their proxy volumes, the per-sample
-        ``table`` and a ``chart`` with its two ``series_*``. The previous results of the same
+        ``table`` and a ``chart`` with its two ``series_*``; when the folder holds the analysis
+        (``sample --analyze``: ``analysis/``), ``anatomy_changes``, a segmentation of its
+        anatomy-change labelmaps (:data:`ANATOMY_SEGMENTS`). The previous results of the same
         input are replaced; on any failure the new nodes are removed again, so the scene is
         either updated whole or left as it was.
         """
         resultFolder = _engineImport("result_folder")
         result = resultFolder.load_result(folder)
-        names = resultFolder.result_node_names(volumeNode.GetName())
+        analysis = self._loadAnalysis(folder)
+        names = resultNodeNames(volumeNode.GetName())
         ijkToRAS = _vtkMatrix(result.crop_ijk_to_ras())
         created = {}
         scene = slicer.mrmlScene
@@ -623,6 +763,9 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                 series.SetYColumnName(column)
                 series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
                 chart.AddAndObservePlotSeriesNodeID(series.GetID())
+            if analysis is not None:
+                segmentation = add("anatomy_changes", "vtkMRMLSegmentationNode")
+                self._fillAnatomySegmentation(segmentation, analysis, ijkToRAS, created["crop"])
         except Exception:
             for node in created.values():
                 if node.GetScene() is not None:
@@ -639,6 +782,45 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
         return created
 
     @staticmethod
+    def _loadAnalysis(folder):
+        """The analysis in a sample folder (analysis_folder.load_analysis), or None without one."""
+        analysisFolder = _engineImport("analysis_folder")
+        if not os.path.isdir(os.path.join(str(folder), analysisFolder.ANALYSIS_DIR)):
+            return None
+        return analysisFolder.load_analysis(folder)
+
+    @staticmethod
+    def _fillAnatomySegmentation(segmentation, analysis, ijkToRAS, referenceVolume):
+        """One segment per entry of ANATOMY_SEGMENTS whose labelmap the analysis holds, imported
+        through a temporary labelmap volume with the crop's geometry (Segmentations logic); an
+        empty region gives an empty segment, so that "nothing found" shows as such."""
+        import numpy as np
+
+        scene = slicer.mrmlScene
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
+        segments = segmentation.GetSegmentation()
+        for output, value, name, colour in ANATOMY_SEGMENTS:
+            if output not in analysis:
+                continue
+            mask = (np.asarray(analysis[output].array) == value).any(axis=0)[None].astype(np.uint8)
+            if not mask.any():
+                segments.AddEmptySegment("", name, colour)
+                continue
+            labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+            try:
+                slicer.util.updateVolumeFromArray(labelmap, mask)
+                labelmap.SetIJKToRASMatrix(ijkToRAS)
+                before = segments.GetNumberOfSegments()
+                if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation):
+                    raise RuntimeError(f"could not import {name} into a segmentation")
+            finally:
+                scene.RemoveNode(labelmap)
+            segment = segments.GetNthSegment(before)
+            segment.SetName(name)
+            segment.SetColor(*colour)
+
+    @staticmethod
     def _placeInStudy(volumeNode, nodes):
         """Put ``nodes`` next to the input in the subject hierarchy (its study, if any)."""
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
@@ -649,31 +831,45 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                 shNode.SetItemParent(item, parent)
 
     def showResults(self, nodes):
-        """Show results (GUI only): the current sample (the invariances' proxy volume) with the
-        std map as a coloured overlay, the sequence browser in the toolbar, the chart in the plot
-        view; a single node passed alone is shown by its kind."""
-        background = nodes.get("invariances_proxy") or next(
-            (n for n in nodes.values() if n.IsA("vtkMRMLScalarVolumeNode") and n is not nodes.get("std")), None)
-        if background is not None:
-            slicer.util.setSliceViewerLayers(background=background, fit=True)
-        if "std" in nodes:
-            slicer.util.setSliceViewerLayers(foreground=nodes["std"], foregroundOpacity=0.4 if background else 1.0)
-        for node in nodes.values():
-            if node.IsA("vtkMRMLSequenceBrowserNode"):
+        """Show a run's results (GUI only): the current sample (the invariances' proxy volume)
+        with the std map as a coloured overlay, the sequence browser in the toolbar, the chart in
+        the plot view, and the anatomy changes when there are any."""
+        for role in ("invariances", "std", "chart", "anatomy_changes"):
+            if role in nodes:
+                self.showResult(nodes, role)
+
+    def showResult(self, nodes, role):
+        """Bring the result ``nodes[role]`` into the views (what its Show button does):
+        sequences through their proxy volume (slice views) and browser (toolbar), volumes as the
+        background (the std map as a 40 % overlay), the table in a table view, the chart in the
+        plot view, the segmentation made visible over the crop."""
+        node = nodes[role]
+        if node.IsA("vtkMRMLSequenceNode"):
+            proxy = nodes.get(role + "_proxy")
+            if proxy is not None:
+                slicer.util.setSliceViewerLayers(background=proxy, fit=True)
+            browser = nodes.get("browser")
+            if browser is not None:
                 toolbar = slicer.modules.sequences.toolBar()
-                toolbar.setActiveBrowserNode(node)
+                toolbar.setActiveBrowserNode(browser)
                 toolbar.setVisible(True)
-            elif node.IsA("vtkMRMLSequenceNode") and "browser" not in nodes:
-                proxy = next((n for r, n in self.resultNodes(slicer.mrmlScene.GetNodeByID(
-                    node.GetAttribute(RESULT_INPUT_ATTRIBUTE))).items()
-                    if r == node.GetAttribute(RESULT_ROLE_ATTRIBUTE) + "_proxy"), None)
-                if proxy is not None:
-                    slicer.util.setSliceViewerLayers(background=proxy, fit=True)
-            elif node.IsA("vtkMRMLPlotChartNode"):
-                slicer.modules.plots.logic().ShowChartInLayout(node)
-            elif node.IsA("vtkMRMLTableNode") and len(nodes) == 1:
-                slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(node.GetID())
-                slicer.app.applicationLogic().PropagateTableSelection()
+        elif role == "std":
+            slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=0.4)
+        elif node.IsA("vtkMRMLScalarVolumeNode"):
+            slicer.util.setSliceViewerLayers(background=node, fit=True)
+        elif node.IsA("vtkMRMLPlotChartNode"):
+            slicer.modules.plots.logic().ShowChartInLayout(node)
+        elif node.IsA("vtkMRMLTableNode"):
+            layoutManager = slicer.app.layoutManager()
+            layoutManager.setLayout(slicer.modules.tables.logic().GetLayoutWithTable(layoutManager.layout))
+            applicationLogic = slicer.app.applicationLogic()
+            applicationLogic.GetSelectionNode().SetActiveTableID(node.GetID())
+            applicationLogic.PropagateTableSelection()
+        elif node.IsA("vtkMRMLSegmentationNode"):
+            if "invariances_proxy" in nodes or "crop" in nodes:
+                slicer.util.setSliceViewerLayers(background=nodes.get("invariances_proxy") or nodes["crop"], fit=True)
+            node.CreateDefaultDisplayNodes()
+            node.GetDisplayNode().SetVisibility(True)
 
 
 #

@@ -30,22 +30,12 @@ from InvarianceExplorerLib.fit import fit, parse_budget, plan
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION, HUNormalization
 from InvarianceExplorerLib.sample_data import sample_ct_path
 from InvarianceExplorerLib.sampler import load_invariance_models
+from tiny_fit import FIT, MAX_CONSISTENCY, TINY, one_thread
 
-TINY = {"cvae": dict(z_dim=16, channels=[8, 16, 16, 32], critic_widths=[8, 8, 16, 16, 16, 16], critic_hidden=32,
-                     lr=3e-3),
-        "cinn": dict(n_flows=4, hidden=32, embedding_dim=8, embedding_channels=[8, 8], init_batches=2, lr=2e-3)}
-FIT = dict(budget="200steps", device="cpu", seed=0, patch_size=32, batch_size=4, fidelity_slices=1,
-           hyperparameters=TINY, progress=False)
-MAX_CONSISTENCY = 0.8
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The sampling panel under real Qt (PySide6 via Qt.py, offscreen), driving real engine
-processes: button states, progress from a CLI subprocess, cancel, error display, screenshot.
+processes: button states, progress from a CLI subprocess, cancel, error display, one Show
+button per output, screenshot.
 
 The panel speaks the engine's JSON-lines protocol; these tests run ``invariance-explorer
 denoise`` (same protocol, stage "denoising") with a tiny randomly initialised CNN-10.
@@ -19,8 +20,8 @@ pytest.importorskip("PySide6")
 pytest.importorskip("Qt")
 
 from InvarianceExplorerLib.io import write_nrrd  # noqa: E402
-from InvarianceExplorerLib.ui.panel import (CANCEL_TEXT, CUSTOM_MODEL, DEFAULT_COUNT, DENOISERS, RUN_TEXT,  # noqa: E402
-                                            SamplingPanel, overall_percent)
+from InvarianceExplorerLib.ui.panel import (ANALYSIS_STAGE_SPANS, CANCEL_TEXT, CUSTOM_MODEL,  # noqa: E402
+                                            DEFAULT_COUNT, DENOISERS, RUN_TEXT, SamplingPanel, overall_percent)
 from InvarianceExplorerLib.ui.process import EngineJob, engine_command, process_group_alive  # noqa: E402
 from InvarianceExplorerLib.ui.qtshim import application, prop, qt  # noqa: E402
 from ui_helpers import make_model, make_volume, screenshot_path, wait_until  # noqa: E402
@@ -57,7 +58,11 @@ def test_panel_sections_defaults_and_custom_folder_row(app):
     assert [combo.itemData(i) for i in range(combo.count())] == [n for n, _ in DENOISERS] + [CUSTOM_MODEL]
     assert combo.itemText(4) == "Custom model folder\u2026"
     assert [panel.deviceCombo.itemText(i) for i in range(panel.deviceCombo.count())] == ["Auto", "CPU", "CUDA"]
-    assert panel.settings() == {"model": "cnn10", "count": DEFAULT_COUNT, "seed": 0, "device": "auto"}
+    assert panel.settings() == {"model": "cnn10", "count": DEFAULT_COUNT, "seed": 0, "device": "auto",
+                                "analyze": False}
+    panel.analyzeCheck.setChecked(True)
+    assert panel.settings()["analyze"] is True
+    panel.analyzeCheck.setChecked(False)
     assert DEFAULT_COUNT == 32 and panel.runButton.text() == RUN_TEXT
     assert panel.customRow.isHidden() and panel.errorLabel.isHidden()
     panel.setDenoiser("/models/mine")
@@ -72,6 +77,47 @@ def test_panel_sections_defaults_and_custom_folder_row(app):
     # the stage spans of `sample` fill the bar in order
     assert overall_percent("loading", 0) == 0 and overall_percent("sampling", 0.5) == 51
     assert overall_percent("writing", 1.0) == 100 and overall_percent("denoising", 0.25) == 25
+    # with the analysis, its stages follow the samples' and end the bar
+    order = ["loading", "encoding", "sampling", "writing", "noise", "method A", "method B", "analysis writing"]
+    ends = [overall_percent(stage, 1.0, ANALYSIS_STAGE_SPANS) for stage in order]
+    assert ends == sorted(ends) and ends[-1] == 100 and overall_percent("writing", 1.0, ANALYSIS_STAGE_SPANS) < 100
+
+
+def test_outputs_have_one_show_button_each(app):
+    panel = SamplingPanel()
+    assert panel.outputLabels() == [] and panel.outputButtons() == [] and not panel.outputsEmptyLabel.isHidden()
+    shown = []
+    panel.setOutputs([("x~ sequence", lambda: shown.append("x~")), ("std map", lambda: shown.append("std")),
+                      ("figure.png (no viewer)", None)])
+    assert panel.outputLabels() == ["x~ sequence", "std map", "figure.png (no viewer)"]
+    buttons = panel.outputButtons()
+    assert [b.text() for b in buttons] == ["Show"] * 3 and [b.isEnabled() for b in buttons] == [True, True, False]
+    assert panel.outputsEmptyLabel.isHidden()
+    buttons[1].click()
+    buttons[0].click()
+    buttons[2].click()
+    assert shown == ["std", "x~"]
+    # a new run's outputs replace the rows (no button of the old ones stays in the panel)
+    panel.setOutputs([("f(x)", lambda: shown.append("f"))])
+    app.processEvents()
+    live = [b for b in panel.outputsBox.findChildren(qt.QPushButton) if b.text() == "Show" and b.isVisibleTo(panel)]
+    assert live == panel.outputButtons() and len(live) == 1 and panel.outputLabels() == ["f(x)"]
+    live[0].click()
+    assert shown == ["std", "x~", "f"]
+    panel.setOutputs([])
+    assert panel.outputButtons() == [] and not panel.outputsEmptyLabel.isHidden()
+
+
+def test_analysis_stages_move_the_bar_forward(app):
+    panel = SamplingPanel()
+    panel._spans = ANALYSIS_STAGE_SPANS
+    values = []
+    for stage in ("loading", "sampling", "writing", "noise", "method A", "writing"):
+        panel._onStage({"event": "stage", "stage": stage})
+        panel._onProgress({"event": "progress", "stage": stage, "fraction": 1.0, "done": 1, "total": 1})
+        values.append(panel.progressBar.value())
+    assert values == sorted(values) and values[-1] == 100 and values[2] < 100
+    assert panel.statusLabel.text() == "Writing the analysis: 1 of 1"
 
 
 def test_run_streams_progress_from_a_real_cli_process(app, model, ct, tmp_path):
@@ -94,13 +140,13 @@ def test_run_streams_progress_from_a_real_cli_process(app, model, ct, tmp_path):
     assert panel.running and panel.runButton.text() == CANCEL_TEXT
     assert not panel.inputsBox.isEnabled() and not panel.countSpin.isEnabled()
     wait_until(lambda: not panel.running)
-    assert seen == [{"model": "cnn10", "count": 32, "seed": 7, "device": "auto"}]
+    assert seen == [{"model": "cnn10", "count": 32, "seed": 7, "device": "auto", "analyze": False}]
     assert panel.errorLabel.isHidden(), panel.errorText()
     assert panel.runButton.text() == RUN_TEXT and panel.inputsBox.isEnabled() and states == [True, False]
     assert panel.progressBar.value() == 100 and out.is_file() and not temp.exists()
     assert panel.lastEvent["event"] == "done" and panel.lastEvent["outputs"] == {"denoised": str(out)}
-    assert panel.outputLabels() == ["denoised: denoised.nrrd"] and panel.showButton.isEnabled()
-    panel.showButton.click()
+    assert panel.outputLabels() == ["denoised: denoised.nrrd"] and panel.outputButtons()[0].isEnabled()
+    panel.outputButtons()[0].click()
     assert shown == ["denoised"]
     assert "denoised CT (cnn10" in panel.statusLabel.text()
 

@@ -1,12 +1,14 @@
 """The Slicer layer (InvarianceExplorer/InvarianceExplorer.py) under the SLICER STAND-IN
 (Testing/slicer_standin: slicer.util / MRML calls on the real vtk wheel; not 3D Slicer).
 
-Checked: the parameter node's defaults, the point -> voxel conversion, export of the input
-without touching the scene, the crop geometry of every result node (IJK-to-RAS of the crop,
-NRRD/LPS vs RAS), sequence contents and their browser, table columns and chart, placement
-in the input's study, replace-not-duplicate on re-run (asking about renamed results), and a
-scene left unchanged by a failing import, by an engine error and by cancel (real engine
-processes). The real-Slicer check is the module's self-test.
+Checked: the parameter node's defaults, the point -> voxel and ROI centre -> voxel conversion,
+export of the input without touching the scene, the crop geometry of every result node
+(IJK-to-RAS of the crop, NRRD/LPS vs RAS), sequence contents and their browser, table columns
+and chart, the analysis's anatomy changes as a segmentation, placement in the input's study,
+replace-not-duplicate on re-run (asking about renamed results), and a scene left unchanged by
+a failing import, by an engine error and by cancel (real engine processes); the widget: point
+or ROI, one Show button per output, and an input selector that does not offer the results.
+The real-Slicer check is the module's self-test.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import slicer_standin  # noqa: E402
 from InvarianceExplorerLib.io import read_image  # noqa: E402
 from InvarianceExplorerLib.result_folder import FILES, result_node_names  # noqa: E402
 from InvarianceExplorerLib.ui.process import process_group_alive  # noqa: E402
-from ui_helpers import write_sample_folder  # noqa: E402
+from ui_helpers import write_analysis_folder, write_sample_folder  # noqa: E402
 
 #: An oblique RAS geometry typed out by hand (rows of IJK-to-RAS), independent of the code under test.
 C, S = np.cos(np.deg2rad(30.0)), np.sin(np.deg2rad(30.0))
@@ -126,13 +128,16 @@ def python_slicer(tmp_path, monkeypatch):
 def test_parameter_node_defaults_and_ranges(module):
     p = module.InvarianceExplorerLogic().getParameterNode()
     assert (p.sampleCount, p.seed, p.device, p.denoiser) == (32, 0, "auto", "cnn10")
-    assert p.inputVolume is None and p.point is None
+    assert p.inputVolume is None and p.point is None and p.roi is None
+    assert p.centerFrom == "point" and p.analyze is False
     p.sampleCount = 8
     assert module.InvarianceExplorerLogic().getParameterNode().sampleCount == 8
     with pytest.raises(ValueError):
         p.sampleCount = 0
     with pytest.raises(ValueError):
         p.device = "tpu"
+    with pytest.raises(ValueError):
+        p.centerFrom = "segment"
 
 
 def test_point_to_voxel_and_export_keep_the_scene(module, slicer, tmp_path):
@@ -156,6 +161,30 @@ def test_point_to_voxel_and_export_keep_the_scene(module, slicer, tmp_path):
     np.testing.assert_allclose(written.GetSpacing(), (0.7, 0.8, 2.5), atol=1e-9)
     np.testing.assert_allclose(np.reshape(written.GetDirection(), (3, 3)) * (0.7, 0.8, 2.5), lps[:3, :3], atol=1e-9)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(written), array)
+
+
+def test_roi_centre_picks_the_voxel_and_the_slice(module, slicer, tmp_path, python_slicer):
+    logic = module.InvarianceExplorerLogic()
+    volume, _, _ = add_volume(slicer)
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "R")
+    with pytest.raises(ValueError, match="not placed"):
+        logic.centerIJK(volume, roi)  # created, not placed yet (no control point)
+    roi.SetCenter(*(voxel_ras(*CENTER) + [-0.2, 0.3, -1.0]))  # within the voxel (k spacing 2.5 mm)
+    roi.SetSize(40.0, 25.0, 10.0)  # the size is not used: the crop is the model's patch
+    assert logic.centerIJK(volume, roi) == CENTER
+    roi.SetCenter(*voxel_ras(40, 5, 0))
+    assert logic.centerIJK(volume, roi) == (40, 5, 0)
+    roi.SetCenter(*voxel_ras(*CENTER))
+    job = logic.prepareSampling(volume, "cnn10", roi, count=2, analyze=True)
+    try:
+        args = job.command[3:]
+        assert args[args.index("--center") + 1] == "30,20,2" and job.centerIJK == CENTER
+        assert "--analyze" in args
+    finally:
+        job.cleanup()
+    plain = logic.prepareSampling(volume, "cnn10", roi, count=2)
+    plain.cleanup()
+    assert "--analyze" not in plain.command
 
 
 def test_results_become_nodes_with_the_crop_geometry(module, slicer, tmp_path):
@@ -312,7 +341,7 @@ def test_widget_plugs_node_selectors_into_the_panel_and_keeps_the_parameter_node
     panel = widget.panel
     form = panel.inputsForm
     assert [form.itemAt(r, qt.QFormLayout.LabelRole).widget().text() for r in range(3)] == \
-        ["Input volume:", "Point:", "Denoiser:"]
+        ["Input volume:", "Centre:", "Denoiser:"]
     p = widget.logic.getParameterNode()
     assert p.inputVolume is volume and widget.volumeSelector.currentNode() is volume  # the first CT is picked
     panel.countSpin.setValue(8)
@@ -320,6 +349,7 @@ def test_widget_plugs_node_selectors_into_the_panel_and_keeps_the_parameter_node
     panel.deviceCombo.setCurrentIndex(1)
     assert (p.sampleCount, p.denoiser, p.customModelFolder, p.device) == (8, "custom", str(tmp_path / "no-model"),
                                                                           "cpu")
+    assert p.centerFrom == "point" and not p.analyze
     assert not panel.start() and "Place a point" in panel.errorText()
     point = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "P")
     point.AddControlPoint(*voxel_ras(*CENTER))
@@ -334,6 +364,175 @@ def test_widget_plugs_node_selectors_into_the_panel_and_keeps_the_parameter_node
     wait_until(lambda: not panel.running, timeout=60)
     assert panel.errorText() and panel.runButton.text() == RUN_TEXT
     assert snapshot(slicer) == before and list(python_slicer.iterdir()) == []
+
+
+def analysis_labels():
+    """Method A's labelmaps of 5 samples (1 added, 2 removed) and method B's, by hand."""
+    altered = np.zeros((5, PATCH, PATCH), np.uint8)
+    altered[0, 2:5, 3:6] = 1
+    altered[1, 2:3, 10:12] = 1
+    altered[3, 8:10, 8:12] = 2
+    altered[4, 3:4, 4:5] = 2  # overlaps sample 0's added region: both segments hold it
+    significant = np.zeros((PATCH, PATCH), np.uint8)
+    significant[12:14, 1:4] = 1
+    return altered, significant
+
+
+def segments_by_name(node):
+    segmentation = node.GetSegmentation()
+    return {segmentation.GetNthSegment(n).GetName(): segmentation.GetNthSegmentID(n)
+            for n in range(segmentation.GetNumberOfSegments())}
+
+
+def test_analysis_becomes_a_segmentation_in_the_crop_geometry_replaced_on_rerun(module, slicer, tmp_path):
+    logic = module.InvarianceExplorerLogic()
+    volume, _, study = add_volume(slicer)
+    folder, _ = results_folder(module, slicer, volume, tmp_path, seed=0)
+    altered, significant = analysis_labels()
+    write_analysis_folder(folder, altered, significant)
+    nodes = logic.importResults(volume, folder)
+    seg = nodes["anatomy_changes"]
+    assert seg.IsA("vtkMRMLSegmentationNode") and seg.GetName() == "LD chest anatomy changes"
+    assert seg.GetAttribute("InvarianceExplorer.InputVolumeID") == volume.GetID()
+    assert seg.GetAttribute("InvarianceExplorer.Role") == "anatomy_changes"
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
+    ids = segments_by_name(seg)
+    added, removed, flagged = (name for _, _, name, _ in module.ANATOMY_SEGMENTS)
+    assert list(ids) == [added, removed, flagged]
+    expected = {added: (altered == 1).any(axis=0), removed: (altered == 2).any(axis=0), flagged: significant == 1}
+    for name, mask in expected.items():
+        # on the crop's grid (the stand-in does not resample: a segment in another geometry raises)
+        voxels = slicer.util.arrayFromSegmentBinaryLabelmap(seg, ids[name], nodes["crop"])
+        assert voxels.shape == (1, PATCH, PATCH)
+        np.testing.assert_array_equal(voxels[0], mask.astype(np.uint8), err_msg=name)
+    assert seg.GetSegmentation().GetSegment(ids[removed]).GetColor() == (0.2, 0.6, 1.0)
+    assert seg.GetDisplayNode() is not None and seg.GetDisplayNode().GetVisibility()
+    assert slicer.util.getNodesByClass("vtkMRMLLabelMapVolumeNode") == []  # the import's labelmaps are gone
+
+    # a re-run replaces it; without method B (and nothing found by method A) the segments are empty
+    second, _ = results_folder(module, slicer, volume, tmp_path, seed=1)
+    write_analysis_folder(second, np.zeros_like(altered))
+    again = logic.importResults(volume, second)
+    assert seg.GetScene() is None and len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == 1
+    ids = segments_by_name(again["anatomy_changes"])
+    assert list(ids) == [added, removed]
+    assert not slicer.util.arrayFromSegmentBinaryLabelmap(again["anatomy_changes"], ids[added], again["crop"]).any()
+    # a run without the analysis removes the earlier one's segmentation
+    third, _ = results_folder(module, slicer, volume, tmp_path, seed=2)
+    assert "anatomy_changes" not in logic.importResults(volume, third)
+    assert slicer.util.getNodesByClass("vtkMRMLSegmentationNode") == []
+
+
+def offered_volumes(selector):
+    return [selector.nodeFromIndex(i) for i in range(selector.nodeCount())]
+
+
+def test_widget_centre_from_an_roi_and_the_analysis_option(module, slicer, tmp_path, python_slicer):
+    from InvarianceExplorerLib.ui.qtshim import application
+
+    application()
+    volume, _, _ = add_volume(slicer)
+    widget = module.InvarianceExplorerWidget()
+    widget.setup()
+    panel, p = widget.panel, widget.logic.getParameterNode()
+    assert not widget.pointWidget.isHidden() and widget.roiRow.isHidden()
+    assert "128 x 128 pixels" in widget.patchNote.text() and "128 x 128 pixels" in module.InvarianceExplorer(
+        type("Parent", (), {})()).parent.helpText
+    widget.centerFromROIButton.setChecked(True)
+    assert p.centerFrom == "roi" and widget.pointWidget.isHidden() and not widget.roiRow.isHidden()
+    assert not panel.start() and "Select an ROI" in panel.errorText()
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "R")
+    widget.roiSelector.setCurrentNode(roi)
+    assert p.roi is roi and widget.roiPlaceWidget.currentNode() is roi
+    assert not panel.start() and "Select an ROI" in panel.errorText()  # not placed yet
+    roi.SetCenter(*voxel_ras(*CENTER))
+    roi.SetSize(30.0, 30.0, 5.0)
+    panel.analyzeCheck.setChecked(True)
+    assert p.analyze is True
+    job = widget.prepareJob(panel.settings())
+    try:
+        assert job.centerIJK == CENTER and "--analyze" in job.command
+    finally:
+        job.cleanup()
+    # the settings come back in a new widget (module re-entered)
+    again = module.InvarianceExplorerWidget()
+    again.setup()
+    assert again.centerFromROIButton.isChecked() and again.roiSelector.currentNode() is roi
+    assert again.panel.analyzeCheck.isChecked() and again.centerNode() is roi
+    widget.centerFromPointButton.setChecked(True)
+    assert p.centerFrom == "point" and widget.centerNode() is None
+
+
+def test_widget_shows_each_output_and_hides_results_from_the_input_selector(module, slicer, tmp_path):
+    import types
+
+    from InvarianceExplorerLib.ui.qtshim import application
+    from ui_helpers import wait_until
+
+    app = application()
+    volume, _, _ = add_volume(slicer)
+    other, _, _ = add_volume(slicer, "other CT")
+    labels = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "some labels")
+    widget = module.InvarianceExplorerWidget()
+    widget.setup()
+    selector = widget.volumeSelector
+    assert offered_volumes(selector) == [volume, other]  # no labelmaps
+    folder, _ = results_folder(module, slicer, volume, tmp_path)
+    write_analysis_folder(folder, *analysis_labels())
+    widget._jobVolume = volume
+    items = widget.collectResults({}, types.SimpleNamespace(outDir=folder))
+    nodes = widget.logic.resultNodes(volume)
+    assert offered_volumes(selector) == [volume, other]  # none of the result volumes
+    assert selector.sortFilterProxyModel().hiddenNodeIDs == widget.logic.resultVolumeIDs()
+    assert {nodes[r].GetID() for r in ("crop", "std", "invariances_proxy")} <= set(widget.logic.resultVolumeIDs())
+    # the run's results were shown: current sample, std overlay, browser, chart, anatomy changes
+    views = slicer.views
+    assert views.layers["background"] is nodes["invariances_proxy"] and views.layers["foreground"] is nodes["std"]
+    assert views.browser is nodes["browser"] and views.chart is nodes["chart"]
+
+    # one row and one Show button per output
+    panel = widget.panel
+    panel.setOutputs(items)
+    names = result_node_names("LD chest")
+    roles = ["invariances", "denoised_invariances", "crop", "denoised", "reconstruction", "std", "table", "chart",
+             "anatomy_changes"]
+    assert panel.outputLabels() == [names.get(r, "LD chest anatomy changes") for r in roles]
+    buttons = panel.outputButtons()
+    assert len(buttons) == len(roles) and all(b.isEnabled() and b.text() == "Show" for b in buttons)
+
+    def click(role):
+        slicer.views.__init__()  # forget what was shown
+        nodes["anatomy_changes"].GetDisplayNode().SetVisibility(False)
+        buttons[roles.index(role)].click()
+        return slicer.views
+
+    for role in ("invariances", "denoised_invariances"):
+        shown = click(role)
+        assert shown.layers["background"] is nodes[role + "_proxy"] and shown.browser is nodes["browser"], role
+        assert shown.toolbarVisible
+    for role in ("crop", "denoised", "reconstruction"):
+        assert click(role).layers == {"background": nodes[role]}, role
+    assert click("std").layers == {"foreground": nodes["std"], "foregroundOpacity": 0.4}
+    shown = click("table")
+    assert shown.table is nodes["table"] and shown.layout == slicer_standin.TABLE_LAYOUT and shown.chart is None
+    shown = click("chart")
+    assert shown.chart is nodes["chart"] and shown.table is None
+    shown = click("anatomy_changes")
+    assert nodes["anatomy_changes"].GetDisplayNode().GetVisibility()
+    assert shown.layers["background"] is nodes["invariances_proxy"]
+
+    # results made from the console (no widget involved) are hidden too, once the events are processed
+    other_nodes = widget.logic.importResults(other, folder)
+    wait_until(lambda: other_nodes["crop"].GetID() in selector.sortFilterProxyModel().hiddenNodeIDs, timeout=5,
+               app=app)
+    assert offered_volumes(selector) == [volume, other]
+    # a result the user keeps as their own (renamed, "no" to replacing) is an input again
+    other_nodes["std"].SetName("my std")
+    slicer.answers.reply = False
+    widget.logic.importResults(other, folder)
+    wait_until(lambda: other_nodes["std"] in offered_volumes(selector), timeout=5, app=app)
+    assert labels not in offered_volumes(selector)
 
 
 def test_missing_packages_are_asked_for_and_named_when_they_cannot_be_installed(module, slicer, monkeypatch):

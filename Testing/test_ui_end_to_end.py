@@ -98,8 +98,15 @@ def test_slicer_logic_samples_into_nodes(model, tmp_path, monkeypatch):
         ras = (20.0 - 0.7 * 30, 15.0 - 0.7 * 20, -4.0 + 2.0)  # voxel (30, 20, 1)
         progress = []
         nodes = module.InvarianceExplorerLogic().sampleInvariances(volume, str(model), ras, count=3, seed=2,
-                                                                   device="cpu", progressCallback=progress.append)
-        assert {e["stage"] for e in progress} == {"loading", "encoding", "sampling", "writing"}
+                                                                   device="cpu", progressCallback=progress.append,
+                                                                   analyze=True)
+        assert {e["stage"] for e in progress} >= {"loading", "encoding", "sampling", "writing", "method A"}
+        # sample --analyze: method A's regions as a segmentation on the crop's grid (method B: no null here)
+        segmentation = nodes["anatomy_changes"].GetSegmentation()
+        names = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
+        assert names == [name for output, _, name, _ in module.ANATOMY_SEGMENTS if output == "altered_regions"]
+        assert slicer.util.arrayFromSegmentBinaryLabelmap(nodes["anatomy_changes"], segmentation.GetNthSegmentID(0),
+                                                          nodes["crop"]).shape == (1, 32, 32)
         assert nodes["invariances"].GetNumberOfDataNodes() == 3 and nodes["table"].GetTable().GetNumberOfRows() == 3
         crop = vtk.vtkMatrix4x4()
         nodes["crop"].GetIJKToRASMatrix(crop)

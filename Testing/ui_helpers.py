@@ -98,3 +98,27 @@ def wait_until(condition, timeout=90.0, app=None):
             raise AssertionError(f"condition not met within {timeout} s")
         app.processEvents()
         time.sleep(0.01)
+
+
+def write_analysis_folder(sample_folder: Path, altered: np.ndarray, significant=None) -> Path:
+    """Write ``sample_folder/analysis/`` in the layout of ``analyze`` / ``sample --analyze`` (see
+    analysis_folder.py) with given labelmaps: ``altered`` (K, P, P) uint8 (method A: 1 structure
+    added, 2 removed), ``significant`` (P, P) uint8 (method B) or None (method B skipped); the
+    geometry as the engine writes it (the crop's, from input.nrrd)."""
+    from InvarianceExplorerLib.analysis_folder import ANALYSIS_DIR, ANALYSIS_FILES
+    from InvarianceExplorerLib.result_folder import read_volume
+
+    crop = read_volume(Path(sample_folder) / FILES["input"])
+    out = Path(sample_folder) / ANALYSIS_DIR
+    out.mkdir()
+    stack = CTImage(np.asarray(altered, np.float32), crop.spacing, crop.origin, crop.direction)
+    write_nrrd(stack, out / ANALYSIS_FILES["altered_regions"], array=np.asarray(altered, np.uint8))
+    write_nrrd(stack, out / ANALYSIS_FILES["change_maps"], array=np.asarray(altered, np.float32) * 3.0)
+    files = {name: ANALYSIS_FILES[name] for name in ("change_maps", "altered_regions", "numbers")}
+    if significant is not None:
+        write_nrrd(crop, out / ANALYSIS_FILES["significant_regions"], array=np.asarray(significant, np.uint8)[None])
+        files["significant_regions"] = ANALYSIS_FILES["significant_regions"]
+    record = {"version": 1, "count": int(altered.shape[0]), "files": files,
+              "method_b": {"skipped": significant is None}}
+    (out / ANALYSIS_FILES["numbers"]).write_text(json.dumps(record))
+    return out

@@ -271,7 +271,8 @@ def _add_fit(sub) -> None:
                                                "full-image: applied to whole slices only")
     p.add_argument("--name", help="name shown in the model card (default: the file or folder name)")
     p.add_argument("--data", type=Path,
-                   help="simulated data set (data simulate) or paired DICOM folder; only low-dose images train")
+                   help="simulated data set (data simulate), or DICOM folder with one folder per patient: paired "
+                        "(low- and full-dose series) or low-dose series only; only low-dose images train")
     p.add_argument("--out", type=Path, help="the model folder to write")
     p.add_argument("--budget", default=DEFAULT_BUDGET,
                    help=f"cVAE steps (e.g. 3000steps) or wall time (e.g. 45m, 2h) (default {DEFAULT_BUDGET})")

@@ -1,4 +1,5 @@
-"""Paired low-/full-dose CT slices for training and analysing denoisers.
+"""Paired low-/full-dose CT slices for training and analysing denoisers, and low-dose slices
+alone for the invariance models.
 
 Every source is a sequence of :class:`PairedSlice` (HU float32 slices plus geometry in mm
 and a patient id), so training and analysis do not care where the pairs come from:
@@ -7,6 +8,9 @@ and a patient id), so training and analysis do not care where the pairs come fro
   :class:`~.lowdose.LowDoseSimulator`) to a folder; :class:`SimulatedDataset` reads it.
 * :class:`PairedDicomDataset` reads a user's own paired DICOM series, e.g. the Mayo
   "LDCT and Projection data" used in the paper.
+* :class:`LowDoseDicomDataset` reads a user's low-dose DICOM series without full-dose
+  partners (items with ``full_dose=None``): enough for the invariance models (cVAE, cINN),
+  which train on low-dose images only. :func:`open_source` opens any of the three.
 * :func:`split_patients` and :func:`make_dataset` give the patient-level split and the MONAI
   training pipeline (patches, flips and 90-degree rotations, :class:`HUNormalization`).
 """
@@ -55,7 +59,8 @@ class PairedSlice:
     """One axial slice of a patient scanned at low and at full dose.
 
     Attributes:
-        low_dose, full_dose: float32 HU, ``(y, x)``, same geometry.
+        low_dose, full_dose: float32 HU, ``(y, x)``, same geometry; ``full_dose`` is None
+            for low-dose-only data (:class:`LowDoseDicomDataset`).
         spacing: voxel size in mm, ``(x, y, z)`` (z: slice spacing or thickness).
         patient_id: the unit of the train/val/test split.
         origin: LPS position in mm of pixel ``[0, 0]``, ``(x, y, z)``.
@@ -65,7 +70,7 @@ class PairedSlice:
     """
 
     low_dose: np.ndarray
-    full_dose: np.ndarray
+    full_dose: Optional[np.ndarray]
     spacing: Vec3
     patient_id: str
     origin: Vec3 = (0.0, 0.0, 0.0)
@@ -73,9 +78,10 @@ class PairedSlice:
     labels: Optional[np.ndarray] = None
     nodule_map: Optional[np.ndarray] = None
 
-    def images(self) -> Tuple[CTImage, CTImage]:
-        """``(low_dose, full_dose)`` as CTImages with this slice's geometry."""
-        return tuple(CTImage(a, self.spacing, self.origin, self.direction) for a in (self.low_dose, self.full_dose))
+    def images(self) -> Tuple[CTImage, Optional[CTImage]]:
+        """``(low_dose, full_dose)`` as CTImages with this slice's geometry (full dose None when absent)."""
+        return tuple(None if a is None else CTImage(a, self.spacing, self.origin, self.direction)
+                     for a in (self.low_dose, self.full_dose))
 
 
 # ----------------------------------------------------------------------------- simulated data
@@ -278,6 +284,9 @@ class SimulatedDataset(Sequence):
         path: the data set folder or its ``manifest.json``.
     """
 
+    #: Every item has its full-dose image.
+    has_full_dose = True
+
     def __init__(self, path):
         path = Path(path)
         self.manifest_path = path / MANIFEST if path.is_dir() else path
@@ -326,16 +335,152 @@ class SimulatedDataset(Sequence):
                                **self._geometry)
 
 
-# ----------------------------------------------------------------------------- paired DICOM
+# ----------------------------------------------------------------------------- DICOM data
 
 #: Default series matching: TCIA "LDCT and Projection data" series descriptions and folder
 #: names ("Full Dose Images", "Low Dose Images", also "Quarter Dose") and the Grand Challenge
 #: folders ("full_1mm", "quarter_3mm", ...). Projection data series do not match.
 FULL_DOSE_PATTERN = r"(?i)full[\s_-]*dose[\s_-]*image|^full_\d"
 LOW_DOSE_PATTERN = r"(?i)(low|quarter)[\s_-]*dose[\s_-]*image|^quarter_\d"
+#: Kinds of DICOM data :func:`open_source` opens (``dicom=``).
+DICOM_KINDS = ("auto", "paired", "low-dose")
+
+#: CT series of one patient: ``(series folder, its path relative to the patient folder, the
+#: series dict of io.list_dicom_series)``.
+_Found = List[Tuple[Path, str, dict]]
 
 
-class PairedDicomDataset(Sequence):
+@dataclass(frozen=True)
+class DicomPatient:
+    """The CT series found below one patient folder (:func:`scan_dicom_patients`)."""
+
+    patient_id: str
+    folder: Path
+    series: _Found
+    unreadable: List[str]
+
+    def listing(self) -> str:
+        """The series found, for error messages."""
+        text = "; ".join(f"'{rel}' \"{s['description']}\" ({s['n_files']} files)" for _, rel, s in self.series)
+        text = text or "none"
+        if self.unreadable:
+            text += "; without DICOM series: " + "; ".join(self.unreadable)
+        return text
+
+    def matching(self, pattern: re.Pattern, among: Optional[_Found] = None) -> _Found:
+        """The series (of ``among``, default all) whose folder path below the patient folder
+        or SeriesDescription ``pattern`` matches."""
+        return [(path, rel, s) for path, rel, s in (self.series if among is None else among)
+                if pattern.search(rel) or pattern.search(s["description"])]
+
+
+def scan_dicom_patients(root, patients: Optional[Sequence[str]] = None) -> Dict[str, DicomPatient]:
+    """The patient folders of ``root`` (or those named in ``patients``) and the CT series
+    below each, at any depth (io.py lists a folder's own files); :class:`CTInputError` when
+    ``root`` is no folder, holds no patient folders or lacks a named one."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CTInputError(root, "is not a folder", "Give the folder that holds one folder per patient.")
+    folders = {p.name: p for p in sorted(root.iterdir()) if p.is_dir()}
+    if patients is not None:
+        missing = [p for p in patients if p not in folders]
+        if missing:
+            raise CTInputError(root, f"has no patient folder {', '.join(missing)}",
+                               f"Choose among: {', '.join(folders) or '(none)'}.")
+        folders = {p: folders[p] for p in patients}
+    if not folders:
+        files = sum(p.is_file() for p in root.iterdir())
+        raise CTInputError(root, "holds no patient folders and no simulated data set (manifest.json)"
+                           + (f"; it holds {files} files itself, like a series folder" if files else ""),
+                           "Give the folder that holds one folder per patient, each with the patient's DICOM "
+                           "series below it (root/<patient>/.../<series>/*.dcm), or a simulated data set folder.")
+    scanned = {}
+    for pid, folder in folders.items():
+        found, unreadable = [], []
+        for sub, _, files in sorted(os.walk(folder)):
+            if not files:
+                continue
+            rel = Path(sub).relative_to(folder).as_posix()
+            try:
+                series = list_dicom_series(sub)
+            except CTInputError as exc:
+                unreadable.append(f"{'the patient folder itself' if rel == '.' else rel} ({exc.problem})")
+                continue
+            found += [(Path(sub), rel, s) for s in series if s["modality"] == "CT"]
+        scanned[pid] = DicomPatient(pid, folder, found, unreadable)
+    return scanned
+
+
+class _DicomPatients(Sequence):
+    """What the DICOM sources share: the patient folders and their series (:func:`scan_dicom_patients`;
+    ``scan`` is a scan already made), the slice index and an LRU cache of ``cache_patients``
+    patients. Subclasses choose the series (``_find_series``) and read them (``_read``)."""
+
+    #: Whether the items carry full-dose images.
+    has_full_dose = True
+
+    def __init__(self, root, patients, hu_offset: float, cache_patients: int,
+                 scan: Optional[Dict[str, DicomPatient]]):
+        self.root = Path(root)
+        self.hu_offset = float(hu_offset)
+        self.cache_patients = max(1, int(cache_patients))
+        scan = scan if scan is not None else scan_dicom_patients(self.root, patients)
+        self.series = {pid: self._find_series(patient) for pid, patient in scan.items()}
+        self._cache: "OrderedDict[str, tuple]" = OrderedDict()
+        self._index: List[Tuple[str, int]] = []
+        for pid in self.series:
+            self._index += [(pid, k) for k in range(len(self._load(pid)[-1]))]
+
+    @property
+    def patient_ids(self) -> List[str]:
+        """Patient id of every slice."""
+        return [pid for pid, _ in self._index]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _choose(self, patient: DicomPatient, kind: str, pattern: re.Pattern, candidates: _Found) -> tuple:
+        """The one series of ``candidates`` that ``pattern`` matches; CTInputError otherwise."""
+        hits = patient.matching(pattern, candidates)
+        if len(hits) != 1:
+            problem = f"{'no' if not hits else len(hits)} CT series match the {kind} pattern '{pattern.pattern}'"
+            raise CTInputError(patient.folder, f"patient {patient.patient_id}: {problem} "
+                                               f"(series found: {patient.listing()})",
+                               f"Set the {kind.split('-')[0]}_dose pattern (a regular expression searched in the "
+                               "series folder path below the patient folder and in the SeriesDescription) "
+                               "so that it matches exactly one series." + self._hints.get(kind, ""))
+        return hits[0]
+
+    #: Added to the fix of a failed choice, by kind of series.
+    _hints: Dict[str, str] = {}
+
+    def _find_series(self, patient: DicomPatient) -> Dict[str, Tuple[Path, str]]:
+        raise NotImplementedError
+
+    def _read(self, pid: str) -> Dict[str, CTImage]:
+        return {kind: read_dicom_series(path, series_uid=uid, hu_offset=self.hu_offset)
+                for kind, (path, uid) in self.series[pid].items()}
+
+    def _arrays(self, pid: str, images: Dict[str, CTImage]) -> tuple:
+        raise NotImplementedError
+
+    def _load(self, pid: str) -> tuple:
+        """The patient's volumes (z, y, x) and slice geometry (``_arrays``), from the LRU cache."""
+        if pid in self._cache:
+            self._cache.move_to_end(pid)
+            return self._cache[pid]
+        entry = self._arrays(pid, self._read(pid))
+        self._cache[pid] = entry
+        while len(self._cache) > self.cache_patients:
+            self._cache.popitem(last=False)
+        return entry
+
+
+def _stack(image: CTImage) -> np.ndarray:
+    return image.array.reshape(-1, *image.array.shape[-2:])
+
+
+class PairedDicomDataset(_DicomPatients):
     """A user's paired low-/full-dose DICOM data, slice by slice, as :class:`PairedSlice` (HU).
 
     Expected layout: one folder per patient in ``root``, named by the patient id; below it,
@@ -350,6 +495,7 @@ class PairedDicomDataset(Sequence):
     expression ``low_dose`` (``full_dose``) is found in its folder path relative to the
     patient folder or in its SeriesDescription; each patient needs exactly one of each
     (e.g. ``full_dose="^full_1mm$", low_dose="^quarter_1mm$"`` to pick one reconstruction).
+    Low-dose scans without full-dose partners: :class:`LowDoseDicomDataset`.
 
     Slices are paired by position: both series must cover the same slice positions (within
     a quarter of the slice spacing) with the same size, pixel spacing and orientation;
@@ -363,39 +509,18 @@ class PairedDicomDataset(Sequence):
         patients: patient folder names to use (default: every subfolder of ``root``).
         hu_offset: HU added after the DICOM rescale (see :func:`~.io.read_image`).
         cache_patients: patients kept in memory.
+        scan: the patients' series as :func:`scan_dicom_patients` found them (default: scan now).
     """
+
+    _hints = {"full-dose": " Low-dose scans without full-dose partners are read as low-dose-only data "
+                           "(LowDoseDicomDataset; open_source(..., dicom='low-dose'); the fit command's --data "
+                           "does so when no patient has a full-dose series)."}
 
     def __init__(self, root, *, low_dose: Union[str, re.Pattern] = LOW_DOSE_PATTERN,
                  full_dose: Union[str, re.Pattern] = FULL_DOSE_PATTERN, patients: Optional[Sequence[str]] = None,
-                 hu_offset: float = 0.0, cache_patients: int = 4):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise CTInputError(self.root, "is not a folder", "Give the folder that holds one folder per patient.")
+                 hu_offset: float = 0.0, cache_patients: int = 4, scan: Optional[Dict[str, DicomPatient]] = None):
         self._patterns = {"low-dose": re.compile(low_dose), "full-dose": re.compile(full_dose)}
-        self.hu_offset = float(hu_offset)
-        self.cache_patients = max(1, int(cache_patients))
-        folders = {p.name: p for p in sorted(self.root.iterdir()) if p.is_dir()}
-        if patients is not None:
-            missing = [p for p in patients if p not in folders]
-            if missing:
-                raise CTInputError(self.root, f"has no patient folder {', '.join(missing)}",
-                                   f"Choose among: {', '.join(folders) or '(none)'}.")
-            folders = {p: folders[p] for p in patients}
-        if not folders:
-            raise CTInputError(self.root, "holds no patient folders", "Put each patient's series in its own folder.")
-        self.series = {pid: self._find_series(pid, folder) for pid, folder in folders.items()}
-        self._cache: "OrderedDict[str, tuple]" = OrderedDict()
-        self._index: List[Tuple[str, int]] = []
-        for pid in self.series:
-            self._index += [(pid, k) for k in range(len(self._load(pid)[2]))]
-
-    @property
-    def patient_ids(self) -> List[str]:
-        """Patient id of every slice."""
-        return [pid for pid, _ in self._index]
-
-    def __len__(self) -> int:
-        return len(self._index)
+        super().__init__(root, patients, hu_offset, cache_patients, scan)
 
     def __getitem__(self, index: int) -> PairedSlice:
         pid, k = self._index[index]
@@ -404,58 +529,74 @@ class PairedDicomDataset(Sequence):
         return PairedSlice(low_dose=low[k].copy(), full_dose=full[k].copy(), spacing=g.spacing, patient_id=pid,
                            origin=g.origin, direction=g.direction)
 
-    def _find_series(self, pid: str, folder: Path) -> Dict[str, Tuple[Path, str]]:
+    def _find_series(self, patient: DicomPatient) -> Dict[str, Tuple[Path, str]]:
         """The low- and full-dose series of one patient as ``{kind: (folder, SeriesInstanceUID)}``."""
-        found, unreadable = [], []
-        for sub, _, files in sorted(os.walk(folder)):
-            if not files:
-                continue
-            try:
-                series = list_dicom_series(sub)
-            except CTInputError as exc:
-                unreadable.append(f"{Path(sub).relative_to(folder).as_posix()} ({exc.problem})")
-                continue
-            rel = Path(sub).relative_to(folder).as_posix()
-            found += [(Path(sub), rel, s) for s in series if s["modality"] == "CT"]
-
-        def listing():
-            text = "; ".join(f"'{rel}' \"{s['description']}\" ({s['n_files']} files)" for _, rel, s in found)
-            if unreadable:
-                text += "; without DICOM series: " + "; ".join(unreadable)
-            return text or "none"
-
-        chosen = {}
-        for kind, pattern in self._patterns.items():
-            hits = [(path, rel, s) for path, rel, s in found
-                    if pattern.search(rel) or pattern.search(s["description"])]
-            if len(hits) != 1:
-                problem = f"{'no' if not hits else len(hits)} CT series match the {kind} pattern '{pattern.pattern}'"
-                raise CTInputError(folder, f"patient {pid}: {problem} (series found: {listing()})",
-                                   f"Set the {kind.split('-')[0]}_dose pattern (a regular expression searched in the "
-                                   "series folder path below the patient folder and in the SeriesDescription) "
-                                   "so that it matches exactly one series.")
-            chosen[kind] = hits[0]
+        chosen = {kind: self._choose(patient, kind, pattern, patient.series)
+                  for kind, pattern in self._patterns.items()}
         if chosen["low-dose"][2]["uid"] == chosen["full-dose"][2]["uid"]:
-            raise CTInputError(folder, f"patient {pid}: the same series '{chosen['low-dose'][1]}' matches both "
-                                       "the low-dose and the full-dose pattern",
+            raise CTInputError(patient.folder, f"patient {patient.patient_id}: the same series "
+                                               f"'{chosen['low-dose'][1]}' matches both the low-dose and the "
+                                               "full-dose pattern",
                                "Make the low_dose and full_dose patterns exclusive.")
         return {kind: (path, s["uid"]) for kind, (path, _, s) in chosen.items()}
 
-    def _load(self, pid: str):
-        """Low- and full-dose volumes (z, y, x) of one patient, checked to pair slice by slice,
-        and the full-dose slices' geometry (LRU cache of ``cache_patients``)."""
-        if pid in self._cache:
-            self._cache.move_to_end(pid)
-            return self._cache[pid]
-        images = {kind: read_dicom_series(path, series_uid=uid, hu_offset=self.hu_offset)
-                  for kind, (path, uid) in self.series[pid].items()}
+    def _arrays(self, pid: str, images: Dict[str, CTImage]) -> tuple:
+        """Low- and full-dose volumes, checked to pair slice by slice, and the full-dose slices' geometry."""
         _check_pairing(pid, self.root / pid, images["low-dose"], images["full-dose"])
-        low, full = (images[k].array.reshape(-1, *images[k].array.shape[-2:]) for k in ("low-dose", "full-dose"))
-        entry = (low, full, list(images["full-dose"].slices()))
-        self._cache[pid] = entry
-        while len(self._cache) > self.cache_patients:
-            self._cache.popitem(last=False)
-        return entry
+        return _stack(images["low-dose"]), _stack(images["full-dose"]), list(images["full-dose"].slices())
+
+
+class LowDoseDicomDataset(_DicomPatients):
+    """A user's low-dose DICOM scans without full-dose partners ("unpaired"), slice by slice,
+    as :class:`PairedSlice` with ``full_dose=None`` (HU). Enough for the invariance models
+    (cVAE and cINN train on low-dose images only), not for training or scoring a denoiser.
+
+    Layout as for :class:`PairedDicomDataset`: one folder per patient in ``root`` (its name
+    is the patient id, the unit of the train/val/test split), below it, at any depth, the
+    patient's low-dose series in its own folder::
+
+        root/patient01/series/*.dcm
+        root/patient02/0001.dcm ...
+
+    A patient's low-dose series is its only CT series, whatever its name; series matching
+    ``full_dose`` (e.g. "Full Dose Images") are ignored, and of several remaining series
+    exactly one must match ``low_dose`` (same rules as :class:`PairedDicomDataset`; e.g.
+    ``low_dose="^quarter_1mm$"``). Each patient is read once here to count its slices; the
+    ``cache_patients`` most recently used stay in memory.
+
+    Args: as :class:`PairedDicomDataset`.
+    """
+
+    has_full_dose = False
+
+    def __init__(self, root, *, low_dose: Union[str, re.Pattern] = LOW_DOSE_PATTERN,
+                 full_dose: Union[str, re.Pattern] = FULL_DOSE_PATTERN, patients: Optional[Sequence[str]] = None,
+                 hu_offset: float = 0.0, cache_patients: int = 4, scan: Optional[Dict[str, DicomPatient]] = None):
+        self._low, self._full = re.compile(low_dose), re.compile(full_dose)
+        super().__init__(root, patients, hu_offset, cache_patients, scan)
+
+    def __getitem__(self, index: int) -> PairedSlice:
+        pid, k = self._index[index]
+        low, geometry = self._load(pid)
+        g = geometry[k]
+        return PairedSlice(low_dose=low[k].copy(), full_dose=None, spacing=g.spacing, patient_id=pid,
+                           origin=g.origin, direction=g.direction)
+
+    def _find_series(self, patient: DicomPatient) -> Dict[str, Tuple[Path, str]]:
+        """The low-dose series of one patient as ``{"low-dose": (folder, SeriesInstanceUID)}``."""
+        full = {s["uid"] for _, _, s in patient.matching(self._full)}
+        candidates = [c for c in patient.series if c[2]["uid"] not in full]
+        if not candidates:
+            raise CTInputError(patient.folder, f"patient {patient.patient_id}: no low-dose CT series "
+                                               f"(series found: {patient.listing()}; series matching the full-dose "
+                                               f"pattern '{self._full.pattern}' are ignored)",
+                               "Put the patient's low-dose DICOM series in a folder below the patient folder.")
+        path, _, s = candidates[0] if len(candidates) == 1 else self._choose(patient, "low-dose", self._low,
+                                                                           candidates)
+        return {"low-dose": (path, s["uid"])}
+
+    def _arrays(self, pid: str, images: Dict[str, CTImage]) -> tuple:
+        return _stack(images["low-dose"]), list(images["low-dose"].slices())
 
 
 def _check_pairing(pid: str, where: Path, low: CTImage, full: CTImage) -> None:
@@ -485,15 +626,51 @@ def _mm(v) -> str:
     return "(" + ", ".join(f"{x:.2f}" for x in v) + ") mm"
 
 
-def open_source(path, **dicom_options) -> Sequence:
-    """A :class:`SimulatedDataset` for a folder with ``manifest.json`` (or that file),
-    otherwise a :class:`PairedDicomDataset` of the DICOM folder ``path`` (``dicom_options``
-    are passed on)."""
+def require_full_dose(source, path, purpose: str) -> None:
+    """``ValueError`` when ``source`` (read from ``path``) has no full-dose images, which
+    ``purpose`` (e.g. "training a denoiser") needs."""
+    if not getattr(source, "has_full_dose", True):
+        raise ValueError(f"{path}: {purpose} needs paired low- and full-dose images, and these data are low-dose "
+                         "only; give a simulated data set or a paired DICOM folder")
+
+
+def open_source(path, *, dicom: str = "auto", **dicom_options) -> Sequence:
+    """The data in ``path``: a :class:`SimulatedDataset` for a folder with ``manifest.json``
+    (or that file), otherwise DICOM data, one folder per patient (``dicom_options`` are passed
+    on: ``low_dose``, ``full_dose``, ``patients``, ``hu_offset``, ``cache_patients``):
+
+    * ``dicom="paired"``: :class:`PairedDicomDataset` (low- and full-dose series per patient);
+    * ``dicom="low-dose"``: :class:`LowDoseDicomDataset` (low-dose series only; full-dose
+      series are ignored);
+    * ``dicom="auto"`` (default): paired when every patient has a series matching the
+      full-dose pattern, low-dose only when none has; a mix is refused, naming the patients.
+    """
     path = Path(path)
     if path.name == MANIFEST or (path / MANIFEST).is_file():
         return SimulatedDataset(path)
-    return PairedDicomDataset(path, **dicom_options)
+    if dicom not in DICOM_KINDS:
+        raise ValueError(f"dicom is one of {', '.join(DICOM_KINDS)}; got {dicom!r}")
+    classes = {"paired": PairedDicomDataset, "low-dose": LowDoseDicomDataset}
+    if not path.exists():
+        raise CTInputError(path, "does not exist", "Give a simulated data set folder (data simulate) or a DICOM "
+                                                   "folder holding one folder per patient.")
+    if dicom != "auto":
+        return classes[dicom](path, **dicom_options)
+    scan = scan_dicom_patients(path, dicom_options.pop("patients", None))
+    full = re.compile(dicom_options.get("full_dose", FULL_DOSE_PATTERN))
+    with_full = [pid for pid, patient in scan.items() if patient.matching(full)]
+    without = [pid for pid in scan if pid not in with_full]
+    if with_full and without:
+        raise CTInputError(path, f"patients {_names(with_full)} have a full-dose series (matching "
+                                 f"'{full.pattern}') but patients {_names(without)} have none",
+                           "Give paired data (a low- and a full-dose series for every patient) or low-dose-only "
+                           "data (no full-dose series), or read it as low-dose only with "
+                           "open_source(..., dicom='low-dose'), which ignores the full-dose series.")
+    return classes["paired" if with_full else "low-dose"](path, scan=scan, **dicom_options)
 
+
+def _names(ids: Sequence[str], limit: int = 6) -> str:
+    return ", ".join(ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 # ----------------------------------------------------------------------------- splits and MONAI
 
@@ -524,11 +701,13 @@ class _LoadPair:
 
     def __call__(self, data: dict) -> dict:
         item = self.source[data["index"]]
-        if self.patch_size and min(item.full_dose.shape) < self.patch_size:
-            raise ValueError(f"item {data['index']} ({item.patient_id}) is {item.full_dose.shape} pixels, "
+        if self.patch_size and min(item.low_dose.shape) < self.patch_size:
+            raise ValueError(f"item {data['index']} ({item.patient_id}) is {item.low_dose.shape} pixels, "
                              f"smaller than the {self.patch_size}-pixel patches")
-        out = dict(ld=item.low_dose[None], fd=item.full_dose[None], patient_id=item.patient_id,
+        out = dict(ld=item.low_dose[None], patient_id=item.patient_id,
                    index=data["index"], spacing=np.asarray(item.spacing, dtype=np.float32))
+        if item.full_dose is not None:
+            out["fd"] = item.full_dose[None]
         if item.labels is not None:
             out["labels"] = item.labels[None]
         return out
@@ -552,9 +731,10 @@ def make_dataset(source, split: str = "train", *, patch_size: Optional[int] = 12
                  normalization: HUNormalization = PAPER_NORMALIZATION):
     """A MONAI dataset of one split of ``source`` for training or evaluating a denoiser.
 
-    Each element is a dict with ``"ld"`` (input) and ``"fd"`` (target), float32 tensors
-    ``(1, P, P)`` in network units (``normalization``), ``"labels"`` (uint8, simulated data
-    only) cropped and turned exactly like them, and ``"patient_id"``, ``"index"``,
+    Each element is a dict with ``"ld"`` (input) and ``"fd"`` (target; absent for
+    low-dose-only data, :class:`LowDoseDicomDataset`), float32 tensors ``(1, P, P)`` in
+    network units (``normalization``), ``"labels"`` (uint8, simulated data only) cropped and
+    turned exactly like them, and ``"patient_id"``, ``"index"``,
     ``"spacing"`` (mm). ``"train"`` takes a random ``patch_size`` patch and, with
     ``augment``, a random flip and 90-degree rotation; ``"val"``, ``"test"`` and ``"all"``
     (every item) are deterministic: the central patch, or whole slices if ``patch_size``
@@ -594,7 +774,8 @@ def make_dataset(source, split: str = "train", *, patch_size: Optional[int] = 12
     if train and augment:  # the 8 symmetries of the square, equally likely
         transforms += [RandFlipd(keys, prob=0.5, spatial_axis=0, **opt),
                        RandRotate90d(keys, prob=0.75, max_k=3, **opt)]
-    transforms += [normalization.monai_transform(keys=["ld", "fd"]), EnsureTyped(keys, track_meta=False, **opt)]
+    images = ["ld", "fd"] if getattr(source, "has_full_dose", True) else ["ld"]
+    transforms += [normalization.monai_transform(keys=images), EnsureTyped(keys, track_meta=False, **opt)]
     pipeline = Compose(transforms)
     pipeline.set_random_state(seed=seed)
     return Dataset([{"index": i} for i in indices], transform=pipeline)

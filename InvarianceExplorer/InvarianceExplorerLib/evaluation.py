@@ -87,9 +87,10 @@ def held_out_quality(data, denoisers: Mapping[str, Denoiser], split: str = "test
         ``rmse_reduction`` (fraction of the low-dose RMSE removed, denoisers only) and
         ``noise_std_hu`` ``{"heart", "soft_tissue"}`` (:func:`noise_std`, HU).
     """
-    from .datasets import open_source, split_indices
+    from .datasets import open_source, require_full_dose, split_indices
 
     source = open_source(data) if isinstance(data, (str, os.PathLike)) else data
+    require_full_dose(source, data, "measuring a denoiser against full dose")
     indices = split_indices(source, split, limit)
     if not indices:
         raise ValueError(f"{data}: the {split} split is empty")
@@ -230,8 +231,10 @@ def _custom_card(metadata: dict) -> List[str]:
     if fit:
         p, m = fit["plan"], fit.get("machine", {})
         lines += ["", "## Fit", "",
-                  f"`invariance-explorer fit` with budget `{fit['budget']}`: cVAE {p['cvae_steps']} steps (feature "
-                  f"network {p['feature_steps']}, critic from step {p['adv_start']}), cINN {p['cinn_steps']} steps"
+                  f"`invariance-explorer fit` with budget `{fit['budget']}`: cVAE {p['cvae_steps']} steps ("
+                  + (f"feature network {p['feature_steps']}, " if not str(fit.get("perceptual_term")).startswith("off")
+                     else "")
+                  + f"critic from step {p['adv_start']}), cINN {p['cinn_steps']} steps"
                   + (f"; {p['seconds_per_cvae_step']:.2f} s per cVAE step measured"
                      if p.get("seconds_per_cvae_step") else "")
                   + f". Spent {fit['wall_time_s']} s on {m.get('device')} ({m.get('cpu')}, {m.get('cpu_threads')} "

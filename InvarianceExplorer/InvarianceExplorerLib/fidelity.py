@@ -21,6 +21,12 @@ from the item's seed and scanned again with :class:`~.lowdose.LowDoseSimulator` 
 set's scan parameters, so x and x' are two draws from exactly the same distribution (a
 rescan of the stored full-dose image would add its own noise on top).
 
+Data without full-dose images (:class:`~.datasets.LowDoseDicomDataset`) give no noise
+texture (its noise is image - full dose), and data that are not simulated give no fresh
+realisation x' (so no C', B nor realisation figures): those figures are None, with the
+reason in ``not_measured``; C, the output error of the cVAE, diversity and the cINN figures
+need neither and are always measured.
+
 All differences are mean absolute values in HU. :func:`invariance_fidelity` computes all
 figures (quality tests and benchmarks call it); :func:`invariance_card` writes them into the
 model card.
@@ -38,6 +44,11 @@ import torch
 #: Issue 4's bars: name -> (lower bound or None, upper bound or None).
 BARS = {"consistency": (None, 0.35), "noise_baseline": (None, 1.5), "nps_correlation": (0.9, None),
         "noise_std_ratio": (0.8, 1.25), "diversity_hu": (0.0, None)}
+#: Why a figure is None (``not_measured``).
+NO_FULL_DOSE = ("the data have no full-dose images (low-dose only); the noise texture compares the noise "
+                "(image - full dose) of the reconstruction with that of x")
+NO_REALISATION = ("no fresh noise realisation x' of the same slice: only a simulated data set can scan its "
+                  "phantom again")
 
 
 # ----------------------------------------------------------------------------- held-out patches
@@ -51,13 +62,14 @@ class HeldOutPatch:
         index: the slice's item index in its source.
         center: column and row ``(i, j)`` of the slice pixel the patch is centred on
             (:func:`~.sampler.crop_patch`).
-        low_dose, full_dose: the patch in HU, ``(P, P)`` float32.
+        low_dose, full_dose: the patch in HU, ``(P, P)`` float32 (full dose None when the
+            data have none).
     """
 
     index: int
     center: Tuple[int, int]
     low_dose: np.ndarray
-    full_dose: np.ndarray
+    full_dose: Optional[np.ndarray]
 
     def crop(self, image: np.ndarray) -> np.ndarray:
         """The same patch of another image of the slice (e.g. a new noise realisation)."""
@@ -91,7 +103,7 @@ def held_out_patches(source, split: str, patch_size: int, slices: int = 8, per_s
             j, i = (int(rng.integers(lo, hi + 1)) if lo <= hi else n // 2
                     for n in (h, w) for lo, hi in [(max(p // 2, n // 4), min(n - (p - p // 2), 3 * n // 4))])
             patches.append(HeldOutPatch(index, (i, j), _crop(item.low_dose, (i, j), p),
-                                        _crop(item.full_dose, (i, j), p)))
+                                        None if item.full_dose is None else _crop(item.full_dose, (i, j), p)))
     return patches
 
 
@@ -161,7 +173,8 @@ def representation_fidelity(denoiser, representation, patches: Sequence[HeldOutP
                             batch_size: int = 16) -> dict:
     """Completeness of the cVAE on ``patches``: with ``r = D(mean E(x), f(x))``,
     ``output_error_hu`` = mean|f(r) - f(x)|, ``reconstruction_error_hu`` = mean|r - x|, and
-    :func:`noise_texture` of ``r - full dose`` against ``x - full dose``."""
+    :func:`noise_texture` of ``r - full dose`` against ``x - full dose`` (None, with the
+    reason in ``not_measured``, when the patches have no full dose)."""
     norm, f = denoiser.normalization, _denoiser_fn(denoiser, device)
     outputs, recon = [], []
     for first in range(0, len(patches), batch_size):
@@ -174,10 +187,15 @@ def representation_fidelity(denoiser, representation, patches: Sequence[HeldOutP
         recon.append(norm.denormalize(r)[:, 0].float().cpu().numpy())
     recon = np.concatenate(recon)
     x = np.stack([p.low_dose for p in patches])
-    fd = np.stack([p.full_dose for p in patches])
-    return {"output_error_hu": float(np.concatenate(outputs).mean()),
-            "reconstruction_error_hu": float(np.abs(recon - x).mean()),
-            **noise_texture(recon - fd, x - fd), "patches": len(patches)}
+    figures = {"output_error_hu": float(np.concatenate(outputs).mean()),
+               "reconstruction_error_hu": float(np.abs(recon - x).mean())}
+    if any(p.full_dose is None for p in patches):
+        figures.update(nps_correlation=None, noise_std_ratio=None,
+                       not_measured={name: NO_FULL_DOSE for name in ("nps_correlation", "noise_std_ratio")})
+    else:
+        fd = np.stack([p.full_dose for p in patches])
+        figures.update(noise_texture(recon - fd, x - fd))
+    return {**figures, "patches": len(patches)}
 
 
 @torch.inference_mode()
@@ -225,7 +243,8 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
     paper's layout (per patch: x, f(x), three invariances, their std map) of up to four patches.
 
     Returns a dict: ``consistency`` (C), ``consistency_noise`` (C'), ``noise_baseline`` (B;
-    None without a fresh realisation, i.e. for non-simulated data), ``completeness``
+    None without a fresh realisation, i.e. for non-simulated data), ``not_measured`` (the
+    reason of each figure that is None: no fresh realisation, no full dose), ``completeness``
     (:func:`representation_fidelity`), ``diversity`` (``pairwise_hu``: mean|x~_i - x~_j|,
     ``realisation_hu``: mean|x' - x|), ``flow`` (:func:`flow_fidelity`), the underlying
     means in HU (``change_hu`` = mean|x~ - x|, ``output_change_hu`` = mean|f(x~) - f(x)|,
@@ -278,8 +297,15 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
     values = {"consistency": figures["consistency"], "noise_baseline": figures["noise_baseline"],
               "nps_correlation": completeness["nps_correlation"], "noise_std_ratio": completeness["noise_std_ratio"],
               "diversity_hu": figures["diversity"]["pairwise_hu"]}
+    not_measured = dict(completeness.get("not_measured", {}))
+    if not real_change:
+        not_measured.update({name: NO_REALISATION for name in ("consistency_noise", "noise_baseline",
+                                                                "realisation_change_hu",
+                                                                "realisation_output_change_hu")})
+    figures["not_measured"] = not_measured
     figures["bars"] = {name: {"value": value, "min": BARS[name][0], "max": BARS[name][1],
-                              "met": None if value is None else _meets(value, *BARS[name])}
+                              "met": None if value is None else _meets(value, *BARS[name]),
+                              **({"reason": not_measured[name]} if value is None and name in not_measured else {})}
                        for name, value in values.items()}
     if figure is not None:
         save_figure(shown, figure)
@@ -376,11 +402,14 @@ def invariance_card(metadata: dict) -> List[str]:
         if not t:
             continue
         d, m = t.get("data", {}), t.get("machine", {})
+        what = (f"{d.get('pairs') or d.get('slices')} slices, {d.get('size')}² px at {d.get('pixel_spacing_mm')} mm, "
+                f"dose {d.get('dose')}" if d.get("kind") == "simulated" else
+                f"{d.get('slices')} slices of {d.get('patients')} patients at {d.get('pixel_spacing_mm')} mm"
+                + (f", {d['images']}" if d.get("images") else ""))
         lines += [f"### Training: {label}", "",
                   f"- sizes: {t.get('parameters', 0):,} parameters, {_fmt(t.get('file_mb'), '.2f')} MB "
                   f"({(weights.get(key) or {}).get('dtype')})",
-                  f"- data: {d.get('kind')} `{d.get('path')}` ({d.get('pairs') or d.get('slices')} slices, "
-                  f"{d.get('size')}² px at {d.get('pixel_spacing_mm')} mm, dose {d.get('dose')}), training split "
+                  f"- data: {d.get('kind')} `{d.get('path')}` ({what}), training split "
                   f"only, low-dose patches of {t.get('patch_size')}² px with random flips/rotations",
                   f"- {t.get('epochs')} epochs × {t.get('steps_per_epoch')} steps × batch {t.get('batch_size')}"
                   f" × {t.get('world_size', 1)} process(es) = {t.get('steps')} steps; seed {t.get('seed')}",
@@ -392,8 +421,11 @@ def invariance_card(metadata: dict) -> List[str]:
                               if isinstance(v, (int, float))) + ")",
                   f"- wall time {t.get('wall_time_s')} s on {m.get('device')} ({m.get('cpu')}, "
                   f"{m.get('cpu_threads')} threads, torch {m.get('torch')})"]
-        if t.get("feature_network"):
-            lines.append(f"- feature network of the perceptual loss: `{json.dumps(t['feature_network'])}`")
+        features = t.get("feature_network")
+        if features and features.get("used") is False:
+            lines.append(f"- no perceptual term: {features.get('reason')}")
+        elif features:
+            lines.append(f"- feature network of the perceptual loss: `{json.dumps(features)}`")
         lines.append("")
     fid = info.get("fidelity")
     if fid:
@@ -403,6 +435,7 @@ def invariance_card(metadata: dict) -> List[str]:
                   f"`{on.get('data')}`, {on.get('invariances_per_patch')} invariances each (seed {on.get('seed')}, "
                   f"{on.get('device')}); fresh realisations x': {on.get('fresh_realisation') or 'none'}. "
                   "Bars from issue 4; a missed bar is reported, not hidden.", "", fidelity_table(fid)]
+        lines += _not_measured_lines(fid.get("not_measured"))
         if fid.get("figure"):
             from pathlib import Path
 
@@ -414,4 +447,15 @@ def invariance_card(metadata: dict) -> List[str]:
                   f"{_fmt(c.get('reconstruction_error_hu'), '.1f')} HU, noise power spectrum correlation "
                   f"{_fmt(c.get('nps_correlation'))}, noise std ratio {_fmt(c.get('noise_std_ratio'))} "
                   f"({c.get('patches')} patches)."]
+        lines += _not_measured_lines(c.get("not_measured"))
     return lines
+
+
+def _not_measured_lines(not_measured: Optional[dict]) -> List[str]:
+    """Model-card lines saying which figures were not measured and why (one line per reason)."""
+    if not not_measured:
+        return []
+    reasons: Dict[str, List[str]] = {}
+    for name, reason in not_measured.items():
+        reasons.setdefault(reason, []).append(name)
+    return ["", *[f"- not measured ({', '.join(names)}): {reason}." for reason, names in reasons.items()]]

@@ -111,7 +111,8 @@ def fit(source, data, out, *, normalization, use: str = "patch", class_path: Opt
         progress: bool = True) -> Path:
     """Import the denoiser ``source`` (see :func:`~.custom_denoisers.import_denoiser` for
     ``normalization``, ``use``, ``class_path``, ``arguments``, ``name``), fit its invariance
-    models on ``data`` (simulated set or paired DICOM folder) within ``budget``, and write the
+    models on ``data`` (simulated set, paired or low-dose-only DICOM folder:
+    :func:`~.datasets.open_source`) within ``budget``, and write the
     model folder ``out`` whole (replacing it only when it is the output of an earlier fit).
     ``work`` (default ``<out>.work``) keeps the runs; ``resume`` continues them.
     ``hyperparameters``: ``{"cvae": {...}, "cinn": {...}}`` overrides of

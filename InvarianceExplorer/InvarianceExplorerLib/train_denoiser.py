@@ -305,7 +305,7 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
     """
     from tqdm.auto import tqdm
 
-    from .datasets import open_source
+    from .datasets import open_source, require_full_dose
     from .devices import resolve_device
 
     if arch not in DENOISERS:
@@ -314,6 +314,7 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
         raise ValueError("epochs, steps_per_epoch, batch_size, patch_size and val_slices must be positive")
     device = resolve_device(device)
     source = open_source(data)
+    require_full_dose(source, data, "training a denoiser")
     hp = {**HYPERPARAMETERS[arch], **(hyperparameters or {}), **({"lr": float(lr)} if lr is not None else {})}
     if feature_network is not None:
         hp["feature_network"] = str(feature_network)

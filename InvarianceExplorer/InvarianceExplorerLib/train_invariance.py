@@ -10,7 +10,9 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   w_adv * (-critic(r, f(x)))``, phi the deep features of our
   :class:`~.denoisers.FeatureNetwork` (the paper's perceptual term; ImageNet VGG cannot be
   downloaded here): taken from ``feature_network`` or the denoiser's own folder when it
-  ships one (WGAN-VGG), else trained first on tissue labels as WGAN-VGG's training does.
+  ships one (WGAN-VGG), else trained first on tissue labels as WGAN-VGG's training does;
+  with ``lam_perc`` 0 (data without tissue labels, e.g. DICOM) there is no perceptual term
+  and no feature network is loaded or trained.
   The adversarial weight is adaptive (Esser et al., "Taming transformers", CVPR 2021, as
   in the CompVis code this method comes from): ``w_adv = lam_adv * ||grad_w rec|| /
   ||grad_w adv||`` at the decoder's last layer w, ``rec`` the L1 + KL + perceptual terms,
@@ -145,8 +147,12 @@ class _CVAEObjective(_Objective):
 
     def prepare(self, batches, validation, device, progress):
         """The feature network: from ``hp["feature_network"]``, else the denoiser's folder when
-        it ships one, else trained here on tissue labels."""
+        it ships one, else trained here on tissue labels; none when ``lam_perc`` is 0 (no
+        perceptual term: the record says so)."""
         features = self.networks["feature_network"]
+        if self.hp["lam_perc"] == 0:
+            return {"used": False, "reason": "lam_perc is 0: no perceptual term, so no feature network was "
+                                             "loaded or trained (the data have no tissue labels to train one on)"}
         source = self.hp.get("feature_network")
         if not source and "feature_network" in read_metadata(self.denoiser_folder)["weights"]:
             source = self.denoiser_folder
@@ -175,7 +181,8 @@ class _CVAEObjective(_Objective):
             optimizer_step(self.optimizers["critic"], wasserstein + hp["lam_gp"] * penalty)
         self.networks["critic"].requires_grad_(False)
         adversarial = -self.networks["critic"](self._pair(out.reconstruction, y)).mean()
-        perceptual = F.l1_loss(features(out.reconstruction), features(x))
+        perceptual = (F.l1_loss(features(out.reconstruction), features(x)) if hp["lam_perc"] != 0
+                      else torch.zeros((), device=x.device))
         losses = representation_loss(out, x, hp["kl_weight"])
         likelihood = losses["total"] + hp["lam_perc"] * perceptual
         weight = torch.zeros(())
@@ -466,9 +473,10 @@ def train_cvae(denoiser, data, out, *, epochs: int = 10, steps_per_epoch: int = 
 
     Args:
         denoiser: model folder or bundled name of the denoiser f.
-        data: simulated data set folder or paired DICOM folder (:func:`~.datasets.open_source`);
-            low-dose patches of its training split are used (plus tissue labels to train a
-            feature network when none is given).
+        data: simulated data set folder, paired or low-dose-only DICOM folder
+            (:func:`~.datasets.open_source`); low-dose patches of its training split are used
+            (plus tissue labels to train a feature network when none is given and ``lam_perc``
+            is not 0; data without labels need ``lam_perc=0`` or ``feature_network``).
         out: run folder: ``checkpoints/last.pt``, ``history.json``, ``validation/*.png`` and
             ``model/`` (a copy of the denoiser's folder with ``cvae.safetensors`` added).
         epochs: total epochs (a resumed run continues up to this number).

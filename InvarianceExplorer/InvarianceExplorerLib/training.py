@@ -101,8 +101,9 @@ def validation_items(source, split: str, limit: int, normalization):
 def train_feature_network(network: nn.Module, batches: Iterable[dict], validation, hp: dict, device,
                           progress: bool) -> dict:
     """Train ``network`` (:class:`~.denoisers.FeatureNetwork`) to segment the tissue labels of
-    low- and full-dose training patches (per-pixel cross-entropy, Adam ``feature_lr``,
-    ``feature_steps`` batches of ``batches(steps)``); leave it frozen in eval mode and
+    low- and full-dose training patches (low-dose patches alone where the data have no full
+    dose; per-pixel cross-entropy, Adam ``feature_lr``, ``feature_steps`` batches of
+    ``batches(steps)``); leave it frozen in eval mode and
     return its record (steps, final loss, validation pixel accuracy)."""
     from tqdm.auto import tqdm
 
@@ -115,8 +116,9 @@ def train_feature_network(network: nn.Module, batches: Iterable[dict], validatio
             raise ValueError("the perceptual loss uses a feature network trained on tissue labels, which this "
                              "data set lacks; train on simulated data or reuse the feature network of a WGAN-VGG "
                              "model folder (--feature-network FOLDER)")
-        x = torch.cat([batch["ld"], batch["fd"]]).to(device)
-        target = batch["labels"].long().to(device)[:, 0].repeat(2, 1, 1)
+        images = [batch["ld"]] + ([batch["fd"]] if "fd" in batch else [])
+        x = torch.cat(images).to(device)
+        target = batch["labels"].long().to(device)[:, 0].repeat(len(images), 1, 1)
         loss = F.cross_entropy(network(x), target)
         optimizer_step(optimizer, loss)
         running.append(loss.item())
@@ -128,7 +130,7 @@ def train_feature_network(network: nn.Module, batches: Iterable[dict], validatio
     with torch.no_grad():
         for item in validation:
             if item.get("labels") is not None:
-                predicted = network(item["fd"][None].to(device)).argmax(1).cpu()
+                predicted = network(item.get("fd", item["ld"])[None].to(device)).argmax(1).cpu()
                 correct += int((predicted == item["labels"].long()).sum())
                 total += item["labels"].numel()
     return {"steps": steps, "lr": hp["feature_lr"], "final_cross_entropy": float(np.mean(running[-50:])),
@@ -162,7 +164,8 @@ def describe_data(source, path) -> dict:
                 "contrast_fraction": p["contrast_fraction"], "photons": source.manifest.get("photons")}
     first = source[0]
     return {"kind": type(source).__name__, "path": str(path), "slices": len(source),
-            "patients": len(set(source.patient_ids)), "pixel_spacing_mm": float(first.spacing[0])}
+            "patients": len(set(source.patient_ids)), "pixel_spacing_mm": float(first.spacing[0]),
+            "images": "low- and full-dose" if getattr(source, "has_full_dose", True) else "low-dose only"}
 
 
 def restore_checkpoint(path: Path, config: dict, objective, state: dict) -> dict:

@@ -72,6 +72,33 @@ def updateTableFromArray(tableNode, narrays, columnNames=None):
     return tableNode
 
 
+def arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode=None):
+    """The segment's voxels (1 inside, 0 outside) on the reference volume's grid (default: the
+    segmentation's reference geometry volume), as slicer.util.arrayFromSegmentBinaryLabelmap. The
+    stand-in does not resample: the segment must lie on that grid (else NotImplementedError)."""
+    import vtk
+
+    if not referenceVolumeNode:
+        referenceVolumeNode = segmentationNode.GetNodeReference(
+            mrml.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+        if not referenceVolumeNode:
+            raise RuntimeError("No reference volume is found in the input segmentationNode, therefore a valid "
+                               "referenceVolumeNode input is required.")
+    segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+    if segment is None:
+        raise RuntimeError("Export of segment failed.")
+    shape = arrayFromVolume(referenceVolumeNode).shape
+    if segment._labelmap is None:
+        return np.zeros(shape, np.uint8)
+    reference = vtk.vtkMatrix4x4()
+    referenceVolumeNode.GetIJKToRASMatrix(reference)
+    same = all(abs(reference.GetElement(r, c) - segment._ijkToRAS.GetElement(r, c)) < 1e-6
+               for r in range(4) for c in range(4))
+    if not same or segment._labelmap.shape != shape:
+        raise NotImplementedError("the Slicer stand-in does not resample segments to another geometry")
+    return (segment._labelmap == segment.GetLabelValue()).astype(np.uint8)
+
+
 def getNodesByClass(className, scene=None):
     return [n for n in (scene or _state.scene).GetNodes() if n.IsA(className)]
 
@@ -96,10 +123,35 @@ def _confirm(message, *args, **kwargs):
 
 
 class _Views:
-    """What the module asked the views to show (slice layers, active browser, chart)."""
+    """What the module asked the views to show (slice layers, active browser, chart, table, layout)."""
 
     def __init__(self):
         self.layers, self.browser, self.toolbarVisible, self.chart = {}, None, False, None
+        self.table, self.layout, self._activeTableID = None, 3, None  # 3: SlicerLayoutOneUpRedSliceView
+
+    # qSlicerLayoutManager (slicer.app.layoutManager())
+    def setLayout(self, layout):
+        self.layout = layout
+
+    # vtkSlicerTablesLogic (slicer.modules.tables.logic())
+    @staticmethod
+    def GetLayoutWithTable(currentLayout):
+        """The stand-in's layouts hold no table view: always the four-up table layout, as Slicer
+        returns for a layout without one."""
+        return TABLE_LAYOUT
+
+    # vtkMRMLSelectionNode and vtkSlicerApplicationLogic (slicer.app.applicationLogic())
+    def GetSelectionNode(self):
+        return self
+
+    def SetActiveTableID(self, tableID):
+        self._activeTableID = tableID
+
+    def GetActiveTableID(self):
+        return self._activeTableID
+
+    def PropagateTableSelection(self):
+        self.table = _state.scene.GetNodeByID(self._activeTableID) if self._activeTableID else None
 
     def setActiveBrowserNode(self, node):
         self.browser = node
@@ -109,6 +161,10 @@ class _Views:
 
     def ShowChartInLayout(self, node):
         self.chart = node
+
+
+#: vtkMRMLLayoutNode::SlicerLayoutFourUpTableView
+TABLE_LAYOUT = 27
 
 
 def setSliceViewerLayers(background="keep-current", foreground="keep-current", label="keep-current",
@@ -222,6 +278,12 @@ class _App:
     def connect(self, signal, slot):
         pass
 
+    def layoutManager(self):
+        return _state.views
+
+    def applicationLogic(self):
+        return _state.views
+
 
 def install():
     """Register the stand-in as ``slicer`` (and ``qt``, ``ctk``) in sys.modules; return ``slicer``.
@@ -237,7 +299,7 @@ def install():
         slicer.IS_STANDIN = True
         util = types.ModuleType("slicer.util")
         for fn in (arrayFromVolume, updateVolumeFromArray, updateTableFromArray, getNodesByClass, getNode, pip_install,
-                   setSliceViewerLayers):
+                   setSliceViewerLayers, arrayFromSegmentBinaryLabelmap):
             setattr(util, fn.__name__, fn)
         util.confirmOkCancelDisplay = util.confirmYesNoDisplay = _confirm
         i18n = types.ModuleType("slicer.i18n")
@@ -252,6 +314,7 @@ def install():
         for name, cls in mrml.NODE_CLASSES.items():
             setattr(slicer, name, cls)
         slicer.vtkMRMLSubjectHierarchyNode = mrml.vtkMRMLSubjectHierarchyNode
+        slicer.vtkSlicerSegmentationsModuleLogic = mrml.vtkSlicerSegmentationsModuleLogic
         for cls in (widgets.qMRMLNodeComboBox, widgets.qSlicerSimpleMarkupsWidget, widgets.qSlicerMarkupsPlaceWidget):
             setattr(slicer, cls.__name__, cls)
         slicer.app = _App()
@@ -264,7 +327,9 @@ def install():
     slicer.modules = types.SimpleNamespace(
         sequences=types.SimpleNamespace(logic=lambda: mrml.vtkMRMLSequencesLogic(_state.scene),
                                         toolBar=lambda: _state.views),
-        plots=types.SimpleNamespace(logic=lambda: _state.views))
+        plots=types.SimpleNamespace(logic=lambda: _state.views),
+        tables=types.SimpleNamespace(logic=lambda: _state.views),
+        segmentations=types.SimpleNamespace(logic=lambda: mrml.vtkSlicerSegmentationsModuleLogic()))
     slicer.answers, slicer.views = _state.answers, _state.views
     if str(MODULE_DIR) not in sys.path:
         sys.path.insert(0, str(MODULE_DIR))

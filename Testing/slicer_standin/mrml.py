@@ -6,8 +6,11 @@ node IDs ``<class><n>``, attributes, a scene that adds, finds and removes nodes 
 volume takes its display node with it), scalar volumes holding a real ``vtkImageData`` and
 an IJK-to-RAS ``vtkMatrix4x4``, sequences storing *copies* of data nodes, a browser whose
 proxy nodes the sequences logic creates, tables holding a real ``vtkTable``, plot series and
-charts, markups control points, the subject hierarchy's parent links, and the volume
-archetype storage node writing NRRD in LPS (as Slicer's writer does) through SimpleITK.
+charts, markups control points, box ROIs (one control point, at the centre, once sized),
+labelmap volumes, segmentations whose segments hold a binary labelmap with its geometry (and
+the segmentations logic's labelmap import), the subject hierarchy's parent links, scene
+observers (NodeAddedEvent, NodeRemovedEvent), and the volume archetype storage node writing
+NRRD in LPS (as Slicer's writer does) through SimpleITK.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class vtkMRMLNode:
         self._name = ""
         self._scene = None
         self._attributes = {}
+        self._references = {}
 
     @classmethod
     def _classNames(cls):
@@ -62,6 +66,16 @@ class vtkMRMLNode:
 
     def UnRegister(self, owner):
         pass
+
+    def SetNodeReferenceID(self, role, nodeID):
+        self._references[role] = nodeID
+
+    def GetNodeReferenceID(self, role):
+        return self._references.get(role)
+
+    def GetNodeReference(self, role):
+        nodeID = self.GetNodeReferenceID(role)
+        return self._scene.GetNodeByID(nodeID) if nodeID and self._scene is not None else None
 
     def _copyFrom(self, other):
         self._attributes = dict(other._attributes)
@@ -153,6 +167,196 @@ class vtkMRMLMarkupsFiducialNode(vtkMRMLNode):
 
     def GetNthControlPointPositionWorld(self, index, out):
         out[:] = self._points[index]
+
+
+class vtkMRMLLabelMapVolumeNode(vtkMRMLScalarVolumeNode):
+    """As in Slicer, a subclass of the scalar volume (a selector of scalar volumes lists it unless
+    its showChildNodeTypes is off)."""
+
+
+class vtkMRMLMarkupsROINode(vtkMRMLNode):
+    """A box ROI (Slicer's default ROI type): centre and size in RAS (no parent transform here, so
+    node = world coordinates). As in Slicer, a box ROI has one control point, at its centre, once
+    its size is non-zero (vtkMRMLMarkupsROINode::UpdateControlPointsFromBoxROI); before that it
+    has none (an ROI created but not placed yet)."""
+
+    ROITypeBox, ROITypeBoundingBox = 0, 1
+
+    def __init__(self):
+        super().__init__()
+        self._center, self._size = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+
+    @staticmethod
+    def _xyz(args):
+        return [float(v) for v in (args[0] if len(args) == 1 else args)]
+
+    def SetCenter(self, *args):
+        self._center = self._xyz(args)
+
+    SetCenterWorld = SetCenter
+
+    def GetCenter(self, out):
+        out[:] = self._center
+
+    GetCenterWorld = GetCenter
+
+    def SetSize(self, *args):
+        self._size = self._xyz(args)
+
+    SetSizeWorld = SetSize
+
+    def GetSize(self):
+        return tuple(self._size)
+
+    def GetNumberOfControlPoints(self):
+        return 1 if any(self._size) else 0
+
+    def GetNthControlPointPositionWorld(self, index, out):
+        if index >= self.GetNumberOfControlPoints():
+            raise IndexError(index)
+        out[:] = self._center
+
+
+class vtkSegment:
+    """A segment: name, colour, label value and its binary labelmap representation (a (k, j, i)
+    array with its IJK-to-RAS matrix; None for an empty segment)."""
+
+    def __init__(self):
+        self._name, self._color, self._label = "", (0.5, 0.5, 0.5), 1
+        self._labelmap, self._ijkToRAS = None, None
+
+    def GetName(self):
+        return self._name
+
+    def SetName(self, name):
+        self._name = name
+
+    def GetColor(self):
+        return self._color
+
+    def SetColor(self, *args):
+        self._color = tuple(float(v) for v in (args[0] if len(args) == 1 else args))
+
+    def GetLabelValue(self):
+        return self._label
+
+    def SetLabelValue(self, value):
+        self._label = int(value)
+
+
+class vtkSegmentation:
+    """The segments of a segmentation node, in order, by ID (IDs made unique from the name)."""
+
+    def __init__(self):
+        self._segments = {}
+
+    def _uniqueID(self, base):
+        base = base or "Segment"
+        if base not in self._segments:
+            return base
+        return next(f"{base}_{i}" for i in itertools.count(1) if f"{base}_{i}" not in self._segments)
+
+    def AddSegment(self, segment, segmentId="", insertBeforeSegmentId=""):
+        segmentId = segmentId or self._uniqueID(segment.GetName())
+        self._segments[segmentId] = segment
+        return True
+
+    def AddEmptySegment(self, segmentId="", segmentName="", color=None):
+        segment = vtkSegment()
+        segment.SetName(segmentName or segmentId or "Segment")
+        if color is not None:
+            segment.SetColor(color)
+        segmentId = segmentId or self._uniqueID(segment.GetName())
+        self._segments[segmentId] = segment
+        return segmentId
+
+    def RemoveSegment(self, segmentId):
+        self._segments.pop(segmentId, None)
+
+    def GetNumberOfSegments(self):
+        return len(self._segments)
+
+    def GetNthSegmentID(self, index):
+        return list(self._segments)[index]
+
+    def GetNthSegment(self, index):
+        return list(self._segments.values())[index]
+
+    def GetSegment(self, segmentId):
+        return self._segments.get(segmentId)
+
+    def GetSegmentIdBySegmentName(self, name):
+        return next((i for i, s in self._segments.items() if s.GetName() == name), "")
+
+
+class vtkMRMLSegmentationDisplayNode(vtkMRMLNode):
+    def __init__(self):
+        super().__init__()
+        self._visible = True
+
+    def SetVisibility(self, visible):
+        self._visible = bool(visible)
+
+    def GetVisibility(self):
+        return int(self._visible)
+
+
+class vtkMRMLSegmentationNode(vtkMRMLNode):
+    REFERENCE_ROLE = "referenceImageGeometryRef"
+
+    def __init__(self):
+        super().__init__()
+        self._segmentation = vtkSegmentation()
+        self._display = None
+
+    @staticmethod
+    def GetReferenceImageGeometryReferenceRole():
+        return vtkMRMLSegmentationNode.REFERENCE_ROLE
+
+    def GetSegmentation(self):
+        return self._segmentation
+
+    def CreateDefaultDisplayNodes(self):
+        if self._display is None and self._scene is not None:
+            self._display = self._scene.AddNewNodeByClass("vtkMRMLSegmentationDisplayNode")
+
+    def GetDisplayNode(self):
+        return self._display
+
+    def SetReferenceImageGeometryParameterFromVolumeNode(self, volumeNode):
+        """Slicer also stores the volume's geometry as a string parameter; the reference is what
+        slicer.util.arrayFromSegmentBinaryLabelmap reads."""
+        self.SetNodeReferenceID(self.REFERENCE_ROLE, volumeNode.GetID() if volumeNode else None)
+
+
+class vtkSlicerSegmentationsModuleLogic:
+    """``slicer.modules.segmentations.logic()`` (its import is static in Slicer)."""
+
+    @staticmethod
+    def ImportLabelmapToSegmentationNode(labelmapNode, segmentationNode, insertBeforeSegmentId="", userMessages=None):
+        """As Slicer's: one segment per non-zero label value, holding the labelmap in its geometry;
+        the segment is named by the labelmap's colour table if it has one, else, when there is a
+        single label, after the labelmap node, else ``Label_<value>``. Returns False for a
+        labelmap without image data."""
+        if segmentationNode is None or labelmapNode is None or labelmapNode.GetImageData() is None:
+            return False
+        if segmentationNode.GetDisplayNode() is None:
+            segmentationNode.CreateDefaultDisplayNodes()
+        image = labelmapNode.GetImageData()
+        nx, ny, nz = image.GetDimensions()
+        voxels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nz, ny, nx).copy()
+        matrix = vtk.vtkMatrix4x4()
+        labelmapNode.GetIJKToRASMatrix(matrix)
+        labels = [int(v) for v in np.unique(voxels) if v != 0]
+        for label in labels:
+            segment = vtkSegment()
+            segment.SetLabelValue(label)
+            segment.SetName(labelmapNode.GetName() if len(labels) == 1 else f"Label_{label}")
+            segment._labelmap = voxels
+            segment._ijkToRAS = vtk.vtkMatrix4x4()
+            segment._ijkToRAS.DeepCopy(matrix)
+            segmentationNode.GetSegmentation().AddSegment(segment, "", insertBeforeSegmentId)
+        return True
 
 
 class vtkMRMLSequenceNode(vtkMRMLNode):
@@ -410,7 +614,8 @@ class vtkMRMLSubjectHierarchyNode:
 
 NODE_CLASSES = {cls.__name__: cls for cls in (
     vtkMRMLNode, vtkMRMLColorTableNode, vtkMRMLScalarVolumeDisplayNode, vtkMRMLScalarVolumeNode,
-    vtkMRMLMarkupsFiducialNode, vtkMRMLSequenceNode, vtkMRMLSequenceBrowserNode, vtkMRMLTableNode,
+    vtkMRMLMarkupsFiducialNode, vtkMRMLSequenceNode, vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsROINode,
+    vtkMRMLSegmentationNode, vtkMRMLSegmentationDisplayNode, vtkMRMLSequenceBrowserNode, vtkMRMLTableNode,
     vtkMRMLPlotSeriesNode, vtkMRMLPlotChartNode, vtkMRMLScriptedModuleNode, vtkMRMLVolumeArchetypeStorageNode)}
 
 #: Colour tables every Slicer scene holds (a few of them).
@@ -419,12 +624,29 @@ DEFAULT_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeGrey", "vtkMRMLColorTableNodeFil
 
 
 class vtkMRMLScene:
+    NodeAddedEvent, NodeRemovedEvent = 0x2001, 0x2003  # as in vtkMRMLScene::SceneEventType
     StartCloseEvent, EndCloseEvent = 66000, 66001
 
     def __init__(self):
         self._nodes = {}
         self._counters = {}
+        self._observers = {}  # tag -> (event, callback)
+        self._tags = itertools.count(1)
         self._addDefaults()
+
+    def AddObserver(self, event, callback, priority=0.0):
+        """Observers are called as VTK calls Python observers: ``callback(caller, event)``."""
+        tag = next(self._tags)
+        self._observers[tag] = (event, callback)
+        return tag
+
+    def RemoveObserver(self, tag):
+        self._observers.pop(tag, None)
+
+    def _invoke(self, event):
+        for observed, callback in list(self._observers.values()):
+            if observed == event:
+                callback(self, event)
 
     def _addDefaults(self):
         for colorID in DEFAULT_COLOR_NODE_IDS:
@@ -442,6 +664,7 @@ class vtkMRMLScene:
         if not node.GetName():
             node.SetName(self.GenerateUniqueName(cls.replace("vtkMRML", "").replace("Node", "")))
         self._nodes[node._id] = node
+        self._invoke(self.NodeAddedEvent)
         return node
 
     def AddNewNodeByClass(self, className, name=""):
@@ -464,6 +687,7 @@ class vtkMRMLScene:
         display = getattr(node, "_display", None)
         if display is not None:
             self.RemoveNode(display)
+        self._invoke(self.NodeRemovedEvent)
 
     def GetNodeByID(self, nodeID):
         return self._nodes.get(nodeID)

@@ -8,32 +8,107 @@ from Qt.QtCore import Signal
 from InvarianceExplorerLib.ui.qtshim import qt
 
 
+class qMRMLSortFilterProxyModel:
+    """The filter of a node combo box (``comboBox.sortFilterProxyModel()``): the parts of
+    qMRMLSortFilterProxyModel::filterAcceptsNode the module relies on — ``hiddenNodeIDs`` first,
+    then the node types, ``showChildNodeTypes`` / ``hideChildNodeTypes`` and attribute filters."""
+
+    def __init__(self, combo):
+        self._combo = combo
+        self._hidden = []
+        self.nodeTypes, self.showChildNodeTypes, self.hideChildNodeTypes, self.attributes = [], True, [], {}
+
+    @property
+    def hiddenNodeIDs(self):
+        return list(self._hidden)
+
+    @hiddenNodeIDs.setter
+    def hiddenNodeIDs(self, nodeIDs):
+        self._hidden = [str(n) for n in nodeIDs]
+        self._combo.refresh()
+
+    def setHiddenNodeIDs(self, nodeIDs):
+        self.hiddenNodeIDs = nodeIDs
+
+    def filterAcceptsNode(self, node):
+        if node.GetID() in self._hidden:
+            return False
+        for nodeType in self.nodeTypes:
+            if not node.IsA(nodeType):
+                continue
+            if not self.showChildNodeTypes and node.GetClassName() != nodeType:
+                continue
+            if self.showChildNodeTypes and any(node.IsA(t) for t in self.hideChildNodeTypes):
+                return False
+            if nodeType in self.attributes:
+                name, value = self.attributes[nodeType]
+                if node.GetAttribute(name) is None or (value is not None and node.GetAttribute(name) != str(value)):
+                    return False
+            return True
+        return False
+
+
 class qMRMLNodeComboBox(qt.QComboBox):
-    """Lists the scene's nodes of ``nodeTypes`` (and "None" when ``noneEnabled``)."""
+    """Lists the scene's nodes that its filter accepts ("None" first when ``noneEnabled``), kept up
+    to date with the scene (nodes added and removed), as the real combo box's scene model is."""
 
     currentNodeChanged = Signal(object)
 
     def __init__(self, parent=None):
         qt.QComboBox.__init__(self, parent)
-        self.nodeTypes, self.addEnabled, self.removeEnabled, self.noneEnabled = [], True, True, False
-        self._scene, self._nodes = None, []
+        self._proxy = qMRMLSortFilterProxyModel(self)
+        self.addEnabled, self.removeEnabled, self.renameEnabled, self.noneEnabled = True, True, False, False
+        self._scene, self._nodes, self._tags = None, [], []
         self.currentIndexChanged.connect(lambda *args: self.currentNodeChanged.emit(self.currentNode()))
 
+    # properties that re-filter, as in qMRMLNodeComboBox (they set the proxy model's)
+    nodeTypes = property(lambda self: self._proxy.nodeTypes, lambda self, v: self._setFilter("nodeTypes", list(v)))
+    showChildNodeTypes = property(lambda self: self._proxy.showChildNodeTypes,
+                                  lambda self, v: self._setFilter("showChildNodeTypes", bool(v)))
+    hideChildNodeTypes = property(lambda self: self._proxy.hideChildNodeTypes,
+                                  lambda self, v: self._setFilter("hideChildNodeTypes", list(v)))
+
+    def _setFilter(self, name, value):
+        setattr(self._proxy, name, value)
+        self.refresh()
+
+    def addAttribute(self, nodeType, attributeName, attributeValue=None):
+        self._proxy.attributes[nodeType] = (attributeName, attributeValue)
+        self.refresh()
+
+    def sortFilterProxyModel(self):
+        return self._proxy
+
     def setMRMLScene(self, scene):
+        for tag in self._tags:
+            self._scene.RemoveObserver(tag)
         self._scene = scene
+        self._tags = [scene.AddObserver(event, lambda caller, event: self.refresh())
+                      for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent)]
         self.refresh()
 
     def refresh(self):
+        if self._scene is None:
+            return
         current = self.currentNode() if self._nodes else None
         self.blockSignals(True)
         self.clear()
         self._nodes = ([None] if self.noneEnabled else []) + [
-            n for n in self._scene.GetNodes() if any(n.IsA(t) for t in self.nodeTypes)]
+            n for n in self._scene.GetNodes() if self._proxy.filterAcceptsNode(n)]
         for node in self._nodes:
             self.addItem("None" if node is None else node.GetName())
+        index = self._nodes.index(current) if current in self._nodes else (0 if self._nodes else -1)
+        self.setCurrentIndex(index)
         self.blockSignals(False)
-        if current in self._nodes:
-            self.setCurrentIndex(self._nodes.index(current))
+        if self.currentNode() is not current:
+            self.currentNodeChanged.emit(self.currentNode())
+
+    def nodeCount(self):
+        return len(self._nodes) - (1 if self.noneEnabled else 0)
+
+    def nodeFromIndex(self, index):
+        index += 1 if self.noneEnabled else 0
+        return self._nodes[index] if 0 <= index < len(self._nodes) else None
 
     def currentNode(self):
         index = self.currentIndex()
@@ -44,16 +119,35 @@ class qMRMLNodeComboBox(qt.QComboBox):
         self.setCurrentIndex(self._nodes.index(node) if node in self._nodes else (0 if self.noneEnabled else -1))
 
 
-class _PlaceWidget:
-    def __init__(self):
-        self.placeMultipleMarkups = None
+class qSlicerMarkupsPlaceWidget(qt.QWidget):
+    """The place button of a markups node (clicking it lets the user place the node in a view)."""
+
+    ForcePlaceSingleMarkup, ForcePlaceMultipleMarkups, RestorePlaceMultipleMarkups = range(3)
+
+    def __init__(self, parent=None):
+        qt.QWidget.__init__(self, parent)
+        self._scene, self._node, self.placeMultipleMarkups, self.placeModeEnabled = None, None, None, False
+        self.buttonsVisible = True
+
+    def setMRMLScene(self, scene):
+        self._scene = scene
 
     def setPlaceMultipleMarkups(self, mode):
         self.placeMultipleMarkups = mode
 
+    def setButtonsVisible(self, visible):
+        self.buttonsVisible = bool(visible)
 
-class qSlicerMarkupsPlaceWidget:
-    ForcePlaceSingleMarkup, ForcePlaceMultipleMarkups, RestorePlaceMultipleMarkups = range(3)
+    def setCurrentNode(self, node):
+        self._node = node
+
+    def currentNode(self):
+        return self._node
+
+    currentMarkupsNode = currentNode
+
+    def setPlaceModeEnabled(self, enabled):
+        self.placeModeEnabled = bool(enabled)
 
 
 class qSlicerSimpleMarkupsWidget(qt.QWidget):
@@ -63,7 +157,7 @@ class qSlicerSimpleMarkupsWidget(qt.QWidget):
 
     def __init__(self, parent=None):
         qt.QWidget.__init__(self, parent)
-        self._scene, self._node, self._place = None, None, _PlaceWidget()
+        self._scene, self._node, self._place = None, None, qSlicerMarkupsPlaceWidget()
 
     def setMRMLScene(self, scene):
         self._scene = scene
@@ -81,7 +175,8 @@ class qSlicerSimpleMarkupsWidget(qt.QWidget):
 
 
 class ScriptedLoadableModuleWidget:
-    """Slicer's base: ``self.parent`` (a widget), ``self.layout`` in it, VTK observers."""
+    """Slicer's base: ``self.parent`` (a widget), ``self.layout`` in it, VTK observers
+    (VTKObservationMixin: ``addObserver(obj, event, method)`` -> ``obj.AddObserver``)."""
 
     def __init__(self, parent=None):
         self.parent = parent if parent is not None else qt.QWidget()
@@ -92,8 +187,13 @@ class ScriptedLoadableModuleWidget:
     def setup(self):
         pass
 
-    def addObserver(self, obj, event, callback):
-        self.observers.append((obj, event, callback))
+    def addObserver(self, obj, event, callback, group="none", priority=0.0):
+        tag = obj.AddObserver(event, callback, priority) if hasattr(obj, "AddObserver") else None
+        self.observers.append((obj, event, callback, tag))
 
-    def removeObservers(self):
-        self.observers = []
+    def removeObservers(self, method=None):
+        for obj, event, callback, tag in list(self.observers):
+            if method is None or callback == method:
+                if tag is not None:
+                    obj.RemoveObserver(tag)
+                self.observers.remove((obj, event, callback, tag))

@@ -5,10 +5,11 @@ Sections:
 * **Inputs** — rows the host plugs in (Slicer: a volume selector and a markups point;
   standalone: file pickers), then the denoiser: the four bundled ones or a custom model
   folder.
-* **Sampling** — sample count (default 32), seed, device (auto / CPU / CUDA), the
-  "Sample invariances" button (it reads "Cancel" while a job runs), a progress bar and a
-  message per stage, and the error of the last run.
-* **Outputs** — what the last run created, with a "Show" button.
+* **Sampling** — sample count (default 32), seed, device (auto / CPU / CUDA), whether to
+  analyse the samples for anatomy changes (``sample --analyze``), the "Sample invariances"
+  button (it reads "Cancel" while a job runs), a progress bar and a message per stage, and
+  the error of the last run.
+* **Outputs** — what the last run created, one row each with its own "Show" button.
 
 The panel knows the engine only through its JSON-lines protocol: the host sets
 ``prepareJob(settings) -> EngineJob`` (export the input, build the CLI arguments; raise
@@ -43,9 +44,19 @@ CANCEL_TEXT = "Cancel"
 
 #: Share of the progress bar (start %, end %) of the ``sample`` command's stages.
 STAGE_SPANS = {"loading": (0, 5), "encoding": (5, 10), "sampling": (10, 92), "writing": (92, 100)}
+#: The same for ``sample --analyze``: the analysis's stages follow; its "writing" stage is
+#: called "analysis writing" here (the panel renames it once an analysis stage was seen).
+ANALYSIS_STAGE_SPANS = {"loading": (0, 5), "encoding": (5, 10), "sampling": (10, 75), "writing": (75, 80),
+                        "noise": (80, 84), "simulating": (84, 86), "posterior": (84, 86), "method A": (86, 93),
+                        "method B": (93, 97), "analysis writing": (97, 100)}
+#: Stages of the analysis (after them, "writing" is the analysis's).
+ANALYSIS_STAGES = ("noise", "simulating", "posterior", "method A", "method B")
 #: Status text of a stage whose event has no message.
 STAGE_TEXT = {"loading": "Loading the denoiser and the invariance networks", "encoding": "Encoding the input",
-              "sampling": "Sampling invariances", "writing": "Writing the results", "denoising": "Denoising"}
+              "sampling": "Sampling invariances", "writing": "Writing the results", "denoising": "Denoising",
+              "noise": "Measuring noise", "method A": "Method A: structure change per invariance",
+              "method B": "Method B: ensemble test", "analysis writing": "Writing the analysis"}
+SHOW_TEXT = "Show"
 
 
 def bundled_denoiser_available(name: str, models_dir) -> bool:
@@ -53,9 +64,10 @@ def bundled_denoiser_available(name: str, models_dir) -> bool:
     return models_dir is not None and os.path.isfile(os.path.join(os.fspath(models_dir), name, "metadata.json"))
 
 
-def overall_percent(stage: str, fraction: float) -> int:
-    """Progress bar value (0-100) for ``fraction`` (0-1) of ``stage`` (see :data:`STAGE_SPANS`)."""
-    start, end = STAGE_SPANS.get(stage, (0, 100))
+def overall_percent(stage: str, fraction: float, spans=None) -> int:
+    """Progress bar value (0-100) for ``fraction`` (0-1) of ``stage`` (see :data:`STAGE_SPANS`;
+    :data:`ANALYSIS_STAGE_SPANS` for a run with the analysis)."""
+    start, end = (STAGE_SPANS if spans is None else spans).get(stage, (0, 100))
     return int(round(start + (end - start) * min(max(float(fraction), 0.0), 1.0)))
 
 
@@ -66,7 +78,8 @@ class SamplingPanel(qt.QWidget):
     * ``collectResults(outputs: dict, job: EngineJob) -> list of (label, callable or None)``,
     * ``onCancelled()`` and ``onRunningChanged(running: bool)`` (optional).
 
-    ``settings`` holds ``model`` (bundled name or folder), ``count``, ``seed``, ``device``.
+    ``settings`` holds ``model`` (bundled name or folder), ``count``, ``seed``, ``device``,
+    ``analyze`` (bool).
     """
 
     def __init__(self, parent=None, models_dir=None):
@@ -79,6 +92,10 @@ class SamplingPanel(qt.QWidget):
         self.job: Optional[EngineJob] = None
         self.lastEvent: Optional[dict] = None
         self._outputCallbacks: List[Optional[Callable[[], None]]] = []
+        self._outputLabels: List[str] = []
+        self._outputButtons: List = []
+        self._spans = STAGE_SPANS
+        self._analysisStarted = False
 
         layout = qt.QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -121,6 +138,11 @@ class SamplingPanel(qt.QWidget):
             self.deviceCombo.addItem(label, value)
         self.deviceCombo.setToolTip("Auto uses a CUDA GPU when there is one; CPU forces the CPU")
         form.addRow("Device:", self.deviceCombo)
+        self.analyzeCheck = qt.QCheckBox("Find anatomy changes")
+        self.analyzeCheck.setToolTip("After sampling, flag the invariances that change anatomy rather than noise "
+                                     "(method A per invariance; method B when a noise-only ensemble is at hand); "
+                                     "the flagged regions are listed in Outputs")
+        form.addRow("Analysis:", self.analyzeCheck)
         self.runButton = qt.QPushButton(RUN_TEXT)
         self.runButton.setToolTip("Sample images that the denoiser maps to the same output as the input")
         form.addRow(self.runButton)
@@ -139,24 +161,20 @@ class SamplingPanel(qt.QWidget):
         form.addRow(self.errorLabel)
         layout.addWidget(self.samplingBox)
 
-        # Outputs
+        # Outputs: one row per output, each with its own Show button (rebuilt by setOutputs)
         self.outputsBox = qt.QGroupBox("Outputs")
-        outputsLayout = qt.QVBoxLayout(self.outputsBox)
-        self.outputsList = qt.QListWidget()
-        self.outputsList.setMaximumHeight(150)
-        outputsLayout.addWidget(self.outputsList)
-        self.showButton = qt.QPushButton("Show")
-        self.showButton.setEnabled(False)
-        outputsLayout.addWidget(self.showButton)
+        self.outputsLayout = qt.QVBoxLayout(self.outputsBox)
+        self.outputsEmptyLabel = qt.QLabel("Nothing yet: what a run creates is listed here.")
+        self.outputsLayout.addWidget(self.outputsEmptyLabel)
+        self.outputsRows = qt.QWidget()
+        qt.QGridLayout(self.outputsRows).setContentsMargins(0, 0, 0, 0)
+        self.outputsLayout.addWidget(self.outputsRows)
         layout.addWidget(self.outputsBox)
         layout.addStretch(1)
 
         self.denoiserCombo.currentIndexChanged.connect(lambda *args: self._updateCustomRow())
         self.customBrowseButton.clicked.connect(lambda *args: self.browseCustomFolder())
         self.runButton.clicked.connect(lambda *args: self.onRunClicked())
-        self.outputsList.currentRowChanged.connect(lambda *args: self._updateShowButton())
-        self.outputsList.itemDoubleClicked.connect(lambda *args: self.showSelectedOutput())
-        self.showButton.clicked.connect(lambda *args: self.showSelectedOutput())
         self.markMissingDenoisers(models_dir)
         self._updateCustomRow()
 
@@ -198,12 +216,12 @@ class SamplingPanel(qt.QWidget):
             self.customFolderEdit.setText(os.fspath(model))
 
     def settings(self) -> dict:
-        """The sampling settings: ``model``, ``count``, ``seed``, ``device``."""
+        """The sampling settings: ``model``, ``count``, ``seed``, ``device``, ``analyze``."""
         model = prop(self.denoiserCombo, "currentData")
         if model == CUSTOM_MODEL:
             model = prop(self.customFolderEdit, "text").strip()
         return {"model": model, "count": int(prop(self.countSpin, "value")), "seed": int(prop(self.seedSpin, "value")),
-                "device": prop(self.deviceCombo, "currentData")}
+                "device": prop(self.deviceCombo, "currentData"), "analyze": bool(self.analyzeCheck.isChecked())}
 
     # ------------------------------------------------------------------ running
 
@@ -241,6 +259,8 @@ class SamplingPanel(qt.QWidget):
         self.runner.onError = self._onError
         self.runner.onCancelled = self._onCancelled
         self.job = job
+        self._spans = ANALYSIS_STAGE_SPANS if settings["analyze"] else STAGE_SPANS
+        self._analysisStarted = False
         self.progressBar.setValue(0)
         self.statusLabel.setText("Starting the engine\u2026")
         self._setRunning(True)
@@ -264,20 +284,27 @@ class SamplingPanel(qt.QWidget):
         self.runButton.setText(CANCEL_TEXT if running else RUN_TEXT)
         self.runButton.setToolTip("Stop sampling; the scene stays as it was" if running else
                                   "Sample images that the denoiser maps to the same output as the input")
-        for widget in (self.inputsBox, self.countSpin, self.seedSpin, self.deviceCombo):
+        for widget in (self.inputsBox, self.countSpin, self.seedSpin, self.deviceCombo, self.analyzeCheck):
             widget.setEnabled(not running)
         if self.onRunningChanged is not None:
             self.onRunningChanged(running)
 
-    def _onStage(self, event: dict) -> None:
+    def _stage(self, event: dict) -> str:
+        """The event's stage, with the analysis's "writing" told apart from the samples'."""
         stage = event.get("stage", "")
-        self.progressBar.setValue(overall_percent(stage, 0.0))
+        if stage in ANALYSIS_STAGES:
+            self._analysisStarted = True
+        return "analysis writing" if stage == "writing" and self._analysisStarted else stage
+
+    def _onStage(self, event: dict) -> None:
+        stage = self._stage(event)
+        self.progressBar.setValue(overall_percent(stage, 0.0, self._spans))
         self.statusLabel.setText(event.get("message") or STAGE_TEXT.get(stage, stage))
         self.lastEvent = event
 
     def _onProgress(self, event: dict) -> None:
-        stage = event.get("stage", "")
-        self.progressBar.setValue(overall_percent(stage, event.get("fraction", 0.0)))
+        stage = self._stage(event)
+        self.progressBar.setValue(overall_percent(stage, event.get("fraction", 0.0), self._spans))
         text = STAGE_TEXT.get(stage, stage.capitalize())
         self.statusLabel.setText(f"{text}: {event.get('done', 0)} of {event.get('total', 0)}")
         self.lastEvent = event
@@ -335,24 +362,39 @@ class SamplingPanel(qt.QWidget):
         return prop(self.errorLabel, "text")
 
     def setOutputs(self, items: Sequence) -> None:
-        """List ``(label, show_callable or None)`` items in Outputs."""
-        self.outputsList.clear()
-        self._outputCallbacks = []
-        for label, callback in items:
-            self.outputsList.addItem(label)
+        """List ``(label, show_callable or None)`` items in Outputs: one row each, with a "Show"
+        button that calls it (disabled when it is None)."""
+        self.outputsLayout.removeWidget(self.outputsRows)
+        self.outputsRows.hide()
+        self.outputsRows.deleteLater()
+        self.outputsRows = qt.QWidget()
+        grid = qt.QGridLayout(self.outputsRows)
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.setColumnStretch(0, 1)
+        self.outputsLayout.insertWidget(1, self.outputsRows)
+        self._outputLabels, self._outputCallbacks, self._outputButtons = [], [], []
+        for row, (label, callback) in enumerate(items):
+            text = qt.QLabel(label)
+            text.setWordWrap(True)
+            button = qt.QPushButton(SHOW_TEXT)
+            button.setToolTip(f"Show {label} in the views")
+            button.setEnabled(callback is not None)
+            button.clicked.connect(lambda *args, index=row: self.showOutput(index))
+            grid.addWidget(text, row, 0)
+            grid.addWidget(button, row, 1)
+            self._outputLabels.append(label)
             self._outputCallbacks.append(callback)
-        if items:
-            self.outputsList.setCurrentRow(0)
-        self._updateShowButton()
+            self._outputButtons.append(button)
+        self.outputsEmptyLabel.setVisible(not items)
 
     def outputLabels(self) -> List[str]:
-        return [prop(self.outputsList.item(i), "text") for i in range(prop(self.outputsList, "count"))]
+        return list(self._outputLabels)
 
-    def _updateShowButton(self) -> None:
-        row = prop(self.outputsList, "currentRow")
-        self.showButton.setEnabled(0 <= row < len(self._outputCallbacks) and self._outputCallbacks[row] is not None)
+    def outputButtons(self) -> List:
+        """The "Show" buttons of the outputs, in the order of :meth:`outputLabels`."""
+        return list(self._outputButtons)
 
-    def showSelectedOutput(self) -> None:
-        row = prop(self.outputsList, "currentRow")
-        if 0 <= row < len(self._outputCallbacks) and self._outputCallbacks[row] is not None:
-            self._outputCallbacks[row]()
+    def showOutput(self, index: int) -> None:
+        """Show output ``index`` (what its "Show" button does)."""
+        if 0 <= index < len(self._outputCallbacks) and self._outputCallbacks[index] is not None:
+            self._outputCallbacks[index]()

@@ -336,10 +336,12 @@ class ProcessRunner:
 
 
 def sample_args(*, model: str, input_path, center_ijk: Sequence[int], count: int, seed: int, out_dir,
-                device: str = "auto", batch_size: int = 8) -> List[str]:
+                device: str = "auto", batch_size: int = 8, analyze: bool = False) -> List[str]:
     """CLI arguments of ``invariance-explorer sample`` (the fixed contract of the engine's
-    sampling command); ``center_ijk`` is the voxel (i = column, j = row, k = slice)."""
+    sampling command); ``center_ijk`` is the voxel (i = column, j = row, k = slice);
+    ``analyze`` adds ``--analyze`` (the analysis goes to ``out_dir/analysis/``)."""
     i, j, k = (int(v) for v in center_ijk)
     return ["sample", "--model", str(model), "--input", str(input_path), "--center", f"{i},{j},{k}",
             "--count", str(int(count)), "--seed", str(int(seed)), "--batch-size", str(int(batch_size)),
-            "--device", str(device), "--out", str(out_dir), "--progress", "json"]
+            "--device", str(device), "--out", str(out_dir)] + (["--analyze"] if analyze else []) + \
+        ["--progress", "json"]
