@@ -132,6 +132,38 @@ def test_a_resumed_fit_of_a_finished_run_gives_the_same_models(torchscript_file,
     assert {k: v["sha256"] for k, v in again.items()} == {k: v["sha256"] for k, v in first.items()}
 
 
+def _fit_worker(rank: int, world: int, port: int, source, pairs, out) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fit(source, pairs, out, normalization=PAPER_NORMALIZATION, **{**FIT, "budget": "0.1m", "fidelity_slices": 0})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fit_under_two_processes_writes_one_folder_with_identical_weights(torchscript_file, pairs, tmp_path):
+    """As under torchrun: every process runs fit; rank 0 imports the denoiser and times the
+    budget's steps, the others wait and take its plan; the weights end identical."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fit_worker, args=(2, port, torchscript_file, pairs, tmp_path / "model"), nprocs=2, join=True)
+    info = read_metadata(tmp_path / "model")
+    assert info["fit"]["world_size"] == 2 and info["fit"]["plan"]["seconds_per_cvae_step"] > 0
+    for kind in ("cvae", "cinn"):
+        digests = info["invariance"]["training"][kind]["distributed"]["final_weights_sha256"]
+        assert len(digests) == 2 and digests[0] == digests[1]
+
+
 # ----------------------------------------------------------------------------- import forms
 
 
