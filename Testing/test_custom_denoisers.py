@@ -164,6 +164,18 @@ def test_fit_under_two_processes_writes_one_folder_with_identical_weights(torchs
         assert len(digests) == 2 and digests[0] == digests[1]
 
 
+def test_a_model_folder_of_train_denoiser_fits_as_it_is(pairs, tmp_path, capsys):
+    from InvarianceExplorerLib.denoisers import copy_model_folder
+
+    trained = copy_model_folder(resolve_model_folder("cnn10"), tmp_path / "trained")
+    assert main(["fit", "--denoiser", str(trained), "--check"]) == 0
+    out = fit(trained, pairs, tmp_path / "model", **{**FIT, "budget": "40steps", "fidelity_slices": 0})
+    metadata = read_metadata(out)
+    assert metadata["architecture"]["name"] == "cnn10" and metadata["fit"]["plan"]["cvae_steps"] == 40
+    assert "## Fit" in (out / "MODEL_CARD.md").read_text()
+    assert load_invariance_models(out).denoiser.arch == "cnn10"
+
+
 # ----------------------------------------------------------------------------- import forms
 
 

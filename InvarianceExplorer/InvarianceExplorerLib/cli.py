@@ -256,8 +256,8 @@ def _add_fit(sub) -> None:
                                    "measure the fidelity figures on the test split, and write a model folder. "
                                    "Alone or under torchrun --nproc_per_node N.")
     p.add_argument("--denoiser", type=Path, required=True, metavar="PATH",
-                   help="TorchScript file (torch.jit.save), MONAI bundle folder, or state dict file (.pt read with "
-                        "weights_only=True, or .safetensors) with --class")
+                   help="TorchScript file (torch.jit.save), MONAI bundle folder, state dict file (.pt read with "
+                        "weights_only=True, or .safetensors) with --class, or a model folder (train denoiser)")
     p.add_argument("--class", dest="class_path", metavar="MODULE:CLASS",
                    help="the network class of a state dict: package.module:Class or path/to/file.py:Class")
     p.add_argument("--arguments", type=json.loads, default=None, metavar="JSON",
@@ -298,10 +298,12 @@ def _cmd_fit(args) -> int:
 
     declared = read_declaration(args.declaration) if args.declaration else {}
     spec = args.normalization or declared.get("normalization")
-    if spec is None:
+    model_folder = (args.denoiser / "metadata.json").is_file()  # carries its own normalisation
+    if spec is None and not model_folder:
         raise ValueError("declare the denoiser's input normalisation: --normalization (paper, identity, "
                          "window:LOW,HIGH or mean-std:MEAN,STD) or \"normalization\" in --declaration")
-    settings = dict(normalization=HUNormalization.parse(spec), use=args.use or declared.get("use", "patch"),
+    settings = dict(normalization=HUNormalization.parse(spec) if spec else None,
+                    use=args.use or declared.get("use", "patch"),
                     class_path=args.class_path or declared.get("class"),
                     arguments=args.arguments if args.arguments is not None else declared.get("arguments"),
                     name=args.name or declared.get("name"))
@@ -312,7 +314,13 @@ def _cmd_fit(args) -> int:
             raise ValueError(f"--set {key}=...: name the stage, e.g. --set cvae.z_dim=128 or --set cinn.n_flows=8")
         overrides[stage][name] = value
     if args.check:
-        network, _, _ = read_network(args.denoiser, settings["class_path"], settings["arguments"])
+        if model_folder:
+            from .denoisers import load_denoiser
+
+            denoiser = load_denoiser(args.denoiser)
+            network, settings["normalization"] = denoiser.network, denoiser.normalization
+        else:
+            network, _, _ = read_network(args.denoiser, settings["class_path"], settings["arguments"])
         report = check_denoiser(network, settings["normalization"], use=settings["use"], device=args.device,
                                 patch_size=args.patch_size)
         print(f"{args.denoiser}: passes the checks: " + json.dumps(report))

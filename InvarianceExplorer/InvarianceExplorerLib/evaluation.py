@@ -228,6 +228,12 @@ def _custom_card(metadata: dict) -> List[str]:
               f"On {checks.get('device')} with {checks.get('probe')} {checks.get('input_shape')}: one channel in and "
               f"out, same size, finite, two eval-mode runs differ by {checks.get('repeat_max_difference_hu')} HU, "
               f"mean change {checks.get('mean_abs_change_hu')} HU."]
+    return lines + _fit_lines(fit)
+
+
+def _fit_lines(fit: Optional[dict]) -> List[str]:
+    """Model card lines of ``metadata["fit"]`` (what ``invariance-explorer fit`` spent)."""
+    lines = []
     if fit:
         p, m = fit["plan"], fit.get("machine", {})
         lines += ["", "## Fit", "",
@@ -296,7 +302,7 @@ def model_card(metadata: dict) -> str:
                   f"{h.get('noise_regions', {}).get('estimator')} in phantom regions eroded by "
                   f"{h.get('noise_regions', {}).get('erosion_px')} px. Machine: {hm.get('cpu')}, "
                   f"torch {hm.get('torch')}.", "", quality_table(h)]
-    lines += invariance_card(metadata)
+    lines += _fit_lines(metadata.get("fit")) + invariance_card(metadata)
     if metadata.get("reproduce"):
         lines += ["", "## Reproduce", "", "```bash", *metadata["reproduce"], "```"]
     return "\n".join(lines) + "\n"

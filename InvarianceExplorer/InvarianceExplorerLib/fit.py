@@ -104,13 +104,14 @@ def _broadcast(value, dist):
     return box[0]
 
 
-def fit(source, data, out, *, normalization, use: str = "patch", class_path: Optional[str] = None,
+def fit(source, data, out, *, normalization=None, use: str = "patch", class_path: Optional[str] = None,
         arguments: Optional[dict] = None, name: Optional[str] = None, budget: str = DEFAULT_BUDGET,
         device="auto", seed: int = 0, resume: bool = False, work=None, patch_size: int = 128, batch_size: int = 8,
         fidelity_slices: int = 4, weights_dtype: str = "float32", hyperparameters: Optional[dict] = None,
         progress: bool = True) -> Path:
     """Import the denoiser ``source`` (see :func:`~.custom_denoisers.import_denoiser` for
-    ``normalization``, ``use``, ``class_path``, ``arguments``, ``name``), fit its invariance
+    ``normalization``, ``use``, ``class_path``, ``arguments``, ``name``; a model folder, e.g.
+    of ``train denoiser``, is taken as it is and they are ignored), fit its invariance
     models on ``data`` (simulated set, paired or low-dose-only DICOM folder:
     :func:`~.datasets.open_source`) within ``budget``, and write the
     model folder ``out`` whole (replacing it only when it is the output of an earlier fit).
@@ -120,7 +121,7 @@ def fit(source, data, out, *, normalization, use: str = "patch", class_path: Opt
     from . import __version__
     from .custom_denoisers import import_denoiser
     from .datasets import SimulatedDataset, open_source
-    from .denoisers import read_metadata, write_metadata
+    from .denoisers import copy_model_folder, read_metadata, write_metadata
     from .devices import machine
     from .train_invariance import _write_card, train_cinn, train_cvae
     from .training import setup_distributed
@@ -135,15 +136,22 @@ def fit(source, data, out, *, normalization, use: str = "patch", class_path: Opt
         raise ValueError(f"{out} holds a model folder that fit did not make; choose a new output folder")
     if work.exists() and any(work.iterdir()) and not resume:
         raise ValueError(f"{work} holds an earlier fit; pass --resume to continue it, or delete it to start over")
+    model_folder = (Path(source) / "metadata.json").is_file()
+    if normalization is None and not model_folder:
+        raise ValueError(f"{source}: declare the denoiser's input normalisation (HUNormalization.parse)")
     source_data = open_source(data)
     dist = setup_distributed(device)
     try:
         denoiser_folder = work / "denoiser"
         if dist.is_main and not (denoiser_folder / "metadata.json").is_file():
             work.mkdir(parents=True, exist_ok=True)
-            import_denoiser(source, denoiser_folder, normalization=normalization, use=use, class_path=class_path,
-                            arguments=arguments, name=name, device=dist.device, patch_size=patch_size,
-                            overwrite=True)
+            if model_folder:  # of train denoiser, bundled, or imported before
+                read_metadata(source)
+                copy_model_folder(Path(source), denoiser_folder)
+            else:
+                import_denoiser(source, denoiser_folder, normalization=normalization, use=use, class_path=class_path,
+                                arguments=arguments, name=name, device=dist.device, patch_size=patch_size,
+                                overwrite=True)
         dist.barrier()
         per_step = None
         if "minutes" in limits:
