@@ -1,6 +1,7 @@
 """The sampling panel under real Qt (PySide6 via Qt.py, offscreen), driving real engine
 processes: button states, progress from a CLI subprocess, cancel, error display, one Show
-button per output, screenshot.
+button per output, rendering offscreen (the README's screenshot of the panel is taken after a
+real sampling run, in test_ui_end_to_end.py).
 
 The panel speaks the engine's JSON-lines protocol; these tests run ``invariance-explorer
 denoise`` (same protocol, stage "denoising") with a tiny randomly initialised CNN-10.
@@ -24,7 +25,7 @@ from InvarianceExplorerLib.ui.panel import (ANALYSIS_STAGE_SPANS, CANCEL_TEXT, C
                                             DEFAULT_COUNT, DENOISERS, RUN_TEXT, SamplingPanel, overall_percent)
 from InvarianceExplorerLib.ui.process import EngineJob, engine_command, process_group_alive  # noqa: E402
 from InvarianceExplorerLib.ui.qtshim import application, prop, qt  # noqa: E402
-from ui_helpers import make_model, make_volume, screenshot_path, wait_until  # noqa: E402
+from ui_helpers import make_model, make_volume, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,11 +151,11 @@ def test_run_streams_progress_from_a_real_cli_process(app, model, ct, tmp_path):
     assert shown == ["denoised"]
     assert "denoised CT (cnn10" in panel.statusLabel.text()
 
-    # screenshot of the panel as a user sees it after a run (README)
+    # it renders offscreen (the README's screenshot is of a real sampling run: test_ui_end_to_end.py)
     panel.resize(420, 640)
     panel.show()
     app.processEvents()
-    shot = screenshot_path("panel.png", tmp_path)
+    shot = tmp_path / "panel.png"
     assert panel.grab().save(str(shot), "PNG") and shot.stat().st_size > 5000
     panel.close()
 

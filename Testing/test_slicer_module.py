@@ -402,7 +402,7 @@ def test_analysis_becomes_a_segmentation_in_the_crop_geometry_replaced_on_rerun(
     assert list(ids) == [added, removed, flagged]
     expected = {added: (altered == 1).any(axis=0), removed: (altered == 2).any(axis=0), flagged: significant == 1}
     for name, mask in expected.items():
-        # on the crop's grid (the stand-in does not resample: a segment in another geometry raises)
+        # on the crop's grid (the stand-in resamples only between aligned grids: any other geometry raises)
         voxels = slicer.util.arrayFromSegmentBinaryLabelmap(seg, ids[name], nodes["crop"])
         assert voxels.shape == (1, PATCH, PATCH)
         np.testing.assert_array_equal(voxels[0], mask.astype(np.uint8), err_msg=name)
@@ -548,3 +548,26 @@ def test_missing_packages_are_asked_for_and_named_when_they_cannot_be_installed(
     slicer.answers.reply = True  # yes, but offline (the stand-in's pip_install installs nothing)
     with pytest.raises(RuntimeError, match=r"PythonSlicer -m pip install no-such-package-xyz>=1"):
         logic.installDependencies(askUser=True)
+
+
+def test_the_self_test_passes_under_the_standin(module, slicer, python_slicer, capsys):
+    """InvarianceExplorerTest (written for real Slicer) runs whole under the stand-in: the sample
+    data through SampleData, then real engine processes with the bundled CNN-10 invariance
+    models: at a markups point, at an ROI's centre, and with the analysis as a segmentation."""
+    from InvarianceExplorerLib.sampler import has_invariance_models
+    from InvarianceExplorerLib.ui.qtshim import application
+
+    application()
+    parent = type("Parent", (), {})()
+    module.InvarianceExplorer(parent)
+    slicer.modules.invarianceexplorer = parent  # the loaded module, with its icon
+    test = module.InvarianceExplorerTest()
+    test.runTest()
+    shown = capsys.readouterr().out
+    assert "Resources found" in shown
+    if has_invariance_models("cnn10"):
+        assert "Invariances sampled and checked" in shown and "at the ROI's centre" in shown
+        assert "Anatomy changes: 2 segments on the crop's grid" in shown
+    else:
+        assert "sampling check skipped" in shown
+    assert not [p for p in python_slicer.iterdir() if p.name.startswith("InvarianceExplorer-")]  # temp folders gone

@@ -1,12 +1,15 @@
 """End to end: the real ``invariance-explorer sample`` in a child process, read back by the
 standalone app and by the Slicer layer (under the SLICER STAND-IN), with a tiny randomly
-initialised denoiser + cVAE + cINN folder. Skipped while the engine's sampler is absent."""
+initialised denoiser + cVAE + cINN folder (fast); and the README's screenshots (docs/gui.png,
+docs/panel.png), from a run of the REAL bundled CNN-10 invariance models on the bundled sample
+CT (a few seconds). Skipped while the engine's sampler is absent."""
 
 from __future__ import annotations
 
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +27,10 @@ from ui_helpers import make_model, make_volume, screenshot_path, wait_until  # n
 
 if "sample" not in build_parser()._subparsers._group_actions[0].choices:  # noqa: SLF001
     pytest.skip("the engine has no `sample` command yet", allow_module_level=True)
+
+#: The README's screenshots: the bundled denoiser, its voxel of the sample CT (a lung nodule, as
+#: ``make demo``), count and seed.
+SCREENSHOT_RUN = {"model": "cnn10", "center": (368, 283, 1), "count": 16, "seed": 0}
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +69,62 @@ def test_app_runs_sample_and_shows_the_samples(model, tmp_path):
     assert window.view.result is not None and window.view.result.count == 3
     assert window.view.result.numbers["center_ijk"] == [30, 20, 1]
     assert window.panel.progressBar.value() == 100 and window.outDir.is_dir()
-    # screenshot of the standalone app (README); the networks are untrained, the images are not meaningful
-
     window.resize(1000, 640)
     window.show()
     application().processEvents()
-    shot = screenshot_path("gui.png", tmp_path)
-    assert window.grab().save(str(shot), "PNG")
+    assert not window.grab().isNull()  # (the README's screenshot is of a real run: test below)
     window.close()
+
+
+@pytest.mark.skipif(not sampler.has_invariance_models(SCREENSHOT_RUN["model"]),
+                    reason="the bundled CNN-10 has no invariance models (cVAE + cINN)")
+def test_screenshots_of_the_app_after_a_run_of_the_bundled_models(tmp_path, monkeypatch):
+    """docs/gui.png and docs/panel.png (``INVARIANCE_EXPLORER_SCREENSHOTS=docs``; else tmp_path):
+    the standalone app after sampling 16 invariances of the bundled CNN-10 with its bundled cVAE
+    + cINN around a lung nodule of the bundled sample CT, as a user runs it from the repository
+    (``invariance-explorer gui --input Resources/SampleData/... --results results/gui``)."""
+    from InvarianceExplorerLib.denoisers import bundled_models_dir
+    from InvarianceExplorerLib.sample_data import sample_ct_path
+    from InvarianceExplorerLib.ui.app import MainWindow
+
+    shots = {name: screenshot_path(name, tmp_path).resolve() for name in ("gui.png", "panel.png")}
+    application()
+    # the paths the window shows are the README's: run in a folder that looks like the repository
+    work = tmp_path / "work"
+    (work / "Resources" / "SampleData").mkdir(parents=True)
+    ct = Path("Resources/SampleData") / sample_ct_path().name
+    (work / ct).symlink_to(sample_ct_path())
+    monkeypatch.chdir(work)
+    window = MainWindow(Path("results/gui"), models_dir=bundled_models_dir())
+    window.inputEdit.setText(str(ct))
+    window.setCenter(*SCREENSHOT_RUN["center"])
+    window.panel.setDenoiser(SCREENSHOT_RUN["model"])
+    window.panel.countSpin.setValue(SCREENSHOT_RUN["count"])
+    window.panel.seedSpin.setValue(SCREENSHOT_RUN["seed"])
+    window.panel.deviceCombo.setCurrentIndex(1)  # CPU
+    assert window.panel.denoiserCombo.currentText() == "CNN-10"  # bundled weights found
+    assert window.panel.start(), window.panel.errorText()
+    wait_until(lambda: not window.panel.running, timeout=300)
+    assert window.panel.errorLabel.isHidden(), window.panel.errorText()
+    assert window.panel.progressBar.value() == 100
+    result = window.view.result
+    assert result is not None and result.count == SCREENSHOT_RUN["count"]
+    assert result.numbers["center_ijk"] == list(SCREENSHOT_RUN["center"]) and result.numbers["model"] == "cnn10"
+    assert 0 < result.numbers["consistency"] < 1  # f moves less than its input does
+    changes = [s["mean_abs_change_hu"] for s in result.numbers["samples"]]
+    assert min(changes) > 0 and np.ptp(result.volumes["invariances"].array, axis=0).max() > 0  # samples differ
+    labels = window.panel.outputLabels()
+    assert "invariances: invariances.nrrd" in labels and "std: std.nrrd" in labels
+    window.view.sampleSlider.setValue(int(np.argmax(changes)))  # the sample that differs most from x
+    assert window.view.captionLabels[3].text().startswith("std of x~ (black 0, white ")  # its scale, in HU
+    window.resize(1100, 660)
+    window.show()
+    application().processEvents()
+    assert window.grab().save(str(shots["gui.png"]), "PNG")
+    panel = window.panel
+    assert panel.grab().save(str(shots["panel.png"]), "PNG")
+    window.close()
+    assert all(shot.stat().st_size > 20000 for shot in shots.values())
 
 
 def test_slicer_logic_samples_into_nodes(model, tmp_path, monkeypatch):

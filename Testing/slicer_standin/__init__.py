@@ -1,5 +1,6 @@
 """SLICER STAND-IN (not 3D Slicer): just enough of ``slicer``, ``slicer.util``, MRML, ``qt`` and
-``ctk`` to import InvarianceExplorer.py and run its Logic in pytest.
+``ctk`` (and of the SampleData module) to import InvarianceExplorer.py and run its Logic and
+self-test in pytest.
 
 3D Slicer cannot be installed on the project's machines, so the Slicer layer is tested
 against this small stand-in, built on the real vtk wheel (image data, matrices, tables) and
@@ -74,10 +75,11 @@ def updateTableFromArray(tableNode, narrays, columnNames=None):
 
 def arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode=None):
     """The segment's voxels (1 inside, 0 outside) on the reference volume's grid (default: the
-    segmentation's reference geometry volume), as slicer.util.arrayFromSegmentBinaryLabelmap. The
-    stand-in does not resample: the segment must lie on that grid (else NotImplementedError)."""
-    import vtk
-
+    segmentation's reference geometry volume), as slicer.util.arrayFromSegmentBinaryLabelmap
+    (which exports the segment resampled to that grid). The stand-in resamples only between
+    aligned grids: the reference's axes and spacing equal the segment's and its voxels are the
+    segment's shifted by whole voxels (e.g. a crop and the volume it was cut from), which is
+    exact; any other geometry raises NotImplementedError."""
     if not referenceVolumeNode:
         referenceVolumeNode = segmentationNode.GetNodeReference(
             mrml.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
@@ -88,15 +90,40 @@ def arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeN
     if segment is None:
         raise RuntimeError("Export of segment failed.")
     shape = arrayFromVolume(referenceVolumeNode).shape
+    out = np.zeros(shape, np.uint8)
     if segment._labelmap is None:
-        return np.zeros(shape, np.uint8)
-    reference = vtk.vtkMatrix4x4()
-    referenceVolumeNode.GetIJKToRASMatrix(reference)
-    same = all(abs(reference.GetElement(r, c) - segment._ijkToRAS.GetElement(r, c)) < 1e-6
-               for r in range(4) for c in range(4))
-    if not same or segment._labelmap.shape != shape:
-        raise NotImplementedError("the Slicer stand-in does not resample segments to another geometry")
-    return (segment._labelmap == segment.GetLabelValue()).astype(np.uint8)
+        return out
+    offset = _voxelOffset(segment._ijkToRAS, referenceVolumeNode)
+    if offset is None:
+        raise NotImplementedError("the Slicer stand-in resamples segments only onto an aligned grid "
+                                  "(same axes and spacing, shifted by whole voxels)")
+    mask = (segment._labelmap == segment.GetLabelValue()).astype(np.uint8)
+    # segment voxel (k, j, i) lies at reference voxel (k, j, i) + offset; copy the overlap
+    source, target = [], []
+    for size, reference, shift in zip(mask.shape, shape, offset):
+        first, last = max(0, -shift), min(size, reference - shift)
+        if last <= first:
+            return out
+        source.append(slice(first, last))
+        target.append(slice(first + shift, last + shift))
+    out[tuple(target)] = mask[tuple(source)]
+    return out
+
+
+def _voxelOffset(ijkToRAS, referenceVolumeNode):
+    """The whole-voxel shift (dk, dj, di) from a grid (its IJK-to-RAS ``vtkMatrix4x4``) to the
+    reference volume's grid, or None when the two are not aligned."""
+    import vtk
+
+    rasToIJK = vtk.vtkMatrix4x4()
+    referenceVolumeNode.GetRASToIJKMatrix(rasToIJK)
+    product = vtk.vtkMatrix4x4()
+    vtk.vtkMatrix4x4.Multiply4x4(rasToIJK, ijkToRAS, product)
+    m = np.array([[product.GetElement(r, c) for c in range(4)] for r in range(4)])
+    shift = np.round(m[:3, 3])
+    if not (np.allclose(m[:3, :3], np.eye(3), atol=1e-6) and np.allclose(m[:3, 3], shift, atol=1e-4)):
+        return None
+    return tuple(int(v) for v in shift[::-1])
 
 
 def getNodesByClass(className, scene=None):
@@ -257,6 +284,47 @@ class ScriptedLoadableModuleTest(unittest.TestCase):
         print(message)
 
 
+# ----------------------------------------------------------------------------- SampleData
+
+class SampleDataLogic:
+    """The SampleData module's registry of custom sources (``SampleData.SampleDataLogic``)."""
+
+    sources = {}
+
+    @staticmethod
+    def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None,
+                                       nodeNames=None, customDownloader=None, thumbnailFileName=None,
+                                       loadFileType="VolumeFile", loadFiles=None, loadFileProperties=None,
+                                       checksums=None):
+        SampleDataLogic.sources[sampleName] = {"category": category, "uris": uris, "fileNames": fileNames,
+                                               "nodeNames": nodeNames, "checksums": checksums}
+
+
+def downloadSample(sampleName):
+    """Load a registered sample as SampleData.downloadSample does for a volume: the file (here a
+    ``file://`` URI; no network) checked against its ``SHA256:`` checksum, as a scalar volume
+    named after ``nodeNames``; returns the node."""
+    import hashlib
+    from urllib.parse import unquote, urlparse
+
+    source = SampleDataLogic.sources[sampleName]
+    uri = urlparse(source["uris"])
+    if uri.scheme != "file":
+        raise RuntimeError("the Slicer stand-in loads file:// samples only")
+    path = unquote(uri.path)
+    algorithm, _, digest = (source["checksums"] or "").partition(":")
+    if digest:
+        with open(path, "rb") as f:
+            if hashlib.new(algorithm.lower(), f.read()).hexdigest() != digest.lower():
+                raise RuntimeError(f"checksum mismatch for {path}")
+    node = _state.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", source["nodeNames"])
+    storage = mrml.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(path)
+    storage.ReadData(node)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
 # ----------------------------------------------------------------------------- install
 
 class _State:
@@ -320,9 +388,12 @@ def install():
         slicer.app = _App()
         ctk = types.ModuleType("ctk")
         ctk.ctkCollapsibleButton = qt.QGroupBox
+        sampleData = types.ModuleType("SampleData", "SLICER STAND-IN of the SampleData module (file:// sources)")
+        sampleData.SampleDataLogic, sampleData.downloadSample = SampleDataLogic, downloadSample
         sys.modules.update({"slicer": slicer, "slicer.util": util, "slicer.i18n": i18n,
                             "slicer.parameterNodeWrapper": pnw, "slicer.ScriptedLoadableModule": slm,
-                            "qt": qt, "ctk": ctk})
+                            "qt": qt, "ctk": ctk, "SampleData": sampleData})
+    SampleDataLogic.sources = {}
     slicer.mrmlScene = _state.scene
     slicer.modules = types.SimpleNamespace(
         sequences=types.SimpleNamespace(logic=lambda: mrml.vtkMRMLSequencesLogic(_state.scene),
@@ -339,5 +410,5 @@ def install():
 def uninstall():
     """Remove the stand-in from sys.modules (so that later tests see no ``slicer``)."""
     for name in ("slicer", "slicer.util", "slicer.i18n", "slicer.parameterNodeWrapper",
-                 "slicer.ScriptedLoadableModule", "qt", "ctk", "InvarianceExplorer"):
+                 "slicer.ScriptedLoadableModule", "qt", "ctk", "SampleData", "InvarianceExplorer"):
         sys.modules.pop(name, None)

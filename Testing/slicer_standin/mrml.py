@@ -534,7 +534,8 @@ class vtkMRMLScriptedModuleNode(vtkMRMLNode):
 
 
 class vtkMRMLVolumeArchetypeStorageNode(vtkMRMLNode):
-    """Writes a scalar volume as Slicer does: NRRD in the LPS frame (RAS negated on x and y)."""
+    """Writes and reads a scalar volume as Slicer does: NRRD in the LPS frame (RAS negated on x
+    and y)."""
 
     def __init__(self):
         super().__init__()
@@ -562,6 +563,28 @@ class vtkMRMLVolumeArchetypeStorageNode(vtkMRMLNode):
         out.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
         out.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing).ravel()))
         sitk.WriteImage(out, self._fileName, useCompression=self._compress)
+        return 1
+
+    def ReadData(self, volumeNode):
+        """Load the file into ``volumeNode``: voxels and IJK-to-RAS (from the file's LPS geometry)."""
+        import SimpleITK as sitk
+
+        image = sitk.ReadImage(self._fileName)
+        voxels = sitk.GetArrayFromImage(image)
+        lps = np.eye(4)
+        lps[:3, :3] = np.reshape(image.GetDirection(), (3, 3)) * np.asarray(image.GetSpacing())[None, :]
+        lps[:3, 3] = image.GetOrigin()
+        ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+        data = vtk.vtkImageData()
+        data.SetDimensions(tuple(reversed(voxels.shape)))
+        data.AllocateScalars(numpy_support.get_vtk_array_type(voxels.dtype), 1)
+        numpy_support.vtk_to_numpy(data.GetPointData().GetScalars())[:] = voxels.ravel()
+        volumeNode.SetAndObserveImageData(data)
+        matrix = vtk.vtkMatrix4x4()
+        for r in range(4):
+            for c in range(4):
+                matrix.SetElement(r, c, float(ras[r, c]))
+        volumeNode.SetIJKToRASMatrix(matrix)
         return 1
 
 

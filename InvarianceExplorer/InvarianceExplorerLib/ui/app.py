@@ -55,8 +55,10 @@ class ResultsView(qt.QWidget):
         layout.addWidget(self.titleLabel)
         grid = qt.QGridLayout()
         self.imageLabels: List = []
+        self.captionLabels: List = []
         for index, (title, _, _) in enumerate(VIEWS):
             caption = qt.QLabel(title)
+            self.captionLabels.append(caption)
             image = qt.QLabel()
             image.setMinimumSize(192, 192)
             image.setAlignment(qt.Qt.AlignCenter)
@@ -99,9 +101,11 @@ class ResultsView(qt.QWidget):
             label.clear()
             return
         array = volume.array[index]
-        if name == "std":  # 0 .. 99th percentile
+        if name == "std":  # 0 .. 99th percentile, said in the caption (its scale differs from run to run)
             top = float(np.percentile(array, 99)) or 1.0
             grey = (np.clip(array / top, 0, 1) * 255).astype(np.uint8)
+            view = [n for _, n, _ in VIEWS].index(name)
+            self.captionLabels[view].setText(f"{VIEWS[view][0]} (black 0, white {top:.2g} HU)")
         else:
             grey = window(array, *LUNG_WINDOW)
         label.setPixmap(gray_pixmap(grey))
