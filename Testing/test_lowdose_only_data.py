@@ -234,7 +234,7 @@ def test_wrong_folders_are_refused_with_clear_messages(low_dose_tree, paired_tre
     with pytest.raises(CTInputError, match="patients P00, P01, P02, P03, P04, P07 have a full-dose series .* but "
                                            "patients P05, P06 have none") as info:
         open_source(half)
-    assert "dicom='low-dose'" in str(info.value)
+    assert "dicom='low-dose'" in str(info.value) and "fit --dicom low-dose" in str(info.value)
     assert isinstance(open_source(half, dicom="low-dose"), LowDoseDicomDataset)
     with pytest.raises(CTInputError, match="patient P05: no CT series match the full-dose pattern") as info:
         open_source(half, dicom="paired")
@@ -248,6 +248,19 @@ def test_the_cli_fit_names_a_wrong_data_folder(torchscript_file, tmp_path, capsy
     assert code == 2
     error = capsys.readouterr().err
     assert "patient P00: no low-dose CT series" in error and not (tmp_path / "model").exists()
+
+
+def test_the_cli_fit_reads_dicom_the_way_it_is_told(torchscript_file, paired_tree, tmp_path, capsys):
+    half = tmp_path / "half"
+    shutil.copytree(paired_tree, half)
+    shutil.rmtree(half / "P05" / "study-1" / "Full Dose Images")
+    base = ["fit", "--denoiser", str(torchscript_file), "--normalization", "paper", "--data", str(half),
+            "--out", str(tmp_path / "model"), "--device", "cpu", "--no-progress"]
+    assert main(base) == 2  # auto: a mix of paired and low-dose-only patients is refused
+    assert "patients P05 have none" in capsys.readouterr().err
+    assert main(base + ["--dicom", "paired"]) == 2  # paired: P05 lacks its full-dose series
+    assert "patient P05: no CT series match the full-dose pattern" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
 
 
 def test_what_needs_full_dose_says_so_on_low_dose_only_data(low_dose_tree, tmp_path):

@@ -246,6 +246,7 @@ def _cmd_train_cinn(args) -> int:
 
 def _add_fit(sub) -> None:
     from .custom_denoisers import USES
+    from .datasets import DICOM_KINDS
     from .denoisers import WEIGHT_DTYPES
     from .fit import DEFAULT_BUDGET
 
@@ -273,6 +274,9 @@ def _add_fit(sub) -> None:
     p.add_argument("--data", type=Path,
                    help="simulated data set (data simulate), or DICOM folder with one folder per patient: paired "
                         "(low- and full-dose series) or low-dose series only; only low-dose images train")
+    p.add_argument("--dicom", choices=DICOM_KINDS, default="auto",
+                   help="how to read a DICOM --data folder: auto (paired when every patient has a full-dose "
+                        "series, low-dose only when none has), paired, or low-dose (ignore full-dose series)")
     p.add_argument("--out", type=Path, help="the model folder to write")
     p.add_argument("--budget", default=DEFAULT_BUDGET,
                    help=f"cVAE steps (e.g. 3000steps) or wall time (e.g. 45m, 2h) (default {DEFAULT_BUDGET})")
@@ -333,7 +337,7 @@ def _cmd_fit(args) -> int:
     out = fit(args.denoiser, args.data, args.out, budget=args.budget, device=args.device, seed=args.seed,
               resume=args.resume, work=args.work, patch_size=args.patch_size, batch_size=args.batch_size,
               fidelity_slices=args.fidelity_slices, weights_dtype=args.weights_dtype, hyperparameters=overrides,
-              progress=not args.no_progress, **settings)
+              progress=not args.no_progress, dicom=args.dicom, **settings)
     if os.environ.get("RANK", "0") == "0":
         with open(out / "metadata.json") as f:
             metadata = json.load(f)

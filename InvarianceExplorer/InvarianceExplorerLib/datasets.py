@@ -664,8 +664,8 @@ def open_source(path, *, dicom: str = "auto", **dicom_options) -> Sequence:
         raise CTInputError(path, f"patients {_names(with_full)} have a full-dose series (matching "
                                  f"'{full.pattern}') but patients {_names(without)} have none",
                            "Give paired data (a low- and a full-dose series for every patient) or low-dose-only "
-                           "data (no full-dose series), or read it as low-dose only with "
-                           "open_source(..., dicom='low-dose'), which ignores the full-dose series.")
+                           "data (no full-dose series), or read it as low-dose only (fit --dicom low-dose, "
+                           "open_source(..., dicom='low-dose')), which ignores the full-dose series.")
     return classes["paired" if with_full else "low-dose"](path, scan=scan, **dicom_options)
 
 

@@ -108,12 +108,12 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
         arguments: Optional[dict] = None, name: Optional[str] = None, budget: str = DEFAULT_BUDGET,
         device="auto", seed: int = 0, resume: bool = False, work=None, patch_size: int = 128, batch_size: int = 8,
         fidelity_slices: int = 4, weights_dtype: str = "float32", hyperparameters: Optional[dict] = None,
-        progress: bool = True) -> Path:
+        progress: bool = True, dicom: str = "auto") -> Path:
     """Import the denoiser ``source`` (see :func:`~.custom_denoisers.import_denoiser` for
     ``normalization``, ``use``, ``class_path``, ``arguments``, ``name``; a model folder, e.g.
     of ``train denoiser``, is taken as it is and they are ignored), fit its invariance
     models on ``data`` (simulated set, paired or low-dose-only DICOM folder:
-    :func:`~.datasets.open_source`) within ``budget``, and write the
+    :func:`~.datasets.open_source`; ``dicom``: "auto", "paired" or "low-dose") within ``budget``, and write the
     model folder ``out`` whole (replacing it only when it is the output of an earlier fit).
     ``work`` (default ``<out>.work``) keeps the runs; ``resume`` continues them.
     ``hyperparameters``: ``{"cvae": {...}, "cinn": {...}}`` overrides of
@@ -139,7 +139,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     model_folder = (Path(source) / "metadata.json").is_file()
     if normalization is None and not model_folder:
         raise ValueError(f"{source}: declare the denoiser's input normalisation (HUNormalization.parse)")
-    source_data = open_source(data)
+    source_data = open_source(data, dicom=dicom)
     dist = setup_distributed(device)
     try:
         denoiser_folder = work / "denoiser"
