@@ -291,6 +291,25 @@ def test_method_b_flags_nothing_in_pure_noise():
     louder = ensemble_test(40.0 + gaussian_noise(rng, 16, 30.0, 0.7), 40.0 + gaussian_noise(rng, 16, 20.0, 0.7),
                            SPACING)
     assert louder.summary()["flagged_fraction"] == 0.0 and louder.noise_scale == pytest.approx(2.25, rel=0.2)
+    assert louder.summary()["noise_variance_ratio"] == louder.noise_scale
+
+
+def test_method_b_does_not_scale_up_invariances_quieter_than_noise():
+    """Invariances that vary far less than noise (0.1 HU, as a cVAE that decodes little noise
+    gives) with a faint local pattern (0.5 HU more in a disc) vary less than noise everywhere:
+    nothing is flagged, the measured ratio is reported and not applied. A disc of 100 HU in
+    half of such quiet invariances is flagged."""
+    rng = np.random.default_rng(11)
+    shape = disc((60, 60), 8.0)
+    quiet = 40.0 + gaussian_noise(rng, 16, 0.1, 0.7) + 0.5 * shape * rng.normal(size=(16, 1, 1))
+    null = 40.0 + gaussian_noise(rng, 16, 20.0, 0.7)
+    test = ensemble_test(quiet, null, SPACING)
+    assert test.summary()["flagged_fraction"] == 0.0 and test.noise_scale == 1.0
+    assert test.summary()["noise_variance_ratio"] < 1e-3
+    assert ensemble_test(quiet, null, SPACING, noise_scaling="none").summary()["flagged_fraction"] == 0.0
+    quiet[::2] += 100.0 * shape
+    flagged = ensemble_test(quiet, null, SPACING).q <= 0.05
+    assert flagged[shape].mean() > 0.9 and flagged[~ndimage.binary_dilation(shape, iterations=8)].mean() < 0.01
 
 
 def test_method_b_flags_nothing_in_real_ct_noise(ct_scans):
