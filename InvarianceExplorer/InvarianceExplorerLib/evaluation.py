@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
@@ -23,7 +24,7 @@ import numpy as np
 
 from .devices import machine
 from .denoisers import (CUSTOM, METADATA, Denoiser, copy_model_folder, load_denoiser, read_metadata,
-                        resolve_model_folder, save_denoiser)
+                        resolve_model_folder, save_denoiser, write_metadata)
 from .inference import METRIC_HU_RANGE, denoise, image_quality
 
 MODEL_CARD = "MODEL_CARD.md"
@@ -167,8 +168,15 @@ def ship_denoiser(trained, destination, data, tolerance_hu: float = 0.1, limit: 
             extra["feature_network"] = load_weights(FeatureNetwork(), trained, metadata["weights"]["feature_network"])
         fields = {k: v for k, v in metadata.items()
                   if k not in ("format", "version", "architecture", "normalization", "weights")}
-        save_denoiser(Path(tmp) / "fp16", model32.network, name, metadata["architecture"]["arguments"],
-                      model32.normalization, fields, dtype="float16", extra=extra)
+        fp16 = save_denoiser(Path(tmp) / "fp16", model32.network, name, metadata["architecture"]["arguments"],
+                             model32.normalization, fields, dtype="float16", extra=extra)
+        carried = {k: v for k, v in metadata["weights"].items() if k not in ("denoiser", *extra)}
+        if carried:  # invariance models (cVAE, cINN) trained for this denoiser go along unchanged
+            for entry in carried.values():
+                shutil.copy2(trained / entry["file"], fp16 / entry["file"])
+            record = read_metadata(fp16)
+            record["weights"].update(carried)
+            write_metadata(fp16, record)
         model16 = load_denoiser(Path(tmp) / "fp16", device=device)
         result = held_out_quality(data, {f"{name} float32": model32, f"{name} float16": model16}, limit=limit,
                                   device=device)

@@ -1,0 +1,50 @@
+"""Shipping a trained denoiser folder as a bundled one (evaluation.ship_denoiser)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from InvarianceExplorerLib.datasets import build_simulated_dataset
+from InvarianceExplorerLib.denoisers import (load_denoiser, read_metadata, resolve_model_folder, save_denoiser,
+                                           write_metadata)
+from InvarianceExplorerLib.evaluation import ship_denoiser
+from InvarianceExplorerLib.sampler import InvarianceSampler, load_invariance_models
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A float32 model folder of CNN-10 with invariance models: the bundled weights, as
+    `train denoiser` and `train invariance` would leave them."""
+    root = tmp_path_factory.mktemp("ship")
+    bundled = resolve_model_folder("cnn10")
+    metadata = read_metadata(bundled)
+    denoiser = load_denoiser(bundled)
+    fields = {k: v for k, v in metadata.items() if k not in ("format", "version", "architecture", "normalization",
+                                                            "weights")}
+    folder = save_denoiser(root / "trained", denoiser.network.float(), "cnn10", metadata["architecture"]["arguments"],
+                           denoiser.normalization, fields)
+    record = read_metadata(folder)
+    for key in ("cvae", "cinn"):
+        shutil.copy2(bundled / metadata["weights"][key]["file"], folder / metadata["weights"][key]["file"])
+        record["weights"][key] = metadata["weights"][key]
+    write_metadata(folder, record)
+    build_simulated_dataset(root / "data", 10, size=128, seed=5, progress=False)
+    return folder, root / "data"
+
+
+def test_shipping_keeps_the_invariance_models_and_their_checksums(trained, tmp_path):
+    folder, data = trained
+    torch.manual_seed(0)
+    choice = ship_denoiser(folder, tmp_path / "cnn10", data, limit=2)
+    shipped = read_metadata(tmp_path / "cnn10")
+    assert choice["dtype"] == "float16" and shipped["weights"]["denoiser"]["dtype"] == "float16"
+    assert shipped["weights"]["cvae"] == read_metadata(folder)["weights"]["cvae"]
+    assert shipped["weights"]["cinn"] == read_metadata(folder)["weights"]["cinn"]
+    assert (tmp_path / "cnn10" / "MODEL_CARD.md").is_file()
+    models = load_invariance_models(tmp_path / "cnn10")  # checksums checked on load
+    size = models.patch_size
+    result = InvarianceSampler(models).sample(torch.zeros(size, size).numpy() - 700.0, count=2, seed=0)
+    assert result.invariances.shape == (2, size, size)
