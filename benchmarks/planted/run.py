@@ -190,7 +190,9 @@ def planted_figures(run: dict, radius: Optional[float] = None) -> dict:
 def control_figures(run: dict) -> dict:
     records = run["records"]
     return {method: {"patches_flagged": float(np.mean([r[f"{method}_flags_patch"] for r in records])),
-                     "pixels_flagged": float(run[f"{method}_flags"].mean())} for method in ("a", "b")}
+                     "patches_flagged_count": int(sum(r[f"{method}_flags_patch"] for r in records)),
+                     "patches": len(records), "pixels_flagged": float(run[f"{method}_flags"].mean())}
+            for method in ("a", "b")}
 
 
 # ----------------------------------------------------------------------------- report
@@ -208,7 +210,8 @@ def table(results: dict) -> str:
             f = r["figures"][method]
             if r["kind"] == "control":
                 rows.append(f"| {name} (control: none planted) | {label} | – | – | – | – / "
-                            f"{_fmt(f['pixels_flagged'], '.3f')} | {_fmt(100 * f['patches_flagged'], '.0f')} % | "
+                            f"{_fmt(f['pixels_flagged'], '.3f')} | {_fmt(100 * f['patches_flagged'], '.0f')} % "
+                            f"({f['patches_flagged_count']} of {f['patches']}) | "
                             f"≤ 5 %: {'met' if f['patches_flagged'] <= 0.05 else 'missed'} |")
                 continue
             what, bar = ((f"disc M, r = {r['radius_px']:g} px", 0.85) if r["kind"] == "region-blind" else
