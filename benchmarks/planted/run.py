@@ -319,7 +319,8 @@ def main(argv=None) -> None:
         m = results["machine"]
         write_readme(Path("README.md"), f"{text}\n\nMeasured by `{results['command']}` on {m['cpu']} "
                      f"({m['cpu_threads']} threads, torch {m['torch']}) in {results['wall_time_s'] / 60:.0f} min: "
-                     f"{2 * args.slices} test patches per denoiser, {args.count} invariances each, "
+                     "test patches: " + ", ".join(f"{name} {len(run['records'])}" for name, run in runs.items())
+                     + f"; {args.count} invariances each, "
                      f"{args.null_count} noise-only scans per slice. Figure: `{args.figure}`.")
 
 
