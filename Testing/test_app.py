@@ -90,3 +90,40 @@ def test_app_cancel_removes_the_partial_results_folder(app, tmp_path):
     wait_until(lambda: not window.panel.running, timeout=20)
     assert window.panel.statusLabel.text() == "Cancelled" and window.panel.errorLabel.isHidden()
     assert job.returncode is not None and not window.outDir.exists()
+
+
+def test_app_shows_the_analysis_of_a_results_folder(app, tmp_path):
+    """A folder analysed by `analyze`: one sample holds an added disc (300 HU); the app draws
+    method A's regions of the shown sample and method B's regions, with their numbers."""
+    from InvarianceExplorerLib.analysis_folder import analyze_folder
+    from InvarianceExplorerLib.result_folder import FILES, read_volume
+
+    folder = tmp_path / "run"
+    write_sample_folder(folder, make_volume((3, 64, 64)), (32, 32, 1), patch=48, count=6)
+    stack = read_volume(folder / FILES["invariances"])
+    rows, cols = np.mgrid[:48, :48]
+    disc = (rows - 20) ** 2 + (cols - 26) ** 2 <= 36
+    samples = stack.array.copy()
+    samples[2][disc] += 300.0
+    write_nrrd(stack, folder / FILES["invariances"], array=samples)
+    x = read_volume(folder / FILES["input"]).array[0]
+    null = x[None] + np.random.default_rng(1).normal(0.0, 20.0, (8, 48, 48)).astype(np.float32)
+    analyze_folder(folder, null=null, null_source="given")
+
+    window = MainWindow(tmp_path / "results")
+    items = window.openResults(folder)
+    view = window.view
+    assert not view.analysisImages[0].isHidden() and not view.analysisImages[1].isHidden()
+    assert any(label.startswith("analysis figure:") for label, _ in items)
+    assert view.analysisCaptions[1].text().startswith("x with method B's significant regions (yellow):")
+    view.sampleSlider.setValue(2)
+    assert "rank 1 of 6" in view.analysisCaptions[0].text()
+    image = view.analysisImages[0].pixmap().toImage().scaled(48, 48)
+    red = [image.pixelColor(c, r) for r, c in zip(*np.nonzero(disc))]
+    assert np.mean([p.red() > p.blue() + 60 for p in red]) > 0.8  # the added disc is drawn red
+    view.sampleSlider.setValue(0)
+    assert "0 regions" in view.analysisCaptions[0].text()
+    # a folder without analysis hides the analysis views
+    write_sample_folder(tmp_path / "plain", make_volume((3, 64, 64)), (32, 32, 1), patch=16, count=3)
+    window.openResults(tmp_path / "plain")
+    assert view.analysisImages[0].isHidden() and view.analysis is None

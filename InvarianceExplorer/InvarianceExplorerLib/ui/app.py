@@ -2,9 +2,13 @@
 
 The window holds the panel (:class:`~.panel.SamplingPanel`) with file pickers (input CT,
 results folder) and the centre voxel, and a results view: the input x, one sample x~_k,
-f(x~_k) and the standard-deviation map, with a slider over the samples (lung window). It
-runs ``invariance-explorer sample`` in a child process and reads the folder it writes
-(:mod:`..result_folder`); "Open results…" shows a folder written earlier.
+f(x~_k) and the standard-deviation map, with a slider over the samples (lung window). When
+the folder holds the analysis (``sample --analyze`` or ``analyze``), two more views show it:
+x~_k with method A's altered regions of that sample (red: structure added, blue: removed)
+and x with method B's significant regions (yellow), each with its numbers. It runs
+``invariance-explorer sample`` in a child process and reads the folder it writes
+(:mod:`..result_folder`, :func:`..analysis_folder.load_analysis`); "Open results…" shows a
+folder written earlier.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ from .qtshim import application, prop, qt
 #: Views of the results: (title, volume name, stack?)
 VIEWS = (("x (input crop)", "input", False), ("x~ (sample)", "invariances", True),
          ("f(x~)", "denoised_invariances", True), ("std of x~", "std", False))
+#: Views of the analysis: (title, analysis labelmap, image it is drawn on, stack?)
+ANALYSIS_VIEWS = (("x~ with method A's altered regions", "altered_regions", "invariances", True),
+                  ("x with method B's significant regions", "significant_regions", "input", False))
+#: Overlay colours (RGB) of the analysis labelmaps' values.
+OVERLAY_COLOURS = {"altered_regions": {1: (255, 60, 60), 2: (70, 140, 255)}, "significant_regions": {1: (255, 220, 0)}}
 
 
 def gray_pixmap(array8: np.ndarray, size: int = 192):
@@ -32,6 +41,23 @@ def gray_pixmap(array8: np.ndarray, size: int = 192):
     h, w = data.shape
     image = qt.QImage(data.tobytes(), w, h, w, qt.QImage.Format_Grayscale8).copy()
     return qt.QPixmap.fromImage(image).scaled(size, size, qt.Qt.KeepAspectRatio, qt.Qt.FastTransformation)
+
+
+def rgb_pixmap(rgb8: np.ndarray, size: int = 192):
+    """A QPixmap of an 8-bit RGB ``(H, W, 3)`` array, scaled to ``size`` pixels."""
+    data = np.ascontiguousarray(rgb8, dtype=np.uint8)
+    h, w, _ = data.shape
+    image = qt.QImage(data.tobytes(), w, h, 3 * w, qt.QImage.Format_RGB888).copy()
+    return qt.QPixmap.fromImage(image).scaled(size, size, qt.Qt.KeepAspectRatio, qt.Qt.FastTransformation)
+
+
+def overlay(grey8: np.ndarray, labels: np.ndarray, colours: dict, opacity: float = 0.45) -> np.ndarray:
+    """``grey8`` as RGB with each labelled pixel blended towards its value's colour."""
+    rgb = np.repeat(grey8[..., None], 3, axis=2).astype(np.float32)
+    for value, colour in colours.items():
+        mask = labels == value
+        rgb[mask] = (1 - opacity) * rgb[mask] + opacity * np.asarray(colour, np.float32)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
 def unique_folder(parent: Path, name: str) -> Path:
@@ -66,7 +92,22 @@ class ResultsView(qt.QWidget):
             grid.addWidget(caption, 2 * (index // 2), index % 2)
             grid.addWidget(image, 2 * (index // 2) + 1, index % 2)
             self.imageLabels.append(image)
+        self.analysisCaptions: List = []
+        self.analysisImages: List = []
+        for index, (title, _, _, _) in enumerate(ANALYSIS_VIEWS):
+            caption = qt.QLabel(title)
+            caption.setWordWrap(True)
+            image = qt.QLabel()
+            image.setMinimumSize(192, 192)
+            image.setAlignment(qt.Qt.AlignCenter)
+            image.setStyleSheet("QLabel { background: black; }")
+            grid.addWidget(caption, 4, index)
+            grid.addWidget(image, 5, index)
+            self.analysisCaptions.append(caption)
+            self.analysisImages.append(image)
         layout.addLayout(grid)
+        self.analysis: Optional[dict] = None
+        self._showAnalysisViews(False)
         row = qt.QHBoxLayout()
         self.sampleSlider = qt.QSlider(qt.Qt.Horizontal)
         self.sampleSlider.setEnabled(False)
@@ -81,8 +122,15 @@ class ResultsView(qt.QWidget):
         layout.addStretch(1)
         self.sampleSlider.valueChanged.connect(lambda *args: self.showSample(prop(self.sampleSlider, "value")))
 
-    def setResult(self, result: SampleResult) -> None:
+    def _showAnalysisViews(self, shown: bool) -> None:
+        for widget in self.analysisCaptions + self.analysisImages:
+            widget.setVisible(shown)
+
+    def setResult(self, result: SampleResult, analysis: Optional[dict] = None) -> None:
+        """Show ``result``; ``analysis`` (:func:`..analysis_folder.load_analysis`) adds its views."""
         self.result = result
+        self.analysis = analysis
+        self._showAnalysisViews(analysis is not None)
         n = result.count
         numbers = result.numbers
         self.titleLabel.setText(f"{result.folder}: {n} samples, model {numbers.get('model', '?')}, "
@@ -92,6 +140,17 @@ class ResultsView(qt.QWidget):
         for label, (_, name, stack) in zip(self.imageLabels, VIEWS):
             if not stack:
                 self._show(label, name, 0)
+        if analysis is not None:
+            method_b = analysis["numbers"].get("method_b", {})
+            caption = self.analysisCaptions[1]
+            if method_b.get("skipped"):
+                caption.setText(f"Method B not run: {method_b.get('reason', '').split(':')[0]} (analysis.json "
+                                "says how to give one)")
+            else:
+                caption.setText(f"x with method B's significant regions (yellow): {method_b.get('region_count', 0)} "
+                                f"regions, {method_b.get('flagged_area_mm2', 0.0):.1f} mm² at FDR "
+                                f"{method_b.get('fdr_level', 0.05):g}")
+            self._showOverlay(1, 0)
         self.sampleSlider.setValue(0)
         self.showSample(0)
 
@@ -110,12 +169,36 @@ class ResultsView(qt.QWidget):
             grey = window(array, *LUNG_WINDOW)
         label.setPixmap(gray_pixmap(grey))
 
+    def _showOverlay(self, view: int, index: int) -> None:
+        _, labels_name, image_name, _ = ANALYSIS_VIEWS[view]
+        label = self.analysisImages[view]
+        image = self.result.volumes.get(image_name) if self.result else None
+        labels = self.analysis.get(labels_name) if self.analysis else None
+        if image is None:
+            label.clear()
+            return
+        grey = window(image.array[index], *LUNG_WINDOW)
+        if labels is not None:
+            grey = overlay(grey, np.asarray(labels.array[min(index, labels.array.shape[0] - 1)]),
+                           OVERLAY_COLOURS[labels_name])
+        else:
+            grey = np.repeat(grey[..., None], 3, axis=2)
+        label.setPixmap(rgb_pixmap(grey))
+
     def showSample(self, index: int) -> None:
         if self.result is None:
             return
         for label, (_, name, stack) in zip(self.imageLabels, VIEWS):
             if stack:
                 self._show(label, name, index)
+        if self.analysis is not None:
+            self._showOverlay(0, index)
+            scores = {s["index"]: s for s in self.analysis["numbers"].get("samples", [])}.get(index)
+            if scores:
+                self.analysisCaptions[0].setText(
+                    f"x~ with method A's altered regions (red: added, blue: removed): rank {scores['rank']} of "
+                    f"{self.result.count}, {scores['region_count']} regions, {scores['area_mm2']:.1f} mm², "
+                    f"peak |ΔHU| {scores['peak_abs_hu']:.0f}")
         samples = {s["index"]: s for s in self.result.numbers.get("samples", [])}
         sample = samples.get(index, {})
         self.sampleLabel.setText(f"{index + 1} / {self.result.count}")
@@ -213,10 +296,17 @@ class MainWindow(qt.QMainWindow):
 
     def openResults(self, folder) -> list:
         """Show a sample results folder; return the panel's output items."""
+        from ..analysis_folder import ANALYSIS_DIR, ANALYSIS_FILES, load_analysis
+
         result = load_result(folder)
-        self.view.setResult(result)
+        analysis = load_analysis(result.folder) if (result.folder / ANALYSIS_DIR / ANALYSIS_FILES["numbers"]).is_file() \
+            else None
+        self.view.setResult(result, analysis)
         items = [(f"{name}: {Path(path).name}", lambda p=path: open_file(p)) for name, path in
                  sorted((n, str(result.folder / f)) for n, f in _present_files(result.folder))]
+        if analysis is not None:
+            items += [(f"analysis {name}: {file}", lambda p=str(result.folder / ANALYSIS_DIR / file): open_file(p))
+                      for name, file in ANALYSIS_FILES.items() if (result.folder / ANALYSIS_DIR / file).is_file()]
         self.panel.setOutputs(items)
         return items
 
