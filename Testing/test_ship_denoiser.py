@@ -2,34 +2,25 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from InvarianceExplorerLib.datasets import build_simulated_dataset
-from InvarianceExplorerLib.denoisers import (load_denoiser, read_metadata, resolve_model_folder, save_denoiser,
-                                           write_metadata)
+from InvarianceExplorerLib.denoisers import (copy_model_folder, load_denoiser, read_metadata, resolve_model_folder,
+                                           save_weights, write_metadata)
 from InvarianceExplorerLib.evaluation import ship_denoiser
 from InvarianceExplorerLib.sampler import InvarianceSampler, load_invariance_models
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A float32 model folder of CNN-10 with invariance models: the bundled weights, as
-    `train denoiser` and `train invariance` would leave them."""
+    """A float32 model folder of CNN-10 with invariance models: the bundled folder with its
+    denoiser weights stored as float32, as `train denoiser` and `train invariance` leave it."""
     root = tmp_path_factory.mktemp("ship")
-    bundled = resolve_model_folder("cnn10")
-    metadata = read_metadata(bundled)
-    denoiser = load_denoiser(bundled)
-    fields = {k: v for k, v in metadata.items() if k not in ("format", "version", "architecture", "normalization",
-                                                            "weights")}
-    folder = save_denoiser(root / "trained", denoiser.network.float(), "cnn10", metadata["architecture"]["arguments"],
-                           denoiser.normalization, fields)
+    folder = copy_model_folder(resolve_model_folder("cnn10"), root / "trained")
     record = read_metadata(folder)
-    for key in ("cvae", "cinn"):
-        shutil.copy2(bundled / metadata["weights"][key]["file"], folder / metadata["weights"][key]["file"])
-        record["weights"][key] = metadata["weights"][key]
+    record["weights"]["denoiser"] = save_weights(load_denoiser(folder).network.float(),
+                                                 folder / record["weights"]["denoiser"]["file"], "float32")
     write_metadata(folder, record)
     build_simulated_dataset(root / "data", 10, size=128, seed=5, progress=False)
     return folder, root / "data"

@@ -189,10 +189,12 @@ def planted_figures(run: dict, radius: Optional[float] = None) -> dict:
 
 def control_figures(run: dict) -> dict:
     records = run["records"]
-    return {method: {"patches_flagged": float(np.mean([r[f"{method}_flags_patch"] for r in records])),
-                     "patches_flagged_count": int(sum(r[f"{method}_flags_patch"] for r in records)),
-                     "patches": len(records), "pixels_flagged": float(run[f"{method}_flags"].mean())}
-            for method in ("a", "b")}
+    out = {}
+    for method in ("a", "b"):
+        flagged = sum(bool(r[f"{method}_flags_patch"]) for r in records)
+        out[method] = {"patches_flagged": flagged / len(records), "patches_flagged_count": flagged,
+                       "patches": len(records), "pixels_flagged": float(run[f"{method}_flags"].mean())}
+    return out
 
 
 # ----------------------------------------------------------------------------- report

@@ -28,27 +28,31 @@ from .qtshim import application, prop, qt
 #: Views of the results: (title, volume name, stack?)
 VIEWS = (("x (input crop)", "input", False), ("x~ (sample)", "invariances", True),
          ("f(x~)", "denoised_invariances", True), ("std of x~", "std", False))
-#: Views of the analysis: (title, analysis labelmap, image it is drawn on, stack?)
-ANALYSIS_VIEWS = (("x~ with method A's altered regions", "altered_regions", "invariances", True),
-                  ("x with method B's significant regions", "significant_regions", "input", False))
+#: Views of the analysis: (title, analysis labelmap, image it is drawn on)
+ANALYSIS_VIEWS = (("x~ with method A's altered regions", "altered_regions", "invariances"),
+                  ("x with method B's significant regions", "significant_regions", "input"))
 #: Overlay colours (RGB) of the analysis labelmaps' values.
 OVERLAY_COLOURS = {"altered_regions": {1: (255, 60, 60), 2: (70, 140, 255)}, "significant_regions": {1: (255, 220, 0)}}
 
 
-def gray_pixmap(array8: np.ndarray, size: int = 192):
-    """A QPixmap of an 8-bit grey 2D array, scaled to ``size`` pixels (nearest neighbour)."""
+def pixmap(array8: np.ndarray, size: int = 192):
+    """A QPixmap of an 8-bit grey ``(H, W)`` or RGB ``(H, W, 3)`` array, scaled to ``size``
+    pixels (nearest neighbour)."""
     data = np.ascontiguousarray(array8, dtype=np.uint8)
-    h, w = data.shape
-    image = qt.QImage(data.tobytes(), w, h, w, qt.QImage.Format_Grayscale8).copy()
+    h, w = data.shape[:2]
+    rgb = data.ndim == 3
+    image = qt.QImage(data.tobytes(), w, h, 3 * w if rgb else w,
+                      qt.QImage.Format_RGB888 if rgb else qt.QImage.Format_Grayscale8).copy()
     return qt.QPixmap.fromImage(image).scaled(size, size, qt.Qt.KeepAspectRatio, qt.Qt.FastTransformation)
 
 
-def rgb_pixmap(rgb8: np.ndarray, size: int = 192):
-    """A QPixmap of an 8-bit RGB ``(H, W, 3)`` array, scaled to ``size`` pixels."""
-    data = np.ascontiguousarray(rgb8, dtype=np.uint8)
-    h, w, _ = data.shape
-    image = qt.QImage(data.tobytes(), w, h, 3 * w, qt.QImage.Format_RGB888).copy()
-    return qt.QPixmap.fromImage(image).scaled(size, size, qt.Qt.KeepAspectRatio, qt.Qt.FastTransformation)
+def image_label():
+    """An empty black image view of at least 192 x 192 pixels."""
+    image = qt.QLabel()
+    image.setMinimumSize(192, 192)
+    image.setAlignment(qt.Qt.AlignCenter)
+    image.setStyleSheet("QLabel { background: black; }")
+    return image
 
 
 def overlay(grey8: np.ndarray, labels: np.ndarray, colours: dict, opacity: float = 0.45) -> np.ndarray:
@@ -85,22 +89,16 @@ class ResultsView(qt.QWidget):
         for index, (title, _, _) in enumerate(VIEWS):
             caption = qt.QLabel(title)
             self.captionLabels.append(caption)
-            image = qt.QLabel()
-            image.setMinimumSize(192, 192)
-            image.setAlignment(qt.Qt.AlignCenter)
-            image.setStyleSheet("QLabel { background: black; }")
+            image = image_label()
             grid.addWidget(caption, 2 * (index // 2), index % 2)
             grid.addWidget(image, 2 * (index // 2) + 1, index % 2)
             self.imageLabels.append(image)
         self.analysisCaptions: List = []
         self.analysisImages: List = []
-        for index, (title, _, _, _) in enumerate(ANALYSIS_VIEWS):
+        for index, (title, _, _) in enumerate(ANALYSIS_VIEWS):
             caption = qt.QLabel(title)
             caption.setWordWrap(True)
-            image = qt.QLabel()
-            image.setMinimumSize(192, 192)
-            image.setAlignment(qt.Qt.AlignCenter)
-            image.setStyleSheet("QLabel { background: black; }")
+            image = image_label()
             grid.addWidget(caption, 4, index)
             grid.addWidget(image, 5, index)
             self.analysisCaptions.append(caption)
@@ -167,23 +165,20 @@ class ResultsView(qt.QWidget):
             self.captionLabels[view].setText(f"{VIEWS[view][0]} (black 0, white {top:.2g} HU)")
         else:
             grey = window(array, *LUNG_WINDOW)
-        label.setPixmap(gray_pixmap(grey))
+        label.setPixmap(pixmap(grey))
 
     def _showOverlay(self, view: int, index: int) -> None:
-        _, labels_name, image_name, _ = ANALYSIS_VIEWS[view]
+        _, labels_name, image_name = ANALYSIS_VIEWS[view]
         label = self.analysisImages[view]
         image = self.result.volumes.get(image_name) if self.result else None
         labels = self.analysis.get(labels_name) if self.analysis else None
         if image is None:
             label.clear()
             return
-        grey = window(image.array[index], *LUNG_WINDOW)
+        shown = window(image.array[index], *LUNG_WINDOW)
         if labels is not None:
-            grey = overlay(grey, np.asarray(labels.array[min(index, labels.array.shape[0] - 1)]),
-                           OVERLAY_COLOURS[labels_name])
-        else:
-            grey = np.repeat(grey[..., None], 3, axis=2)
-        label.setPixmap(rgb_pixmap(grey))
+            shown = overlay(shown, np.asarray(labels.array[index]), OVERLAY_COLOURS[labels_name])
+        label.setPixmap(pixmap(shown))
 
     def showSample(self, index: int) -> None:
         if self.result is None:
