@@ -15,8 +15,8 @@ import torch
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
-from InvarianceExplorerLib.datasets import (BLOCK, DatasetMismatchError, PairedDicomDataset, SimulatedDataset,
-                                            build_simulated_dataset, item_seeds, make_dataset, split_patients)
+from InvarianceExplorerLib.datasets import (BLOCK, DatasetMismatchError, ItemCache, PairedDicomDataset,
+                                            SimulatedDataset, build_simulated_dataset, item_seeds, make_dataset, split_patients)
 from InvarianceExplorerLib.io import CTInputError
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from realdata import pydicom_test_file
@@ -208,6 +208,29 @@ def test_pipeline_is_deterministic_per_seed(simulated):
     first, again, other = epoch(5), epoch(5), epoch(6)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_item_cache_decodes_each_file_once_within_its_budget_and_changes_no_sample(simulated):
+    source = SimulatedDataset(simulated)
+    opened = []
+    source_getitem = SimulatedDataset.__getitem__
+
+    class Counting(SimulatedDataset):
+        def __getitem__(self, index):
+            opened.append(index)
+            return source_getitem(self, index)
+
+    one_item = sum(a.nbytes for a in (source[0].low_dose, source[0].full_dose, source[0].labels, source[0].nodule_map))
+    cached = ItemCache(Counting(simulated), max_bytes=2 * one_item)
+    assert len(cached) == COUNT and cached.patient_ids == source.patient_ids  # the source's attributes
+    for index in (0, 1, 2, 0, 1, 2):
+        item = cached[index]
+        np.testing.assert_array_equal(item.low_dose, source[index].low_dose)
+    assert opened == [0, 1, 2, 2] and cached.bytes == 2 * one_item  # item 2 did not fit: loaded on each use
+    # training patches drawn through the cache are the same as those drawn from the files
+    through = [s["ld"] for s in make_dataset(ItemCache(source), "train", patch_size=P, seed=3)] * 2
+    direct = [s["ld"] for s in make_dataset(source, "train", patch_size=P, seed=3)] * 2
+    assert all(torch.equal(a, b) for a, b in zip(through, direct))
 
 
 def test_validation_is_deterministic_center_crop_normalised_with_hunormalization(simulated):

@@ -229,6 +229,22 @@ def test_a_gan_generator_can_be_pretrained_on_mse_alone(pairs, tmp_path):
         train("cnn10", pairs, tmp_path / "other", epochs=1, hyperparameters={"scheme": "mse"})
 
 
+def test_bfloat16_mixed_precision_trains_is_recorded_and_must_match_on_resume(pairs, runs, tmp_path):
+    out = tmp_path / "run"
+    folder = train("redcnn", pairs, out, precision="bfloat16")
+    history = json.loads((out / "history.json").read_text())
+    straight = json.loads((runs["redcnn"] / "history.json").read_text())  # the same run in float32
+    assert history[1]["train"]["mse"] < 0.9 * history[0]["train"]["mse"]
+    assert history[0]["train"]["mse"] != straight[0]["train"]["mse"]  # bfloat16 arithmetic did run
+    assert history[1]["train"]["mse"] == pytest.approx(straight[1]["train"]["mse"], rel=0.2)
+    assert read_metadata(folder)["training"]["precision"] == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in load_denoiser(folder).network.parameters())
+    with pytest.raises(ValueError, match="other settings.*precision"):
+        train("redcnn", pairs, out, epochs=3, resume=True)
+    with pytest.raises(ValueError, match="unknown precision 'float8'; choose one of float32, bfloat16"):
+        train("redcnn", pairs, tmp_path / "other", precision="float8")
+
+
 # ----------------------------------------------------------------------------- model folders
 
 

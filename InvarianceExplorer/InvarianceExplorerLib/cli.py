@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train_denoiser(sub) -> None:
     from .denoisers import DENOISERS, WEIGHT_DTYPES
+    from .training import PRECISIONS
 
     train = sub.add_parser("train", help="train networks: denoisers, invariance models (cVAE, then cINN)")
     train_sub = train.add_subparsers(dest="train_command", required=True)
@@ -135,6 +136,9 @@ def _add_train_denoiser(sub) -> None:
     den.add_argument("--val-slices", type=_positive_int, default=32, help="validation slices per epoch (default 32)")
     den.add_argument("--weights-dtype", choices=list(WEIGHT_DTYPES), default="float32",
                      help="storage of the exported weights (default float32)")
+    den.add_argument("--precision", choices=list(PRECISIONS), default="float32",
+                     help="arithmetic of the training steps: bfloat16 mixed precision is about 4x faster on CPUs "
+                          "with AMX and on CUDA; validation stays float32 (default float32)")
     den.add_argument("--feature-network", type=Path, default=None,
                      help="WGAN-VGG: reuse the feature network of this model folder instead of training one")
     den.add_argument("--init", type=Path, default=None, dest="initial_weights",
@@ -508,7 +512,8 @@ def _cmd_train_denoiser(args) -> int:
                             resume=args.resume, device=args.device, num_workers=args.num_workers,
                             val_slices=args.val_slices, weights_dtype=args.weights_dtype,
                             feature_network=args.feature_network, initial_weights=args.initial_weights,
-                            progress=not args.no_progress, hyperparameters=_hyperparameters(args))
+                            precision=args.precision, progress=not args.no_progress,
+                            hyperparameters=_hyperparameters(args))
     with open(folder / "metadata.json") as f:
         training = json.load(f)["training"]
     v = training["validation"]

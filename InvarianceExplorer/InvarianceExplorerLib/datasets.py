@@ -693,6 +693,31 @@ def split_patients(patient_ids, fractions: Sequence[float] = PAPER_FRACTIONS, se
     return {name: sorted(shuffled[end - n: end]) for name, n, end in zip(SPLITS, counts, ends)}
 
 
+class ItemCache:
+    """``source`` (a sequence of :class:`PairedSlice` with ``patient_ids``) whose items stay in
+    memory once loaded, up to ``max_bytes`` in all (later items are loaded on every use), so
+    that training, which crops many small patches from each slice, decodes each file once.
+    Every other attribute is ``source``'s."""
+
+    def __init__(self, source, max_bytes: int = 4 << 30):
+        self.source, self.max_bytes, self.bytes, self._items = source, int(max_bytes), 0, {}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> PairedSlice:
+        item = self._items.get(index)
+        if item is None:
+            item = self.source[index]
+            size = sum(a.nbytes for a in vars(item).values() if isinstance(a, np.ndarray))
+            if self.bytes + size <= self.max_bytes:
+                self._items[index], self.bytes = item, self.bytes + size
+        return item
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+
 class _LoadPair:
     """MONAI transform: ``{"index": i}`` -> the item's channel-first arrays and metadata."""
 

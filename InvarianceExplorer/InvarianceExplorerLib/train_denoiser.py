@@ -43,7 +43,8 @@ from .denoisers import (DENOISERS, FeatureNetwork, UNetDiscriminator, WGANCritic
 from .devices import machine
 from .inference import METRIC_HU_RANGE, apply_network, image_quality
 from .normalization import PAPER_NORMALIZATION, HUNormalization
-from .training import (CHECKPOINT, TrainingBatches as _TrainingBatches, adam as _adam, derive_seed as _seed,
+from .training import (CHECKPOINT, TrainingBatches as _TrainingBatches, adam as _adam, autocast as _autocast,
+                       derive_seed as _seed,
                        describe_data, gradient_penalty as _gradient_penalty, load_feature_network,
                        make_generator as _generator, optimizer_step as _step, restore_checkpoint,
                        save_checkpoint as _save_checkpoint,
@@ -273,7 +274,7 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
                    patch_size: int = 128, lr: Optional[float] = None, seed: int = 0, resume: bool = False,
                    device="auto", num_workers: int = 0, val_slices: int = 32, weights_dtype: str = "float32",
                    arguments: Optional[dict] = None, hyperparameters: Optional[dict] = None,
-                   feature_network=None, initial_weights=None,
+                   feature_network=None, initial_weights=None, precision: str = "float32",
                    normalization: HUNormalization = PAPER_NORMALIZATION, progress: bool = True) -> Path:
     """Train denoiser ``arch`` on the paired data in ``data``; return its model folder ``<out>/model``.
 
@@ -300,6 +301,8 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
         initial_weights: a model folder (or bundled name) whose denoiser weights start the
             run instead of random ones, e.g. a RED-CNN for DU-GAN's generator; its network
             must have the same layers (architecture class and arguments).
+        precision: arithmetic of the training steps, "float32" or "bfloat16" mixed
+            precision (:func:`~.training.autocast`); validation is always float32.
         normalization: HU <-> network units map, recorded with the model.
         progress: show tqdm progress bars.
     """
@@ -313,13 +316,14 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
     if min(epochs, steps_per_epoch, batch_size, val_slices) < 1 or patch_size < 1:
         raise ValueError("epochs, steps_per_epoch, batch_size, patch_size and val_slices must be positive")
     device = resolve_device(device)
+    _autocast(device, precision)  # checks the name before any work
     source = open_source(data)
     require_full_dose(source, data, "training a denoiser")
     hp = {**HYPERPARAMETERS[arch], **(hyperparameters or {}), **({"lr": float(lr)} if lr is not None else {})}
     if feature_network is not None:
         hp["feature_network"] = str(feature_network)
     config = {"arch": arch, "arguments": dict(arguments or {}), "hyperparameters": hp, "patch_size": patch_size,
-              "batch_size": batch_size, "steps_per_epoch": steps_per_epoch, "seed": seed,
+              "batch_size": batch_size, "steps_per_epoch": steps_per_epoch, "seed": seed, "precision": precision,
               "normalization": normalization.to_dict(),
               "initial_weights": None if initial_weights is None else str(initial_weights)}
     config = json.loads(json.dumps(config))  # tuples -> lists, as stored
@@ -370,8 +374,9 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
         bar = tqdm(total=steps_per_epoch, desc=f"{arch} epoch {epoch}/{epochs}", disable=not progress)
         denoiser.train()
         for k, batch in enumerate(batches(steps_per_epoch, epoch)):
-            losses = objective.step(batch["ld"].to(device), batch["fd"].to(device), batch.get("labels"),
-                                    (epoch - 1) * steps_per_epoch + k + 1, rng)
+            with _autocast(device, precision):
+                losses = objective.step(batch["ld"].to(device), batch["fd"].to(device), batch.get("labels"),
+                                        (epoch - 1) * steps_per_epoch + k + 1, rng)
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value
             bar.update()
@@ -419,7 +424,7 @@ def _export(objective, state, config, source, data, folder: Path, val_slices, no
         "split": {"fractions": list(PAPER_FRACTIONS), "seed": 0,
                   "patients": {k: len(v) for k, v in split.items()}, "test_patients": split["test"]},
         "epochs": state["epoch"], "steps_per_epoch": config["steps_per_epoch"], "batch_size": config["batch_size"],
-        "seed": config["seed"], "scheme": config["hyperparameters"].get("scheme", SCHEME[config["arch"]]),
+        "seed": config["seed"], "precision": config["precision"], "scheme": config["hyperparameters"].get("scheme", SCHEME[config["arch"]]),
         "hyperparameters": config["hyperparameters"],
         "best_epoch": best and best["epoch"], "validation": best and best["val"],
         "validation_low_dose": last.get("val_low_dose"), "wall_time_s": round(state["seconds"], 1),

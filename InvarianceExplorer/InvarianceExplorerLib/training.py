@@ -22,6 +22,10 @@ import torch.nn.functional as F
 
 CHECKPOINT = "last.pt"
 
+#: Arithmetic of a training step: "float32", or "bfloat16" mixed precision (autocast:
+#: convolutions and matrix products in bfloat16; weights, optimiser state and losses float32).
+PRECISIONS = ("float32", "bfloat16")
+
 
 def derive_seed(*words: int) -> int:
     """A 63-bit seed derived from integers (numpy SeedSequence)."""
@@ -47,6 +51,15 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None
     optimizer.step()
 
 
+def autocast(device, precision: str):
+    """The context a training step runs in under ``precision`` (:data:`PRECISIONS`) on
+    ``device``: bfloat16 autocast (about 4x faster on CPUs with AMX, e.g. Xeon Sapphire
+    Rapids, and on CUDA) or plain float32. Validation and exported weights stay float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, rng: torch.Generator,
                      condition: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gulrajani et al. 2017: mean of (||grad critic(mix)||_2 - 1)^2 at random mixes of real
@@ -65,6 +78,9 @@ class TrainingBatches:
     process of a distributed run its own ``seed`` so that they draw different patches)."""
 
     def __init__(self, source, patch_size, batch_size, seed, normalization, num_workers, device):
+        from .datasets import ItemCache
+
+        source = source if isinstance(source, ItemCache) else ItemCache(source)
         self.source, self.patch_size, self.batch_size, self.seed = source, patch_size, batch_size, seed
         self.normalization, self.num_workers, self.device = normalization, num_workers, device
 
