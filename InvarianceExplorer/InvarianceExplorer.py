@@ -40,7 +40,8 @@ RESULT_ROLE_ATTRIBUTE = "InvarianceExplorer.Role"
 
 #: Result roles of the analysis (``sample --analyze``) -> name suffix after the input's name
 #: (the engine's result_folder.RESULT_ROLES name the others).
-ANALYSIS_ROLES = {"anatomy_changes": "anatomy changes"}
+ANALYSIS_ROLES = {"anatomy_changes": "anatomy changes", "change_maps": "change maps (method A, z)",
+                  "significance": "significance (method B, -log10 q)"}
 
 #: Segments of the anatomy-change segmentation: (analysis output, label value, segment name, colour).
 #: Method A's altered regions (label 1: brighter in the invariance, structure added; 2: darker,
@@ -53,7 +54,16 @@ ANATOMY_SEGMENTS = (
 
 #: Outputs listed in the panel, each with its own Show button, in this order (roles).
 OUTPUT_ROLES = ("invariances", "denoised_invariances", "crop", "denoised", "reconstruction", "std", "table", "chart",
-                "anatomy_changes")
+                "anatomy_changes", "change_maps", "significance")
+
+#: Colour tables of the maps, first one the scene has: heat (std, method B's -log10 q) and
+#: diverging (method A's signed z-scores: blue darker, red brighter in the invariance).
+HEAT_COLOURS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
+DIVERGING_COLOURS = ("vtkMRMLColorTableNodeFileDivergingBlueRed.txt", "vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
+
+#: Results shown as a coloured overlay: role -> (role of the background it goes over, or None
+#: to keep the current one; foreground opacity).
+OVERLAYS = {"std": (None, 0.4), "change_maps": ("invariances_proxy", 0.5), "significance": ("crop", 0.5)}
 
 #: Lung window (centre, width) in HU, as in the paper.
 LUNG_WINDOW = (-600.0, 1500.0)
@@ -674,10 +684,15 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
         (f(x~_k)) in one browser (``browser``) with their proxy volumes, the per-sample
         ``table`` and a ``chart`` with its two ``series_*``; when the folder holds the analysis
         (``sample --analyze``: ``analysis/``), ``anatomy_changes``, a segmentation of its
-        anatomy-change labelmaps (:data:`ANATOMY_SEGMENTS`). The previous results of the same
+        anatomy-change labelmaps (:data:`ANATOMY_SEGMENTS`), ``change_maps``, method A's z-score
+        maps as a third sequence of the browser (sample k's map beside x~_k; diverging colours,
+        symmetric window), and, when method B ran, ``significance``, its -log10 q map (a volume
+        with a colour map). The previous results of the same
         input are replaced; on any failure the new nodes are removed again, so the scene is
         either updated whole or left as it was.
         """
+        import numpy as np
+
         resultFolder = _engineImport("result_folder")
         result = resultFolder.load_result(folder)
         analysis = self._loadAnalysis(folder)
@@ -705,6 +720,14 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
             lungWindow(node)
             return node
 
+        def colourMap(node, colourIDs, low, high):
+            display = node.GetDisplayNode()
+            colour = next((c for c in map(scene.GetNodeByID, colourIDs) if c is not None), None)
+            if colour is not None:
+                display.SetAndObserveColorNodeID(colour.GetID())
+            display.SetAutoWindowLevel(False)
+            display.SetWindowLevel(high - low, (high + low) / 2.0)
+
         def sequence(role, frames):
             node = add(role, "vtkMRMLSequenceNode")
             node.SetIndexName("sample")
@@ -725,20 +748,17 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                     volume(role, result.volumes[name].array)
             if "std" in result.volumes:
                 std = volume("std", result.volumes["std"].array)
-                display = std.GetDisplayNode()
-                colour = scene.GetNodeByID("vtkMRMLColorTableNodeFileInferno.txt") or \
-                    scene.GetNodeByID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
-                if colour is not None:
-                    display.SetAndObserveColorNodeID(colour.GetID())
-                top = float(result.volumes["std"].array.max()) or 1.0
-                display.SetWindowLevel(top, top / 2.0)
+                colourMap(std, HEAT_COLOURS, 0.0, float(result.volumes["std"].array.max()) or 1.0)
             invariances = sequence("invariances", result.frames("invariances"))
             browser = add("browser", "vtkMRMLSequenceBrowserNode")
             browser.SetAndObserveMasterSequenceNodeID(invariances.GetID())
             sequences = [invariances]
             if "denoised_invariances" in result.volumes:
                 sequences.append(sequence("denoised_invariances", result.frames("denoised_invariances")))
-                browser.AddSynchronizedSequenceNodeID(sequences[-1].GetID())
+            if analysis is not None and "change_maps" in analysis:
+                sequences.append(sequence("change_maps", resultFolder.stack_frames(analysis["change_maps"])))
+            for seq in sequences[1:]:
+                browser.AddSynchronizedSequenceNodeID(seq.GetID())
             browser.SetSelectedItemNumber(0)
             slicer.modules.sequences.logic().UpdateProxyNodesFromSequences(browser)
             for seq in sequences:  # the volumes the slice views show, one sample at a time
@@ -748,6 +768,9 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                     proxy.SetName(names[role])
                     created[role + "_proxy"] = proxy
                     lungWindow(proxy)
+                    if role == "change_maps":
+                        top = max(float(np.abs(analysis["change_maps"].array).max()), 1.0)
+                        colourMap(proxy, DIVERGING_COLOURS, -top, top)
             columns = result.table()
             table = add("table", "vtkMRMLTableNode")
             slicer.util.updateTableFromArray(table, list(columns.values()), list(columns.keys()))
@@ -766,6 +789,9 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
             if analysis is not None:
                 segmentation = add("anatomy_changes", "vtkMRMLSegmentationNode")
                 self._fillAnatomySegmentation(segmentation, analysis, ijkToRAS, created["crop"])
+                if "significance" in analysis:
+                    significance = volume("significance", analysis["significance"].array)
+                    colourMap(significance, HEAT_COLOURS, 0.0, max(float(analysis["significance"].array.max()), 1.0))
         except Exception:
             for node in created.values():
                 if node.GetScene() is not None:
@@ -839,24 +865,20 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                 self.showResult(nodes, role)
 
     def showResult(self, nodes, role):
-        """Bring the result ``nodes[role]`` into the views (what its Show button does):
-        sequences through their proxy volume (slice views) and browser (toolbar), volumes as the
-        background (the std map as a 40 % overlay), the table in a table view, the chart in the
-        plot view, the segmentation made visible over the crop."""
+        """Bring the result ``nodes[role]`` into the views (what its Show button does): the
+        maps as coloured overlays (:data:`OVERLAYS`), other sequences through their proxy
+        volume, other volumes as the background, sequences' browser in the toolbar, the table
+        in a table view, the chart in the plot view, the segmentation made visible."""
         node = nodes[role]
-        if node.IsA("vtkMRMLSequenceNode"):
-            proxy = nodes.get(role + "_proxy")
-            if proxy is not None:
-                slicer.util.setSliceViewerLayers(background=proxy, fit=True)
-            browser = nodes.get("browser")
-            if browser is not None:
-                toolbar = slicer.modules.sequences.toolBar()
-                toolbar.setActiveBrowserNode(browser)
-                toolbar.setVisible(True)
-        elif role == "std":
-            slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=0.4)
-        elif node.IsA("vtkMRMLScalarVolumeNode"):
-            slicer.util.setSliceViewerLayers(background=node, fit=True)
+        shown = nodes.get(role + "_proxy", node)
+        if role in OVERLAYS:
+            under, opacity = OVERLAYS[role]
+            layers = dict(foreground=shown, foregroundOpacity=opacity)
+            if under is not None:
+                layers.update(background=nodes.get(under), fit=True)
+            slicer.util.setSliceViewerLayers(**layers)
+        elif node.IsA("vtkMRMLScalarVolumeNode") or role + "_proxy" in nodes:
+            slicer.util.setSliceViewerLayers(background=shown, fit=True)
         elif node.IsA("vtkMRMLPlotChartNode"):
             slicer.modules.plots.logic().ShowChartInLayout(node)
         elif node.IsA("vtkMRMLTableNode"):
@@ -870,6 +892,10 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                 slicer.util.setSliceViewerLayers(background=nodes.get("invariances_proxy") or nodes["crop"], fit=True)
             node.CreateDefaultDisplayNodes()
             node.GetDisplayNode().SetVisibility(True)
+        if node.IsA("vtkMRMLSequenceNode") and nodes.get("browser") is not None:
+            toolbar = slicer.modules.sequences.toolBar()
+            toolbar.setActiveBrowserNode(nodes["browser"])
+            toolbar.setVisible(True)
 
 
 #
@@ -1070,7 +1096,8 @@ class InvarianceExplorerTest(ScriptedLoadableModuleTest):
         """With the analysis (``analyze=True``), the anatomy changes are a segmentation: method
         A's two segments (structure added / removed, over all invariances), no method B without
         a noise-only ensemble; every segment lies on the crop's grid, in the crop's voxels of
-        the input (exported onto the crop and onto the whole input)."""
+        the input (exported onto the crop and onto the whole input); method A's change maps
+        are a sequence in the invariances' browser."""
         import numpy as np
 
         setup = self._sampleCTAndDenoiser()
@@ -1103,4 +1130,11 @@ class InvarianceExplorerTest(ScriptedLoadableModuleTest):
                              f"{name} reaches outside the crop")
             np.testing.assert_array_equal(inside != 0, onCrop[0] != 0, err_msg=name)
             found += int(np.count_nonzero(onCrop))
-        self.delayDisplay(f"Anatomy changes: {len(names)} segments on the crop's grid, {found} voxels flagged")
+        # method A's change maps: one per invariance, in the browser, on the crop's grid; no method B map
+        changes = nodes["change_maps"]
+        self.assertEqual(changes.GetNumberOfDataNodes(), 8)
+        self.assertTrue(nodes["browser"].IsSynchronizedSequenceNodeID(changes.GetID()))
+        self.assertEqual(slicer.util.arrayFromVolume(nodes["change_maps_proxy"]).shape, crop.shape)
+        self.assertNotIn("significance", nodes)
+        self.delayDisplay(f"Anatomy changes: {len(names)} segments on the crop's grid, {found} voxels flagged; "
+                          "8 change maps")

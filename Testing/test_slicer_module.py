@@ -410,6 +410,23 @@ def test_analysis_becomes_a_segmentation_in_the_crop_geometry_replaced_on_rerun(
     assert seg.GetDisplayNode() is not None and seg.GetDisplayNode().GetVisibility()
     assert slicer.util.getNodesByClass("vtkMRMLLabelMapVolumeNode") == []  # the import's labelmaps are gone
 
+    # method A's change maps: a third sequence of the browser, frame k beside invariance k, on the crop's grid
+    changes, browser = nodes["change_maps"], nodes["browser"]
+    assert changes.GetName() == "LD chest change maps (method A, z)" and changes.GetNumberOfDataNodes() == 5
+    assert browser.IsSynchronizedSequenceNodeID(changes.GetID())
+    for n in range(5):
+        frame = changes.GetNthDataNode(n)
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(frame)[0], 3.0 * altered[n])
+        np.testing.assert_allclose(numpy_matrix(frame), numpy_matrix(nodes["crop"]), atol=1e-6)
+    display = nodes["change_maps_proxy"].GetDisplayNode()
+    assert display.GetColorNodeID() == "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"
+    assert (display.GetWindow(), display.GetLevel()) == (12.0, 0.0)  # symmetric: -max|z| .. +max|z| (6)
+    # method B's significance map: a volume in a heat colour map
+    significance = nodes["significance"]
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(significance)[0], 2.5 * significant)
+    np.testing.assert_allclose(numpy_matrix(significance), numpy_matrix(nodes["crop"]), atol=1e-6)
+    assert significance.GetDisplayNode().GetColorNodeID() == "vtkMRMLColorTableNodeFileInferno.txt"
+
     # a re-run replaces it; without method B (and nothing found by method A) the segments are empty
     second, _ = results_folder(module, slicer, volume, tmp_path, seed=1)
     write_analysis_folder(second, np.zeros_like(altered))
@@ -417,6 +434,7 @@ def test_analysis_becomes_a_segmentation_in_the_crop_geometry_replaced_on_rerun(
     assert seg.GetScene() is None and len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == 1
     ids = segments_by_name(again["anatomy_changes"])
     assert list(ids) == [added, removed]
+    assert "significance" not in again and significance.GetScene() is None and changes.GetScene() is None
     assert not slicer.util.arrayFromSegmentBinaryLabelmap(again["anatomy_changes"], ids[added], again["crop"]).any()
     # a run without the analysis removes the earlier one's segmentation
     third, _ = results_folder(module, slicer, volume, tmp_path, seed=2)
@@ -496,8 +514,10 @@ def test_widget_shows_each_output_and_hides_results_from_the_input_selector(modu
     panel.setOutputs(items)
     names = result_node_names("LD chest")
     roles = ["invariances", "denoised_invariances", "crop", "denoised", "reconstruction", "std", "table", "chart",
-             "anatomy_changes"]
-    assert panel.outputLabels() == [names.get(r, "LD chest anatomy changes") for r in roles]
+             "anatomy_changes", "change_maps", "significance"]
+    assert panel.outputLabels() == [nodes[r].GetName() for r in roles]
+    assert panel.outputLabels()[-3:] == ["LD chest anatomy changes", "LD chest change maps (method A, z)",
+                                         "LD chest significance (method B, -log10 q)"]
     buttons = panel.outputButtons()
     assert len(buttons) == len(roles) and all(b.isEnabled() and b.text() == "Show" for b in buttons)
 
@@ -521,6 +541,12 @@ def test_widget_shows_each_output_and_hides_results_from_the_input_selector(modu
     shown = click("anatomy_changes")
     assert nodes["anatomy_changes"].GetDisplayNode().GetVisibility()
     assert shown.layers["background"] is nodes["invariances_proxy"]
+    shown = click("change_maps")  # over the current sample, scrolled with it by the browser
+    assert shown.layers == {"background": nodes["invariances_proxy"], "foreground": nodes["change_maps_proxy"],
+                            "foregroundOpacity": 0.5}
+    assert shown.browser is nodes["browser"] and shown.toolbarVisible
+    assert click("significance").layers == {"background": nodes["crop"], "foreground": nodes["significance"],
+                                            "foregroundOpacity": 0.5}
 
     # results made from the console (no widget involved) are hidden too, once the events are processed
     other_nodes = widget.logic.importResults(other, folder)

@@ -103,7 +103,8 @@ def wait_until(condition, timeout=90.0, app=None):
 def write_analysis_folder(sample_folder: Path, altered: np.ndarray, significant=None) -> Path:
     """Write ``sample_folder/analysis/`` in the layout of ``analyze`` / ``sample --analyze`` (see
     analysis_folder.py) with given labelmaps: ``altered`` (K, P, P) uint8 (method A: 1 structure
-    added, 2 removed), ``significant`` (P, P) uint8 (method B) or None (method B skipped); the
+    added, 2 removed; its change maps: 3 times the label, in z), ``significant`` (P, P) uint8
+    (method B; its significance: 2.5 times the label) or None (method B skipped); the
     geometry as the engine writes it (the crop's, from input.nrrd)."""
     from InvarianceExplorerLib.analysis_folder import ANALYSIS_DIR, ANALYSIS_FILES
     from InvarianceExplorerLib.result_folder import read_volume
@@ -117,7 +118,8 @@ def write_analysis_folder(sample_folder: Path, altered: np.ndarray, significant=
     files = {name: ANALYSIS_FILES[name] for name in ("change_maps", "altered_regions", "numbers")}
     if significant is not None:
         write_nrrd(crop, out / ANALYSIS_FILES["significant_regions"], array=np.asarray(significant, np.uint8)[None])
-        files["significant_regions"] = ANALYSIS_FILES["significant_regions"]
+        write_nrrd(crop, out / ANALYSIS_FILES["significance"], array=np.asarray(significant, np.float32)[None] * 2.5)
+        files.update({name: ANALYSIS_FILES[name] for name in ("significant_regions", "significance")})
     record = {"version": 1, "count": int(altered.shape[0]), "files": files,
               "method_b": {"skipped": significant is None}}
     (out / ANALYSIS_FILES["numbers"]).write_text(json.dumps(record))

@@ -48,7 +48,8 @@ def training_commands(metadata: dict, data: str, out: str, simulate: bool = True
         f"--steps-per-epoch {t['steps_per_epoch']} --batch-size {t['batch_size']} --patch-size {metadata['patch_size']}",
         f"--lr {hp['lr']:g} --seed {t['seed']}"]
         + ([f"--lr-decay {hp['lr_decay']:g} --lr-decay-start {hp.get('lr_decay_start', 1)}"] if hp.get("lr_decay") else [])
-        + overrides + ([f"--init {start['folder']}"] if start else [])
+        + overrides + ([f"--precision {t['precision']}"] if t.get("precision", "float32") != "float32" else [])
+        + ([f"--init {start['folder']}"] if start else [])
         + ([f"--feature-network {hp['feature_network']}"] if hp.get("feature_network") else [])))
     return commands
 

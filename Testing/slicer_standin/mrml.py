@@ -643,7 +643,8 @@ NODE_CLASSES = {cls.__name__: cls for cls in (
 
 #: Colour tables every Slicer scene holds (a few of them).
 DEFAULT_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeGrey", "vtkMRMLColorTableNodeFileInferno.txt",
-                          "vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
+                          "vtkMRMLColorTableNodeFileColdToHotRainbow.txt",
+                          "vtkMRMLColorTableNodeFileDivergingBlueRed.txt")
 
 
 class vtkMRMLScene:
