@@ -291,11 +291,17 @@ def model_card(metadata: dict) -> str:
               f"{t.get('split', {}).get('patients')}",
               f"- {t.get('epochs')} epochs × {t.get('steps_per_epoch')} steps, batch {t.get('batch_size')} patches "
               f"of {metadata.get('patch_size')}² px, random flips/rotations; seed {t.get('seed')}",
+              f"- training scheme {t.get('scheme')}, {t.get('precision', 'float32')} arithmetic"
+              + (" (mixed precision: bfloat16 autocast, float32 weights)" if t.get("precision") == "bfloat16" else ""),
               f"- optimiser: Adam, {json.dumps(hp)}",
               f"- best epoch (lowest validation RMSE): {t.get('best_epoch')}; validation "
               + ", ".join(f"{k} {v:.4g}" for k, v in (t.get('validation') or {}).items()),
               f"- wall time {t.get('wall_time_s')} s on {m.get('device')} ({m.get('cpu')}, {m.get('cpu_threads')} "
               f"threads, torch {m.get('torch')}, Python {m.get('python')})"]
+    start = t.get("initialised_from")
+    if start:
+        lines.append(f"- started from the {start['architecture']} weights of `{start['folder']}` (best epoch "
+                     f"{start.get('best_epoch')}, SHA-256 {start.get('sha256')})")
     if "feature_network" in t:
         lines.append(f"- feature network of the perceptual loss (trained here, replaces ImageNet VGG-19): "
                      f"`{json.dumps(t['feature_network'])}`")
