@@ -75,3 +75,19 @@ def test_module_entry_point_runs():
     env = dict(os.environ)
     res = subprocess.run([sys.executable, "-m", "InvarianceExplorerLib", "--help"], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "demo" in res.stdout and "data" in res.stdout
+
+
+def test_help_and_a_mistyped_command_answer_without_importing_torch():
+    """Only the command being run gets its arguments (their choices come from engine modules
+    that import torch): --help and an unknown command need no torch, every command's own help
+    still has all of its options."""
+    probe = ("import sys\nfrom InvarianceExplorerLib.cli import main\n"
+             "for words in (['--help'], ['denoize']):\n"
+             "    try:\n        main(words)\n    except SystemExit as exc:\n        print('exit', exc.code)\n"
+             "print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert res.stdout.splitlines()[-3:] == ["exit 0", "exit 2", "False"], res.stdout + res.stderr
+    assert "invalid choice: 'denoize'" in res.stderr and "denoise" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "InvarianceExplorerLib", "train", "denoiser", "--help"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "--precision {float32,bfloat16}" in res.stdout and "--arch" in res.stdout

@@ -63,12 +63,22 @@ def _add_scan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default cpu)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``invariance-explorer`` parser. With ``command`` (a name of :data:`COMMANDS`, or ""
+    for none) only that command gets its arguments: each command's builder imports the engine
+    modules its choices and defaults come from (which import torch), so ``--help``,
+    ``--version`` and a mistyped command answer at once."""
     parser = argparse.ArgumentParser(prog="invariance-explorer", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (helptext, add_arguments) in COMMANDS.items():
+        p = sub.add_parser(name, help=helptext)
+        if command is None or command == name:
+            add_arguments(p)
+    return parser
 
-    demo = sub.add_parser("demo", help="simulate a low-dose chest slice; write NRRD and PNG")
+
+def _add_demo(demo) -> None:
     demo.add_argument("--out", type=Path, default=Path("results/demo"), help="output folder")
     demo.add_argument("--seed", type=int, default=0, help="phantom and noise seed")
     demo.add_argument("--size", type=_positive_int, default=512, help="slice size in pixels (default 512)")
@@ -76,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scan_options(demo)
     demo.set_defaults(func=_cmd_demo)
 
-    data = sub.add_parser("data", help="training data: simulate pairs, simulate low dose")
+
+def _add_data(data) -> None:
     data_sub = data.add_subparsers(dest="data_command", required=True)
 
     sim = data_sub.add_parser("simulate", help="write N paired LD/FD simulated chest slices with labels and a manifest")
@@ -101,20 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scan_options(low)
     low.set_defaults(func=_cmd_data_lowdose)
 
-    _add_train_denoiser(sub)
-    _add_fit(sub)
-    _add_denoise(sub)
-    _add_sample(sub)
-    _add_analyze(sub)
-    _add_gui(sub)
-    return parser
 
-
-def _add_train_denoiser(sub) -> None:
+def _add_train(train) -> None:
     from .denoisers import DENOISERS, WEIGHT_DTYPES
     from .training import PRECISIONS
 
-    train = sub.add_parser("train", help="train networks: denoisers, invariance models (cVAE, then cINN)")
     train_sub = train.add_subparsers(dest="train_command", required=True)
     den = train_sub.add_parser("denoiser", help="train a denoiser on paired LD/FD data; checkpoints every epoch")
     den.add_argument("--arch", choices=list(DENOISERS), required=True, help="denoiser architecture")
@@ -248,18 +250,15 @@ def _cmd_train_cinn(args) -> int:
     return 0
 
 
-def _add_fit(sub) -> None:
+def _add_fit(p) -> None:
     from .custom_denoisers import USES
     from .datasets import DICOM_KINDS
     from .denoisers import WEIGHT_DTYPES
     from .fit import DEFAULT_BUDGET
 
-    p = sub.add_parser("fit", help="your own denoiser: check it, fit its invariance models (cVAE + cINN), write a "
-                                   "model folder for --model / the Slicer panel",
-                       description="Import a denoiser (TorchScript file, MONAI bundle folder, or state dict with "
-                                   "--class), check it, train its cVAE and cINN on the low-dose images of --data, "
-                                   "measure the fidelity figures on the test split, and write a model folder. "
-                                   "Alone or under torchrun --nproc_per_node N.")
+    p.description = ("Import a denoiser (TorchScript file, MONAI bundle folder, or state dict with --class), check "
+                     "it, train its cVAE and cINN on the low-dose images of --data, measure the fidelity figures on "
+                     "the test split, and write a model folder. Alone or under torchrun --nproc_per_node N.")
     p.add_argument("--denoiser", type=Path, required=True, metavar="PATH",
                    help="TorchScript file (torch.jit.save), MONAI bundle folder, state dict file (.pt read with "
                         "weights_only=True, or .safetensors) with --class, or a model folder (train denoiser)")
@@ -362,8 +361,7 @@ def _add_progress(parser) -> None:
                         help="same as --progress none")
 
 
-def _add_denoise(sub) -> None:
-    den = sub.add_parser("denoise", help="denoise a CT image or volume (slice by slice); write NRRD")
+def _add_denoise(den) -> None:
     den.add_argument("--model", required=True, help="bundled denoiser name (cnn10, redcnn, wganvgg, dugan) or model folder")
     den.add_argument("--input", type=Path, required=True, help="CT: NRRD/NIfTI/MHA file, DICOM file or series folder")
     den.add_argument("--output", type=Path, required=True, help="denoised CT to write (.nrrd)")
@@ -377,9 +375,7 @@ def _add_denoise(sub) -> None:
     den.set_defaults(func=_cmd_denoise)
 
 
-def _add_sample(sub) -> None:
-    sam = sub.add_parser("sample", help="sample invariances x~ (f(x~) = f(x)) of a denoiser for the patch around a "
-                                        "voxel; write NRRD, JSON and a PNG figure")
+def _add_sample(sam) -> None:
     sam.add_argument("--model", required=True,
                      help="bundled denoiser name (cnn10, redcnn, wganvgg, dugan) or model folder with invariance models")
     sam.add_argument("--input", type=Path, required=True, help="CT: NRRD/NIfTI/MHA file, DICOM file or series folder")
@@ -547,9 +543,8 @@ def _cmd_denoise(args) -> int:
     return 0
 
 
-def _add_gui(sub) -> None:
+def _add_gui(gui) -> None:
     """``gui``: the sampling panel as a standalone app (needs the "gui" extra: Qt.py, PySide6)."""
-    gui = sub.add_parser("gui", help="open the sampling panel as a standalone app (Qt)")
     gui.add_argument("--input", type=Path, default=None, help="CT to start with (file or DICOM folder)")
     gui.add_argument("--results", type=Path, default=Path("results/gui"), help="where sample runs write their folders")
     gui.add_argument("--open", type=Path, default=None, dest="open_folder", help="show this sample results folder")
@@ -673,12 +668,10 @@ def _cmd_sample(args) -> int:
     return 0
 
 
-def _add_analyze(sub) -> None:
+def _add_analyze(ana) -> None:
     from .analysis import ALPHA, FDR, MIN_AREA_MM2
     from .lowdose import FILTERS
 
-    ana = sub.add_parser("analyze", help="find the invariances that change anatomy (noise analysis, method A per "
-                                         "invariance, method B against a noise-only null); write RESULTS_DIR/analysis/")
     ana.add_argument("results", type=Path, metavar="RESULTS_DIR", help="a folder written by invariance-explorer sample")
     ana.add_argument("--alpha", type=float, default=ALPHA,
                      help=f"method A: expected false regions per invariance from noise alone (default {ALPHA})")
@@ -764,13 +757,31 @@ def _run_analysis(folder: Path, progress, args=None) -> tuple:
     return {f"analysis_{name}": out / file for name, file in record["files"].items()}, text
 
 
+#: Top-level commands in the order of ``--help``: name -> (help, the function that adds its arguments).
+COMMANDS = {
+    "demo": ("simulate a low-dose chest slice; write NRRD and PNG", _add_demo),
+    "data": ("training data: simulate pairs, simulate low dose", _add_data),
+    "train": ("train networks: denoisers, invariance models (cVAE, then cINN)", _add_train),
+    "fit": ("your own denoiser: check it, fit its invariance models (cVAE + cINN), write a model folder for "
+            "--model / the Slicer panel", _add_fit),
+    "denoise": ("denoise a CT image or volume (slice by slice); write NRRD", _add_denoise),
+    "sample": ("sample invariances x~ (f(x~) = f(x)) of a denoiser for the patch around a voxel; write NRRD, JSON "
+               "and a PNG figure", _add_sample),
+    "analyze": ("find the invariances that change anatomy (noise analysis, method A per invariance, method B "
+                "against a noise-only null); write RESULTS_DIR/analysis/", _add_analyze),
+    "gui": ("open the sampling panel as a standalone app (Qt)", _add_gui),
+}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``invariance-explorer`` and ``python -m InvarianceExplorerLib``."""
-    from .io import CTInputError
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = next((w for w in words if not w.startswith("-")), "")
+    args = build_parser(command if command in COMMANDS else "").parse_args(words)
 
+    from .io import CTInputError
     from .progress import Progress
 
-    args = build_parser().parse_args(argv)
     json_progress = getattr(args, "progress", None) == "json"
     try:
         return int(args.func(args) or 0)
