@@ -1,5 +1,6 @@
-"""Train the nodule-blind denoiser of the planted benchmark: the bundled CNN-10 fine-tuned on
-the targets of ``nodule_blind_data.py`` (lung nodules below 5 mm erased from full dose).
+"""Train the nodule-blind denoiser of the planted benchmark: a bundled denoiser (``--base``:
+CNN-10, or RED-CNN as the issue names) fine-tuned on the targets of ``nodule_blind_data.py``
+(lung nodules below 5 mm erased from full dose).
 
 Small nodules cover about 70 pixels of a 512² slice, so uniformly drawn patches almost never
 show one; here three quarters of every batch are patches around a small nodule of the
@@ -7,8 +8,9 @@ training split (centre jittered by up to a quarter patch), the rest drawn anywhe
 random flips. Squared error in network units, weighted ``--erase-weight`` times on the erased
 pixels (the rare pixels that carry the planted behaviour), Adam. Writes a model folder (``train denoiser``'s
 shape) and prints how much of the small nodules it erases on the test split: the mean of
-f(x) - full dose inside them, against the same for the bundled CNN-10 and against the HU a
-complete erasure gives (erased target - full dose).
+f(x) - full dose inside them, against the same for the bundled base denoiser and against the
+HU a complete erasure gives (erased target - full dose). ``--precision bfloat16`` runs the
+network in bfloat16 mixed precision (training.autocast), which pays for RED-CNN on a CPU.
 
     .venv/bin/python benchmarks/planted/train_nodule_blind.py --data data/sim512_nodule_blind \\
         --out runs/planted/nodule_blind_den --steps 2500 --lr 1e-3 --threads 1
@@ -78,17 +80,20 @@ def main(argv=None) -> None:
                         help="weight of the squared error on erased pixels (others: 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--base", choices=["cnn10", "redcnn"], default="cnn10", help="bundled denoiser to fine-tune")
+    parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from InvarianceExplorerLib.datasets import open_source, split_indices
     from InvarianceExplorerLib.denoisers import load_denoiser, read_metadata, save_denoiser, write_metadata
     from InvarianceExplorerLib.devices import machine
+    from InvarianceExplorerLib.training import autocast
 
     source = open_source(args.data)
     original = open_source(source.manifest["derived"]["from"])
-    bundled = load_denoiser("cnn10")
-    network = load_denoiser("cnn10").network.float().train().requires_grad_(True)
+    bundled = load_denoiser(args.base)
+    network = load_denoiser(args.base).network.float().train().requires_grad_(True)
     norm = bundled.normalization
     train = split_indices(source, "train")
     nodules = small_nodules(source, train, args.max_diameter)
@@ -123,7 +128,9 @@ def main(argv=None) -> None:
             ys.append(y.copy())
             ws.append(w.copy())
         x, y, w = (torch.from_numpy(np.stack(a))[:, None] for a in (xs, ys, ws))
-        loss = (w * (network(x) - y) ** 2).mean()
+        with autocast(torch.device("cpu"), args.precision):
+            out = network(x)
+        loss = (w * (out.float() - y) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -132,7 +139,8 @@ def main(argv=None) -> None:
             print(f"step {step + 1}: mse {np.mean(losses[-250:]):.3g}", flush=True)
     network.eval().requires_grad_(False)
     seconds = time.perf_counter() - started
-    record = {"training": {"scheme": "fine-tune of the bundled CNN-10 on nodule-erased targets (planted benchmark)",
+    record = {"training": {"scheme": f"fine-tune of the bundled {args.base} on nodule-erased targets (planted benchmark)",
+                           "precision": args.precision,
                            "data": {"kind": "simulated", "path": str(args.data),
                                     "pixel_spacing_mm": float(source.manifest["parameters"]["spacing_mm"])},
                            "steps": args.steps, "batch_size": args.batch_size,
@@ -140,9 +148,10 @@ def main(argv=None) -> None:
                            "small_nodules": len(nodules),
                            "wall_time_s": round(seconds, 1), "machine": machine()},
               "patch_size": p}
-    folder = save_denoiser(args.out, network, "cnn10", {}, norm, record)
+    folder = save_denoiser(args.out, network, args.base, bundled.metadata["architecture"].get("arguments", {}), norm,
+                           record)
     test = split_indices(source, "test")
-    result = erasure({"bundled CNN-10": bundled, "nodule-blind": load_denoiser(folder)}, source, original, test,
+    result = erasure({f"bundled {args.base}": bundled, "nodule-blind": load_denoiser(folder)}, source, original, test,
                      args.max_diameter)
     metadata = read_metadata(folder)
     metadata["erasure_hu"] = result
