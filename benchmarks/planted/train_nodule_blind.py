@@ -68,6 +68,8 @@ def erasure(denoisers: dict, source, original, indices, max_diameter_mm: float) 
 
 
 def main(argv=None) -> None:
+    from InvarianceExplorerLib.training import PRECISIONS, autocast
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="the nodule-blind data set (nodule_blind_data.py)")
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
@@ -81,14 +83,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--base", choices=["cnn10", "redcnn"], default="cnn10", help="bundled denoiser to fine-tune")
-    parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="float32")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from InvarianceExplorerLib.datasets import open_source, split_indices
     from InvarianceExplorerLib.denoisers import load_denoiser, read_metadata, save_denoiser, write_metadata
     from InvarianceExplorerLib.devices import machine
-    from InvarianceExplorerLib.training import autocast
 
     source = open_source(args.data)
     original = open_source(source.manifest["derived"]["from"])
