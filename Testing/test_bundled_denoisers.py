@@ -23,7 +23,7 @@ from InvarianceExplorerLib.io import read_image
 from realdata import pydicom_test_file
 
 #: Denoisers that are shipped, so a missing folder is a failure, not a skip.
-SHIPPED = {"cnn10", "redcnn", "wganvgg"}
+SHIPPED = {"cnn10", "redcnn", "wganvgg", "dugan"}
 #: Phantom seeds of the held-out test slices (disjoint from the training items' seeds).
 SEEDS = (10_000, 10_001, 10_002)
 SIZE, SPACING, DOSE = 512, 0.7, 0.25

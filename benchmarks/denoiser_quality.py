@@ -24,7 +24,8 @@ from pathlib import Path
 
 def training_commands(metadata: dict, data: str, out: str, simulate: bool = True) -> list:
     """The CLI commands that make the data set and train the model of ``metadata``, preceded by
-    those of the model folder it started from (``--init``), when that folder is still here."""
+    those of the model folder it started from (``--init``), when that folder is still here
+    (a bundled one's own record, which ends with its shipping)."""
     from InvarianceExplorerLib.train_denoiser import HYPERPARAMETERS
 
     t = metadata["training"]
@@ -39,7 +40,9 @@ def training_commands(metadata: dict, data: str, out: str, simulate: bool = True
     start = t.get("initialised_from")
     if start and (Path(start["folder"]) / "metadata.json").is_file():
         with open(Path(start["folder"]) / "metadata.json") as f:
-            commands += training_commands(json.load(f), data, str(Path(start["folder"]).parent), simulate=False)
+            previous = json.load(f)
+        commands += ([c for c in previous["reproduce"] if " data simulate " not in c] if previous.get("reproduce")
+                     else training_commands(previous, data, str(Path(start["folder"]).parent), simulate=False))
     defaults = json.loads(json.dumps(HYPERPARAMETERS[arch]))
     overrides = [f"--set {k}={json.dumps(v).replace(' ', '')}" for k, v in hp.items()
                  if k not in ("lr", "lr_decay", "lr_decay_start", "feature_network") and defaults.get(k) != v]
