@@ -41,7 +41,7 @@ def training_commands(metadata: dict, data: str, out: str, simulate: bool = True
     if start and (Path(start["folder"]) / "metadata.json").is_file():
         with open(Path(start["folder"]) / "metadata.json") as f:
             previous = json.load(f)
-        commands += ([c for c in previous["reproduce"] if " data simulate " not in c] if previous.get("reproduce")
+        commands += ([c for c in previous["reproduce"] if not c.startswith("invariance-explorer data simulate")] if previous.get("reproduce")
                      else training_commands(previous, data, str(Path(start["folder"]).parent), simulate=False))
     defaults = json.loads(json.dumps(HYPERPARAMETERS[arch]))
     overrides = [f"--set {k}={json.dumps(v).replace(' ', '')}" for k, v in hp.items()

@@ -1,11 +1,12 @@
 """How much of the change in method A's altered regions does f pass on to its output?
 
 A true invariance changes x but not f(x). For each patch of ``run.py`` (same patches, same
-seeds) this samples the invariances, runs method A, and measures in every altered region of
-every invariance the ratio ``mean |G * (f(x~_k) - f(x))| / mean |G * (x~_k - x)|`` (G: method
-A's reference filter): near 0 where f ignores the change, near 1 where f passes it on (then
-the change is the sampler's error, not something f ignores). Prints, per patch, the number of
-altered invariances and the 10th / 50th / 90th percentile of the ratio over its regions.
+seeds) this samples the invariances, runs method A, and measures over the altered pixels of
+each sign (brighter, darker) of every invariance the ratio
+``mean |G * (f(x~_k) - f(x))| / mean |G * (x~_k - x)|`` (G: method A's reference filter):
+near 0 where f ignores the change, near 1 where f passes it on (then the change is the
+sampler's error, not something f ignores). Prints, per patch, the number of altered
+invariances and the 10th / 50th / 90th percentile of the ratio.
 
     .venv/bin/python benchmarks/planted/passed_on.py --data data/sim512 \\
         --control runs/planted/control_redcnn --nodule-blind runs/planted/nodule_blind_redcnn
@@ -24,9 +25,9 @@ from run import nodule_patches  # noqa: E402
 
 
 def passed_on(folder, make_patches, seed: int, count: int, spacing: float):
-    """Yield ``(n, slice, altered invariances, ratios over the altered regions)`` for each
+    """Yield ``(n, slice, altered invariances, ratios over the altered pixels)`` for each
     patch of ``make_patches(patch size of the model)``."""
-    from InvarianceExplorerLib.analysis import reference_filter, structure_change
+    from InvarianceExplorerLib.analysis import BRIGHTER, DARKER, reference_filter, structure_change
     from InvarianceExplorerLib.sampler import InvarianceSampler, load_invariance_models
 
     models = load_invariance_models(folder, device="cpu")
@@ -35,9 +36,13 @@ def passed_on(folder, make_patches, seed: int, count: int, spacing: float):
         result = sampler.sample(patch.low_dose, count=count, seed=seed + n)
         a = structure_change(patch.low_dose, result.invariances, (spacing, spacing))
         output_change = reference_filter(result.denoised_invariances - result.denoised[None], a.sigma_px)
-        ratios = [float(np.abs(output_change[k][region]).mean() / np.abs(a.difference_hu[k][region]).mean())
-                  for k in range(count) for label in np.unique(a.labels[k]) if label
-                  for region in [a.labels[k] == label]]
+        ratios = []
+        for k in range(count):
+            for label in (BRIGHTER, DARKER):
+                altered = a.labels[k] == label
+                if altered.any():
+                    ratios.append(float(np.abs(output_change[k][altered]).mean()
+                                        / np.abs(a.difference_hu[k][altered]).mean()))
         yield n, int(patch.index), sum(s["region_count"] > 0 for s in a.samples), ratios
 
 

@@ -19,6 +19,7 @@ network in bfloat16 mixed precision (training.autocast), which pays for RED-CNN 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -94,7 +95,7 @@ def main(argv=None) -> None:
     source = open_source(args.data)
     original = open_source(source.manifest["derived"]["from"])
     bundled = load_denoiser(args.base)
-    network = load_denoiser(args.base).network.float().train().requires_grad_(True)
+    network = copy.deepcopy(bundled.network).float().train().requires_grad_(True)
     norm = bundled.normalization
     train = split_indices(source, "train")
     nodules = small_nodules(source, train, args.max_diameter)
