@@ -27,7 +27,7 @@ from InvarianceExplorerLib.io import read_image, write_nrrd
 from InvarianceExplorerLib.lowdose import LowDoseSimulator
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.phantom import chest_phantom
-from InvarianceExplorerLib.representation import Representation, kl_divergence, representation_loss
+from InvarianceExplorerLib.representation import Representation, build_representation, kl_divergence, representation_loss
 from InvarianceExplorerLib.sampler import (AIR_HU, InvarianceModels, InvarianceSampler, crop_patch,
                                            has_invariance_models, load_invariance_models, run_with_memory_fallback,
                                            save_invariance_models)
@@ -112,6 +112,26 @@ def test_representation_shapes(conditional):
         model.encode(torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64))
     with pytest.raises(ValueError, match="multiple of"):
         Representation(patch_size=100)
+
+
+def test_z_modulation_reaches_every_decoder_stage():
+    """With ``z_modulation`` z changes the decoded image even when its 4 x 4 map path is cut;
+    models saved before the option existed (no key in their arguments) build without it."""
+    torch.manual_seed(0)
+    model = Representation(**TINY_REPRESENTATION, z_modulation=True).eval()
+    assert model.arguments["z_modulation"] is True
+    with torch.no_grad():
+        model.project.weight.zero_()
+        model.project.bias.zero_()
+        for layer in model.z_modulations:  # trained weights, not the zero start
+            layer.weight.normal_(0.0, 0.1)
+    y, z = torch.randn(1, 1, 32, 32), torch.randn(2, 16)
+    with torch.no_grad():
+        a, b = model.decode(z, y.expand(2, -1, -1, -1))
+    assert (a - b).abs().mean() > 1e-3
+    old = {k: v for k, v in Representation(**TINY_REPRESENTATION).arguments.items() if k != "z_modulation"}
+    assert build_representation(**old).z_modulation is False
+    assert not hasattr(build_representation(**old), "z_modulations")
 
 
 def test_default_representation_is_cheap_enough_for_the_cpu():

@@ -27,7 +27,8 @@ from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.representation import Representation
 from InvarianceExplorerLib.sampler import (InvarianceModels, InvarianceSampler, has_invariance_models,
                                            load_invariance_models, load_representation)
-from InvarianceExplorerLib.train_invariance import _weights_digest, train_cinn, train_cvae
+from InvarianceExplorerLib.train_invariance import (HYPERPARAMETERS, _CVAEObjective, _weights_digest, train_cinn,
+                                                    train_cvae)
 
 CVAE_TINY = dict(z_dim=16, channels=[8, 16, 16, 32], critic_widths=[8, 8, 16, 16, 16, 16], critic_hidden=32,
                  feature_steps=5, adv_start=10)
@@ -106,9 +107,32 @@ def test_cvae_training_lowers_the_losses_and_validates_every_epoch(cvae_run):
     assert history[-1]["train"]["perceptual"] < history[0]["train"]["perceptual"]
     assert history[0]["train"]["adv_weight"] == 0 < history[1]["train"]["adv_weight"]  # adversarial after 10 steps
     for h in history:
-        assert {"l1", "kl", "perceptual", "adv", "critic", "gp"} <= set(h["train"])
+        assert {"l1", "kl", "perceptual", "consistency", "adv", "critic", "gp"} <= set(h["train"])
         assert {"l1", "mae_hu", "kl", "output_error_hu"} <= set(h["val"])
         assert (cvae_run / "validation" / f"cvae_epoch_{h['epoch']:03d}.png").is_file()
+
+
+def test_consistency_term_is_l1_through_the_frozen_denoiser(denoiser_folder):
+    """``lam_cons`` adds L1(f(D(z, f(x))), f(x)) with f frozen: its gradient reaches the
+    decoder, never f; with ``lam_cons`` 0 f is not even loaded."""
+    hp = {**HYPERPARAMETERS["cvae"], "z_dim": 16, "channels": (8, 16, 16, 32), "lam_perc": 0.0, "adv_start": 100}
+    torch.manual_seed(0)
+    objective = _CVAEObjective(hp, 32, denoiser_folder)
+    objective.wrapped = dict(objective.networks)  # alone: no DistributedDataParallel wrappers
+    f = objective.networks["denoiser"]
+    assert not any(p.requires_grad for p in f.parameters())
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.1
+    with torch.no_grad():
+        y = f(x)
+    rep = objective.networks["representation"]
+    before = {k: v.clone() for k, v in f.state_dict().items()}
+    with torch.no_grad():
+        expected = (f(rep(x, y, noise=torch.zeros(4, 16)).reconstruction) - y).abs().mean().item()
+    # the step draws its own z; with the posterior at its start the draw moves little
+    losses = objective.step(x, y, 1, torch.Generator().manual_seed(2))
+    assert losses["consistency"] == pytest.approx(expected, rel=0.5) and losses["consistency"] > 0
+    assert all(torch.equal(v, f.state_dict()[k]) for k, v in before.items())
+    assert "denoiser" not in _CVAEObjective({**hp, "lam_cons": 0.0}, 32, denoiser_folder).networks
 
 
 def test_cvae_resumes_exactly(pairs, denoiser_folder, cvae_run, tmp_path):
@@ -236,7 +260,7 @@ def test_two_processes_end_with_identical_weights(pairs, denoiser_folder, tmp_pa
         record = read_metadata(tmp_path / kind / "model")["invariance"]["training"][kind]
         digests = record["distributed"]["final_weights_sha256"]
         assert record["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
-        network = (Representation(32, z_dim=16, channels=(8, 16, 16, 32)) if kind == "cvae"
+        network = (Representation(32, z_dim=16, channels=(8, 16, 16, 32), z_modulation=True) if kind == "cvae"
                    else InvarianceFlow(16, **{k: v for k, v in CINN_TINY.items() if k != "init_batches"}, seed=5))
         network.load_state_dict(_checkpoint(tmp_path / kind)["networks"][name])
         assert _weights_digest(network) == digests[0]

@@ -7,7 +7,12 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   (:class:`~.denoisers.WGANCritic` on ``[image, f(x)]``, two channels) on real x against
   r with the gradient penalty (Gulrajani et al. 2017) weighted ``lam_gp``; then one cVAE
   step on ``L1(r, x) + kl_weight * KL / pixels + lam_perc * L1(phi(r), phi(x)) +
-  w_adv * (-critic(r, f(x)))``, phi the deep features of our
+  lam_cons * L1(f(r), f(x)) + w_adv * (-critic(r, f(x)))``. The consistency term
+  ``L1(f(r), f(x))`` (ours, not the paper's; f frozen, gradients through it) asks the
+  decoder to put what it cannot reconstruct of x where f does not look: a reconstruction
+  differs from x (z cannot hold a whole noise realisation), and without the term that
+  difference is free to change f's output (held-out consistency C 0.47 for CNN-10).
+  phi are the deep features of our
   :class:`~.denoisers.FeatureNetwork` (the paper's perceptual term; ImageNet VGG cannot be
   downloaded here): taken from ``feature_network`` or the denoiser's own folder when it
   ships one (WGAN-VGG), else trained first on tissue labels as WGAN-VGG's training does;
@@ -77,15 +82,15 @@ from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_se
 #: cINN: Adam, gradient clipping, act-norm start, the flow's arguments.
 HYPERPARAMETERS = {
     "cvae": dict(lr=2e-4, betas=(0.5, 0.9), kl_weight=1e-4, lam_gp=10.0, n_critic=1, lam_adv=0.5, adv_start=500,
-                 lam_perc=0.1,
+                 lam_perc=0.1, lam_cons=1.0,
                  critic_widths=(32, 32, 64, 64, 128, 128), critic_hidden=256,
                  z_dim=256, channels=tuple(DEFAULT_CHANNELS), conditional=True, full_resolution_subunits=1,
-                 feature_steps=2000, feature_lr=1e-3),
+                 z_modulation=True, feature_steps=2000, feature_lr=1e-3),
     "cinn": dict(lr=1e-4, betas=(0.9, 0.999), clip_grad=10.0, sample_z=True, init_batches=4, n_flows=12, hidden=128,
                  embedding_dim=64, embedding_channels=(16, 32, 64, 64), clamp=2.0),
 }
 #: Representation / flow constructor arguments among the hyperparameters.
-CVAE_ARGUMENTS = ("z_dim", "channels", "conditional", "full_resolution_subunits")
+CVAE_ARGUMENTS = ("z_dim", "channels", "conditional", "full_resolution_subunits", "z_modulation")
 CINN_ARGUMENTS = ("n_flows", "hidden", "embedding_dim", "embedding_channels", "clamp")
 VALIDATION = "validation"
 #: PNG of held-out invariances written beside the weights at export (paper's layout).
@@ -142,6 +147,10 @@ class _CVAEObjective(_Objective):
                             hidden=hp["critic_hidden"])
         self.networks = {"representation": rep, "critic": critic,
                          "feature_network": FeatureNetwork().eval().requires_grad_(False)}
+        if hp.get("lam_cons", 0) != 0:  # f itself, frozen, for the consistency term
+            from .denoisers import load_denoiser
+
+            self.networks["denoiser"] = load_denoiser(denoiser_folder).network.eval().requires_grad_(False)
         self.optimizers = {"representation": adam(rep, hp), "critic": adam(critic, hp)}
         self.denoiser_folder = denoiser_folder
 
@@ -184,7 +193,9 @@ class _CVAEObjective(_Objective):
         perceptual = (F.l1_loss(features(out.reconstruction), features(x)) if hp["lam_perc"] != 0
                       else torch.zeros((), device=x.device))
         losses = representation_loss(out, x, hp["kl_weight"])
-        likelihood = losses["total"] + hp["lam_perc"] * perceptual
+        consistency = (F.l1_loss(self.networks["denoiser"](out.reconstruction), y) if "denoiser" in self.networks
+                       else torch.zeros((), device=x.device))
+        likelihood = losses["total"] + hp["lam_perc"] * perceptual + hp.get("lam_cons", 0) * consistency
         weight = torch.zeros(())
         if step > hp["adv_start"] and hp["lam_adv"] > 0:
             last = self.networks["representation"].output.conv.weight
@@ -194,6 +205,7 @@ class _CVAEObjective(_Objective):
         optimizer_step(self.optimizers["representation"], likelihood + weight * adversarial)
         self.networks["critic"].requires_grad_(True)
         return {"l1": losses["l1"].item(), "kl": losses["kl"].item(), "perceptual": perceptual.item(),
+                "consistency": consistency.item(),
                 "adv": adversarial.item(), "adv_weight": float(weight), "critic": wasserstein.item(),
                 "gp": penalty.item()}
 
