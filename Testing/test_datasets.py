@@ -339,3 +339,38 @@ def test_paired_dicom_mismatched_slices_are_named(mayo_tree):
     os.remove(root / "L067" / "08-13-2018-NA-NA-12345" / "1.000000-Full Dose Images-11111" / "1-001.dcm")
     with pytest.raises(CTInputError, match="patient L067: slice positions differ by up to 1.00 mm"):
         PairedDicomDataset(root)
+
+
+# ----------------------------------------------------------------------------- subsets
+
+
+def test_subset_keeps_the_patient_split_and_says_what_it_is(simulated, tmp_path):
+    """benchmarks/subset_data.py copies the validation and test items the trainings pick and
+    as many evenly spaced training items as fit: the copy splits its patients exactly as the
+    whole set, and training records which items it saw."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from InvarianceExplorerLib.datasets import split_indices
+    from InvarianceExplorerLib.training import describe_data
+
+    whole = SimulatedDataset(simulated)
+    sizes = [(simulated / r["file"]).stat().st_size for r in whole.items]
+    out = tmp_path / "subset"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "subset_data.py"
+    command = [sys.executable, str(script), "--data", str(simulated), "--out", str(out),
+               "--megabytes", str(0.8 * sum(sizes) / 1e6), "--val", "1", "--test", "1"]
+    subprocess.run(command, check=True, capture_output=True)
+    part = SimulatedDataset(out)
+    assert part.split_ids == whole.split_ids
+    ids = lambda source, split, limit=None: [source.patient_ids[i] for i in split_indices(source, split, limit)]  # noqa: E731
+    assert ids(part, "test") == ids(whole, "test", 1) and ids(part, "val") == ids(whole, "val", 1)
+    assert set(ids(part, "train")) < set(ids(whole, "train"))
+    record = describe_data(part, out)["subset_of"]
+    assert [whole.patient_ids[i] for i in record["items"]] == part.patient_ids
+    assert record["training_slices"] == len(ids(part, "train"))
+    for i, item in enumerate(part.items):  # the same bytes
+        assert (out / item["file"]).read_bytes() == (simulated / whole.items[record["items"][i]]["file"]).read_bytes()
+    failed = subprocess.run(command, capture_output=True, text=True)  # never over an existing folder
+    assert failed.returncode != 0 and "exists" in failed.stderr

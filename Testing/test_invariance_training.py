@@ -115,7 +115,8 @@ def test_cvae_training_lowers_the_losses_and_validates_every_epoch(cvae_run):
 def test_consistency_term_is_l1_through_the_frozen_denoiser(denoiser_folder):
     """``lam_cons`` adds L1(f(D(z, f(x))), f(x)) with f frozen: its gradient reaches the
     decoder, never f; with ``lam_cons`` 0 f is not even loaded."""
-    hp = {**HYPERPARAMETERS["cvae"], "z_dim": 16, "channels": (8, 16, 16, 32), "lam_perc": 0.0, "adv_start": 100}
+    hp = {**HYPERPARAMETERS["cvae"], "z_dim": 16, "channels": (8, 16, 16, 32), "lam_perc": 0.0, "adv_start": 100,
+          "lam_cons": 1.0, "z_modulation": True}
     torch.manual_seed(0)
     objective = _CVAEObjective(hp, 32, denoiser_folder)
     objective.wrapped = dict(objective.networks)  # alone: no DistributedDataParallel wrappers
@@ -133,6 +134,10 @@ def test_consistency_term_is_l1_through_the_frozen_denoiser(denoiser_folder):
     assert losses["consistency"] == pytest.approx(expected, rel=0.5) and losses["consistency"] > 0
     assert all(torch.equal(v, f.state_dict()[k]) for k, v in before.items())
     assert "denoiser" not in _CVAEObjective({**hp, "lam_cons": 0.0}, 32, denoiser_folder).networks
+    # past adv_start the adaptive adversarial weight is on, and max_adv_weight caps it
+    assert 0 < objective.step(x, y, 101, torch.Generator().manual_seed(3))["adv_weight"]
+    objective.hp = {**hp, "max_adv_weight": 1e-6}
+    assert 0 < objective.step(x, y, 102, torch.Generator().manual_seed(4))["adv_weight"] <= 1e-6
 
 
 def test_cvae_resumes_exactly(pairs, denoiser_folder, cvae_run, tmp_path):
@@ -260,7 +265,7 @@ def test_two_processes_end_with_identical_weights(pairs, denoiser_folder, tmp_pa
         record = read_metadata(tmp_path / kind / "model")["invariance"]["training"][kind]
         digests = record["distributed"]["final_weights_sha256"]
         assert record["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
-        network = (Representation(32, z_dim=16, channels=(8, 16, 16, 32), z_modulation=True) if kind == "cvae"
+        network = (Representation(32, z_dim=16, channels=(8, 16, 16, 32)) if kind == "cvae"
                    else InvarianceFlow(16, **{k: v for k, v in CINN_TINY.items() if k != "init_batches"}, seed=5))
         network.load_state_dict(_checkpoint(tmp_path / kind)["networks"][name])
         assert _weights_digest(network) == digests[0]

@@ -15,8 +15,8 @@ DATA=$1 OUT=$2 BUDGET=$3
 PYTHON=${PYTHON:-python3} DEVICE=${DEVICE:-cuda} DEADLINE=${DEADLINE:-480} THREADS=${THREADS:-3}
 mkdir -p "$OUT"
 for name in ${NAMES:-cnn10 redcnn wganvgg dugan cnn10_paper}; do
-    extra=""
-    [ "$name" = cnn10_paper ] && extra="--set cvae.lam_cons=0 --set cvae.z_modulation=false"
+    extra="--set cvae.lam_cons=1 --set cvae.z_modulation=true"  # train_invariance: consistency term, z at every scale
+    [ "$name" = cnn10_paper ] && extra=""
     OMP_NUM_THREADS=$THREADS timeout "$DEADLINE" "$PYTHON" -m InvarianceExplorerLib fit \
         --denoiser "Resources/Models/${name%_paper}" --data "$DATA" --out "$OUT/$name" --budget "$BUDGET" \
         --batch-size 32 --device "$DEVICE" --seed 1 --weights-dtype float16 --no-progress $extra ${FITARGS:-} \

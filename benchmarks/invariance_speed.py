@@ -54,8 +54,7 @@ def _models(name: str, device) -> InvarianceModels:
         torch.manual_seed(0)
         denoiser = Denoiser(build_denoiser(arch).eval().requires_grad_(False), PAPER_NORMALIZATION,
                             {"architecture": {"name": arch}})
-        rep = Representation(z_modulation=True).eval().requires_grad_(False)  # as training builds it
-        flow = InvarianceFlow().eval().requires_grad_(False)
+        rep, flow = Representation().eval().requires_grad_(False), InvarianceFlow().eval().requires_grad_(False)
         return InvarianceModels(denoiser, rep, flow).to(device)
     return load_invariance_models(name, device=device)
 

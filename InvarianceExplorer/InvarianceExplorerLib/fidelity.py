@@ -406,6 +406,10 @@ def invariance_card(metadata: dict) -> List[str]:
                 f"dose {d.get('dose')}" if d.get("kind") == "simulated" else
                 f"{d.get('slices')} slices of {d.get('patients')} patients at {d.get('pixel_spacing_mm')} mm"
                 + (f", {d['images']}" if d.get("images") else ""))
+        if d.get("subset_of"):
+            sub = d["subset_of"]
+            what += (f"; a copy of part of `{sub.get('data')}` with its patient split: {sub.get('training_slices')} of "
+                     f"its {sub.get('training_slices_in_whole_set')} training slices (`{sub.get('command')}`)")
         lines += [f"### Training: {label}", "",
                   f"- sizes: {t.get('parameters', 0):,} parameters, {_fmt(t.get('file_mb'), '.2f')} MB "
                   f"({(weights.get(key) or {}).get('dtype')})",
@@ -427,6 +431,8 @@ def invariance_card(metadata: dict) -> List[str]:
         elif features:
             lines.append(f"- feature network of the perceptual loss: `{json.dumps(features)}`")
         lines.append("")
+    if info.get("notes"):
+        lines += [f"- note: {note}" for note in info["notes"]] + [""]
     fid = info.get("fidelity")
     if fid:
         on = fid.get("measured_on", {})

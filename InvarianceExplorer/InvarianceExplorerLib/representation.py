@@ -22,7 +22,7 @@ Our design, for CPU speed (the reference's ResNet-50 encoder and BigGAN-128 deco
   patch and every sample of the same patch reuses it, so the cost per decoded sample is
   the upsampling path alone: 0.54 GFLOP per decoded 128x128 patch at the defaults (0.14
   GFLOP more for the conditioning, once per patch; the encoder costs 0.33 GFLOP).
-* **z at every scale** (``z_modulation=True``, what training builds): besides the ``4 x 4``
+* **z at every scale** (``z_modulation=True``; training's ``--set cvae.z_modulation=true``): besides the ``4 x 4``
   map, z also modulates every decoder stage channel-wise (``h * (1 + gamma_z) + beta_z``,
   one linear layer of z per stage), as BigGAN feeds z to each of its blocks. Without it the
   only path from z is the ``4 x 4`` map, and a decoder that gets its detail from f(x)

@@ -11,7 +11,9 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   ``L1(f(r), f(x))`` (ours, not the paper's; f frozen, gradients through it) asks the
   decoder to put what it cannot reconstruct of x where f does not look: a reconstruction
   differs from x (z cannot hold a whole noise realisation), and without the term that
-  difference is free to change f's output (held-out consistency C 0.47 for CNN-10).
+  difference is free to change f's output (held-out consistency C 0.47 for CNN-10). Off by
+  default (``lam_cons`` 0, the paper's objective); the bundled RED-CNN, WGAN-VGG and DU-GAN
+  models were trained with it at 1 and with ``z_modulation`` (README).
   phi are the deep features of our
   :class:`~.denoisers.FeatureNetwork` (the paper's perceptual term; ImageNet VGG cannot be
   downloaded here): taken from ``feature_network`` or the denoiser's own folder when it
@@ -23,6 +25,10 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   ||grad_w adv||`` at the decoder's last layer w, ``rec`` the L1 + KL + perceptual terms,
   so the critic's gradient stays a fixed fraction of the likelihood's whatever their
   scales; it is switched on after ``adv_start`` steps (the critic trains from the start).
+  ``max_adv_weight`` caps ``w_adv``: a critic that has not yet learnt to separate real from
+  reconstructed patches has a tiny gradient at that layer, the ratio explodes (46-144 in
+  the GPU fits of the bundled RED-CNN, WGAN-VGG and DU-GAN models, against about 0.01 in a
+  stable run) and the reconstructions break down; the default 1e4 is the uncapped ratio.
   Validation per epoch: L1 of the posterior-mean reconstruction on fixed held-out patches
   (the best-epoch criterion), its error in HU, the KL, and how much f notices the
   difference, plus a PNG of x, f(x) and reconstructions.
@@ -82,10 +88,10 @@ from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_se
 #: cINN: Adam, gradient clipping, act-norm start, the flow's arguments.
 HYPERPARAMETERS = {
     "cvae": dict(lr=2e-4, betas=(0.5, 0.9), kl_weight=1e-4, lam_gp=10.0, n_critic=1, lam_adv=0.5, adv_start=500,
-                 lam_perc=0.1, lam_cons=1.0,
+                 lam_perc=0.1, lam_cons=0.0, max_adv_weight=1e4,
                  critic_widths=(32, 32, 64, 64, 128, 128), critic_hidden=256,
                  z_dim=256, channels=tuple(DEFAULT_CHANNELS), conditional=True, full_resolution_subunits=1,
-                 z_modulation=True, feature_steps=2000, feature_lr=1e-3),
+                 z_modulation=False, feature_steps=2000, feature_lr=1e-3),
     "cinn": dict(lr=1e-4, betas=(0.9, 0.999), clip_grad=10.0, sample_z=True, init_batches=4, n_flows=12, hidden=128,
                  embedding_dim=64, embedding_channels=(16, 32, 64, 64), clamp=2.0),
 }
@@ -201,7 +207,8 @@ class _CVAEObjective(_Objective):
             last = self.networks["representation"].output.conv.weight
             (g_rec,) = torch.autograd.grad(likelihood, last, retain_graph=True)
             (g_adv,) = torch.autograd.grad(adversarial, last, retain_graph=True)
-            weight = hp["lam_adv"] * (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+            ratio = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4)
+            weight = (hp["lam_adv"] * ratio).clamp(max=hp.get("max_adv_weight", 1e4)).detach()
         optimizer_step(self.optimizers["representation"], likelihood + weight * adversarial)
         self.networks["critic"].requires_grad_(True)
         return {"l1": losses["l1"].item(), "kl": losses["kl"].item(), "perceptual": perceptual.item(),

@@ -175,9 +175,12 @@ def describe_data(source, path) -> dict:
 
     if isinstance(source, SimulatedDataset):
         p = source.manifest["parameters"]
-        return {"kind": "simulated", "path": str(path), "pairs": len(source), "size": p["size"],
-                "pixel_spacing_mm": p["spacing_mm"], "dose": p["dose"], "seed": p["seed"],
-                "contrast_fraction": p["contrast_fraction"], "photons": source.manifest.get("photons")}
+        record = {"kind": "simulated", "path": str(path), "pairs": len(source), "size": p["size"],
+                  "pixel_spacing_mm": p["spacing_mm"], "dose": p["dose"], "seed": p["seed"],
+                  "contrast_fraction": p["contrast_fraction"], "photons": source.manifest.get("photons")}
+        if "subset_of" in source.manifest:  # benchmarks/subset_data.py: which items of which set
+            record["subset_of"] = source.manifest["subset_of"]
+        return record
     first = source[0]
     return {"kind": type(source).__name__, "path": str(path), "slices": len(source),
             "patients": len(set(source.patient_ids)), "pixel_spacing_mm": float(first.spacing[0]),
