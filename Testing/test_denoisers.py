@@ -214,8 +214,9 @@ def test_cli_overrides_hyperparameters_and_names_the_known_ones(pairs, tmp_path,
             "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--patch-size", "32", "--device", "cpu",
             "--val-slices", "1", "--no-progress"]
     assert main(args + ["--set", "betas=[0.5, 0.9]", "--lr-decay", "0.5"]) == 0
-    hp = read_metadata(tmp_path / "run" / "model")["training"]["hyperparameters"]
-    assert hp["betas"] == [0.5, 0.9] and hp["lr_decay"] == 0.5
+    training = read_metadata(tmp_path / "run" / "model")["training"]
+    hp = training["hyperparameters"]
+    assert hp["betas"] == [0.5, 0.9] and hp["lr_decay"] == 0.5 and training["val_slices"] == 1
     other = [str(tmp_path / "other") if a == str(tmp_path / "run") else a for a in args]
     assert main(other + ["--set", "disc_channels=8"]) == 2
     assert "not a hyperparameter of cnn10; it has betas, lr, lr_decay" in capsys.readouterr().err

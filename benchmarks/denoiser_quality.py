@@ -52,6 +52,7 @@ def training_commands(metadata: dict, data: str, out: str, simulate: bool = True
         f"--lr {hp['lr']:g} --seed {t['seed']}"]
         + ([f"--lr-decay {hp['lr_decay']:g} --lr-decay-start {hp.get('lr_decay_start', 1)}"] if hp.get("lr_decay") else [])
         + overrides + ([f"--precision {t['precision']}"] if t.get("precision", "float32") != "float32" else [])
+        + ([f"--val-slices {t['val_slices']}"] if t.get("val_slices", 32) != 32 else [])
         + ([f"--init {start['folder']}"] if start else [])
         + ([f"--feature-network {hp['feature_network']}"] if hp.get("feature_network") else [])))
     return commands

@@ -424,7 +424,7 @@ def _export(objective, state, config, source, data, folder: Path, val_slices, no
         "split": {"fractions": list(PAPER_FRACTIONS), "seed": 0,
                   "patients": {k: len(v) for k, v in split.items()}, "test_patients": split["test"]},
         "epochs": state["epoch"], "steps_per_epoch": config["steps_per_epoch"], "batch_size": config["batch_size"],
-        "seed": config["seed"], "precision": config["precision"], "scheme": config["hyperparameters"].get("scheme", SCHEME[config["arch"]]),
+        "seed": config["seed"], "val_slices": int(val_slices), "precision": config["precision"], "scheme": config["hyperparameters"].get("scheme", SCHEME[config["arch"]]),
         "hyperparameters": config["hyperparameters"],
         "best_epoch": best and best["epoch"], "validation": best and best["val"],
         "validation_low_dose": last.get("val_low_dose"), "wall_time_s": round(state["seconds"], 1),
