@@ -8,8 +8,9 @@
 # Environment: PYTHON (default python3), DEVICE (cuda), DEADLINE (seconds after which an
 # unfinished fit is stopped; default 480), THREADS (CPU threads per fit; 3), NAMES (which of
 # cnn10 redcnn wganvgg dugan cnn10_paper; default all), FITARGS (more fit options, e.g. for a
-# quick check on the CPU), SPEED_DEADLINE (seconds for the timings; 100). Each fit logs to OUT/NAME.log; the sampler
-# timings go to OUT/speed.md.
+# quick check on the CPU), SPEED_DEADLINE (seconds for the timings; 100). Each fit logs to
+# OUT/NAME.log; the sampler timings go to OUT/speed.md. Python needs the engine importable
+# (PYTHONPATH=InvarianceExplorer, or the package installed).
 set -u
 DATA=$1 OUT=$2 BUDGET=$3
 PYTHON=${PYTHON:-python3} DEVICE=${DEVICE:-cuda} DEADLINE=${DEADLINE:-480} THREADS=${THREADS:-3}
