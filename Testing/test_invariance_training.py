@@ -138,6 +138,9 @@ def test_consistency_term_is_l1_through_the_frozen_denoiser(denoiser_folder):
     assert 0 < objective.step(x, y, 101, torch.Generator().manual_seed(3))["adv_weight"]
     objective.hp = {**hp, "max_adv_weight": 1e-6}
     assert 0 < objective.step(x, y, 102, torch.Generator().manual_seed(4))["adv_weight"] <= 1e-6
+    # ... and adv_min_separation keeps it off while the critic does not separate real from reconstructed
+    objective.hp = {**hp, "adv_min_separation": 1e6}
+    assert objective.step(x, y, 103, torch.Generator().manual_seed(5))["adv_weight"] == 0
 
 
 def test_cvae_resumes_exactly(pairs, denoiser_folder, cvae_run, tmp_path):

@@ -29,6 +29,10 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   reconstructed patches has a tiny gradient at that layer, the ratio explodes (46-144 in
   the GPU fits of the bundled RED-CNN, WGAN-VGG and DU-GAN models, against about 0.01 in a
   stable run) and the reconstructions break down; the default 1e4 is the uncapped ratio.
+  ``adv_min_separation`` (a Wasserstein level, e.g. 0.1; None: always) keeps the
+  adversarial term off in steps where the critic does not yet separate the batch's real
+  patches from its reconstructions by that much (``benchmarks/critic_start.py``: whether
+  the critic starts at once or after 50-100 steps follows its initial weights).
   Validation per epoch: L1 of the posterior-mean reconstruction on fixed held-out patches
   (the best-epoch criterion), its error in HU, the KL, and how much f notices the
   difference, plus a PNG of x, f(x) and reconstructions.
@@ -88,7 +92,7 @@ from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_se
 #: cINN: Adam, gradient clipping, act-norm start, the flow's arguments.
 HYPERPARAMETERS = {
     "cvae": dict(lr=2e-4, betas=(0.5, 0.9), kl_weight=1e-4, lam_gp=10.0, n_critic=1, lam_adv=0.5, adv_start=500,
-                 lam_perc=0.1, lam_cons=0.0, max_adv_weight=1e4,
+                 lam_perc=0.1, lam_cons=0.0, max_adv_weight=1e4, adv_min_separation=None,
                  critic_widths=(32, 32, 64, 64, 128, 128), critic_hidden=256,
                  z_dim=256, channels=tuple(DEFAULT_CHANNELS), conditional=True, full_resolution_subunits=1,
                  z_modulation=False, feature_steps=2000, feature_lr=1e-3),
@@ -203,7 +207,9 @@ class _CVAEObjective(_Objective):
                        else torch.zeros((), device=x.device))
         likelihood = losses["total"] + hp["lam_perc"] * perceptual + hp.get("lam_cons", 0) * consistency
         weight = torch.zeros(())
-        if step > hp["adv_start"] and hp["lam_adv"] > 0:
+        level = hp.get("adv_min_separation")
+        separates = level is None or wasserstein.item() < -level
+        if step > hp["adv_start"] and hp["lam_adv"] > 0 and separates:
             last = self.networks["representation"].output.conv.weight
             (g_rec,) = torch.autograd.grad(likelihood, last, retain_graph=True)
             (g_adv,) = torch.autograd.grad(adversarial, last, retain_graph=True)
