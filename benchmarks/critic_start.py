@@ -1,7 +1,7 @@
 """Does the cVAE's critic learn before the adversarial term starts?
 
 Trains only the conditional critic of :class:`~InvarianceExplorerLib.train_invariance._CVAEObjective`
-(Wasserstein loss with gradient penalty, its own Adam) for ``--steps`` steps on real low-dose
+(its ``critic_step``: Wasserstein loss with gradient penalty, its own Adam) for ``--steps`` steps on real low-dose
 patches x against reconstructions D(E(x), f(x)) of the untrained representation, built
 exactly as a training run builds it (``torch.manual_seed(derive_seed(seed, 0))`` first), and
 prints the critic's Wasserstein estimate mean(critic(fake)) - mean(critic(real)) every few
@@ -23,7 +23,7 @@ import torch
 from InvarianceExplorerLib.datasets import open_source
 from InvarianceExplorerLib.denoisers import load_denoiser
 from InvarianceExplorerLib.train_invariance import HYPERPARAMETERS, _CVAEObjective
-from InvarianceExplorerLib.training import TrainingBatches, derive_seed, gradient_penalty, optimizer_step
+from InvarianceExplorerLib.training import TrainingBatches, derive_seed
 
 
 def critic_curve(denoiser: Path, data, hp: dict, seed: int, steps: int, batch_size: int, patch_size: int,
@@ -32,7 +32,8 @@ def critic_curve(denoiser: Path, data, hp: dict, seed: int, steps: int, batch_si
     den = load_denoiser(denoiser)
     torch.manual_seed(derive_seed(seed, 0))
     objective = _CVAEObjective(hp, patch_size, denoiser)
-    rep, critic = objective.networks["representation"], objective.networks["critic"]
+    objective.wrapped = dict(objective.networks)  # alone: no DistributedDataParallel wrappers
+    rep = objective.networks["representation"]
     batches = TrainingBatches(open_source(data), patch_size, batch_size, derive_seed(seed, 0), den.normalization, 0,
                               torch.device("cpu"))
     rng = torch.Generator().manual_seed(derive_seed(seed, 1))
@@ -42,10 +43,7 @@ def critic_curve(denoiser: Path, data, hp: dict, seed: int, steps: int, batch_si
         with torch.no_grad():
             y = den.network(x)
             fake = rep(x, y, sample=False).reconstruction
-        real_score, fake_score = critic(torch.cat((torch.cat((x, fake)), torch.cat((y, y))), dim=1)).chunk(2)
-        wasserstein = fake_score.mean() - real_score.mean()
-        optimizer_step(objective.optimizers["critic"],
-                       wasserstein + hp["lam_gp"] * gradient_penalty(critic, x, fake, rng, y))
+        wasserstein, _ = objective.critic_step(x, fake, y, rng)
         total += wasserstein.item()
         if (k + 1) % every == 0:
             curve.append((k + 1, round(total / every, 4)))

@@ -157,7 +157,7 @@ class _CVAEObjective(_Objective):
                             hidden=hp["critic_hidden"])
         self.networks = {"representation": rep, "critic": critic,
                          "feature_network": FeatureNetwork().eval().requires_grad_(False)}
-        if hp.get("lam_cons", 0) != 0:  # f itself, frozen, for the consistency term
+        if hp["lam_cons"] != 0:  # f itself, frozen, for the consistency term
             from .denoisers import load_denoiser
 
             self.networks["denoiser"] = load_denoiser(denoiser_folder).network.eval().requires_grad_(False)
@@ -187,17 +187,25 @@ class _CVAEObjective(_Objective):
     def _pair(self, image: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.cat((image, y), dim=1) if self.networks["representation"].conditional else image
 
+    def critic_step(self, x, fake, y, rng):
+        """One critic update on real patches ``x`` against reconstructions ``fake`` (given
+        ``y = f(x)``): returns the Wasserstein estimate mean(critic(fake)) - mean(critic(x))
+        (below zero once the critic separates them) and the gradient penalty."""
+        critic = self.wrapped["critic"]
+        real_score, fake_score = critic(self._pair(torch.cat((x, fake)), torch.cat((y, y)))).chunk(2)
+        wasserstein = fake_score.mean() - real_score.mean()
+        condition = y if self.networks["representation"].conditional else None
+        penalty = gradient_penalty(critic, x, fake, rng, condition)
+        optimizer_step(self.optimizers["critic"], wasserstein + self.hp["lam_gp"] * penalty)
+        return wasserstein, penalty
+
     def step(self, x, y, step, rng):
-        hp, rep, critic = self.hp, self.wrapped["representation"], self.wrapped["critic"]
+        hp, rep = self.hp, self.wrapped["representation"]
         features = self.networks["feature_network"].features
         out = rep(x, y, sample=True, noise=_noise((x.shape[0], self.networks["representation"].z_dim), rng, x))
         fake = out.reconstruction.detach()
-        condition = y if self.networks["representation"].conditional else None
         for _ in range(hp["n_critic"]):
-            real_score, fake_score = critic(self._pair(torch.cat((x, fake)), torch.cat((y, y)))).chunk(2)
-            wasserstein = fake_score.mean() - real_score.mean()
-            penalty = gradient_penalty(critic, x, fake, rng, condition)
-            optimizer_step(self.optimizers["critic"], wasserstein + hp["lam_gp"] * penalty)
+            wasserstein, penalty = self.critic_step(x, fake, y, rng)
         self.networks["critic"].requires_grad_(False)
         adversarial = -self.networks["critic"](self._pair(out.reconstruction, y)).mean()
         perceptual = (F.l1_loss(features(out.reconstruction), features(x)) if hp["lam_perc"] != 0
@@ -205,16 +213,16 @@ class _CVAEObjective(_Objective):
         losses = representation_loss(out, x, hp["kl_weight"])
         consistency = (F.l1_loss(self.networks["denoiser"](out.reconstruction), y) if "denoiser" in self.networks
                        else torch.zeros((), device=x.device))
-        likelihood = losses["total"] + hp["lam_perc"] * perceptual + hp.get("lam_cons", 0) * consistency
+        likelihood = losses["total"] + hp["lam_perc"] * perceptual + hp["lam_cons"] * consistency
         weight = torch.zeros(())
-        level = hp.get("adv_min_separation")
+        level = hp["adv_min_separation"]
         separates = level is None or wasserstein.item() < -level
         if step > hp["adv_start"] and hp["lam_adv"] > 0 and separates:
             last = self.networks["representation"].output.conv.weight
             (g_rec,) = torch.autograd.grad(likelihood, last, retain_graph=True)
             (g_adv,) = torch.autograd.grad(adversarial, last, retain_graph=True)
             ratio = (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, 1e4)
-            weight = (hp["lam_adv"] * ratio).clamp(max=hp.get("max_adv_weight", 1e4)).detach()
+            weight = (hp["lam_adv"] * ratio).clamp(max=hp["max_adv_weight"]).detach()
         optimizer_step(self.optimizers["representation"], likelihood + weight * adversarial)
         self.networks["critic"].requires_grad_(True)
         return {"l1": losses["l1"].item(), "kl": losses["kl"].item(), "perceptual": perceptual.item(),
