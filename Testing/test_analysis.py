@@ -264,6 +264,47 @@ def test_method_a_finds_an_added_and_a_removed_disc_with_their_area():
 # ----------------------------------------------------------------------------- method B
 
 
+def test_method_a_counts_only_what_f_ignores():
+    """A disc added to invariance 3 and taken from invariance 9, judged with f's outputs.
+    Two real (linear) denoisers: a Gaussian smoother (sigma 1.5 px) passes on about 90 % of
+    a 7-pixel disc's change, so x~_3 and x~_9 are not invariances of it there (the sampler's
+    error): no region is labelled, both are reported as seen by f. The same smoother blind
+    to the disc's area (its input there replaced by a constant, as the planted region-blind
+    denoiser) passes on little of it: both regions count, passed-on fraction below 1/2."""
+    rng = np.random.default_rng(7)
+    x = 40.0 + gaussian_noise(rng, 1, 20.0, 0.7)[0]
+    invariances = 40.0 + gaussian_noise(rng, 16, 20.0, 0.7)
+    shape = disc((70, 50), 7.0)
+    invariances[3] += 100.0 * shape
+    invariances[9] -= 100.0 * shape
+    blind = disc((70, 50), 9.0)
+
+    def smoother(images):
+        return ndimage.gaussian_filter(images, (0,) * (images.ndim - 2) + (1.5, 1.5))
+
+    def region_blind(images):
+        return smoother(np.where(blind, 40.0, images))
+
+    seen = structure_change(x, invariances, SPACING, denoised=smoother(x), denoised_invariances=smoother(invariances))
+    assert seen.max_passed_on == 0.5 and seen.summary()["regions_seen_by_f"] >= 2
+    for k in (3, 9):
+        assert seen.samples[k]["region_count"] == 0 and not seen.labels[k].any()
+        assert [r["passed_on"] > 0.8 for r in seen.samples[k]["seen_by_f"]] == [True]
+    ignored = structure_change(x, invariances, SPACING, denoised=region_blind(x),
+                               denoised_invariances=region_blind(invariances))
+    for k, label in ((3, BRIGHTER), (9, DARKER)):
+        sample = ignored.samples[k]
+        assert sample["region_count"] == 1 and sample["seen_by_f"] == []
+        assert sample["regions"][0]["passed_on"] < 0.3 and (ignored.labels[k] == label)[50, 70]
+    ungated = structure_change(x, invariances, SPACING)  # without f's outputs every region counts
+    assert ungated.max_passed_on is None and ungated.samples[3]["regions"][0]["passed_on"] is None
+    assert np.array_equal(ungated.labels, structure_change(x, invariances, SPACING, denoised=smoother(x),
+                                                           denoised_invariances=smoother(invariances),
+                                                           max_passed_on=1e9).labels)
+    with pytest.raises(ValueError, match="or neither"):
+        structure_change(x, invariances, SPACING, denoised=smoother(x))
+
+
 def test_benjamini_hochberg_matches_the_definition():
     p = np.array([0.01, 0.04, 0.03, 0.2, 0.5])
     # sorted 0.01, 0.03, 0.04, 0.2, 0.5 -> p * m / rank = 0.05, 0.075, 0.0667, 0.25, 0.5, then cumulative minima
@@ -414,7 +455,9 @@ def test_analyze_command_writes_every_output_with_the_crop_geometry(sample_folde
     assert record["noise"]["input"]["std_hu"] > 0 and "answer" in record["noise"]
     with open(analysis / "analysis.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6 and {"noise_std_hu", "altered_area_mm2", "rank", "peak_abs_change_hu"} <= set(rows[0])
+    assert len(rows) == 6 and {"noise_std_hu", "altered_area_mm2", "rank", "peak_abs_change_hu",
+                               "regions_seen_by_f"} <= set(rows[0])
+    assert record["settings"]["max_passed_on"] == 0.5  # f(x) and f(x~) are in the sample folder
     assert [float(r["altered_area_mm2"]) for r in rows] == [s["area_mm2"] for s in record["samples"]]
     loaded = load_analysis(out)
     assert np.allclose(loaded["change_maps"].array, read_volume(analysis / "change_maps.nrrd").array)

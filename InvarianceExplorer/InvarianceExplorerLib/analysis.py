@@ -42,6 +42,11 @@ blurred structure takes at its edge (:func:`outline`: half its peak for a straig
 less for a small disc, whose edge curvature lets more of the blur fall outside), so the
 area in mm^2 is the structure's, not the blur's (for structures wider than about two
 filter widths; smaller ones come out larger); regions below ``min_area_mm2`` are dropped.
+A region counts only where f *ignores* the change: given f(x) and f(x~_k), a region whose
+passed-on fraction ``mean |G_s * (f(x~_k) - f(x))| / mean |G_s * (x~_k - x)|`` over its
+pixels exceeds ``max_passed_on`` (default :data:`MAX_PASSED_ON` = 1/2: f keeps more of the
+change than it suppresses) is not an invariance of f there but the sampler's error (f(x~_k)
+differs from f(x) where x~_k differs from x); it is reported (``seen_by_f``), not labelled.
 Per invariance: the change map, a labelmap (1: brighter in x~_k than in x — structure added; 2: darker —
 structure removed) and the score: altered area (mm^2), peak |Delta HU| in the regions,
 region count; invariances are ranked by area, then peak, then max |z|.
@@ -98,6 +103,9 @@ ALPHA = 0.05
 FDR = 0.05
 #: |z| a region grows through before it is outlined at half its peak.
 EXTENT_Z = 2.0
+#: Largest passed-on fraction of an altered region (method A): above it f keeps more of the
+#: change in its output than it suppresses, so the change is not something f ignores.
+MAX_PASSED_ON = 0.5
 #: Default smallest altered region in mm^2 (a 2 mm disc: below the 3-5 mm nodules of interest).
 MIN_AREA_MM2 = 3.0
 #: Width of the window (Gaussian sigma, in reference filter widths) of local noise estimates.
@@ -235,11 +243,13 @@ class StructureChange:
         difference_hu: the filtered differences ``G * (x~_k - x)`` ``(K, H, W)`` (HU).
         labels: altered regions ``(K, H, W)`` uint8 (:data:`ALTERED_LABELS`, 0 elsewhere).
         samples: per invariance ``{"index", "area_mm2", "peak_abs_hu", "region_count",
-            "max_abs_z", "noise_sigma_hu", "rank", "regions"}`` (noise_sigma_hu: the median
-            over the patch of the local noise-only std of the filtered difference; rank 1:
-            the most altered; regions: one record each, see :func:`altered_regions`).
-        threshold_z, extent_z, min_area_mm2, alpha, sigma_px, sigma_mm, roughness: the
-            settings used.
+            "max_abs_z", "noise_sigma_hu", "rank", "regions", "seen_by_f"}`` (noise_sigma_hu:
+            the median over the patch of the local noise-only std of the filtered
+            difference; rank 1: the most altered; regions: one record each, see
+            :func:`altered_regions`; seen_by_f: the regions dropped because f passes on more
+            than ``max_passed_on`` of their change).
+        threshold_z, extent_z, min_area_mm2, alpha, sigma_px, sigma_mm, roughness,
+            max_passed_on: the settings used (max_passed_on None: f's outputs not given).
         calibration: with a null ensemble, the false regions the same test finds in the
             noise-only differences ``x'_j - x`` (should be about ``alpha`` per image).
     """
@@ -256,6 +266,7 @@ class StructureChange:
     sigma_mm: float
     roughness: float
     calibration: Optional[dict] = None
+    max_passed_on: Optional[float] = None
 
     @property
     def ranking(self) -> List[int]:
@@ -269,6 +280,8 @@ class StructureChange:
                 "noise_estimate": "local robust std of each filtered difference (window sigma "
                                   f"{LOCAL_WINDOW:g} filter widths, clipped at 3 sigma)",
                 "roughness": self.roughness, "calibration": self.calibration,
+                "max_passed_on": self.max_passed_on,
+                "regions_seen_by_f": int(sum(len(s["seen_by_f"]) for s in self.samples)),
                 "altered_samples": int(sum(s["region_count"] > 0 for s in self.samples)),
                 "ranking": self.ranking, "labels": {str(k): v for k, v in ALTERED_LABELS.items()}}
 
@@ -313,14 +326,18 @@ def outline(values: np.ndarray, region: np.ndarray, sigma_px: float, rounds: int
 
 def altered_regions(z: np.ndarray, difference_hu: np.ndarray, threshold_z: float, spacing,
                     min_area_mm2: float = MIN_AREA_MM2, extent_z: float = EXTENT_Z,
-                    peak_radius_px: float = 1.0) -> Tuple[np.ndarray, List[dict]]:
+                    peak_radius_px: float = 1.0, output_difference_hu: Optional[np.ndarray] = None,
+                    max_passed_on: float = MAX_PASSED_ON) -> Tuple[np.ndarray, List[dict], List[dict]]:
     """Regions of one change map (see the module docstring; ``peak_radius_px``: see
-    :func:`robust_peak`, the reference filter's width): labelmap (uint8, BRIGHTER /
-    DARKER) and one record per region ``{"sign", "area_mm2", "peak_abs_hu", "peak_z",
-    "centroid_ij"}``."""
+    :func:`robust_peak`, the reference filter's width; ``output_difference_hu``: the
+    filtered change of f's output ``G * (f(x~) - f(x))``, or None). Returns the labelmap
+    (uint8, BRIGHTER / DARKER), one record per region ``{"sign", "area_mm2", "peak_abs_hu",
+    "peak_z", "centroid_ij", "passed_on"}`` (passed_on: the fraction of the region's change
+    that reaches f's output; None without f's outputs), and the records of the regions left
+    out because f passes on more than ``max_passed_on`` of their change."""
     px = pixel_area_mm2(spacing)
     labels = np.zeros(z.shape, np.uint8)
-    records = []
+    records, seen = [], []
     for sign, value in ((1.0, BRIGHTER), (-1.0, DARKER)):
         sz, sd = sign * z, sign * difference_hu
         seeds = sz >= threshold_z
@@ -335,22 +352,33 @@ def altered_regions(z: np.ndarray, difference_hu: np.ndarray, threshold_z: float
                 area = float(piece.sum() * px)
                 if area < min_area_mm2 or not (piece & seeds).any():
                     continue
-                labels[piece] = value
+                passed = None if output_difference_hu is None else float(
+                    np.abs(output_difference_hu[piece]).mean() / max(np.abs(difference_hu[piece]).mean(), 1e-12))
                 rows, cols = np.nonzero(piece)
-                records.append({"sign": "brighter" if sign > 0 else "darker", "area_mm2": area,
-                                "peak_abs_hu": float(sd[piece].max()), "peak_z": float(sz[piece].max()),
-                                "centroid_ij": [float(cols.mean()), float(rows.mean())]})
-    return labels, records
+                record = {"sign": "brighter" if sign > 0 else "darker", "area_mm2": area,
+                          "peak_abs_hu": float(sd[piece].max()), "peak_z": float(sz[piece].max()),
+                          "centroid_ij": [float(cols.mean()), float(rows.mean())], "passed_on": passed}
+                if passed is not None and passed > max_passed_on:
+                    seen.append(record)
+                    continue
+                labels[piece] = value
+                records.append(record)
+    return labels, records, seen
 
 
-def structure_change(x, invariances, spacing=(1.0, 1.0), *, null=None, sigma_px: Optional[float] = None,
-                     alpha: float = ALPHA, threshold_z: Optional[float] = None, min_area_mm2: float = MIN_AREA_MM2,
-                     extent_z: float = EXTENT_Z) -> StructureChange:
+def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoised_invariances=None,
+                     null=None, sigma_px: Optional[float] = None, alpha: float = ALPHA,
+                     threshold_z: Optional[float] = None, min_area_mm2: float = MIN_AREA_MM2,
+                     extent_z: float = EXTENT_Z, max_passed_on: float = MAX_PASSED_ON) -> StructureChange:
     """Method A: per-invariance structure change (see the module docstring).
 
     Args:
         x: the input patch ``(H, W)`` (HU).
         invariances: the invariances x~_k ``(K, H, W)`` (HU).
+        denoised, denoised_invariances: f(x) ``(H, W)`` and f(x~_k) ``(K, H, W)`` (HU), both
+            or neither: a region whose change f passes on to its output by more than
+            ``max_passed_on`` is not counted (module docstring). Without them every region
+            counts (the sampler's own errors included).
         spacing: pixel size ``(x, y)`` in mm.
         null: optional noise-only realisations of x at its dose ``(J, H, W)`` (HU): the
             same test runs on ``x'_j - x`` and its false regions are reported (calibration).
@@ -378,6 +406,15 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, null=None, sigma_px:
         sig = np.maximum(sig, 1e-3 * med[:, None, None] + 1e-6)
         return differences / sig, med
 
+    output_difference = None
+    if (denoised is None) != (denoised_invariances is None):
+        raise ValueError("give both f(x) (denoised) and f(x~) (denoised_invariances), or neither")
+    if denoised is not None:
+        outputs, y = _stack(denoised_invariances, "denoised_invariances"), _image(denoised, "denoised")
+        if outputs.shape != stack.shape or y.shape != x.shape:
+            raise ValueError(f"f(x) and f(x~) must have the shapes of x and the invariances ({x.shape}, "
+                             f"{stack.shape}); got {y.shape} and {outputs.shape}")
+        output_difference = reference_filter(outputs - y[None], sigma_px)
     z, sigma_median = standardise(difference)
     lam = roughness(z)
     threshold = float(threshold_z) if threshold_z is not None else rft_threshold(x.shape, lam, alpha)
@@ -389,7 +426,7 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, null=None, sigma_px:
         null_difference = reference_filter(null - x[None], sigma_px)
         null_z, _ = standardise(null_difference)
         counts = [len(altered_regions(null_z[j], null_difference[j], threshold, spacing, min_area_mm2, extent_z,
-                                      peak_radius_px=sigma_px)[1])
+                                      peak_radius_px=sigma_px)[1])  # f of the null is not at hand: ungated
                   for j in range(null.shape[0])]
         calibration = {"null_count": int(null.shape[0]), "false_regions": int(sum(counts)),
                        "false_regions_per_image": float(np.mean(counts)),
@@ -397,19 +434,21 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, null=None, sigma_px:
     labels = np.zeros(z.shape, np.uint8)
     samples = []
     for k in range(z.shape[0]):
-        labels[k], regions = altered_regions(z[k], difference[k], threshold, spacing, min_area_mm2, extent_z,
-                                             peak_radius_px=sigma_px)
+        labels[k], regions, seen = altered_regions(
+            z[k], difference[k], threshold, spacing, min_area_mm2, extent_z, peak_radius_px=sigma_px,
+            output_difference_hu=None if output_difference is None else output_difference[k],
+            max_passed_on=max_passed_on)
         samples.append({"index": k, "area_mm2": float(sum(r["area_mm2"] for r in regions)),
                         "peak_abs_hu": float(max((r["peak_abs_hu"] for r in regions), default=0.0)),
                         "region_count": len(regions), "max_abs_z": float(np.abs(z[k]).max()),
-                        "noise_sigma_hu": float(sigma_median[k]), "regions": regions})
+                        "noise_sigma_hu": float(sigma_median[k]), "regions": regions, "seen_by_f": seen})
     order = sorted(range(len(samples)), key=lambda k: (-samples[k]["area_mm2"], -samples[k]["peak_abs_hu"],
                                                         -samples[k]["max_abs_z"], k))
     for rank, k in enumerate(order, start=1):
         samples[k]["rank"] = rank
     return StructureChange(z.astype(np.float32), difference.astype(np.float32), labels, samples, threshold, extent_z,
                            float(min_area_mm2), float(alpha), sigma_px, sigma_px * math.sqrt(spacing[0] * spacing[1]),
-                           lam, calibration)
+                           lam, calibration, None if output_difference is None else float(max_passed_on))
 
 
 # ----------------------------------------------------------------------------- method B

@@ -39,7 +39,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from .analysis import ALPHA, FDR, MIN_AREA_MM2, ensemble_test, structure_change
+from .analysis import ALPHA, FDR, MAX_PASSED_ON, MIN_AREA_MM2, ensemble_test, structure_change
 from .image import CTImage
 from .noise import noise_summary
 from .result_folder import load_result, read_volume
@@ -72,6 +72,7 @@ CSV_COLUMNS = (
     ("altered_area_mm2", "area_mm2"),
     ("peak_abs_change_hu", "peak_abs_hu"),
     ("altered_region_count", "region_count"),
+    ("regions_seen_by_f", "regions_seen_by_f"),
     ("max_abs_z", "max_abs_z"),
     ("filtered_noise_sigma_hu", "noise_sigma_hu"),
     ("mean_abs_change_hu", "mean_abs_change_hu"),
@@ -178,7 +179,8 @@ def _device(denoiser):
 
 def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Optional[str] = None,
                    alpha: float = ALPHA, fdr: float = FDR, sigma_mm: Optional[float] = None,
-                   min_area_mm2: float = MIN_AREA_MM2, progress: Optional[ProgressCallback] = None
+                   min_area_mm2: float = MIN_AREA_MM2, max_passed_on: float = MAX_PASSED_ON,
+                   progress: Optional[ProgressCallback] = None
                    ) -> Tuple[Path, dict]:
     """Analyse the ``sample`` folder ``folder`` and write ``folder/analysis/`` (module docstring).
 
@@ -189,6 +191,9 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         alpha: method A's expected false regions per invariance; fdr: method B's FDR level.
         sigma_mm: reference filter width in mm (default: the noise correlation length).
         min_area_mm2: method A's smallest altered region.
+        max_passed_on: method A counts a region only where f passes on at most this fraction
+            of its change (needs ``denoised.nrrd`` and ``denoised_invariances.nrrd``; without
+            them every region counts and the JSON says so).
         progress: ``progress(stage, done, total)``.
 
     Returns ``(analysis folder, the analysis.json record)``.
@@ -217,8 +222,12 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
             raise ValueError(f"the noise-only ensemble must be a stack (J, {x.shape[0]}, {x.shape[1]}); got {null.shape}")
 
     report("method A", 0, 1)
+    outputs = {}
+    if "denoised" in result.volumes and "denoised_invariances" in result.volumes:
+        outputs = {"denoised": result.volumes["denoised"].array[0].astype(np.float64),
+                   "denoised_invariances": result.volumes["denoised_invariances"].array.astype(np.float64)}
     change = structure_change(x, stack, spacing, null=null, sigma_px=sigma_px, alpha=alpha,
-                              min_area_mm2=min_area_mm2)
+                              min_area_mm2=min_area_mm2, max_passed_on=max_passed_on, **outputs)
     report("method A", 1, 1)
 
     test = None
@@ -239,7 +248,9 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         "count": int(stack.shape[0]),
         "spacing_mm": list(spacing),
         "settings": {"alpha": alpha, "fdr": fdr, "sigma_mm": sigma_mm, "min_area_mm2": min_area_mm2,
-                     "null_source": null_source},
+                     "max_passed_on": max_passed_on if outputs else None, "null_source": null_source,
+                     **({} if outputs else {"max_passed_on_note": "f(x) or f(x~) is missing from the sample "
+                                            "folder: every region counts, including the sampler's own errors"})},
         "noise": noise,
         "method_a": {**change.summary(), "samples": [{k: v for k, v in s.items()} for s in change.samples]},
         "method_b": method_b,
@@ -278,6 +289,7 @@ def _merged_samples(numbers: dict, noise: dict, change) -> list:
                        "varying_noise_std_hu": n["varying_std_hu"],
                        "varying_noise_ratio_to_input": n["varying_ratio_to_input"], "area_mm2": a["area_mm2"],
                        "peak_abs_hu": a["peak_abs_hu"], "region_count": a["region_count"],
+                       "regions_seen_by_f": len(a["seen_by_f"]),
                        "max_abs_z": a["max_abs_z"], "noise_sigma_hu": a["noise_sigma_hu"],
                        "mean_abs_change_hu": by_index.get(k, {}).get("mean_abs_change_hu")})
     return merged

@@ -669,7 +669,7 @@ def _cmd_sample(args) -> int:
 
 
 def _add_analyze(ana) -> None:
-    from .analysis import ALPHA, FDR, MIN_AREA_MM2
+    from .analysis import ALPHA, FDR, MAX_PASSED_ON, MIN_AREA_MM2
     from .lowdose import FILTERS
 
     ana.add_argument("results", type=Path, metavar="RESULTS_DIR", help="a folder written by invariance-explorer sample")
@@ -678,6 +678,9 @@ def _add_analyze(ana) -> None:
     ana.add_argument("--fdr", type=float, default=FDR, help=f"method B: false discovery rate (default {FDR})")
     ana.add_argument("--min-area", type=float, default=MIN_AREA_MM2, metavar="MM2",
                      help=f"method A: smallest altered region in mm^2 (default {MIN_AREA_MM2})")
+    ana.add_argument("--max-passed-on", type=float, default=MAX_PASSED_ON, metavar="FRACTION",
+                     help="method A: a region counts only where f passes on at most this fraction of its change "
+                          f"to f(x~) (default {MAX_PASSED_ON}; 1e9 counts every region)")
     ana.add_argument("--sigma-mm", type=float, default=None,
                      help="reference filter width (Gaussian sigma) in mm (default: the noise correlation length)")
     null = ana.add_argument_group("noise-only null for method B (default: noise_only.nrrd in RESULTS_DIR, if any)")
@@ -713,7 +716,7 @@ def _cmd_analyze(args) -> int:
 def _run_analysis(folder: Path, progress, args=None) -> tuple:
     """Analyse a sample folder (``analyze``, or ``sample --analyze`` with default settings);
     returns the outputs (name -> path) and a one-line summary for the "done" report."""
-    from .analysis import ALPHA, FDR, MIN_AREA_MM2
+    from .analysis import ALPHA, FDR, MAX_PASSED_ON, MIN_AREA_MM2
     from .analysis_folder import analyze_folder, posterior_null, simulate_null_for_folder
     from .io import read_image
     from .result_folder import read_volume
@@ -745,10 +748,13 @@ def _run_analysis(folder: Path, progress, args=None) -> tuple:
         folder, null=null, null_source=source,
         alpha=ALPHA if args is None else args.alpha, fdr=FDR if args is None else args.fdr,
         sigma_mm=None if args is None else args.sigma_mm,
-        min_area_mm2=MIN_AREA_MM2 if args is None else args.min_area, progress=report)
+        min_area_mm2=MIN_AREA_MM2 if args is None else args.min_area,
+        max_passed_on=MAX_PASSED_ON if args is None else args.max_passed_on, progress=report)
     a, b = record["method_a"], record["method_b"]
     text = (f"analysis of {record['count']} invariances: method A flags {a['altered_samples']} with altered regions "
-            f"(|z| >= {a['threshold_z']:.2f}); ")
+            f"(|z| >= {a['threshold_z']:.2f}"
+            + (f"; {a['regions_seen_by_f']} regions left out, f passes on most of their change" if a["max_passed_on"]
+               is not None else "; f(x~) not at hand, every region counts") + "); ")
     text += (f"method B skipped: {b['reason']}" if b["skipped"] else
              f"method B ({b['null_source']} null of {b['null_count']}) flags {b['flagged_area_mm2']:.1f} mm2 "
              f"at FDR {b['fdr_level']:g}")

@@ -9,7 +9,8 @@ seed and rescanned), run method A and method B, and score them against the plant
   ROC AUC of each method's score (A: mean |z| over the invariances; B: -log10 p of the
   variance-ratio test), per-region AUC (mean score in M against four discs of M's size
   elsewhere in the patch), recall of M's pixels at a 5 % per-pixel false-positive rate, and
-  the methods' own binary flags (share of M flagged, share of the rest flagged).
+  the methods' own binary flags (share of M flagged, share of the rest flagged; method A's
+  flags count only regions whose change f passes on by at most half, ``MAX_PASSED_ON``).
 - nodule-blind (``--nodule-blind``: a denoiser trained on targets without lung nodules below
   ``--max-diameter`` mm, ``nodule_blind_data.py``): patches centred on such nodules; truth =
   their pixels (dilated by 1 px); the same figures, region AUC with discs of the nodule's size.
@@ -152,7 +153,8 @@ def evaluate(folder, source, truth: Optional[Callable[[int], np.ndarray]], *, sl
                                            for j in range(null_count)])
         null = np.stack([_crop(scan, patch.center, size) for scan in nulls[patch.index]])
         result = sampler.sample(patch.low_dose, count=count, seed=seed + n)
-        a = structure_change(patch.low_dose, result.invariances, (spacing, spacing))
+        a = structure_change(patch.low_dose, result.invariances, (spacing, spacing), denoised=result.denoised,
+                             denoised_invariances=result.denoised_invariances)
         b = ensemble_test(result.invariances, null, (spacing, spacing), x=patch.low_dose, null_source="simulator")
         altered = sum(1 for s in a.samples if s["region_count"] > 0)
         a_scores.append(np.abs(a.change_map).mean(axis=0))
@@ -160,6 +162,7 @@ def evaluate(folder, source, truth: Optional[Callable[[int], np.ndarray]], *, sl
         a_flags.append((a.labels > 0).any(axis=0))
         b_flags.append(b.labels > 0)
         records.append({"slice": int(patch.index), "center": list(patch.center), "altered_invariances": altered,
+                        "regions_seen_by_f": int(sum(len(s["seen_by_f"]) for s in a.samples)),
                         "a_flags_patch": method_a_flags_patch(altered, count, ALPHA),
                         "b_flags_patch": bool((b.labels > 0).any()), "consistency": float(result.consistency),
                         "std_hu": float(result.std.mean()), "example": (patch.low_dose, result, a, b) if n < 3
