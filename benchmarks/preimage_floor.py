@@ -1,0 +1,101 @@
+"""How far can f(x) alone take a reconstruction of x, and how much of what it misses does f see?
+
+The consistency bar C = mean|f(x~) - f(x)| / mean|x~ - x| <= 0.35 (issue 4) is about the
+invariances' *differences* from x. When the samples hardly differ from one another (low
+diversity), those differences are the cVAE's reconstruction error, so C is about the ratio
+of that error's f-output error to its size. This script trains a network that sees f(x) only
+(no latent code: ``g(y) = y + net(y)``, a full-resolution stack of 3x3 convolutions, L1 to x,
+Adam) and reports, on the test split's held-out patches (:func:`~.fidelity.held_out_patches`,
+2 per slice), ``mean|g(y) - x|``, ``mean|f(g(y)) - f(x)|`` and their ratio, beside the same
+for ``x~ = f(x)`` itself. If the ratio stays near C' (the ratio of a fresh noise realisation)
+however much of x the network recovers, a reconstruction-dominated sampler cannot meet C: its
+invariances must vary where f does not look.
+
+    .venv/bin/python benchmarks/preimage_floor.py --denoiser cnn10 --data data/sim512 \\
+        --steps 900 --depth 10 --width 32 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def preimage_network(depth: int, width: int) -> nn.Sequential:
+    """``depth`` 3x3 convolutions (LeakyReLU 0.2 between), 1 -> width -> ... -> 1 channel."""
+    layers = [nn.Conv2d(1, width, 3, padding=1), nn.LeakyReLU(0.2)]
+    for _ in range(depth - 2):
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.LeakyReLU(0.2)]
+    layers.append(nn.Conv2d(width, 1, 3, padding=1))
+    with torch.no_grad():  # start near g(y) = y
+        layers[-1].weight.mul_(0.1)
+    return nn.Sequential(*layers)
+
+
+def main(argv=None) -> None:
+    from InvarianceExplorerLib.datasets import open_source
+    from InvarianceExplorerLib.denoisers import load_denoiser
+    from InvarianceExplorerLib.devices import machine
+    from InvarianceExplorerLib.fidelity import held_out_patches
+    from InvarianceExplorerLib.training import TrainingBatches
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--denoiser", default="cnn10", help="bundled name or model folder of f")
+    parser.add_argument("--data", required=True, help="simulated data set (train split to fit, test split to report)")
+    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--patch-size", type=int, default=64, help="training patch side (pixels)")
+    parser.add_argument("--depth", type=int, default=10)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--every", type=int, default=300, help="report every N steps")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    denoiser = load_denoiser(args.denoiser)
+    f, norm = denoiser.network.float().eval().requires_grad_(False), denoiser.normalization
+    source = open_source(args.data)
+    patches = held_out_patches(source, "test", 128, slices=8, per_slice=2)
+    x_test = norm.normalize(torch.from_numpy(np.stack([p.low_dose for p in patches]))[:, None])
+    with torch.no_grad():
+        y_test = f(x_test)
+    g = preimage_network(args.depth, args.width)
+    optimizer = torch.optim.Adam(g.parameters(), lr=args.lr)
+
+    def hu_error(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((norm.denormalize(a) - norm.denormalize(b)).abs().mean())
+
+    def row(name: str, x_tilde: torch.Tensor, seconds: float) -> None:
+        change, output = hu_error(x_tilde, x_test), hu_error(f(x_tilde), y_test)
+        print(f"| {name} | {change:.2f} | {output:.2f} | {output / change:.2f} | {seconds:.0f} s |", flush=True)
+
+    info = machine()
+    print(f"f = {args.denoiser}, {len(patches)} test patches of 128², {info['cpu']}, {info['cpu_threads']} threads, "
+          f"torch {info['torch']}")
+    print("| x~ | mean\\|x~ - x\\| (HU) | mean\\|f(x~) - f(x)\\| (HU) | ratio | training time |\n|---|---|---|---|---|")
+    with torch.no_grad():
+        row("f(x) itself", y_test, 0.0)
+    start = time.perf_counter()
+    batches = TrainingBatches(source, args.patch_size, args.batch_size, args.seed, norm, 0, "cpu")
+    for step, batch in enumerate(batches(args.steps), start=1):
+        x = batch["ld"]
+        with torch.no_grad():
+            y = f(x)
+        loss = (y + g(y) - x).abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % args.every == 0 or step == args.steps:
+            with torch.no_grad():
+                row(f"g(f(x)) after {step} steps", y_test + g(y_test), time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()
