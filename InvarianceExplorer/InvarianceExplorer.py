@@ -6,7 +6,8 @@ NRRD, runs the engine CLI (``invariance-explorer sample``) in a PythonSlicer chi
 (InvarianceExplorerLib.ui.process), and turns the folder it writes back into MRML nodes,
 with the geometry and table logic in plain functions (InvarianceExplorerLib.result_folder).
 It must stay cheap to import: Slicer imports it at start-up, so torch (and the engine's
-torch modules) are never imported in Slicer's own process.
+torch modules) are not imported in Slicer's own process (the PyTorch extension's installer
+does import torch once it has installed it on first use).
 """
 
 import importlib
@@ -30,6 +31,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.util import VTKObservationMixin
 
 PAPER_DOI_URL = "https://doi.org/10.1002/mp.17413"
 
@@ -214,8 +216,12 @@ def resultNodeNames(inputName):
 #
 
 
-class InvarianceExplorerWidget(ScriptedLoadableModuleWidget):
+class InvarianceExplorerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panel (InvarianceExplorerLib.ui.panel.SamplingPanel) with MRML node selectors plugged in."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)  # scene observers (addObserver / removeObservers)
 
     def resourcePath(self, filename):
         """Return the absolute path of ``filename`` inside the Resources directory."""
@@ -496,9 +502,14 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                 self._installTorch(forceCPU)
             rest = [req for req in missing if req != TORCH_REQUIREMENT]
             if rest:
-                packaging = getattr(slicer, "packaging", None)
+                try:  # Slicer 5.11+; slicer/__init__ does not import it
+                    import slicer.packaging as packaging
+                except ImportError:
+                    packaging = None
                 if packaging is not None and hasattr(packaging, "pip_ensure"):
-                    packaging.pip_ensure(rest)
+                    # already asked above; the self-test (testing mode) needs them installed too
+                    packaging.pip_ensure(rest, prompt_install=False, skip_in_testing=False,
+                                         requester="Invariance Explorer")
                 else:
                     slicer.util.pip_install(" ".join(rest))
         except Exception as exc:
@@ -509,17 +520,19 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _installTorch(forceCPU):
+        """torch is missing (:meth:`missingDependencies`): install it through the PyTorch
+        extension when present (it picks the build for the GPU; its installer then imports
+        torch into Slicer's process, the only time this module lets that happen), else pip."""
         try:
             import PyTorchUtils
         except ImportError:
             slicer.util.pip_install(TORCH_REQUIREMENT)
             return
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            backend = "cpu" if forceCPU else None
-            if torchLogic.installTorch(askConfirmation=False, forceComputationBackend=backend,
-                                       torchVersionRequirement=TORCH_REQUIREMENT[len("torch"):]) is None:
-                raise RuntimeError("the PyTorch extension could not install torch")
+        backend = "cpu" if forceCPU else None
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, forceComputationBackend=backend,
+                torchVersionRequirement=TORCH_REQUIREMENT[len("torch"):]) is None:  # raises on failure, too
+            raise RuntimeError("the PyTorch extension could not install torch")
 
     # ---------------------------------------------------------------- inputs
 

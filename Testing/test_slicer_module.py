@@ -359,6 +359,10 @@ def test_widget_plugs_node_selectors_into_the_panel_and_keeps_the_parameter_node
     again = module.InvarianceExplorerWidget()
     again.setup()
     assert again.panel.settings() == panel.settings() and again.pointWidget.currentNode() is point
+    scene = slicer.mrmlScene  # scene observers come from VTKObservationMixin, as in Slicer, and go on cleanup
+    assert again.hasObserver(scene, scene.NodeAddedEvent, again.onNodeAdded)
+    again.cleanup()
+    assert not again.hasObserver(scene, scene.NodeAddedEvent, again.onNodeAdded)
     before = snapshot(slicer)
     assert panel.start(), panel.errorText()  # a real engine process; it refuses the missing model
     wait_until(lambda: not panel.running, timeout=60)

@@ -370,6 +370,7 @@ def install():
                    setSliceViewerLayers, arrayFromSegmentBinaryLabelmap):
             setattr(util, fn.__name__, fn)
         util.confirmOkCancelDisplay = util.confirmYesNoDisplay = _confirm
+        util.VTKObservationMixin = widgets.VTKObservationMixin
         i18n = types.ModuleType("slicer.i18n")
         i18n.tr = lambda text: text
         pnw = types.ModuleType("slicer.parameterNodeWrapper")

@@ -3,6 +3,8 @@ as small PySide6 widgets with the same calls and signals, and the ScriptedLoadab
 
 from __future__ import annotations
 
+import warnings
+
 from Qt.QtCore import Signal
 
 from InvarianceExplorerLib.ui.qtshim import qt
@@ -175,25 +177,40 @@ class qSlicerSimpleMarkupsWidget(qt.QWidget):
 
 
 class ScriptedLoadableModuleWidget:
-    """Slicer's base: ``self.parent`` (a widget), ``self.layout`` in it, VTK observers
-    (VTKObservationMixin: ``addObserver(obj, event, method)`` -> ``obj.AddObserver``)."""
+    """Slicer's base: ``self.parent`` (a widget), ``self.layout`` in it. Like Slicer's, it has
+    no VTK observer methods (those come from :class:`VTKObservationMixin`)."""
 
     def __init__(self, parent=None):
         self.parent = parent if parent is not None else qt.QWidget()
         self.parent.isEntered = True
         self.layout = self.parent.layout() or qt.QVBoxLayout(self.parent)
-        self.observers = []
 
     def setup(self):
         pass
 
-    def addObserver(self, obj, event, callback, group="none", priority=0.0):
-        tag = obj.AddObserver(event, callback, priority) if hasattr(obj, "AddObserver") else None
-        self.observers.append((obj, event, callback, tag))
+
+class VTKObservationMixin:
+    """slicer.util.VTKObservationMixin: ``addObserver(obj, event, method)`` ->
+    ``obj.AddObserver`` (once per method), ``removeObservers(method=None)``, ``hasObserver``."""
+
+    def __init__(self):
+        super().__init__()
+        self.__observations = {}  # {obj: {event: {method: (group, tag, priority)}}}
+
+    def addObserver(self, obj, event, method, group="none", priority=0.0):
+        methods = self.__observations.setdefault(obj, {}).setdefault(event, {})
+        if method in methods:
+            warnings.warn("already has observer")
+            return
+        methods[method] = group, obj.AddObserver(event, method, priority), priority
 
     def removeObservers(self, method=None):
-        for obj, event, callback, tag in list(self.observers):
-            if method is None or callback == method:
-                if tag is not None:
-                    obj.RemoveObserver(tag)
-                self.observers.remove((obj, event, callback, tag))
+        for obj, events in self.__observations.items():
+            for methods in events.values():
+                for m in [m for m in methods if method is None or m == method]:
+                    obj.RemoveObserver(methods.pop(m)[1])
+        if method is None:
+            self.__observations.clear()
+
+    def hasObserver(self, obj, event, method):
+        return method in self.__observations.get(obj, {}).get(event, {})
