@@ -652,17 +652,41 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
     # ---------------------------------------------------------------- results as nodes
 
     @staticmethod
-    def resultVolumeIDs():
+    def _proxies(found):
+        """role + "_proxy" -> the proxy volume of each result sequence in ``found`` (role ->
+        node), from the result browser: Slicer's sequences logic replaces a proxy's attributes
+        by those of the shown item whenever the browser changes, so a proxy cannot carry the
+        result attributes itself."""
+        browser = found.get("browser")
+        if browser is None:
+            return {}
+        proxies = {}
+        for role, node in found.items():
+            if node.IsA("vtkMRMLSequenceNode"):
+                proxy = browser.GetProxyNode(node)
+                if proxy is not None:
+                    proxies[role + "_proxy"] = proxy
+        return proxies
+
+    def resultVolumeIDs(self):
         """IDs of the volumes that are results of this module (for any input)."""
-        return [node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-                if node.GetAttribute(RESULT_INPUT_ATTRIBUTE)]
+        byInput = {}
+        for node in slicer.util.getNodesByClass("vtkMRMLNode"):
+            if node.GetAttribute(RESULT_INPUT_ATTRIBUTE):
+                byInput.setdefault(node.GetAttribute(RESULT_INPUT_ATTRIBUTE), {})[
+                    node.GetAttribute(RESULT_ROLE_ATTRIBUTE)] = node
+        volumes = [node for found in byInput.values() for node in list(found.values()) + list(self._proxies(found).values())
+                   if node.IsA("vtkMRMLScalarVolumeNode")]
+        return list(dict.fromkeys(node.GetID() for node in volumes))
 
     def resultNodes(self, volumeNode):
-        """The result nodes of ``volumeNode`` in the scene: dict role -> node."""
+        """The result nodes of ``volumeNode`` in the scene: dict role -> node (the sequences'
+        proxy volumes found through the result browser, see :meth:`_proxies`)."""
         found = {}
         for node in slicer.util.getNodesByClass("vtkMRMLNode"):
             if node.GetAttribute(RESULT_INPUT_ATTRIBUTE) == volumeNode.GetID():
                 found[node.GetAttribute(RESULT_ROLE_ATTRIBUTE)] = node
+        found.update(self._proxies(found))
         return found
 
     def removeResults(self, volumeNode, confirmReplace=None):
@@ -805,8 +829,8 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                 if "significance" in analysis:
                     significance = volume("significance", analysis["significance"].array)
                     colourMap(significance, HEAT_COLOURS, 0.0, max(float(analysis["significance"].array.max()), 1.0))
-        except Exception:
-            for node in created.values():
+        except Exception:  # remove what was made, including the proxies Slicer made for the browser
+            for node in list(dict.fromkeys(list(created.values()) + list(self._proxies(created).values()))):
                 if node.GetScene() is not None:
                     scene.RemoveNode(node)
             raise

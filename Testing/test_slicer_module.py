@@ -267,6 +267,13 @@ def test_rerun_replaces_the_previous_results_and_asks_about_renamed_ones(module,
     other_nodes = logic.importResults(other, first_folder)
     first = logic.importResults(volume, first_folder)
     count = slicer.mrmlScene.GetNumberOfNodes()
+    # the user moves the sample slider: Slicer copies item 2 into the proxies, attributes and all
+    first["browser"].SetSelectedItemNumber(2)
+    proxy = first["invariances_proxy"]
+    assert np.array_equal(slicer.util.arrayFromVolume(proxy),
+                          slicer.util.arrayFromVolume(first["invariances"].GetNthDataNode(2)))
+    assert proxy.GetAttribute("InvarianceExplorer.InputVolumeID") is None  # so results are found via the browser
+    assert logic.resultNodes(volume) == first and proxy.GetID() in logic.resultVolumeIDs()
     second = logic.importResults(volume, second_folder)
     assert slicer.mrmlScene.GetNumberOfNodes() == count  # replaced, not duplicated
     assert all(node.GetScene() is None for node in first.values())

@@ -407,9 +407,16 @@ class vtkMRMLSequenceBrowserNode(vtkMRMLNode):
         self._proxyIDs = {}
         self._selected = -1
 
+    def _modified(self):
+        """Slicer's sequences logic observes every browser node: any change updates (and
+        first creates) the proxy nodes from the selected item of each sequence."""
+        if self._scene is not None:
+            vtkMRMLSequencesLogic(self._scene).UpdateProxyNodesFromSequences(self)
+
     def SetAndObserveMasterSequenceNodeID(self, sequenceNodeID):
         self._sequenceIDs = [sequenceNodeID] if sequenceNodeID else []
         self._proxyIDs = {}
+        self._modified()
 
     def GetMasterSequenceNode(self):
         return self._scene.GetNodeByID(self._sequenceIDs[0]) if self._sequenceIDs else None
@@ -417,6 +424,7 @@ class vtkMRMLSequenceBrowserNode(vtkMRMLNode):
     def AddSynchronizedSequenceNodeID(self, sequenceNodeID):
         if sequenceNodeID not in self._sequenceIDs:
             self._sequenceIDs.append(sequenceNodeID)
+        self._modified()
         return sequenceNodeID
 
     def IsSynchronizedSequenceNodeID(self, sequenceNodeID, includeMasterNode=False):
@@ -428,6 +436,7 @@ class vtkMRMLSequenceBrowserNode(vtkMRMLNode):
 
     def SetSelectedItemNumber(self, index):
         self._selected = int(index)
+        self._modified()
 
     def GetSelectedItemNumber(self):
         return self._selected
@@ -444,19 +453,23 @@ class vtkMRMLSequencesLogic:
         self._scene = scene
 
     def UpdateProxyNodesFromSequences(self, browser):
+        """As vtkSlicerSequencesLogic: the item at the selected index value (index value "0"
+        while nothing is selected) is copied into each proxy with CopyContent, which replaces
+        the proxy's attributes by the item's (the proxy keeps its name and ID)."""
         index = browser.GetSelectedItemNumber()
         for sequenceID in browser._sequenceIDs:
             sequence = self._scene.GetNodeByID(sequenceID)
+            if sequence is None:
+                continue
             proxy = browser.GetProxyNode(sequence)
-            item = sequence.GetNthDataNode(index) if 0 <= index < sequence.GetNumberOfDataNodes() else None
+            value = sequence.GetNthIndexValue(index) if 0 <= index < sequence.GetNumberOfDataNodes() else "0"
+            item = sequence.GetDataNodeAtValue(value)
             if item is None:
                 continue
             if proxy is None:
                 proxy = self._scene.AddNewNodeByClass(item.GetClassName(), sequence.GetName())
                 browser._proxyIDs[sequenceID] = proxy.GetID()
-            attributes = dict(proxy._attributes)
             proxy._copyFrom(item)
-            proxy._attributes = attributes
 
 
 class vtkMRMLTableNode(vtkMRMLNode):
