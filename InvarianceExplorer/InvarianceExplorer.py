@@ -411,7 +411,7 @@ class InvarianceExplorerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if self.centerFromROIButton.isChecked():
             if center is None or center.GetNumberOfControlPoints() < 1:
                 raise ValueError(_("Select an ROI and place it in the image: its centre is where to sample."))
-        elif center is None or center.GetNumberOfControlPoints() < 1:
+        elif center is None or center.GetNumberOfDefinedControlPoints() < 1:  # placed, not a preview
             raise ValueError(_("Place a point in the image (where to sample), e.g. in a lung."))
         if not self.logic.installDependencies(askUser=True, forceCPU=settings["device"] == "cpu"):
             raise RuntimeError(_("The engine's Python packages are missing: ") + self.logic.dependencyHint())
@@ -537,8 +537,9 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
     # ---------------------------------------------------------------- inputs
 
     def pointRAS(self, point):
-        """The RAS position of ``point``: a markups ROI (its centre), a markups point (its first
-        control point) or 3 numbers."""
+        """The RAS position of ``point``: a markups ROI (its centre), a markups point list (its
+        first placed control point: not one still being placed, nor one whose position was
+        unset) or 3 numbers."""
         if hasattr(point, "IsA") and point.IsA("vtkMRMLMarkupsROINode"):
             if point.GetNumberOfControlPoints() < 1:
                 raise ValueError(_("The ROI {name} is not placed yet; place it.").format(name=point.GetName()))
@@ -546,10 +547,12 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
             point.GetCenterWorld(center)
             return tuple(center)
         if hasattr(point, "GetNumberOfControlPoints"):
-            if point.GetNumberOfControlPoints() < 1:
-                raise ValueError(_("The markups node {name} has no point; place one.").format(name=point.GetName()))
+            index = point.GetNthControlPointIndexByPositionStatus(0, point.PositionDefined)
+            if index < 0:
+                raise ValueError(_("The markups node {name} has no placed point; place one.").format(
+                    name=point.GetName()))
             ras = [0.0, 0.0, 0.0]
-            point.GetNthControlPointPositionWorld(0, ras)
+            point.GetNthControlPointPositionWorld(index, ras)
             return tuple(ras)
         if point is None or len(point) != 3:
             raise ValueError(_("Give the point as a markups node or as three RAS coordinates (mm)."))

@@ -149,8 +149,19 @@ def test_point_to_voxel_and_export_keep_the_scene(module, slicer, tmp_path):
     assert logic.centerIJK(volume, tuple(voxel_ras(0, 47, 3))) == (0, 47, 3)
     with pytest.raises(ValueError, match="outside the volume"):
         logic.centerIJK(volume, tuple(voxel_ras(56, 10, 1)))
-    with pytest.raises(ValueError, match="has no point"):
+    with pytest.raises(ValueError, match="has no placed point"):
         logic.centerIJK(volume, slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "empty"))
+    # only placed points count: not one whose position was unset, nor the preview in place mode
+    moved = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "moved")
+    moved.AddControlPoint(*voxel_ras(0, 47, 3))
+    moved.UnsetNthControlPointPosition(0)
+    moved.AddControlPoint(*voxel_ras(*CENTER))
+    moved.AddControlPoint(*voxel_ras(2, 2, 2))
+    moved.ResetNthControlPointPosition(2)
+    assert logic.centerIJK(volume, moved) == CENTER
+    moved.UnsetNthControlPointPosition(1)
+    with pytest.raises(ValueError, match="has no placed point"):
+        logic.centerIJK(volume, moved)
     before = snapshot(slicer)
     path = logic.exportVolume(volume, tmp_path / "input.nrrd")
     assert snapshot(slicer) == before
@@ -370,6 +381,13 @@ def test_widget_plugs_node_selectors_into_the_panel_and_keeps_the_parameter_node
     assert again.hasObserver(scene, scene.NodeAddedEvent, again.onNodeAdded)
     again.cleanup()
     assert not again.hasObserver(scene, scene.NodeAddedEvent, again.onNodeAdded)
+    # File > Close scene: the parameter node is reset, the panel shows it, a new CT is picked
+    scene.Clear()
+    assert p.inputVolume is None and p.point is None and p.sampleCount == 32
+    assert widget.volumeSelector.currentNode() is None and panel.countSpin.value() == 32
+    newVolume, _, _ = add_volume(slicer, "next CT")
+    widget.enter()
+    assert p.inputVolume is newVolume and widget.volumeSelector.currentNode() is newVolume
     before = snapshot(slicer)
     assert panel.start(), panel.errorText()  # a real engine process; it refuses the missing model
     wait_until(lambda: not panel.running, timeout=60)

@@ -154,16 +154,41 @@ class vtkMRMLScalarVolumeNode(vtkMRMLNode):
 
 
 class vtkMRMLMarkupsFiducialNode(vtkMRMLNode):
+    """A point list whose control points have a position status, as in vtkMRMLMarkupsNode:
+    placed points are defined; the point following the mouse in place mode is a preview
+    (ResetNthControlPointPosition); UnsetNthControlPointPosition makes one undefined.
+    GetNumberOfControlPoints counts them all."""
+
+    PositionUndefined, PositionPreview, PositionDefined, PositionMissing = 0, 1, 2, 3
+
     def __init__(self):
         super().__init__()
-        self._points = []
+        self._points, self._status = [], []
 
     def AddControlPoint(self, x, y=None, z=None):
         self._points.append(tuple(float(v) for v in ((x, y, z) if y is not None else x)))
+        self._status.append(self.PositionDefined)
         return len(self._points) - 1
 
     def GetNumberOfControlPoints(self):
         return len(self._points)
+
+    def GetNumberOfDefinedControlPoints(self, includePreview=False):
+        wanted = {self.PositionDefined, self.PositionPreview} if includePreview else {self.PositionDefined}
+        return sum(status in wanted for status in self._status)
+
+    def GetNthControlPointPositionStatus(self, index):
+        return self._status[index]
+
+    def GetNthControlPointIndexByPositionStatus(self, n, status):
+        found = [i for i, s in enumerate(self._status) if s == status]
+        return found[n] if 0 <= n < len(found) else -1
+
+    def UnsetNthControlPointPosition(self, index):
+        self._status[index] = self.PositionUndefined
+
+    def ResetNthControlPointPosition(self, index):
+        self._status[index] = self.PositionPreview
 
     def GetNthControlPointPositionWorld(self, index, out):
         out[:] = self._points[index]
@@ -739,6 +764,15 @@ class vtkMRMLScene:
         return len(self._nodes)
 
     def Clear(self, removeSingletons=False):
+        """As vtkMRMLScene::Clear: StartCloseEvent, every node removed but the default colour
+        tables and (unless ``removeSingletons``) the singletons, which are reset instead (a
+        scripted module's parameter node keeps its place and loses its values), EndCloseEvent."""
+        self._invoke(self.StartCloseEvent)
         for node in list(self._nodes.values()):
-            if not node.IsA("vtkMRMLColorTableNode"):
-                self.RemoveNode(node)
+            if node.IsA("vtkMRMLColorTableNode"):
+                continue
+            if node.IsA("vtkMRMLScriptedModuleNode") and not removeSingletons:
+                node._values = {}
+                continue
+            self.RemoveNode(node)
+        self._invoke(self.EndCloseEvent)
