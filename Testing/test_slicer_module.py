@@ -138,6 +138,12 @@ def test_parameter_node_defaults_and_ranges(module):
         p.device = "tpu"
     with pytest.raises(ValueError):
         p.centerFrom = "segment"
+    with pytest.raises(TypeError):  # typed as in Slicer: the GUI must hand over ints, strs, bools and nodes
+        p.sampleCount = "8"
+    with pytest.raises(ValueError):
+        p.denoiser = None
+    with pytest.raises(TypeError):
+        p.point = module.slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "not a point list")
 
 
 def test_point_to_voxel_and_export_keep_the_scene(module, slicer, tmp_path):

@@ -230,17 +230,29 @@ class Choice:
 
 def parameterNodeWrapper(cls):
     """Typed, defaulted attributes stored on the parameter node (values kept as Python objects here;
-    real Slicer serialises them into the node)."""
+    real Slicer serialises them into the node), type-checked as Slicer's serializers do."""
     hints = get_type_hints(cls, include_extras=True)
 
     def make_property(name, hint):
-        validators = [a for a in get_args(hint)[1:] if hasattr(a, "check")] if get_origin(hint) is not None else []
+        annotated = get_origin(hint) is not None
+        base = get_args(hint)[0] if annotated else hint
+        validators = [a for a in get_args(hint)[1:] if hasattr(a, "check")] if annotated else []
         default = getattr(cls, name, None)
+
+        def type_check(value):  # Slicer's serializers: NotNone + IsInstance for int/float/str/bool, IsInstance for nodes
+            if base in (int, float, str, bool):
+                if value is None:
+                    raise ValueError("Value must not be None")
+                if not isinstance(value, (int, float) if base is float else base):
+                    raise TypeError(f"Value must be of type '{base}', is type '{type(value)}' value '{value}'")
+            elif isinstance(base, type) and value is not None and not isinstance(value, base):
+                raise TypeError(f"Value must be of type '{base}', is type '{type(value)}' value '{value}'")
 
         def getter(self):
             return self.parameterNode._values.get(name, default)
 
         def setter(self, value):
+            type_check(value)
             for validator in validators:
                 validator.check(value)
             self.parameterNode._values[name] = value
