@@ -203,6 +203,20 @@ class InvarianceExplorerParameterNode:
     analyze: bool = False
 
 
+def removeNode(node):
+    """Remove ``node`` and its display nodes from its scene (vtkMRMLScene::RemoveNode leaves
+    the display nodes behind); nothing when it is no longer in a scene."""
+    scene = node.GetScene() if node is not None else None
+    if scene is None:
+        return
+    displays = [node.GetNthDisplayNode(n) for n in range(node.GetNumberOfDisplayNodes())] \
+        if hasattr(node, "GetNumberOfDisplayNodes") else []
+    scene.RemoveNode(node)
+    for display in displays:
+        if display is not None and display.GetScene() is not None:
+            scene.RemoveNode(display)
+
+
 def resultNodeNames(inputName):
     """Names of the result nodes of an input named ``inputName``, by role (the engine's and the
     analysis's)."""
@@ -707,7 +721,7 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                 node.RemoveAttribute(RESULT_ROLE_ATTRIBUTE)
             return
         for node in previous.values():
-            slicer.mrmlScene.RemoveNode(node)
+            removeNode(node)
 
     @staticmethod
     def askReplaceRenamed(renamed):
@@ -779,7 +793,7 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                     frame.SetIJKToRASMatrix(ijkToRAS)
                     node.SetDataNodeAtValue(frame, str(k))
             finally:
-                scene.RemoveNode(frame)
+                removeNode(frame)
             return node
 
         try:
@@ -834,8 +848,7 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                     colourMap(significance, HEAT_COLOURS, 0.0, max(float(analysis["significance"].array.max()), 1.0))
         except Exception:  # remove what was made, including the proxies Slicer made for the browser
             for node in list(dict.fromkeys(list(created.values()) + list(self._proxies(created).values()))):
-                if node.GetScene() is not None:
-                    scene.RemoveNode(node)
+                removeNode(node)
             raise
 
         # all new nodes exist: now replace the previous results and file the new ones
@@ -881,7 +894,7 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                 if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation):
                     raise RuntimeError(f"could not import {name} into a segmentation")
             finally:
-                scene.RemoveNode(labelmap)
+                removeNode(labelmap)
             segment = segments.GetNthSegment(before)
             segment.SetName(name)
             segment.SetColor(*colour)

@@ -144,6 +144,12 @@ class vtkMRMLScalarVolumeNode(vtkMRMLNode):
     def GetDisplayNode(self):
         return self._display
 
+    def GetNumberOfDisplayNodes(self):
+        return 0 if self._display is None else 1
+
+    def GetNthDisplayNode(self, n):
+        return self._display if n == 0 else None
+
     def _copyFrom(self, other):
         super()._copyFrom(other)
         image = vtk.vtkImageData()
@@ -347,6 +353,12 @@ class vtkMRMLSegmentationNode(vtkMRMLNode):
 
     def GetDisplayNode(self):
         return self._display
+
+    def GetNumberOfDisplayNodes(self):
+        return 0 if self._display is None else 1
+
+    def GetNthDisplayNode(self, n):
+        return self._display if n == 0 else None
 
     def SetReferenceImageGeometryParameterFromVolumeNode(self, volumeNode):
         """Slicer also stores the volume's geometry as a string parameter; the reference is what
@@ -745,10 +757,7 @@ class vtkMRMLScene:
             return
         del self._nodes[node.GetID()]
         vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(self)._forget(node.GetID())
-        node._scene = None
-        display = getattr(node, "_display", None)
-        if display is not None:
-            self.RemoveNode(display)
+        node._scene = None  # as vtkMRMLScene::RemoveNode: its display nodes stay in the scene
         self._invoke(self.NodeRemovedEvent)
 
     def GetNodeByID(self, nodeID):
