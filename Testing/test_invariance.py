@@ -27,7 +27,8 @@ from InvarianceExplorerLib.io import read_image, write_nrrd
 from InvarianceExplorerLib.lowdose import LowDoseSimulator
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.phantom import chest_phantom
-from InvarianceExplorerLib.representation import Representation, build_representation, kl_divergence, representation_loss
+from InvarianceExplorerLib.representation import (Representation, build_representation, kl_divergence,
+                                                   reconstruction_loss, representation_loss)
 from InvarianceExplorerLib.sampler import (AIR_HU, InvarianceModels, InvarianceSampler, crop_patch,
                                            has_invariance_models, load_invariance_models, run_with_memory_fallback,
                                            save_invariance_models)
@@ -132,6 +133,38 @@ def test_z_modulation_reaches_every_decoder_stage():
     old = {k: v for k, v in Representation(**TINY_REPRESENTATION).arguments.items() if k != "z_modulation"}
     assert build_representation(**old).z_modulation is False
     assert not hasattr(build_representation(**old), "z_modulations")
+
+
+def test_preimage_branch_is_computed_once_per_patch_and_trains():
+    """With ``preimage_layers`` the residual is added to f(x) + P(f(x)): P is part of the
+    per-patch conditioning (decoding many codes of one patch costs what it did without it),
+    it learns (gradients of the reconstruction reach it), and models saved without the option
+    build with none; an unconditional model has no f(x) to invert and refuses it."""
+    torch.manual_seed(0)
+    model = Representation(**TINY_REPRESENTATION, preimage_layers=4).eval()
+    plain = Representation(**TINY_REPRESENTATION).eval()
+    assert model.arguments["preimage_layers"] == 4 and len(model.preimage) == 4
+    y, z = torch.randn(1, 1, 32, 32), torch.randn(3, 16)
+    with torch.no_grad():
+        modulations, base = model.condition(y)
+        assert torch.allclose(base, y + model.preimage(y)) and not torch.equal(base, y)
+        assert plain.condition(y)[1] is y
+        shared = model.decode(z, y, (modulations, base))
+        assert torch.allclose(shared, model.decode(z, y.expand(3, -1, -1, -1)), atol=1e-5)
+    with FlopCounterMode(display=False) as with_branch:
+        model.decode(z, y, (modulations, base))
+    plain_condition = plain.condition(y)
+    with FlopCounterMode(display=False) as without:
+        plain.decode(z, y, plain_condition)
+    assert with_branch.get_total_flops() == without.get_total_flops()
+    model.train()
+    x = torch.randn(2, 1, 32, 32)
+    reconstruction_loss(model(x, y.expand(2, -1, -1, -1)).reconstruction, x).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.preimage.parameters())
+    old = {k: v for k, v in plain.arguments.items() if k != "preimage_layers"}
+    assert build_representation(**old).preimage_layers == 0 and not hasattr(build_representation(**old), "preimage")
+    with pytest.raises(ValueError, match="no f\\(x\\)"):
+        Representation(**TINY_REPRESENTATION, conditional=False, preimage_layers=4)
 
 
 def test_default_representation_is_cheap_enough_for_the_cpu():

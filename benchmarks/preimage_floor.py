@@ -6,7 +6,9 @@ diversity), those differences are the cVAE's reconstruction error, so C is about
 of that error's f-output error to its size. This script trains a network that sees f(x) only
 (no latent code: ``g(y) = y + net(y)``, a full-resolution stack of 3x3 convolutions, L1 to x,
 Adam) and reports, on the test split's held-out patches (:func:`~.fidelity.held_out_patches`,
-2 per slice), ``mean|g(y) - x|``, ``mean|f(g(y)) - f(x)|`` and their ratio, beside the same
+2 per slice), ``mean|g(y) - x|``, ``mean|f(g(y)) - f(x)|`` and their ratio, and the noise
+texture of ``g(y)`` against x's (:func:`~.fidelity.noise_texture` of image - full dose: the
+cVAE completeness bars, NPS correlation >= 0.9 and noise std ratio 0.8-1.25), beside the same
 for ``x~ = f(x)`` itself. If the ratio stays near C' (the ratio of a fresh noise realisation)
 however much of x the network recovers, a reconstruction-dominated sampler cannot meet C: its
 invariances must vary where f does not look.
@@ -40,7 +42,7 @@ def main(argv=None) -> None:
     from InvarianceExplorerLib.datasets import open_source
     from InvarianceExplorerLib.denoisers import load_denoiser
     from InvarianceExplorerLib.devices import machine
-    from InvarianceExplorerLib.fidelity import held_out_patches
+    from InvarianceExplorerLib.fidelity import held_out_patches, noise_texture
     from InvarianceExplorerLib.training import TrainingBatches
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -64,6 +66,7 @@ def main(argv=None) -> None:
     source = open_source(args.data)
     patches = held_out_patches(source, "test", 128, slices=8, per_slice=2)
     x_test = norm.normalize(torch.from_numpy(np.stack([p.low_dose for p in patches]))[:, None])
+    full_dose = np.stack([p.full_dose for p in patches])
     with torch.no_grad():
         y_test = f(x_test)
     g = preimage_network(args.depth, args.width)
@@ -74,12 +77,16 @@ def main(argv=None) -> None:
 
     def row(name: str, x_tilde: torch.Tensor, seconds: float) -> None:
         change, output = hu_error(x_tilde, x_test), hu_error(f(x_tilde), y_test)
-        print(f"| {name} | {change:.2f} | {output:.2f} | {output / change:.2f} | {seconds:.0f} s |", flush=True)
+        texture = noise_texture(norm.denormalize(x_tilde)[:, 0].numpy() - full_dose,
+                                norm.denormalize(x_test)[:, 0].numpy() - full_dose)
+        print(f"| {name} | {change:.2f} | {output:.2f} | {output / change:.2f} | {texture['nps_correlation']:.2f} / "
+              f"{texture['noise_std_ratio']:.2f} | {seconds:.0f} s |", flush=True)
 
     info = machine()
     print(f"f = {args.denoiser}, {len(patches)} test patches of 128², {info['cpu']}, {info['cpu_threads']} threads, "
           f"torch {info['torch']}")
-    print("| x~ | mean\\|x~ - x\\| (HU) | mean\\|f(x~) - f(x)\\| (HU) | ratio | training time |\n|---|---|---|---|---|")
+    print("| x~ | mean\\|x~ - x\\| (HU) | mean\\|f(x~) - f(x)\\| (HU) | ratio | NPS correlation / noise std ratio "
+          "| training time |\n|---|---|---|---|---|---|")
     with torch.no_grad():
         row("f(x) itself", y_test, 0.0)
     start = time.perf_counter()
