@@ -24,7 +24,8 @@ from InvarianceExplorerLib.cli import main
 from InvarianceExplorerLib.custom_denoisers import (DenoiserCheckError, check_denoiser, import_denoiser,
                                                     read_declaration)
 from InvarianceExplorerLib.datasets import build_simulated_dataset
-from InvarianceExplorerLib.denoisers import load_denoiser, read_metadata, resolve_model_folder, write_metadata
+from InvarianceExplorerLib.denoisers import (load_denoiser, read_metadata, resolve_model_folder, save_denoiser,
+                                            write_metadata)
 from InvarianceExplorerLib.fidelity import invariance_fidelity
 from InvarianceExplorerLib.fit import fit, parse_budget, plan
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION, HUNormalization
@@ -332,7 +333,8 @@ def test_damaged_or_foreign_model_folders_are_refused(torchscript_fit, pairs, tm
     write_metadata(newer, metadata)
     with pytest.raises(ValueError, match="format version 99"):
         load_invariance_models(newer)
-    bundled = shutil.copytree(resolve_model_folder("cnn10"), tmp_path / "bundled")
+    cnn10 = load_denoiser("cnn10")  # a model folder as `train denoiser` writes it: fit must not overwrite it
+    trained = save_denoiser(tmp_path / "trained", cnn10.network, "cnn10", {}, cnn10.normalization)
     with pytest.raises(ValueError, match="fit did not make"):
-        fit(torchscript_fit / "denoiser.torchscript.pt", pairs, bundled,
+        fit(torchscript_fit / "denoiser.torchscript.pt", pairs, trained,
             normalization=PAPER_NORMALIZATION, **FIT)
