@@ -685,26 +685,26 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                     proxies[role + "_proxy"] = proxy
         return proxies
 
-    def resultVolumeIDs(self):
-        """IDs of the volumes that are results of this module (for any input)."""
+    def _resultsByInput(self):
+        """The result nodes in the scene: input volume ID -> (role -> node), the sequences'
+        proxy volumes found through the result browser (:meth:`_proxies`)."""
         byInput = {}
         for node in slicer.util.getNodesByClass("vtkMRMLNode"):
             if node.GetAttribute(RESULT_INPUT_ATTRIBUTE):
                 byInput.setdefault(node.GetAttribute(RESULT_INPUT_ATTRIBUTE), {})[
                     node.GetAttribute(RESULT_ROLE_ATTRIBUTE)] = node
-        volumes = [node for found in byInput.values() for node in list(found.values()) + list(self._proxies(found).values())
-                   if node.IsA("vtkMRMLScalarVolumeNode")]
-        return list(dict.fromkeys(node.GetID() for node in volumes))
+        for found in byInput.values():
+            found.update(self._proxies(found))
+        return byInput
+
+    def resultVolumeIDs(self):
+        """IDs of the volumes that are results of this module (for any input)."""
+        return [node.GetID() for found in self._resultsByInput().values() for node in found.values()
+                if node.IsA("vtkMRMLScalarVolumeNode")]
 
     def resultNodes(self, volumeNode):
-        """The result nodes of ``volumeNode`` in the scene: dict role -> node (the sequences'
-        proxy volumes found through the result browser, see :meth:`_proxies`)."""
-        found = {}
-        for node in slicer.util.getNodesByClass("vtkMRMLNode"):
-            if node.GetAttribute(RESULT_INPUT_ATTRIBUTE) == volumeNode.GetID():
-                found[node.GetAttribute(RESULT_ROLE_ATTRIBUTE)] = node
-        found.update(self._proxies(found))
-        return found
+        """The result nodes of ``volumeNode`` in the scene: dict role -> node."""
+        return self._resultsByInput().get(volumeNode.GetID(), {})
 
     def removeResults(self, volumeNode, confirmReplace=None):
         """Remove the previous results of ``volumeNode``. If the user renamed some of them,

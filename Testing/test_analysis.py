@@ -225,6 +225,18 @@ def test_method_a_finds_no_region_in_real_ct_noise(ct_scans):
     assert change.calibration["null_count"] == 16 and change.calibration["false_regions"] <= 3
 
 
+def added_and_removed_disc():
+    """x and 16 invariances with 20 HU noise; a disc of radius 7 pixels and 100 HU contrast
+    added to invariance 3 and taken away from invariance 9. Returns ``(x, invariances, disc)``."""
+    rng = np.random.default_rng(7)
+    x = 40.0 + gaussian_noise(rng, 1, 20.0, 0.7)[0]
+    invariances = 40.0 + gaussian_noise(rng, 16, 20.0, 0.7)
+    shape = disc((70, 50), 7.0)
+    invariances[3] += 100.0 * shape
+    invariances[9] -= 100.0 * shape
+    return x, invariances, shape
+
+
 def test_method_a_finds_an_added_and_a_removed_disc_with_their_area():
     """A disc of radius 7 pixels (4.9 mm, 73 mm^2 on the pixel grid) and 100 HU contrast added
     to invariance 3 and taken away from invariance 9 (noise 20 HU): one region each, at the
@@ -234,12 +246,7 @@ def test_method_a_finds_an_added_and_a_removed_disc_with_their_area():
     along its 44-pixel perimeter: over 12 seeds the area ratio was 1.01 +- 0.05 (range
     0.93-1.11), so 15 % is three standard deviations — and these two invariances ranked
     first; the others have no region."""
-    rng = np.random.default_rng(7)
-    x = 40.0 + gaussian_noise(rng, 1, 20.0, 0.7)[0]
-    invariances = 40.0 + gaussian_noise(rng, 16, 20.0, 0.7)
-    shape = disc((70, 50), 7.0)
-    invariances[3] += 100.0 * shape
-    invariances[9] -= 100.0 * shape
+    x, invariances, shape = added_and_removed_disc()
     change = structure_change(x, invariances, SPACING)
     true_area = shape.sum() * SPACING[0] * SPACING[1]
     for k, label in ((3, BRIGHTER), (9, DARKER)):
@@ -271,12 +278,7 @@ def test_method_a_counts_only_what_f_ignores():
     error): no region is labelled, both are reported as seen by f. The same smoother blind
     to the disc's area (its input there replaced by a constant, as the planted region-blind
     denoiser) passes on little of it: both regions count, passed-on fraction below 1/2."""
-    rng = np.random.default_rng(7)
-    x = 40.0 + gaussian_noise(rng, 1, 20.0, 0.7)[0]
-    invariances = 40.0 + gaussian_noise(rng, 16, 20.0, 0.7)
-    shape = disc((70, 50), 7.0)
-    invariances[3] += 100.0 * shape
-    invariances[9] -= 100.0 * shape
+    x, invariances, shape = added_and_removed_disc()
     blind = disc((70, 50), 9.0)
 
     def smoother(images):

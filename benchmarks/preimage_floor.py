@@ -4,8 +4,8 @@ The consistency bar C = mean|f(x~) - f(x)| / mean|x~ - x| <= 0.35 (issue 4) is a
 invariances' *differences* from x. When the samples hardly differ from one another (low
 diversity), those differences are the cVAE's reconstruction error, so C is about the ratio
 of that error's f-output error to its size. This script trains a network that sees f(x) only
-(no latent code: ``g(y) = y + net(y)``, a full-resolution stack of 3x3 convolutions, L1 to x,
-Adam) and reports, on the test split's held-out patches (:func:`~.fidelity.held_out_patches`,
+(no latent code: ``g(y) = y + P(y)`` with P the cVAE's pre-image branch,
+:func:`~.representation.preimage_branch`, alone; L1 to x, Adam) and reports, on the test split's held-out patches (:func:`~.fidelity.held_out_patches`,
 2 per slice), ``mean|g(y) - x|``, ``mean|f(g(y)) - f(x)|`` and their ratio, and the noise
 texture of ``g(y)`` against x's (:func:`~.fidelity.noise_texture` of image - full dose: the
 cVAE completeness bars, NPS correlation >= 0.9 and noise std ratio 0.8-1.25), beside the same
@@ -24,18 +24,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
-
-
-def preimage_network(depth: int, width: int) -> nn.Sequential:
-    """``depth`` 3x3 convolutions (LeakyReLU 0.2 between), 1 -> width -> ... -> 1 channel."""
-    layers = [nn.Conv2d(1, width, 3, padding=1), nn.LeakyReLU(0.2)]
-    for _ in range(depth - 2):
-        layers += [nn.Conv2d(width, width, 3, padding=1), nn.LeakyReLU(0.2)]
-    layers.append(nn.Conv2d(width, 1, 3, padding=1))
-    with torch.no_grad():  # start near g(y) = y
-        layers[-1].weight.mul_(0.1)
-    return nn.Sequential(*layers)
 
 
 def main(argv=None) -> None:
@@ -43,6 +31,7 @@ def main(argv=None) -> None:
     from InvarianceExplorerLib.denoisers import load_denoiser
     from InvarianceExplorerLib.devices import machine
     from InvarianceExplorerLib.fidelity import held_out_patches, noise_texture
+    from InvarianceExplorerLib.representation import preimage_branch
     from InvarianceExplorerLib.training import TrainingBatches
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -69,7 +58,7 @@ def main(argv=None) -> None:
     full_dose = np.stack([p.full_dose for p in patches])
     with torch.no_grad():
         y_test = f(x_test)
-    g = preimage_network(args.depth, args.width)
+    g = preimage_branch(args.depth, args.width)
     optimizer = torch.optim.Adam(g.parameters(), lr=args.lr)
 
     def hu_error(a: torch.Tensor, b: torch.Tensor) -> float:

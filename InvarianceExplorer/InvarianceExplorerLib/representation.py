@@ -88,6 +88,17 @@ def _unit(c_in: int, c_out: int, stride: int = 1, subunits: int = 2) -> Residual
     return ResidualUnit(2, c_in, c_out, strides=stride, kernel_size=3, subunits=subunits, act=ACT, norm=None)
 
 
+def preimage_branch(layers: int, width: int) -> nn.Sequential:
+    """The pre-image branch P (module docstring): ``layers`` full-resolution 3x3 convolutions
+    1 -> ``width`` -> ... -> 1 channel, LeakyReLU between, the last scaled down so that P
+    starts near 0."""
+    branch = nn.Sequential(_conv(1, width), *[_conv(width, width) for _ in range(layers - 2)],
+                           _conv(width, 1, act=None))
+    with torch.no_grad():
+        branch[-1].conv.weight.mul_(0.1)
+    return branch
+
+
 @dataclass
 class RepresentationOutput:
     """One pass of the cVAE over a batch.
@@ -167,13 +178,8 @@ class Representation(nn.Module):
             self.condition_pyramid = nn.ModuleList(
                 [_conv(1, channels[0])] + [_conv(channels[k], channels[k + 1], stride=2) for k in range(levels)])
             self.modulations = nn.ModuleList([_conv(c, 2 * c, kernel_size=1, act=None) for c in channels])
-        if self.preimage_layers:  # P(f(x)): full resolution, starting near P = 0
-            width = 2 * channels[0]
-            self.preimage = nn.Sequential(_conv(1, width), *[_conv(width, width)
-                                                             for _ in range(self.preimage_layers - 2)],
-                                          _conv(width, 1, act=None))
-            with torch.no_grad():
-                self.preimage[-1].conv.weight.mul_(0.1)
+        if self.preimage_layers:
+            self.preimage = preimage_branch(self.preimage_layers, 2 * channels[0])
 
     @property
     def arguments(self) -> dict:
