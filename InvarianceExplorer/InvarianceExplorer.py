@@ -1038,8 +1038,13 @@ class InvarianceExplorerTest(ScriptedLoadableModuleTest):
             self.delayDisplay("No bundled denoiser with invariance models (cVAE + cINN) yet: sampling check skipped")
             return None
         logic = InvarianceExplorerLogic()
-        if not logic.installDependencies(askUser=False):
-            self.fail("engine dependencies missing: " + logic.dependencyHint())
+        try:
+            installed = logic.installDependencies(askUser=False)
+        except RuntimeError as exc:  # no package index (offline, e.g. a ctest run): cannot check, say so
+            self.delayDisplay(f"Sampling checks skipped: {exc}")
+            self.skipTest(f"engine packages could not be installed: {exc}")
+        if not installed:
+            self.fail("engine dependencies missing after installing them: " + logic.dependencyHint())
         return volume, denoiser, logic
 
     @staticmethod

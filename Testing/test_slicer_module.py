@@ -632,3 +632,21 @@ def test_the_self_test_passes_under_the_standin(module, slicer, python_slicer, c
     else:
         assert "sampling check skipped" in shown
     assert not [p for p in python_slicer.iterdir() if p.name.startswith("InvarianceExplorer-")]  # temp folders gone
+
+
+def test_the_self_test_skips_its_sampling_checks_offline(module, slicer, monkeypatch, capsys):
+    """Without a package index (the stand-in's pip installs nothing, as offline), the self-test
+    skips its sampling checks with the packages to install, instead of failing (ctest offline);
+    the unittest runner reports the skip."""
+    import unittest
+
+    from InvarianceExplorerLib.ui.qtshim import application
+
+    application()
+    monkeypatch.setitem(module.ENGINE_REQUIREMENTS, "no_such_package_xyz", "no-such-package-xyz>=1")
+    test = module.InvarianceExplorerTest("test_SampleInvariances")
+    result = unittest.TestResult()
+    test.run(result)
+    assert not result.failures and not result.errors
+    assert len(result.skipped) == 1 and "PythonSlicer -m pip install no-such-package-xyz>=1" in result.skipped[0][1]
+    assert "Sampling checks skipped" in capsys.readouterr().out
