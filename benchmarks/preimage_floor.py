@@ -43,6 +43,8 @@ def main(argv=None) -> None:
     parser.add_argument("--depth", type=int, default=10)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lam-cons", type=float, default=0.0,
+                        help="weight of the consistency term L1(f(g(y)), y) beside L1(g(y), x) (as the cVAE's lam_cons)")
     parser.add_argument("--every", type=int, default=300, help="report every N steps")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
@@ -72,8 +74,8 @@ def main(argv=None) -> None:
               f"{texture['noise_std_ratio']:.2f} | {seconds:.0f} s |", flush=True)
 
     info = machine()
-    print(f"f = {args.denoiser}, {len(patches)} test patches of 128², {info['cpu']}, {info['cpu_threads']} threads, "
-          f"torch {info['torch']}")
+    print(f"f = {args.denoiser}, lam_cons {args.lam_cons:g}, {len(patches)} test patches of 128², {info['cpu']}, "
+          f"{info['cpu_threads']} threads, torch {info['torch']}")
     print("| x~ | mean\\|x~ - x\\| (HU) | mean\\|f(x~) - f(x)\\| (HU) | ratio | NPS correlation / noise std ratio "
           "| training time |\n|---|---|---|---|---|---|")
     with torch.no_grad():
@@ -84,7 +86,10 @@ def main(argv=None) -> None:
         x = batch["ld"]
         with torch.no_grad():
             y = f(x)
-        loss = (y + g(y) - x).abs().mean()
+        x_tilde = y + g(y)
+        loss = (x_tilde - x).abs().mean()
+        if args.lam_cons:
+            loss = loss + args.lam_cons * (f(x_tilde) - y).abs().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
