@@ -12,8 +12,8 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   decoder to put what it cannot reconstruct of x where f does not look: a reconstruction
   differs from x (z cannot hold a whole noise realisation), and without the term that
   difference is free to change f's output (held-out consistency C 0.47 for CNN-10). Off by
-  default (``lam_cons`` 0, the paper's objective); the bundled RED-CNN, WGAN-VGG and DU-GAN
-  models were trained with it at 1 and with ``z_modulation`` (README).
+  default (``lam_cons`` 0, the paper's objective); the bundled CNN-10 and WGAN-VGG models
+  were trained with it at 5, DU-GAN's at 1, RED-CNN's without it (README).
   phi are the deep features of our
   :class:`~.denoisers.FeatureNetwork` (the paper's perceptual term; ImageNet VGG cannot be
   downloaded here): taken from ``feature_network`` or the denoiser's own folder when it
@@ -27,7 +27,7 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   scales; it is switched on after ``adv_start`` steps (the critic trains from the start).
   ``max_adv_weight`` caps ``w_adv``: a critic that has not yet learnt to separate real from
   reconstructed patches has a tiny gradient at that layer, the ratio explodes (46-144 in
-  the GPU fits of the bundled RED-CNN, WGAN-VGG and DU-GAN models, against about 0.01 in a
+  the GPU fits of the first RED-CNN, WGAN-VGG and DU-GAN models, against about 0.01 in a
   stable run) and the reconstructions break down; the default 1e4 is the uncapped ratio.
   ``adv_min_separation`` (a Wasserstein level, e.g. 0.1; None: always) keeps the
   adversarial term off in steps where the critic does not yet separate the batch's real
