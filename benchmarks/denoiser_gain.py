@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     from InvarianceExplorerLib.datasets import open_source
     from InvarianceExplorerLib.denoisers import load_denoiser
     from InvarianceExplorerLib.devices import machine
-    from InvarianceExplorerLib.fidelity import another_realisation, held_out_patches
+    from InvarianceExplorerLib.fidelity import another_realisation, held_out_patches, realisation_seed
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--denoisers", default="cnn10,redcnn,wganvgg,dugan", help="bundled names or model folders")
@@ -56,9 +56,9 @@ def main(argv=None) -> None:
     patches = held_out_patches(source, "test", 128, slices=8, per_slice=2)
     low_dose = torch.from_numpy(np.stack([p.low_dose for p in patches]))[:, None].float()
     fresh = {}
-    for patch in patches:  # the seeds of fidelity.invariance_fidelity's fresh realisations (seed 0)
+    for patch in patches:  # the fresh realisations of the fidelity figures (seed 0)
         if patch.index not in fresh:
-            fresh[patch.index] = another_realisation(source, patch.index, seed=1_000_003 + 7919 * patch.index)
+            fresh[patch.index] = another_realisation(source, patch.index, seed=realisation_seed(patch.index))
     other = (torch.from_numpy(np.stack([p.crop(fresh[p.index]) for p in patches]))[:, None].float()
              if all(v is not None for v in fresh.values()) else None)
 

@@ -107,6 +107,11 @@ def held_out_patches(source, split: str, patch_size: int, slices: int = 8, per_s
     return patches
 
 
+def realisation_seed(index: int, seed: int = 0) -> int:
+    """The noise seed of item ``index``'s fresh realisation x' in the fidelity figures of ``seed``."""
+    return 1_000_003 + 7919 * index + seed
+
+
 def another_realisation(source, index: int, seed: int) -> Optional[np.ndarray]:
     """A new low-dose scan (HU, the slice's shape) of item ``index`` of a simulated data set:
     its phantom rebuilt from the manifest's seed and scanned at the data set's dose with the
@@ -271,7 +276,7 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
         out_change.append(result.mean_abs_output_change_hu.mean())
         pairwise.append(_pairwise_mean_abs(result.invariances))
         if patch.index not in fresh:
-            fresh[patch.index] = another_realisation(source, patch.index, seed=1_000_003 + 7919 * patch.index + seed)
+            fresh[patch.index] = another_realisation(source, patch.index, seed=realisation_seed(patch.index, seed))
         if fresh[patch.index] is not None:
             x2 = patch.crop(fresh[patch.index])
             with torch.inference_mode():
