@@ -27,7 +27,7 @@ from InvarianceExplorerLib.datasets import build_simulated_dataset
 from InvarianceExplorerLib.denoisers import (load_denoiser, read_metadata, resolve_model_folder, save_denoiser,
                                             write_metadata)
 from InvarianceExplorerLib.fidelity import invariance_fidelity
-from InvarianceExplorerLib.fit import fit, parse_budget, plan
+from InvarianceExplorerLib.fit import fit, parse_budget, plan, seconds_per_cvae_step
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION, HUNormalization
 from InvarianceExplorerLib.sample_data import sample_ct_path
 from InvarianceExplorerLib.sampler import load_invariance_models
@@ -237,6 +237,21 @@ def test_budgets_parse_and_plan():
     assert steps["cvae_steps"] == 1000 and steps["adv_start"] == 250
     timed = plan({"minutes": 10.0}, seconds_per_step=0.5)
     assert 500 < timed["cvae_steps"] < 600  # 75 % of 600 s over 1.6 x 0.5 s
+
+
+def test_a_time_budget_is_timed_on_the_representation_the_fit_trains(tmp_path):
+    """The step is timed with the fit's cVAE overrides (a wrong name fails as in training;
+    the pre-image branch, z modulation and consistency term run), and a wrong stage fails
+    before anything is written."""
+    folder, cpu = resolve_model_folder("cnn10"), torch.device("cpu")
+    with pytest.raises(ValueError, match="not a cvae hyperparameter: z_dims"):
+        seconds_per_cvae_step(folder, 32, 2, cpu, hyperparameters={"z_dims": 8})
+    small = {"z_dim": 8, "channels": (4, 8, 8, 8, 8, 8), "preimage_layers": 2, "z_modulation": True, "lam_cons": 1.0,
+             "critic_widths": (4, 4, 4, 4, 4, 4), "critic_hidden": 8}
+    assert seconds_per_cvae_step(folder, 32, 2, cpu, repeats=1, hyperparameters=small) > 0
+    with pytest.raises(ValueError, match="per stage"):
+        fit(folder, tmp_path / "no data", tmp_path / "model", budget="1m", hyperparameters={"cvea": small})
+    assert not (tmp_path / "model").exists() and not (tmp_path / "model.work").exists()
 
 
 # ----------------------------------------------------------------------------- checks

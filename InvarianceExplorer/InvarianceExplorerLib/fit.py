@@ -49,13 +49,17 @@ def parse_budget(text: str) -> dict:
     return {"minutes": value * (60.0 if unit.startswith("h") else 1.0)}
 
 
-def seconds_per_cvae_step(denoiser_folder: Path, patch_size: int, batch_size: int, device, repeats: int = 2) -> float:
-    """Wall seconds of one full cVAE step (critic, gradient penalty, adversarial weight) on
-    random patches, timed here after one warm-up step."""
+def seconds_per_cvae_step(denoiser_folder: Path, patch_size: int, batch_size: int, device, repeats: int = 2,
+                          hyperparameters: Optional[dict] = None) -> float:
+    """Wall seconds of one full cVAE step (critic, gradient penalty, adversarial weight, and
+    the consistency term when ``lam_cons`` is set) of the representation the fit will train
+    (``hyperparameters``: its overrides of ``HYPERPARAMETERS["cvae"]``) on random patches,
+    timed here after one warm-up step."""
     from .denoisers import load_denoiser
-    from .train_invariance import HYPERPARAMETERS, _CVAEObjective
+    from .train_invariance import _CVAEObjective, _hyperparameters
 
-    hp = dict(HYPERPARAMETERS["cvae"])
+    hp = _hyperparameters("cvae", None, hyperparameters)
+    hp["adv_min_separation"] = None  # the adversarial term's gradients run in every timed step
     denoiser = load_denoiser(denoiser_folder, device=device)
     objective = _CVAEObjective(hp, patch_size, denoiser_folder)
     for name, network in objective.networks.items():
@@ -130,6 +134,10 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     out = Path(out)
     work = Path(work) if work is not None else out.with_name(out.name + ".work")
     limits = parse_budget(budget)
+    overrides = hyperparameters or {}
+    unknown = set(overrides) - {"cvae", "cinn"}
+    if unknown:
+        raise ValueError(f"hyperparameters are given per stage, cvae and cinn; got {', '.join(sorted(unknown))}")
     if out.exists() and any(out.iterdir()) and not (out / "metadata.json").is_file():
         raise ValueError(f"{out} exists and is not a model folder; choose a new output folder")
     if out.exists() and (out / "metadata.json").is_file() and "fit" not in read_metadata(out):
@@ -155,14 +163,11 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
         dist.barrier()
         per_step = None
         if "minutes" in limits:
-            per_step = _broadcast(seconds_per_cvae_step(denoiser_folder, patch_size, batch_size, dist.device)
+            per_step = _broadcast(seconds_per_cvae_step(denoiser_folder, patch_size, batch_size, dist.device,
+                                                        hyperparameters=overrides.get("cvae"))
                                   if dist.is_main else None, dist)
         steps = plan(limits, per_step)
         labelled = isinstance(source_data, SimulatedDataset)
-        overrides = hyperparameters or {}
-        unknown = set(overrides) - {"cvae", "cinn"}
-        if unknown:
-            raise ValueError(f"hyperparameters are given per stage, cvae and cinn; got {', '.join(sorted(unknown))}")
         hp = {"feature_steps": steps["feature_steps"], "adv_start": steps["adv_start"], **overrides.get("cvae", {})}
         if not labelled:
             hp["lam_perc"] = 0.0
