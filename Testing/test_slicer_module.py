@@ -636,10 +636,12 @@ def test_the_self_test_passes_under_the_standin(module, slicer, python_slicer, c
 
 def test_the_self_test_skips_its_sampling_checks_offline(module, slicer, monkeypatch, capsys):
     """Without a package index (the stand-in's pip installs nothing, as offline), the self-test
-    skips its sampling checks with the packages to install, instead of failing (ctest offline);
-    the unittest runner reports the skip."""
+    asks, tries, and skips its sampling checks with the packages to install, instead of failing:
+    the unittest runner (ctest) reports a skip, and runTest (Reload and Test,
+    slicer.selfTests, which call it without a runner) says so and goes on."""
     import unittest
 
+    from InvarianceExplorerLib.sampler import has_invariance_models
     from InvarianceExplorerLib.ui.qtshim import application
 
     application()
@@ -650,3 +652,52 @@ def test_the_self_test_skips_its_sampling_checks_offline(module, slicer, monkeyp
     assert not result.failures and not result.errors
     assert len(result.skipped) == 1 and "PythonSlicer -m pip install no-such-package-xyz>=1" in result.skipped[0][1]
     assert "Sampling checks skipped" in capsys.readouterr().out
+    assert len(slicer.answers.asked) == 1 and "no-such-package-xyz>=1" in slicer.answers.asked[0]
+
+    parent = type("Parent", (), {})()
+    module.InvarianceExplorer(parent)
+    slicer.modules.invarianceexplorer = parent
+    module.InvarianceExplorerTest().runTest()  # raises nothing
+    shown = capsys.readouterr().out
+    assert "Resources found" in shown
+    if has_invariance_models("cnn10"):
+        for name in ("test_SampleInvariances", "test_SampleInvariancesAtROICentre",
+                     "test_AnatomyChangesSegmentation"):
+            assert f"{name} skipped: engine packages could not be installed" in shown
+
+
+def test_the_self_test_installs_nothing_under_ctest_unless_asked_and_nothing_when_declined(module, slicer,
+                                                                                             monkeypatch, capsys):
+    """In testing mode (ctest) missing packages are not installed (torch is several GB) unless
+    INVARIANCE_EXPLORER_TEST_INSTALL=1; interactively, a user who declines gets a skip."""
+    import unittest
+
+    from InvarianceExplorerLib.ui.qtshim import application
+
+    application()
+    installs = []
+    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: installs.append(requirements))
+    monkeypatch.setitem(module.ENGINE_REQUIREMENTS, "no_such_package_xyz", "no-such-package-xyz>=1")
+    monkeypatch.delenv(module.InvarianceExplorerTest.INSTALL_VARIABLE, raising=False)
+
+    def run():
+        result = unittest.TestResult()
+        module.InvarianceExplorerTest("test_SampleInvariances").run(result)
+        assert not result.errors
+        return result
+
+    monkeypatch.setattr(slicer.app, "testing", True)
+    result = run()
+    assert len(result.skipped) == 1 and "INVARIANCE_EXPLORER_TEST_INSTALL=1" in result.skipped[0][1]
+    assert installs == [] and slicer.answers.asked == []
+    monkeypatch.setenv(module.InvarianceExplorerTest.INSTALL_VARIABLE, "1")  # opted in: installed, not asked
+    result = run()
+    assert installs == ["no-such-package-xyz>=1"] and slicer.answers.asked == []
+    assert len(result.failures) == 1 and "missing after installing" in result.failures[0][1]  # pip did nothing
+
+    monkeypatch.setattr(slicer.app, "testing", False)
+    installs.clear()
+    slicer.answers.reply = False
+    result = run()
+    assert len(result.skipped) == 1 and "were not installed" in result.skipped[0][1]
+    assert installs == [] and len(slicer.answers.asked) == 1

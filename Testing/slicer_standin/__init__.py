@@ -53,8 +53,11 @@ def updateVolumeFromArray(volumeNode, narray):
     if not image:
         image = vtk.vtkImageData()
         volumeNode.SetAndObserveImageData(image)
+    vtype = numpy_support.get_vtk_array_type(narray.dtype)
+    if vtype == vtk.VTK_LONG_LONG:  # as Slicer: such volumes do not render
+        raise RuntimeError("Unsupported numpy array type: long long")
     image.SetDimensions(tuple(reversed(narray.shape)))
-    image.AllocateScalars(numpy_support.get_vtk_array_type(narray.dtype), 1)
+    image.AllocateScalars(vtype, 1)
     arrayFromVolume(volumeNode)[:] = narray
 
 
@@ -248,8 +251,11 @@ def parameterNodeWrapper(cls):
             elif isinstance(base, type) and value is not None and not isinstance(value, base):
                 raise TypeError(f"Value must be of type '{base}', is type '{type(value)}' value '{value}'")
 
-        def getter(self):
-            return self.parameterNode._values.get(name, default)
+        def getter(self):  # a node reference to a node no longer in the scene reads as None, as in Slicer
+            value = self.parameterNode._values.get(name, default)
+            if isinstance(value, mrml.vtkMRMLNode) and value.GetScene() is not self.parameterNode.GetScene():
+                return None
+            return value
 
         def setter(self, value):
             type_check(value)
@@ -330,7 +336,8 @@ def downloadSample(sampleName):
             if hashlib.new(algorithm.lower(), f.read()).hexdigest() != digest.lower():
                 raise RuntimeError(f"checksum mismatch for {path}")
     node = _state.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", source["nodeNames"])
-    storage = mrml.vtkMRMLVolumeArchetypeStorageNode()
+    node.AddDefaultStorageNode()
+    storage = node.GetStorageNode()
     storage.SetFileName(path)
     storage.ReadData(node)
     node.CreateDefaultDisplayNodes()
@@ -349,6 +356,12 @@ _state = _State()
 
 
 class _App:
+    #: slicer.app.testingEnabled(): Slicer was started with --testing (as under ctest)
+    testing = False
+
+    def testingEnabled(self):
+        return self.testing
+
     def processEvents(self):
         from InvarianceExplorerLib.ui.qtshim import qt
 

@@ -2,15 +2,15 @@
 InvarianceExplorer.py uses, with Slicer's semantics, built on the real vtk wheel.
 
 Only what the module calls is here, each with the behaviour Slicer documents:
-node IDs ``<class><n>``, attributes, a scene that adds, finds and removes nodes (a removed
-volume takes its display node with it), scalar volumes holding a real ``vtkImageData`` and
-an IJK-to-RAS ``vtkMatrix4x4``, sequences storing *copies* of data nodes, a browser whose
+node IDs ``<class><n>``, attributes, a scene that adds, finds and removes nodes, scalar
+volumes holding a real ``vtkImageData`` and an IJK-to-RAS ``vtkMatrix4x4``, sequences storing *copies* of data nodes, a browser whose
 proxy nodes the sequences logic creates, tables holding a real ``vtkTable``, plot series and
 charts, markups control points, box ROIs (one control point, at the centre, once sized),
 labelmap volumes, segmentations whose segments hold a binary labelmap with its geometry (and
 the segmentations logic's labelmap import), the subject hierarchy's parent links, scene
 observers (NodeAddedEvent, NodeRemovedEvent), and the volume archetype storage node writing
-NRRD in LPS (as Slicer's writer does) through SimpleITK.
+NRRD in LPS (as Slicer's writer does) through SimpleITK. As in Slicer, removing a node leaves
+its display and storage nodes in the scene.
 """
 
 from __future__ import annotations
@@ -53,7 +53,13 @@ class vtkMRMLNode:
         return self._scene
 
     def SetAttribute(self, name, value):
-        self._attributes[name] = str(value)
+        """As vtkMRMLNode::SetAttribute(const char*, const char*): a string, or None to remove."""
+        if value is None:
+            self._attributes.pop(name, None)
+            return
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"SetAttribute takes strings (name {name!r}, value {value!r})")
+        self._attributes[name] = value
 
     def GetAttribute(self, name):
         return self._attributes.get(name)
@@ -118,6 +124,7 @@ class vtkMRMLScalarVolumeNode(vtkMRMLNode):
         self._image = None
         self._ijkToRAS = vtk.vtkMatrix4x4()
         self._display = None
+        self._storage = None
 
     def GetImageData(self):
         return self._image
@@ -149,6 +156,22 @@ class vtkMRMLScalarVolumeNode(vtkMRMLNode):
 
     def GetNthDisplayNode(self, n):
         return self._display if n == 0 else None
+
+    def AddDefaultStorageNode(self):
+        """As vtkMRMLStorableNode::AddDefaultStorageNode: a volume archetype storage node, added
+        to the scene (where it stays when the volume is removed)."""
+        if self._storage is None and self._scene is not None:
+            self._storage = self._scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        return True
+
+    def GetStorageNode(self):
+        return self._storage
+
+    def GetNumberOfStorageNodes(self):
+        return 0 if self._storage is None else 1
+
+    def GetNthStorageNode(self, n):
+        return self._storage if n == 0 else None
 
     def _copyFrom(self, other):
         super()._copyFrom(other)
@@ -492,7 +515,9 @@ class vtkMRMLSequencesLogic:
     def UpdateProxyNodesFromSequences(self, browser):
         """As vtkSlicerSequencesLogic: the item at the selected index value (index value "0"
         while nothing is selected) is copied into each proxy with CopyContent, which replaces
-        the proxy's attributes by the item's (the proxy keeps its name and ID)."""
+        the proxy's attributes by the item's (the proxy keeps its name and ID). A new proxy
+        gets its default display and storage nodes, as the logic gives it
+        (CreateDefaultSequenceDisplayNodes, AddDefaultStorageNode)."""
         index = browser.GetSelectedItemNumber()
         for sequenceID in browser._sequenceIDs:
             sequence = self._scene.GetNodeByID(sequenceID)
@@ -506,6 +531,9 @@ class vtkMRMLSequencesLogic:
             if proxy is None:
                 proxy = self._scene.AddNewNodeByClass(item.GetClassName(), sequence.GetName())
                 browser._proxyIDs[sequenceID] = proxy.GetID()
+                for default in ("CreateDefaultDisplayNodes", "AddDefaultStorageNode"):
+                    if hasattr(proxy, default):
+                        getattr(proxy, default)()
             proxy._copyFrom(item)
 
 
