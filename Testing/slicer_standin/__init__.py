@@ -62,15 +62,24 @@ def updateVolumeFromArray(volumeNode, narray):
 
 
 def updateTableFromArray(tableNode, narrays, columnNames=None):
-    """Replace the table's columns by the given 1D arrays, as slicer.util.updateTableFromArray."""
+    """Replace the table's columns by the given arrays, as slicer.util.updateTableFromArray: a 1D
+    array, the columns of a 2D array, or a tuple or list of numpy arrays (each raveled), stored
+    as float (VTK_FLOAT) whatever their type."""
+    import vtk
     from vtk.util import numpy_support
 
+    if isinstance(narrays, np.ndarray) and narrays.ndim in (1, 2):
+        columns = [narrays] if narrays.ndim == 1 else narrays.T
+    elif isinstance(narrays, (tuple, list)):
+        columns = narrays
+    else:
+        raise ValueError(f"Expected narrays is a numpy ndarray, or tuple or list of numpy ndarrays, got "
+                         f"{type(narrays)} instead.")
     table = tableNode.GetTable()
     table.Initialize()
-    columns = [narrays] if isinstance(narrays, np.ndarray) and narrays.ndim == 1 else list(narrays)
     names = [columnNames] if isinstance(columnNames, str) else list(columnNames or [])
     for index, column in enumerate(columns):
-        array = numpy_support.numpy_to_vtk(np.ascontiguousarray(column), deep=True)
+        array = numpy_support.numpy_to_vtk(np.ascontiguousarray(column.ravel()), deep=True, array_type=vtk.VTK_FLOAT)
         array.SetName(names[index] if index < len(names) else f"Column {index + 1}")
         table.AddColumn(array)
     return tableNode
