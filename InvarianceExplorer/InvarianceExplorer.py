@@ -510,6 +510,13 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
         return _("install them in Slicer's Python console with slicer.util.pip_install('{packages}') or "
                  "from a terminal with PythonSlicer -m pip install {packages}").format(packages=" ".join(missing))
 
+    @staticmethod
+    def confirmInstall(missing):
+        """Ask the user whether to download and install the ``missing`` requirements."""
+        return slicer.util.confirmOkCancelDisplay(
+            _("Invariance Explorer needs these Python packages, which will be downloaded and installed now "
+              "(a few minutes, several hundred MB): ") + ", ".join(missing))
+
     def installDependencies(self, askUser=True, forceCPU=False):
         """Install what :meth:`missingDependencies` lists, after asking; return True when all are present.
 
@@ -520,9 +527,7 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
         missing = self.missingDependencies()
         if not missing:
             return True
-        if askUser and not slicer.util.confirmOkCancelDisplay(
-                _("Invariance Explorer needs these Python packages, which will be downloaded and installed now "
-                  "(a few minutes, several hundred MB): ") + ", ".join(missing)):
+        if askUser and not self.confirmInstall(missing):
             return False
         try:
             if TORCH_REQUIREMENT in missing:
@@ -1069,9 +1074,7 @@ class InvarianceExplorerTest(ScriptedLoadableModuleTest):
                 if os.environ.get(self.INSTALL_VARIABLE) != "1":
                     self._skipSampling(f"the engine's packages are missing and are not installed in testing mode "
                                        f"(set {self.INSTALL_VARIABLE}=1 to install them); {logic.dependencyHint()}")
-            elif not slicer.util.confirmOkCancelDisplay(
-                    _("The sampling checks need these Python packages, which will be downloaded and installed now "
-                      "(a few minutes, several hundred MB): ") + ", ".join(missing)):
+            elif not logic.confirmInstall(missing):
                 self._skipSampling("the engine's packages were not installed; " + logic.dependencyHint())
             try:
                 logic.installDependencies(askUser=False)
