@@ -27,8 +27,8 @@ from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.representation import Representation
 from InvarianceExplorerLib.sampler import (InvarianceModels, InvarianceSampler, has_invariance_models,
                                            load_invariance_models, load_representation)
-from InvarianceExplorerLib.train_invariance import (HYPERPARAMETERS, _CVAEObjective, _weights_digest, train_cinn,
-                                                    train_cvae)
+from InvarianceExplorerLib.train_invariance import (HYPERPARAMETERS, _CVAEObjective, _weights_digest,
+                                                    noise_spectrum_loss, train_cinn, train_cvae)
 
 CVAE_TINY = dict(z_dim=16, channels=[8, 16, 16, 32], critic_widths=[8, 8, 16, 16, 16, 16], critic_hidden=32,
                  feature_steps=5, adv_start=10)
@@ -141,6 +141,28 @@ def test_consistency_term_is_l1_through_the_frozen_denoiser(denoiser_folder):
     # ... and adv_min_separation keeps it off while the critic does not separate real from reconstructed
     objective.hp = {**hp, "adv_min_separation": 1e6}
     assert objective.step(x, y, 103, torch.Generator().manual_seed(5))["adv_weight"] == 0
+
+
+def test_noise_spectrum_term_asks_for_the_noise_f_removes(denoiser_folder):
+    """S compares the radial noise power spectra of r - f(x) and x - f(x) ring by ring, in
+    log units: zero for r = x, log 4 for twice the removed noise, and its gradient raises a
+    reconstruction that keeps too little noise. ``lam_nps`` adds it to the cVAE step."""
+    rng = torch.Generator().manual_seed(0)
+    y = torch.nn.functional.avg_pool2d(torch.randn(4, 1, 32, 32, generator=rng), 3, 1, 1)  # smooth "f(x)"
+    x = y + 0.2 * torch.randn(4, 1, 32, 32, generator=rng)
+    assert noise_spectrum_loss(x, x, y).item() == pytest.approx(0.0, abs=1e-6)
+    assert noise_spectrum_loss(y + 2 * (x - y), x, y).item() == pytest.approx(np.log(4.0), rel=1e-4)
+    a = torch.tensor(0.5, requires_grad=True)  # r keeps half the removed noise
+    noise_spectrum_loss(y + a * (x - y), x, y).backward()
+    assert a.grad < 0  # descending S restores it
+    assert noise_spectrum_loss(y + 1e-3 * (x - y), x, y) > noise_spectrum_loss(y + 0.5 * (x - y), x, y)
+    hp = {**HYPERPARAMETERS["cvae"], "z_dim": 16, "channels": (8, 16, 16, 32), "lam_perc": 0.0, "adv_start": 100}
+    torch.manual_seed(0)
+    for lam_nps in (0.0, 0.01):
+        objective = _CVAEObjective({**hp, "lam_nps": lam_nps}, 32, denoiser_folder)
+        objective.wrapped = dict(objective.networks)
+        losses = objective.step(0.1 * x, 0.1 * y, 1, torch.Generator().manual_seed(2))
+        assert (losses["spectrum"] > 0) == (lam_nps > 0)
 
 
 def test_cvae_resumes_exactly(pairs, denoiser_folder, cvae_run, tmp_path):

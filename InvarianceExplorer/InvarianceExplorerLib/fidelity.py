@@ -136,19 +136,24 @@ def another_realisation(source, index: int, seed: int) -> Optional[np.ndarray]:
 # ----------------------------------------------------------------------------- noise texture
 
 
-def noise_power_spectrum(noise: np.ndarray) -> np.ndarray:
-    """Radially averaged 2D noise power spectrum of noise patches ``(N, P, P)`` (HU), each
-    with its mean removed: ``|FFT|^2 / P^2`` averaged over patches and over rings of integer
-    radius 0 .. P/2 - 1 (cycles per patch); HU^2 pixel units."""
-    noise = np.asarray(noise, dtype=np.float64)
-    noise = noise - noise.mean(axis=(-2, -1), keepdims=True)
+def radial_power_spectrum(noise: torch.Tensor) -> torch.Tensor:
+    """Radially averaged 2D noise power spectrum of noise patches ``(N, P, P)`` (HU or network
+    units), each with its mean removed: ``|FFT|^2 / P^2`` averaged over patches and over rings
+    of integer radius 0 .. P/2 - 1 (cycles per patch), in squared units per pixel.
+    Differentiable (the cVAE's noise-spectrum term, :mod:`.train_invariance`, uses it)."""
+    noise = noise - noise.mean(dim=(-2, -1), keepdim=True)
     p = noise.shape[-1]
-    power = (np.abs(np.fft.fft2(noise)) ** 2).mean(axis=0) / (p * p)
-    f = np.fft.fftfreq(p) * p
-    radius = np.rint(np.hypot(*np.meshgrid(f, f, indexing="ij"))).astype(int)
+    power = (torch.fft.fft2(noise).abs() ** 2).mean(dim=0) / (p * p)
+    f = torch.fft.fftfreq(p, device=noise.device, dtype=torch.float64) * p
+    radius = torch.round(torch.hypot(*torch.meshgrid(f, f, indexing="ij"))).long()
     keep = radius < p // 2
-    return np.bincount(radius[keep], weights=power[keep], minlength=p // 2) / np.bincount(radius[keep],
-                                                                                           minlength=p // 2)
+    sums = torch.zeros(p // 2, dtype=power.dtype, device=power.device).index_add(0, radius[keep], power[keep])
+    return sums / torch.bincount(radius[keep], minlength=p // 2).to(power.dtype)
+
+
+def noise_power_spectrum(noise: np.ndarray) -> np.ndarray:
+    """:func:`radial_power_spectrum` of noise patches ``(N, P, P)`` (HU) in float64 numpy."""
+    return radial_power_spectrum(torch.from_numpy(np.asarray(noise, dtype=np.float64))).numpy()
 
 
 def noise_texture(noise: np.ndarray, reference_noise: np.ndarray) -> Dict[str, float]:

@@ -7,13 +7,18 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   (:class:`~.denoisers.WGANCritic` on ``[image, f(x)]``, two channels) on real x against
   r with the gradient penalty (Gulrajani et al. 2017) weighted ``lam_gp``; then one cVAE
   step on ``L1(r, x) + kl_weight * KL / pixels + lam_perc * L1(phi(r), phi(x)) +
-  lam_cons * L1(f(r), f(x)) + w_adv * (-critic(r, f(x)))``. The consistency term
+  lam_cons * L1(f(r), f(x)) + lam_nps * S(r, x, f(x)) + w_adv * (-critic(r, f(x)))``. The consistency term
   ``L1(f(r), f(x))`` (ours, not the paper's; f frozen, gradients through it) asks the
   decoder to put what it cannot reconstruct of x where f does not look: a reconstruction
   differs from x (z cannot hold a whole noise realisation), and without the term that
   difference is free to change f's output (held-out consistency C 0.47 for CNN-10). Off by
   default (``lam_cons`` 0, the paper's objective); the bundled CNN-10 and WGAN-VGG models
-  were trained with it at 5, DU-GAN's at 1, RED-CNN's without it (README).
+  were trained with it at 5, RED-CNN's and DU-GAN's without it (README).
+  S is the noise-spectrum term (:func:`noise_spectrum_loss`, ours, off by default): L1
+  charges for every speck of noise the decoder draws where x has another, so r keeps less
+  noise than x (noise std ratio 0.75 for DU-GAN at 560 CPU steps) and the critic alone
+  does not restore it at CPU budgets; S asks the texture of ``r - f(x)`` to match that of
+  ``x - f(x)`` ring by ring of the spectrum (1.01 with ``lam_nps`` 0.01, README).
   phi are the deep features of our
   :class:`~.denoisers.FeatureNetwork` (the paper's perceptual term; ImageNet VGG cannot be
   downloaded here): taken from ``feature_network`` or the denoiser's own folder when it
@@ -92,7 +97,7 @@ from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_se
 #: cINN: Adam, gradient clipping, act-norm start, the flow's arguments.
 HYPERPARAMETERS = {
     "cvae": dict(lr=2e-4, betas=(0.5, 0.9), kl_weight=1e-4, lam_gp=10.0, n_critic=1, lam_adv=0.5, adv_start=500,
-                 lam_perc=0.1, lam_cons=0.0, max_adv_weight=1e4, adv_min_separation=None,
+                 lam_perc=0.1, lam_cons=0.0, lam_nps=0.0, max_adv_weight=1e4, adv_min_separation=None,
                  critic_widths=(32, 32, 64, 64, 128, 128), critic_hidden=256,
                  z_dim=256, channels=tuple(DEFAULT_CHANNELS), conditional=True, full_resolution_subunits=1,
                  z_modulation=False, preimage_layers=0, feature_steps=2000, feature_lr=1e-3),
@@ -139,6 +144,18 @@ class _Objective:
         """One optimisation step on low-dose patches ``x`` with ``y = f(x)`` (network units);
         ``step`` counts from 1 over the whole run. Returns the losses as numbers."""
         raise NotImplementedError
+
+
+def noise_spectrum_loss(reconstruction: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The noise-spectrum term S (nats): mean over rings 1 .. P/2 - 1 of
+    ``|log NPS(r - y) - log NPS(x - y)|``, with NPS the batch's radial noise power spectrum
+    (:func:`~.fidelity.radial_power_spectrum`) and ``y = f(x)``; zero when what the
+    reconstruction ``r`` adds to f(x) has the texture and level of the noise f removes from
+    x. Scale-free, so one weight fits any normalisation; images ``(N, 1, P, P)``."""
+    from .fidelity import radial_power_spectrum
+
+    spectra = [radial_power_spectrum((image - y)[:, 0].float())[1:] for image in (reconstruction, x)]
+    return (torch.log(spectra[0] + 1e-12) - torch.log(spectra[1] + 1e-12)).abs().mean()
 
 
 def _noise(shape, rng: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -214,7 +231,10 @@ class _CVAEObjective(_Objective):
         losses = representation_loss(out, x, hp["kl_weight"])
         consistency = (F.l1_loss(self.networks["denoiser"](out.reconstruction), y) if "denoiser" in self.networks
                        else torch.zeros((), device=x.device))
-        likelihood = losses["total"] + hp["lam_perc"] * perceptual + hp["lam_cons"] * consistency
+        spectrum = (noise_spectrum_loss(out.reconstruction, x, y) if hp["lam_nps"] != 0
+                    else torch.zeros((), device=x.device))
+        likelihood = (losses["total"] + hp["lam_perc"] * perceptual + hp["lam_cons"] * consistency
+                      + hp["lam_nps"] * spectrum)
         weight = torch.zeros(())
         level = hp["adv_min_separation"]
         separates = level is None or wasserstein.item() < -level
@@ -227,7 +247,7 @@ class _CVAEObjective(_Objective):
         optimizer_step(self.optimizers["representation"], likelihood + weight * adversarial)
         self.networks["critic"].requires_grad_(True)
         return {"l1": losses["l1"].item(), "kl": losses["kl"].item(), "perceptual": perceptual.item(),
-                "consistency": consistency.item(),
+                "consistency": consistency.item(), "spectrum": spectrum.item(),
                 "adv": adversarial.item(), "adv_weight": float(weight), "critic": wasserstein.item(),
                 "gp": penalty.item()}
 
