@@ -85,6 +85,7 @@ import torch.nn.functional as F
 from .denoisers import (FeatureNetwork, WGANCritic, copy_model_folder, read_metadata, resolve_model_folder, sha256,
                         write_metadata)
 from .devices import machine
+from .fidelity import radial_power_spectrum
 from .invariance_flow import InvarianceFlow, nll_per_dimension
 from .representation import DEFAULT_CHANNELS, Representation, representation_loss
 from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_seed, describe_data,
@@ -152,8 +153,6 @@ def noise_spectrum_loss(reconstruction: torch.Tensor, x: torch.Tensor, y: torch.
     (:func:`~.fidelity.radial_power_spectrum`) and ``y = f(x)``; zero when what the
     reconstruction ``r`` adds to f(x) has the texture and level of the noise f removes from
     x. Scale-free, so one weight fits any normalisation; images ``(N, 1, P, P)``."""
-    from .fidelity import radial_power_spectrum
-
     spectra = [radial_power_spectrum((image - y)[:, 0].float())[1:] for image in (reconstruction, x)]
     return (torch.log(spectra[0] + 1e-12) - torch.log(spectra[1] + 1e-12)).abs().mean()
 
