@@ -28,7 +28,8 @@ from InvarianceExplorerLib.representation import Representation
 from InvarianceExplorerLib.sampler import (InvarianceModels, InvarianceSampler, has_invariance_models,
                                            load_invariance_models, load_representation)
 from InvarianceExplorerLib.train_invariance import (HYPERPARAMETERS, _CVAEObjective, _weights_digest,
-                                                    noise_spectrum_loss, train_cinn, train_cvae)
+                                                    local_mean_loss, noise_spectrum_loss, train_cinn,
+                                                    train_cvae)
 
 CVAE_TINY = dict(z_dim=16, channels=[8, 16, 16, 32], critic_widths=[8, 8, 16, 16, 16, 16], critic_hidden=32,
                  feature_steps=5, adv_start=10)
@@ -163,6 +164,36 @@ def test_noise_spectrum_term_asks_for_the_noise_f_removes(denoiser_folder):
         objective.wrapped = dict(objective.networks)
         losses = objective.step(0.1 * x, 0.1 * y, 1, torch.Generator().manual_seed(2))
         assert (losses["spectrum"] > 0) == (lam_nps > 0)
+
+
+def test_local_mean_term_sees_what_pixel_l1_misses(denoiser_folder):
+    """M compares the means of r and x over blocks: blind to noise that averages out within
+    each block, equal to a shift of a region's mean, and its gradient removes the shift that
+    the pixel L1 hardly sees under noise. ``lam_local_mean`` adds it to the cVAE step."""
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 32, 32, generator=rng)
+    checker = torch.ones(32, 32)
+    checker[::2] *= -1  # zero mean over every 8 x 8 block
+    assert local_mean_loss(x + 0.5 * checker, x, 8).item() == pytest.approx(0.0, abs=1e-6)
+    shift = torch.zeros(1, 1, 32, 32)
+    shift[..., :16, :16] = 0.05  # one quadrant's mean raised by 0.05 (1/20 of the noise std)
+    assert local_mean_loss(x + shift, x, 8).item() == pytest.approx(0.05 / 4, rel=1e-5)
+    a = torch.tensor(1.0, requires_grad=True)
+    local_mean_loss(x + a * shift, x, 8).backward()
+    m_grad = a.grad.item()
+    a.grad = None
+    noisy = x + torch.randn(4, 1, 32, 32, generator=rng)  # the reconstruction's own noise
+    torch.nn.functional.l1_loss(noisy + a * shift, x).backward()
+    assert m_grad > 0 and abs(a.grad.item()) < 0.2 * m_grad  # L1 barely sees the shift under noise
+    hp = {**HYPERPARAMETERS["cvae"], "z_dim": 16, "channels": (8, 16, 16, 32), "lam_perc": 0.0, "adv_start": 100}
+    with pytest.raises(ValueError, match="local_mean_pixels must divide the patch size 32"):
+        _CVAEObjective({**hp, "lam_local_mean": 1.0, "local_mean_pixels": 12}, 32, denoiser_folder)
+    torch.manual_seed(0)
+    for lam in (0.0, 1.0):
+        objective = _CVAEObjective({**hp, "lam_local_mean": lam, "local_mean_pixels": 8}, 32, denoiser_folder)
+        objective.wrapped = dict(objective.networks)
+        losses = objective.step(0.1 * x, 0.1 * x, 1, torch.Generator().manual_seed(2))
+        assert (losses["local_mean"] > 0) == (lam > 0)
 
 
 def test_cvae_resumes_exactly(pairs, denoiser_folder, cvae_run, tmp_path):

@@ -7,7 +7,8 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   (:class:`~.denoisers.WGANCritic` on ``[image, f(x)]``, two channels) on real x against
   r with the gradient penalty (Gulrajani et al. 2017) weighted ``lam_gp``; then one cVAE
   step on ``L1(r, x) + kl_weight * KL / pixels + lam_perc * L1(phi(r), phi(x)) +
-  lam_cons * L1(f(r), f(x)) + lam_nps * S(r, x, f(x)) + w_adv * (-critic(r, f(x)))``. The consistency term
+  lam_cons * L1(f(r), f(x)) + lam_nps * S(r, x, f(x)) + lam_local_mean * M(r, x) + w_adv * (-critic(r, f(x)))``.
+  The consistency term
   ``L1(f(r), f(x))`` (ours, not the paper's; f frozen, gradients through it) asks the
   decoder to put what it cannot reconstruct of x where f does not look: a reconstruction
   differs from x (z cannot hold a whole noise realisation), and without the term that
@@ -19,6 +20,11 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   noise than x (noise std ratio 0.75 for DU-GAN at 560 CPU steps) and the critic alone
   does not restore it at CPU budgets; S asks the texture of ``r - f(x)`` to match that of
   ``x - f(x)`` ring by ring of the spectrum (1.01 with ``lam_nps`` 0.01, README).
+  M is the local-mean term (:func:`local_mean_loss`, ours, off by default): L1 between the
+  means of r and x over blocks of ``local_mean_pixels``. Under CT noise the pixel L1 hardly
+  sees a shift of a region's mean by 1 HU (its gradient is about 2 p(0) per HU, p the
+  noise density at 0: a few percent of the full gradient), yet such shifts fill the lowest
+  rings of the reconstruction's noise power spectrum (``benchmarks/reconstruction_spectrum.py``).
   phi are the deep features of our
   :class:`~.denoisers.FeatureNetwork` (the paper's perceptual term; ImageNet VGG cannot be
   downloaded here): taken from ``feature_network`` or the denoiser's own folder when it
@@ -98,7 +104,8 @@ from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_se
 #: cINN: Adam, gradient clipping, act-norm start, the flow's arguments.
 HYPERPARAMETERS = {
     "cvae": dict(lr=2e-4, betas=(0.5, 0.9), kl_weight=1e-4, lam_gp=10.0, n_critic=1, lam_adv=0.5, adv_start=500,
-                 lam_perc=0.1, lam_cons=0.0, lam_nps=0.0, max_adv_weight=1e4, adv_min_separation=None,
+                 lam_perc=0.1, lam_cons=0.0, lam_nps=0.0, lam_local_mean=0.0, local_mean_pixels=16,
+                 max_adv_weight=1e4, adv_min_separation=None,
                  critic_widths=(32, 32, 64, 64, 128, 128), critic_hidden=256,
                  z_dim=256, channels=tuple(DEFAULT_CHANNELS), conditional=True, full_resolution_subunits=1,
                  z_modulation=False, preimage_layers=0, feature_steps=2000, feature_lr=1e-3),
@@ -157,6 +164,13 @@ def noise_spectrum_loss(reconstruction: torch.Tensor, x: torch.Tensor, y: torch.
     return (torch.log(spectra[0] + 1e-12) - torch.log(spectra[1] + 1e-12)).abs().mean()
 
 
+def local_mean_loss(reconstruction: torch.Tensor, x: torch.Tensor, pixels: int) -> torch.Tensor:
+    """The local-mean term M: mean |mean_B(r) - mean_B(x)| over the ``pixels`` x ``pixels``
+    blocks B tiling the patches ``(N, 1, P, P)`` (P a multiple of ``pixels``), in the
+    images' units; zero when the reconstruction ``r`` keeps every block's mean of x."""
+    return F.l1_loss(F.avg_pool2d(reconstruction, pixels), F.avg_pool2d(x, pixels))
+
+
 def _noise(shape, rng: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     """Standard normal numbers drawn on the CPU (same on every device), moved to ``like``."""
     return torch.randn(shape, generator=rng).to(like)
@@ -169,6 +183,9 @@ class _CVAEObjective(_Objective):
 
     def __init__(self, hp: dict, patch_size: int, denoiser_folder: Path):
         super().__init__(hp)
+        block = int(hp["local_mean_pixels"])
+        if hp["lam_local_mean"] != 0 and (block < 1 or patch_size % block):
+            raise ValueError(f"local_mean_pixels must divide the patch size {patch_size}; got {block}")
         rep = Representation(patch_size, **{k: hp[k] for k in CVAE_ARGUMENTS})
         critic = WGANCritic(patch_size, in_channels=2 if rep.conditional else 1, widths=hp["critic_widths"],
                             hidden=hp["critic_hidden"])
@@ -232,8 +249,10 @@ class _CVAEObjective(_Objective):
                        else torch.zeros((), device=x.device))
         spectrum = (noise_spectrum_loss(out.reconstruction, x, y) if hp["lam_nps"] != 0
                     else torch.zeros((), device=x.device))
+        local_mean = (local_mean_loss(out.reconstruction, x, int(hp["local_mean_pixels"]))
+                      if hp["lam_local_mean"] != 0 else torch.zeros((), device=x.device))
         likelihood = (losses["total"] + hp["lam_perc"] * perceptual + hp["lam_cons"] * consistency
-                      + hp["lam_nps"] * spectrum)
+                      + hp["lam_nps"] * spectrum + hp["lam_local_mean"] * local_mean)
         weight = torch.zeros(())
         level = hp["adv_min_separation"]
         separates = level is None or wasserstein.item() < -level
@@ -246,7 +265,7 @@ class _CVAEObjective(_Objective):
         optimizer_step(self.optimizers["representation"], likelihood + weight * adversarial)
         self.networks["critic"].requires_grad_(True)
         return {"l1": losses["l1"].item(), "kl": losses["kl"].item(), "perceptual": perceptual.item(),
-                "consistency": consistency.item(), "spectrum": spectrum.item(),
+                "consistency": consistency.item(), "spectrum": spectrum.item(), "local_mean": local_mean.item(),
                 "adv": adversarial.item(), "adv_weight": float(weight), "critic": wasserstein.item(),
                 "gp": penalty.item()}
 
