@@ -24,7 +24,8 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   means of r and x over blocks of ``local_mean_pixels``. Under CT noise the pixel L1 hardly
   sees a shift of a region's mean by 1 HU (its gradient is about 2 p(0) per HU, p the
   noise density at 0: a few percent of the full gradient), yet such shifts fill the lowest
-  rings of the reconstruction's noise power spectrum (``benchmarks/reconstruction_spectrum.py``).
+  rings of the reconstruction's noise power spectrum (``benchmarks/reconstruction_spectrum.py``;
+  WGAN-VGG's NPS correlation 0.86 -> 0.99 with ``lam_local_mean`` 1, README).
   phi are the deep features of our
   :class:`~.denoisers.FeatureNetwork` (the paper's perceptual term; ImageNet VGG cannot be
   downloaded here): taken from ``feature_network`` or the denoiser's own folder when it
