@@ -157,6 +157,11 @@ def test_noise_spectrum_term_asks_for_the_noise_f_removes(denoiser_folder):
     noise_spectrum_loss(y + a * (x - y), x, y).backward()
     assert a.grad < 0  # descending S restores it
     assert noise_spectrum_loss(y + 1e-3 * (x - y), x, y) > noise_spectrum_loss(y + 0.5 * (x - y), x, y)
+    # a ring average cannot see direction; split by direction, stripes are charged
+    stripes = y + torch.fft.ifft2(torch.fft.fft2(x - y) * (torch.fft.fftfreq(32).abs()[None, :] >
+                                                        torch.fft.fftfreq(32).abs()[:, None])).real * 2 ** 0.5
+    assert noise_spectrum_loss(stripes, x, y, sectors=2) > 3 * noise_spectrum_loss(stripes, x, y)
+    assert noise_spectrum_loss(x, x, y, sectors=2).item() == pytest.approx(0.0, abs=1e-6)
     hp = {**HYPERPARAMETERS["cvae"], "z_dim": 16, "channels": (8, 16, 16, 32), "lam_perc": 0.0, "adv_start": 100}
     torch.manual_seed(0)
     for lam_nps in (0.0, 0.01):

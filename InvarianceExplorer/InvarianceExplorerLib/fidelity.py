@@ -136,19 +136,28 @@ def another_realisation(source, index: int, seed: int) -> Optional[np.ndarray]:
 # ----------------------------------------------------------------------------- noise texture
 
 
-def radial_power_spectrum(noise: torch.Tensor) -> torch.Tensor:
+def radial_power_spectrum(noise: torch.Tensor, sectors: int = 1) -> torch.Tensor:
     """Radially averaged 2D noise power spectrum of noise patches ``(N, P, P)`` (HU or network
     units), each with its mean removed: ``|FFT|^2 / P^2`` averaged over patches and over rings
-    of integer radius 0 .. P/2 - 1 (cycles per patch), in squared units per pixel.
+    of integer radius 0 .. P/2 - 1 (cycles per patch), in squared units per pixel; shape
+    ``(P/2,)``. With ``sectors=2`` each ring is split by direction, shape ``(2, P/2)``: row 0
+    the frequencies with |k_x| > |k_y| (patterns that vary along a row: vertical stripes),
+    row 1 the rest (the zero frequency is in row 1; row 0 of ring 0 is 0).
     Differentiable (the cVAE's noise-spectrum term, :mod:`.train_invariance`, uses it)."""
+    if sectors not in (1, 2):
+        raise ValueError(f"sectors must be 1 (rings) or 2 (rings split by direction); got {sectors}")
     noise = noise - noise.mean(dim=(-2, -1), keepdim=True)
     p = noise.shape[-1]
     power = (torch.fft.fft2(noise).abs() ** 2).mean(dim=0) / (p * p)
     f = torch.fft.fftfreq(p, device=noise.device, dtype=torch.float64) * p
-    radius = torch.round(torch.hypot(*torch.meshgrid(f, f, indexing="ij"))).long()
-    keep = radius < p // 2
-    sums = torch.zeros(p // 2, dtype=power.dtype, device=power.device).index_add(0, radius[keep], power[keep])
-    return sums / torch.bincount(radius[keep], minlength=p // 2).to(power.dtype)
+    ky, kx = torch.meshgrid(f, f, indexing="ij")
+    ring = torch.round(torch.hypot(ky, kx)).long()
+    keep = ring < p // 2
+    row = (kx.abs() <= ky.abs()).long() if sectors == 2 else torch.zeros_like(ring)
+    bins, index = sectors * (p // 2), (ring + (p // 2) * row)[keep]
+    sums = torch.zeros(bins, dtype=power.dtype, device=power.device).index_add(0, index, power[keep])
+    spectrum = sums / torch.bincount(index, minlength=bins).clamp(min=1).to(power.dtype)
+    return spectrum if sectors == 1 else spectrum.view(2, p // 2)
 
 
 def noise_power_spectrum(noise: np.ndarray) -> np.ndarray:

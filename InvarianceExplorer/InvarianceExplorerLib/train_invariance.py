@@ -19,7 +19,10 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   charges for every speck of noise the decoder draws where x has another, so r keeps less
   noise than x (noise std ratio 0.75 for DU-GAN at 560 CPU steps) and the critic alone
   does not restore it at CPU budgets; S asks the texture of ``r - f(x)`` to match that of
-  ``x - f(x)`` ring by ring of the spectrum (1.01 with ``lam_nps`` 0.01, README).
+  ``x - f(x)`` ring by ring of the spectrum (1.01 with ``lam_nps`` 0.01, README). A ring
+  average cannot see direction: ``nps_sectors=2`` splits each ring into mostly horizontal
+  and mostly vertical frequencies (``benchmarks/invariance_anisotropy.py``: decoders fitted
+  with the ring average varied their samples in stripes, README).
   M is the local-mean term (:func:`local_mean_loss`, ours, off by default): L1 between the
   means of r and x over blocks of ``local_mean_pixels``. Under CT noise the pixel L1 hardly
   sees a shift of a region's mean by 1 HU (its gradient is about 2 p(0) per HU, p the
@@ -105,7 +108,7 @@ from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_se
 #: cINN: Adam, gradient clipping, act-norm start, the flow's arguments.
 HYPERPARAMETERS = {
     "cvae": dict(lr=2e-4, betas=(0.5, 0.9), kl_weight=1e-4, lam_gp=10.0, n_critic=1, lam_adv=0.5, adv_start=500,
-                 lam_perc=0.1, lam_cons=0.0, lam_nps=0.0, lam_local_mean=0.0, local_mean_pixels=16,
+                 lam_perc=0.1, lam_cons=0.0, lam_nps=0.0, nps_sectors=1, lam_local_mean=0.0, local_mean_pixels=16,
                  max_adv_weight=1e4, adv_min_separation=None,
                  critic_widths=(32, 32, 64, 64, 128, 128), critic_hidden=256,
                  z_dim=256, channels=tuple(DEFAULT_CHANNELS), conditional=True, full_resolution_subunits=1,
@@ -155,13 +158,16 @@ class _Objective:
         raise NotImplementedError
 
 
-def noise_spectrum_loss(reconstruction: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def noise_spectrum_loss(reconstruction: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                        sectors: int = 1) -> torch.Tensor:
     """The noise-spectrum term S (nats): mean over rings 1 .. P/2 - 1 of
     ``|log NPS(r - y) - log NPS(x - y)|``, with NPS the batch's radial noise power spectrum
     (:func:`~.fidelity.radial_power_spectrum`) and ``y = f(x)``; zero when what the
     reconstruction ``r`` adds to f(x) has the texture and level of the noise f removes from
-    x. Scale-free, so one weight fits any normalisation; images ``(N, 1, P, P)``."""
-    spectra = [radial_power_spectrum((image - y)[:, 0].float())[1:] for image in (reconstruction, x)]
+    x. With ``sectors=2`` each ring is split by direction (|k_x| > |k_y| or not), so power
+    put into stripes of one direction is charged too. Scale-free, so one weight fits any
+    normalisation; images ``(N, 1, P, P)``."""
+    spectra = [radial_power_spectrum((image - y)[:, 0].float(), sectors)[..., 1:] for image in (reconstruction, x)]
     return (torch.log(spectra[0] + 1e-12) - torch.log(spectra[1] + 1e-12)).abs().mean()
 
 
@@ -248,7 +254,7 @@ class _CVAEObjective(_Objective):
         losses = representation_loss(out, x, hp["kl_weight"])
         consistency = (F.l1_loss(self.networks["denoiser"](out.reconstruction), y) if "denoiser" in self.networks
                        else torch.zeros((), device=x.device))
-        spectrum = (noise_spectrum_loss(out.reconstruction, x, y) if hp["lam_nps"] != 0
+        spectrum = (noise_spectrum_loss(out.reconstruction, x, y, int(hp["nps_sectors"])) if hp["lam_nps"] != 0
                     else torch.zeros((), device=x.device))
         local_mean = (local_mean_loss(out.reconstruction, x, int(hp["local_mean_pixels"]))
                       if hp["lam_local_mean"] != 0 else torch.zeros((), device=x.device))
