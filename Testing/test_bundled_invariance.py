@@ -24,7 +24,8 @@ MISSES_CONSISTENCY = {"cnn10": "cVAE with the pre-image branch, 30 CPU minutes: 
                       "redcnn": "cVAE with the pre-image branch, 45 CPU minutes: C = 0.45 on the test split",
                       "wganvgg": "cVAE with the pre-image branch, noise-spectrum and local-mean terms, 16 CPU minutes: "
                                  "C = 0.355 on the test split",
-                      "dugan": "cVAE with the pre-image branch and the noise-spectrum term, 53 CPU minutes: C = 0.55 on the test split"}
+                      "dugan": "cVAE with the pre-image branch and the noise-spectrum term split by direction, 24 CPU "
+                               "minutes: C = 0.55 on the test split"}
 #: Base seed of the held-out slices (its phantom seeds are checked against training's).
 SEED, COUNT = 31_337, 3
 

@@ -8,7 +8,9 @@ vary along a row, i.e. vertical stripes) against mostly vertical ones (|k_y| > 2
 horizontal stripes), and their ratio, beside the same for the noise of x (x - full dose).
 Noise of a CT scan has a ratio near 1; a decoder that varies its samples in stripes has a
 ratio far from 1 (the radially averaged noise power spectrum of the fidelity figures cannot
-see the difference).
+see the difference). Beside it, f's own gain mean|f(x + s) - f(x)| / mean|s| for 10 HU
+cosine stripes s of 16 and 32 cycles per patch in each direction: equal gains mean the
+stripes are the decoder's, not a direction f ignores more.
 
     .venv/bin/python benchmarks/invariance_anisotropy.py Resources/Models/cnn10 Resources/Models/dugan --data data/sim512
 """
@@ -22,6 +24,7 @@ import torch
 
 from InvarianceExplorerLib.datasets import open_source
 from InvarianceExplorerLib.fidelity import held_out_patches
+from InvarianceExplorerLib.inference import apply_network
 from InvarianceExplorerLib.sampler import InvarianceSampler
 
 
@@ -34,6 +37,18 @@ def directional_power(images: np.ndarray) -> tuple:
     ky, kx = np.meshgrid(k, k, indexing="ij")
     total = power.sum()
     return float(power[kx > 2 * ky].sum() / total), float(power[ky > 2 * kx].sum() / total)
+
+
+@torch.inference_mode()
+def stripe_gains(denoiser, patches, cycles: int) -> tuple:
+    """f's gain for 10 HU cosine stripes of ``cycles`` per patch: vertical, horizontal."""
+    norm = denoiser.normalization
+    x = torch.from_numpy(np.stack([p.low_dose for p in patches]))[:, None]
+    f = lambda t: norm.denormalize(apply_network(denoiser.network, norm.normalize(t), tile_size=None))  # noqa: E731
+    y, p = f(x), x.shape[-1]
+    wave = 10.0 * torch.cos(2 * np.pi * cycles * torch.arange(p, dtype=torch.float32) / p)
+    return tuple(float((f(x + s) - y).abs().mean() / s.abs().mean())
+                 for s in (wave[None, :].expand(p, p), wave[:, None].expand(p, p)))
 
 
 def main() -> None:
@@ -62,6 +77,9 @@ def main() -> None:
         v, h = directional_power(deviations)
         print(f"{folder}: x~ - mean x~ over {len(patches)} patches x {args.count}: std {deviations.std():.2f} HU, "
               f"vertical-stripe share {v:.3f}, horizontal {h:.3f}, ratio {v / h:.2f}")
+        for cycles in (16, 32):
+            gv, gh = stripe_gains(sampler.models.denoiser, patches, cycles)
+            print(f"    f's gain for 10 HU stripes of {cycles} cycles per patch: vertical {gv:.3f}, horizontal {gh:.3f}")
 
 
 if __name__ == "__main__":
