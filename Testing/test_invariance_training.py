@@ -163,6 +163,8 @@ def test_noise_spectrum_term_asks_for_the_noise_f_removes(denoiser_folder):
     assert noise_spectrum_loss(stripes, x, y, sectors=2) > 3 * noise_spectrum_loss(stripes, x, y)
     assert noise_spectrum_loss(x, x, y, sectors=2).item() == pytest.approx(0.0, abs=1e-6)
     hp = {**HYPERPARAMETERS["cvae"], "z_dim": 16, "channels": (8, 16, 16, 32), "lam_perc": 0.0, "adv_start": 100}
+    with pytest.raises(ValueError, match="nps_sectors must be 1 .* got 4"):
+        _CVAEObjective({**hp, "lam_nps": 0.01, "nps_sectors": 4}, 32, denoiser_folder)
     torch.manual_seed(0)
     for lam_nps in (0.0, 0.01):
         objective = _CVAEObjective({**hp, "lam_nps": lam_nps}, 32, denoiser_folder)

@@ -193,6 +193,8 @@ class _CVAEObjective(_Objective):
         block = int(hp["local_mean_pixels"])
         if hp["lam_local_mean"] != 0 and (block < 1 or patch_size % block):
             raise ValueError(f"local_mean_pixels must divide the patch size {patch_size}; got {block}")
+        if int(hp["nps_sectors"]) not in (1, 2):
+            raise ValueError(f"nps_sectors must be 1 (rings) or 2 (rings split by direction); got {hp['nps_sectors']}")
         rep = Representation(patch_size, **{k: hp[k] for k in CVAE_ARGUMENTS})
         critic = WGANCritic(patch_size, in_channels=2 if rep.conditional else 1, widths=hp["critic_widths"],
                             hidden=hp["critic_hidden"])
