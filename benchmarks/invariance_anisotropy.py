@@ -40,15 +40,19 @@ def directional_power(images: np.ndarray) -> tuple:
 
 
 @torch.inference_mode()
-def stripe_gains(denoiser, patches, cycles: int) -> tuple:
-    """f's gain for 10 HU cosine stripes of ``cycles`` per patch: vertical, horizontal."""
+def stripe_gains(denoiser, patches, cycles=(16, 32)) -> dict:
+    """f's gains (vertical, horizontal) for 10 HU cosine stripes of each number of ``cycles``
+    per patch, f(x) computed once."""
     norm = denoiser.normalization
     x = torch.from_numpy(np.stack([p.low_dose for p in patches]))[:, None]
     f = lambda t: norm.denormalize(apply_network(denoiser.network, norm.normalize(t), tile_size=None))  # noqa: E731
     y, p = f(x), x.shape[-1]
-    wave = 10.0 * torch.cos(2 * np.pi * cycles * torch.arange(p, dtype=torch.float32) / p)
-    return tuple(float((f(x + s) - y).abs().mean() / s.abs().mean())
-                 for s in (wave[None, :].expand(p, p), wave[:, None].expand(p, p)))
+    gains = {}
+    for k in cycles:
+        wave = 10.0 * torch.cos(2 * np.pi * k * torch.arange(p, dtype=torch.float32) / p)
+        gains[k] = tuple(float((f(x + s) - y).abs().mean() / s.abs().mean())
+                         for s in (wave[None, :].expand(p, p), wave[:, None].expand(p, p)))
+    return gains
 
 
 def main() -> None:
@@ -77,8 +81,7 @@ def main() -> None:
         v, h = directional_power(deviations)
         print(f"{folder}: x~ - mean x~ over {len(patches)} patches x {args.count}: std {deviations.std():.2f} HU, "
               f"vertical-stripe share {v:.3f}, horizontal {h:.3f}, ratio {v / h:.2f}")
-        for cycles in (16, 32):
-            gv, gh = stripe_gains(sampler.models.denoiser, patches, cycles)
+        for cycles, (gv, gh) in stripe_gains(sampler.models.denoiser, patches).items():
             print(f"    f's gain for 10 HU stripes of {cycles} cycles per patch: vertical {gv:.3f}, horizontal {gh:.3f}")
 
 
