@@ -21,14 +21,16 @@ from InvarianceExplorerLib.cli import main
 from InvarianceExplorerLib.datasets import SimulatedDataset, build_simulated_dataset
 from InvarianceExplorerLib.denoisers import Denoiser, build_denoiser, read_metadata, save_denoiser
 from InvarianceExplorerLib.fidelity import (_pairwise_mean_abs, another_realisation, held_out_patches,
-                                            invariance_fidelity, noise_power_spectrum, noise_texture)
+                                            invariance_fidelity, noise_power_spectrum, noise_texture, stripe_ratio,
+                                            stripe_shares)
 from InvarianceExplorerLib.invariance_flow import InvarianceFlow
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.representation import Representation
 from InvarianceExplorerLib.sampler import (InvarianceModels, InvarianceSampler, has_invariance_models,
                                            load_invariance_models, load_representation)
 from InvarianceExplorerLib.train_invariance import (HYPERPARAMETERS, _CVAEObjective, _weights_digest,
-                                                    local_mean_loss, noise_spectrum_loss, train_cinn,
+                                                    local_mean_loss, noise_spectrum_loss, sample_texture_loss,
+                                                    train_cinn,
                                                     train_cvae)
 
 CVAE_TINY = dict(z_dim=16, channels=[8, 16, 16, 32], critic_widths=[8, 8, 16, 16, 16, 16], critic_hidden=32,
@@ -201,6 +203,37 @@ def test_local_mean_term_sees_what_pixel_l1_misses(denoiser_folder):
         objective.wrapped = dict(objective.networks)
         losses = objective.step(0.1 * x, 0.1 * x, 1, torch.Generator().manual_seed(2))
         assert (losses["local_mean"] > 0) == (lam > 0)
+
+
+def test_sample_texture_term_asks_samples_to_differ_like_noise(denoiser_folder):
+    """T compares the texture and direction (not the level) of the difference between two
+    decodes of one f(x) with the noise f removes: zero for a scaled copy of that noise, large
+    for stripes; ``lam_sample_texture`` adds it to the cVAE step, whose representation then
+    decodes every f(x) with a second code too."""
+    rng = torch.Generator().manual_seed(0)
+    y = torch.zeros(8, 1, 32, 32)
+    noise = torch.randn(8, 1, 32, 32, generator=rng)
+    x = y + noise
+    r = y + 0.5 * torch.randn(8, 1, 32, 32, generator=rng)
+    other_noise = torch.randn(8, 1, 32, 32, generator=rng)
+    assert sample_texture_loss(r + 0.1 * noise, r, x, y).item() == pytest.approx(0.0, abs=1e-5)  # level-free
+    like_noise = sample_texture_loss(r + 0.1 * other_noise, r, x, y).item()
+    stripes = torch.randn(8, 1, 1, 32, generator=rng).expand(8, 1, 32, 32) + 0.05 * other_noise
+    assert like_noise < 0.3 < 1.0 < sample_texture_loss(r + 0.1 * stripes, r, x, y).item()
+    a = torch.tensor(0.5, requires_grad=True)  # a mix of noise and stripes: the gradient removes the stripes
+    sample_texture_loss(r + 0.1 * ((1 - a) * other_noise + a * stripes), r, x, y).backward()
+    assert a.grad.item() > 0
+    hp = {**HYPERPARAMETERS["cvae"], "z_dim": 16, "channels": (8, 16, 16, 32), "lam_perc": 0.0, "adv_start": 100}
+    torch.manual_seed(0)
+    for lam in (0.0, 1.0):
+        objective = _CVAEObjective({**hp, "lam_sample_texture": lam}, 32, denoiser_folder)
+        objective.wrapped = dict(objective.networks)
+        rep = objective.networks["representation"]
+        out = rep(0.1 * x[:4], 0.1 * x[:4], noise=torch.zeros(4, 16), swapped=True)
+        codes = out.z.roll(1, dims=0)
+        assert torch.allclose(out.swapped, rep.decode(codes, 0.1 * x[:4]), atol=1e-6)
+        losses = objective.step(0.1 * x[:4], 0.1 * x[:4], 1, torch.Generator().manual_seed(2))
+        assert (losses["sample_texture"] > 0) == (lam > 0)
 
 
 def test_cvae_resumes_exactly(pairs, denoiser_folder, cvae_run, tmp_path):
@@ -378,6 +411,17 @@ def test_noise_texture_has_known_answers():
     assert _pairwise_mean_abs(constant) == pytest.approx(2.0)  # pairs differ by 1, 3, 2
 
 
+def test_stripe_ratio_tells_stripes_from_noise():
+    rng = np.random.default_rng(0)
+    white = rng.normal(0, 10, (16, 32, 32))
+    vertical, horizontal = stripe_shares(white)  # each sector holds about a quarter of the frequencies
+    assert 0.2 < vertical < 0.3 and 0.2 < horizontal < 0.3 and stripe_ratio(white) == pytest.approx(1.0, abs=0.15)
+    columns = rng.normal(0, 10, (16, 1, 32)) + rng.normal(0, 1, white.shape)  # varies along rows: vertical stripes
+    assert stripe_shares(columns)[0] > 0.9 and stripe_ratio(columns) > 20
+    assert stripe_ratio(columns.transpose(0, 2, 1)) == pytest.approx(1 / stripe_ratio(columns))
+    assert np.isnan(stripe_ratio(np.ones((2, 8, 8))))  # no variation: no direction
+
+
 def test_fresh_realisation_is_the_same_scan_with_new_noise(pairs):
     source = SimulatedDataset(pairs)
     item = source[0]
@@ -407,3 +451,4 @@ def test_consistency_of_an_identity_denoiser_is_one(pairs):
     assert c["output_error_hu"] == pytest.approx(c["reconstruction_error_hu"], rel=1e-4)
     assert figures["bars"]["consistency"]["met"] is False and figures["bars"]["noise_baseline"]["max"] == 1.5
     assert figures["measured_on"]["patches"] == 2 == len(held_out_patches(SimulatedDataset(pairs), "test", 32, 1))
+    assert figures["stripes"]["invariances"] > 0 and 0.3 < figures["stripes"]["noise"] < 3

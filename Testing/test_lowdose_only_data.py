@@ -168,7 +168,7 @@ def test_fit_on_low_dose_only_dicom_samples_consistent_invariances(torchscript_f
     assert fidelity["completeness"]["output_error_hu"] > 0 and fidelity["diversity"]["pairwise_hu"] > 0
     card = (out / "MODEL_CARD.md").read_text()
     assert f"{PATIENTS * SLICES} slices of {PATIENTS} patients" in card and "low-dose only" in card
-    assert "no perceptual term" in card and "not measured (nps_correlation, noise_std_ratio)" in card
+    assert "no perceptual term" in card and "not measured (nps_correlation, noise_std_ratio, stripes_noise)" in card
     # sampling from the folder on held-out low-dose DICOM slices: consistent
     held_out = invariance_fidelity(load_invariance_models(out), low_dose_tree, slices=1, count=8)
     assert held_out["consistency"] <= MAX_CONSISTENCY and held_out["completeness"]["nps_correlation"] is None

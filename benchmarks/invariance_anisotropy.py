@@ -5,7 +5,8 @@ patches per slice of ``--slices`` slices, seed 0), samples ``--count`` invarianc
 and takes their deviations x~_k - mean_k x~ (HU). Prints their 2D power split by direction:
 the share in the sector of mostly horizontal frequencies (|k_x| > 2 |k_y|: patterns that
 vary along a row, i.e. vertical stripes) against mostly vertical ones (|k_y| > 2 |k_x|:
-horizontal stripes), and their ratio, beside the same for the noise of x (x - full dose).
+horizontal stripes), and their ratio (``fidelity.stripe_shares``; the model card's stripe
+ratio), beside the same for the noise of x (x - full dose).
 Noise of a CT scan has a ratio near 1; a decoder that varies its samples in stripes has a
 ratio far from 1 (the radially averaged noise power spectrum of the fidelity figures cannot
 see the difference). Beside it, f's own gain mean|f(x + s) - f(x)| / mean|s| for 10 HU
@@ -23,20 +24,9 @@ import numpy as np
 import torch
 
 from InvarianceExplorerLib.datasets import open_source
-from InvarianceExplorerLib.fidelity import held_out_patches
+from InvarianceExplorerLib.fidelity import held_out_patches, stripe_shares
 from InvarianceExplorerLib.inference import apply_network
 from InvarianceExplorerLib.sampler import InvarianceSampler
-
-
-def directional_power(images: np.ndarray) -> tuple:
-    """Shares of the 2D power of ``images`` ``(N, P, P)`` (each mean-free) in the sectors
-    |k_x| > 2|k_y| (vertical stripes) and |k_y| > 2|k_x| (horizontal stripes)."""
-    images = images - images.mean(axis=(-2, -1), keepdims=True)
-    power = (np.abs(np.fft.fft2(images)) ** 2).sum(axis=0)
-    k = np.abs(np.fft.fftfreq(images.shape[-1]))
-    ky, kx = np.meshgrid(k, k, indexing="ij")
-    total = power.sum()
-    return float(power[kx > 2 * ky].sum() / total), float(power[ky > 2 * kx].sum() / total)
 
 
 @torch.inference_mode()
@@ -70,7 +60,7 @@ def main() -> None:
         sampler = InvarianceSampler(folder, device="cpu")
         patches = held_out_patches(source, "test", sampler.patch_size, args.slices, 2, 0)
         if not shown_noise:
-            v, h = directional_power(np.stack([p.low_dose - p.full_dose for p in patches]))
+            v, h = stripe_shares(np.stack([p.low_dose - p.full_dose for p in patches]))
             print(f"noise of x (x - full dose): vertical-stripe share {v:.3f}, horizontal {h:.3f}, ratio {v / h:.2f}")
             shown_noise = True
         deviations = []
@@ -78,7 +68,7 @@ def main() -> None:
             x = sampler.sample(patch.low_dose, count=args.count, seed=n).invariances
             deviations.append(x - x.mean(axis=0, keepdims=True))
         deviations = np.concatenate(deviations)
-        v, h = directional_power(deviations)
+        v, h = stripe_shares(deviations)
         print(f"{folder}: x~ - mean x~ over {len(patches)} patches x {args.count}: std {deviations.std():.2f} HU, "
               f"vertical-stripe share {v:.3f}, horizontal {h:.3f}, ratio {v / h:.2f}")
         for cycles, (gv, gh) in stripe_gains(sampler.models.denoiser, patches).items():

@@ -107,12 +107,16 @@ class RepresentationOutput:
         reconstruction: D(z, f(x)), ``(N, 1, P, P)`` in network units.
         mean, logvar: the posterior q(z | x, f(x)), ``(N, z_dim)`` each (log-variance in nats).
         z: the latent code that was decoded (a sample of q, or its mean).
+        swapped: D(z of the next patch in the batch, f(x)) (``swapped=True``; else None):
+            another decode of the same f(x), whose difference from ``reconstruction`` is how
+            the decoder varies its samples of one patch.
     """
 
     reconstruction: torch.Tensor
     mean: torch.Tensor
     logvar: torch.Tensor
     z: torch.Tensor
+    swapped: Optional[torch.Tensor] = None
 
 
 class Representation(nn.Module):
@@ -256,19 +260,23 @@ class Representation(nn.Module):
         return residual + base if self.conditional else residual
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, sample: bool = True,
-                generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None
-                ) -> RepresentationOutput:
+                generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None,
+                swapped: bool = False) -> RepresentationOutput:
         """Encode and decode: z is drawn from q(z | x, f(x)) by the reparametrisation trick
         (``sample=True``, training) or is its mean (``sample=False``). The standard normal
         draws are ``noise`` ``(N, z_dim)`` when given (e.g. drawn on the CPU for the same
-        numbers on every device), else drawn from ``generator`` (on the device of x)."""
+        numbers on every device), else drawn from ``generator`` (on the device of x).
+        ``swapped``: also decode every patch's f(x) with the code of the next patch in the
+        batch (:attr:`RepresentationOutput.swapped`; training's sample-texture term)."""
         mean, logvar = self.encode(x, y)
         z = mean
         if sample:
             if noise is None:
                 noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             z = mean + torch.exp(0.5 * logvar) * noise.to(mean)
-        return RepresentationOutput(self.decode(z, y), mean, logvar, z)
+        condition = self.condition(y)
+        other = self.decode(z.roll(1, dims=0), y, condition) if swapped else None
+        return RepresentationOutput(self.decode(z, y, condition), mean, logvar, z, other)
 
 
 def build_representation(**arguments) -> Representation:

@@ -7,7 +7,8 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   (:class:`~.denoisers.WGANCritic` on ``[image, f(x)]``, two channels) on real x against
   r with the gradient penalty (Gulrajani et al. 2017) weighted ``lam_gp``; then one cVAE
   step on ``L1(r, x) + kl_weight * KL / pixels + lam_perc * L1(phi(r), phi(x)) +
-  lam_cons * L1(f(r), f(x)) + lam_nps * S(r, x, f(x)) + lam_local_mean * M(r, x) + w_adv * (-critic(r, f(x)))``.
+  lam_cons * L1(f(r), f(x)) + lam_nps * S(r, x, f(x)) + lam_local_mean * M(r, x) +
+  lam_sample_texture * T(r', r, x, f(x)) + w_adv * (-critic(r, f(x)))``.
   The consistency term
   ``L1(f(r), f(x))`` (ours, not the paper's; f frozen, gradients through it) asks the
   decoder to put what it cannot reconstruct of x where f does not look: a reconstruction
@@ -29,6 +30,13 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   noise density at 0: a few percent of the full gradient), yet such shifts fill the lowest
   rings of the reconstruction's noise power spectrum (``benchmarks/reconstruction_spectrum.py``;
   WGAN-VGG's NPS correlation 0.86 -> 0.99 with ``lam_local_mean`` 1, README).
+  T is the sample-texture term (:func:`sample_texture_loss`, ours, off by default): the
+  terms above shape one reconstruction, but the invariances of a patch differ from each
+  other by how the decoder's output changes with z, and most decoders fitted without T
+  varied it in vertical stripes (the model card's stripe ratio, README). With r' = D(z of
+  the next patch in the batch, f(x)), T asks the spectrum of ``r' - r``, ring by ring and
+  split by direction, to have the shape (not the level) of the noise f removes from x: two
+  noise realisations, the invariances every denoiser has, differ by such noise.
   phi are the deep features of our
   :class:`~.denoisers.FeatureNetwork` (the paper's perceptual term; ImageNet VGG cannot be
   downloaded here): taken from ``feature_network`` or the denoiser's own folder when it
@@ -109,6 +117,7 @@ from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_se
 HYPERPARAMETERS = {
     "cvae": dict(lr=2e-4, betas=(0.5, 0.9), kl_weight=1e-4, lam_gp=10.0, n_critic=1, lam_adv=0.5, adv_start=500,
                  lam_perc=0.1, lam_cons=0.0, lam_nps=0.0, nps_sectors=1, lam_local_mean=0.0, local_mean_pixels=16,
+                 lam_sample_texture=0.0,
                  max_adv_weight=1e4, adv_min_separation=None,
                  critic_widths=(32, 32, 64, 64, 128, 128), critic_hidden=256,
                  z_dim=256, channels=tuple(DEFAULT_CHANNELS), conditional=True, full_resolution_subunits=1,
@@ -178,6 +187,21 @@ def local_mean_loss(reconstruction: torch.Tensor, x: torch.Tensor, pixels: int) 
     return F.l1_loss(F.avg_pool2d(reconstruction, pixels), F.avg_pool2d(x, pixels))
 
 
+def sample_texture_loss(swapped: torch.Tensor, reconstruction: torch.Tensor, x: torch.Tensor,
+                        y: torch.Tensor) -> torch.Tensor:
+    """The sample-texture term T (nats): with ``d = swapped - reconstruction`` (two decodes of
+    the same f(x) = ``y`` from different codes) and ``l = log NPS(d) - log NPS(x - y)``, the
+    radial noise power spectra split by direction (:func:`~.fidelity.radial_power_spectrum`
+    with 2 sectors, rings 1 .. P/2 - 1), the mean of ``|l - mean(l)|``: zero when the samples
+    of a patch differ from each other with the texture and direction of the noise f removes,
+    whatever their level (the diversity is left to the rest of the objective). Images
+    ``(N, 1, P, P)``."""
+    spectra = [radial_power_spectrum(image[:, 0].float(), 2)[..., 1:]
+               for image in (swapped - reconstruction, x - y)]
+    log_ratio = torch.log(spectra[0] + 1e-12) - torch.log(spectra[1] + 1e-12)
+    return (log_ratio - log_ratio.mean()).abs().mean()
+
+
 def _noise(shape, rng: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     """Standard normal numbers drawn on the CPU (same on every device), moved to ``like``."""
     return torch.randn(shape, generator=rng).to(like)
@@ -245,7 +269,8 @@ class _CVAEObjective(_Objective):
     def step(self, x, y, step, rng):
         hp, rep = self.hp, self.wrapped["representation"]
         features = self.networks["feature_network"].features
-        out = rep(x, y, sample=True, noise=_noise((x.shape[0], self.networks["representation"].z_dim), rng, x))
+        out = rep(x, y, sample=True, noise=_noise((x.shape[0], self.networks["representation"].z_dim), rng, x),
+                  swapped=hp["lam_sample_texture"] != 0)
         fake = out.reconstruction.detach()
         for _ in range(hp["n_critic"]):
             wasserstein, penalty = self.critic_step(x, fake, y, rng)
@@ -260,8 +285,11 @@ class _CVAEObjective(_Objective):
                     else torch.zeros((), device=x.device))
         local_mean = (local_mean_loss(out.reconstruction, x, int(hp["local_mean_pixels"]))
                       if hp["lam_local_mean"] != 0 else torch.zeros((), device=x.device))
+        texture = (sample_texture_loss(out.swapped, out.reconstruction, x, y) if out.swapped is not None
+                   else torch.zeros((), device=x.device))
         likelihood = (losses["total"] + hp["lam_perc"] * perceptual + hp["lam_cons"] * consistency
-                      + hp["lam_nps"] * spectrum + hp["lam_local_mean"] * local_mean)
+                      + hp["lam_nps"] * spectrum + hp["lam_local_mean"] * local_mean
+                      + hp["lam_sample_texture"] * texture)
         weight = torch.zeros(())
         level = hp["adv_min_separation"]
         separates = level is None or wasserstein.item() < -level
@@ -275,6 +303,7 @@ class _CVAEObjective(_Objective):
         self.networks["critic"].requires_grad_(True)
         return {"l1": losses["l1"].item(), "kl": losses["kl"].item(), "perceptual": perceptual.item(),
                 "consistency": consistency.item(), "spectrum": spectrum.item(), "local_mean": local_mean.item(),
+                "sample_texture": texture.item(),
                 "adv": adversarial.item(), "adv_weight": float(weight), "critic": wasserstein.item(),
                 "gp": penalty.item()}
 

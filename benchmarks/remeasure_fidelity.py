@@ -1,0 +1,85 @@
+"""Measure a model folder's fidelity figures again, as its model card did, and compare.
+
+For each model folder with invariance models, reruns :func:`~.fidelity.invariance_fidelity`
+with the settings its card records (``invariance.fidelity.measured_on``: data, split, slices,
+patches per slice, invariances per patch, seed; on the CPU) and prints every figure of the
+card beside the new value. Figures added to the engine after a model was trained (the stripe
+ratio) are measured here for the first time. With ``--write``, and only when every figure
+the card already had is reproduced (relative difference at most ``--tolerance``), the new
+figures replace the old in ``metadata.json`` and ``MODEL_CARD.md`` is written again; the
+weights and ``fidelity.png`` are not touched.
+
+    .venv/bin/python benchmarks/remeasure_fidelity.py Resources/Models/cnn10 --data data/sim512 [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from InvarianceExplorerLib.denoisers import read_metadata, write_metadata
+from InvarianceExplorerLib.evaluation import MODEL_CARD, model_card
+from InvarianceExplorerLib.fidelity import invariance_fidelity
+from InvarianceExplorerLib.sampler import load_invariance_models
+
+
+def numbers(figures: dict, prefix: str = "") -> dict:
+    """The numeric leaves of a figures dict, by dotted name (``bars`` and ``measured_on`` left out)."""
+    out = {}
+    for key, value in figures.items():
+        if key in ("bars", "measured_on", "not_measured"):
+            continue
+        if isinstance(value, dict):
+            out.update(numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix + key] = float(value)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", help="model folders with invariance models")
+    parser.add_argument("--data", required=True, help="the data set the card was measured on (its path here)")
+    parser.add_argument("--write", action="store_true", help="store the new figures when the old ones reproduce")
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="largest relative difference that reproduces")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    failed = False
+    for folder in map(Path, args.models):
+        metadata = read_metadata(folder)
+        old = metadata["invariance"]["fidelity"]
+        on = old["measured_on"]
+        new = invariance_fidelity(load_invariance_models(folder), args.data, on["split"], slices=on["slices"],
+                                  per_slice=on["patches"] // on["slices"], count=on["invariances_per_patch"],
+                                  seed=on["seed"], device="cpu")
+        a, b = numbers(old), numbers(new)
+        worst = 0.0
+        print(f"{folder}: {on['patches']} patches of {on['slices']} {on['split']} slices, "
+              f"{on['invariances_per_patch']} invariances each, seed {on['seed']}")
+        for name in sorted(a.keys() | b.keys()):
+            was, now = a.get(name), b.get(name)
+            if was is not None and now is not None and not (math.isnan(was) and math.isnan(now)):
+                worst = max(worst, abs(now - was) / max(abs(was), 1e-12))
+            print(f"    {name:45s} card {'–' if was is None else f'{was:.6g}':>12}   now "
+                  f"{'–' if now is None else f'{now:.6g}':>12}")
+        reproduced = worst <= args.tolerance and a.keys() <= b.keys()
+        print(f"    largest relative difference {worst:.2e}: {'reproduced' if reproduced else 'NOT reproduced'}")
+        if args.write and reproduced:
+            new["measured_on"]["data"] = on["data"]
+            if old.get("figure"):
+                new["figure"] = old["figure"]
+            metadata["invariance"]["fidelity"] = new
+            write_metadata(folder, metadata)
+            (folder / MODEL_CARD).write_text(model_card(read_metadata(folder)))
+            print(f"    written: {folder / 'metadata.json'}, {folder / MODEL_CARD}")
+        failed |= args.write and not reproduced
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
