@@ -21,8 +21,8 @@ from InvarianceExplorerLib.cli import main
 from InvarianceExplorerLib.datasets import SimulatedDataset, build_simulated_dataset
 from InvarianceExplorerLib.denoisers import Denoiser, build_denoiser, read_metadata, save_denoiser
 from InvarianceExplorerLib.fidelity import (_pairwise_mean_abs, another_realisation, held_out_patches,
-                                            invariance_fidelity, noise_power_spectrum, noise_texture, stripe_ratio,
-                                            stripe_shares)
+                                            invariance_fidelity, noise_power_spectrum, noise_texture,
+                                            stripe_figures, stripe_shares)
 from InvarianceExplorerLib.invariance_flow import InvarianceFlow
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.representation import Representation
@@ -411,15 +411,23 @@ def test_noise_texture_has_known_answers():
     assert _pairwise_mean_abs(constant) == pytest.approx(2.0)  # pairs differ by 1, 3, 2
 
 
-def test_stripe_ratio_tells_stripes_from_noise():
+def test_stripe_figures_tell_stripes_and_grids_from_noise():
     rng = np.random.default_rng(0)
     white = rng.normal(0, 10, (16, 32, 32))
     vertical, horizontal = stripe_shares(white)  # each sector holds about a quarter of the frequencies
-    assert 0.2 < vertical < 0.3 and 0.2 < horizontal < 0.3 and stripe_ratio(white) == pytest.approx(1.0, abs=0.15)
+    assert 0.2 < vertical < 0.3 and 0.2 < horizontal < 0.3
+    noise = stripe_figures(white)
+    assert noise["ratio"] == pytest.approx(1.0, abs=0.15) and 0.4 < noise["axis_share"] < 0.6
     columns = rng.normal(0, 10, (16, 1, 32)) + rng.normal(0, 1, white.shape)  # varies along rows: vertical stripes
-    assert stripe_shares(columns)[0] > 0.9 and stripe_ratio(columns) > 20
-    assert stripe_ratio(columns.transpose(0, 2, 1)) == pytest.approx(1 / stripe_ratio(columns))
-    assert np.isnan(stripe_ratio(np.ones((2, 8, 8))))  # no variation: no direction
+    stripes = stripe_figures(columns)
+    assert stripe_shares(columns)[0] > 0.9 and stripes["ratio"] > 20 and stripes["axis_share"] > 0.9
+    assert stripe_figures(columns.transpose(0, 2, 1))["ratio"] == pytest.approx(1 / stripes["ratio"])
+    grid = np.zeros_like(white)
+    grid[:, ::8, :] += rng.normal(0, 10, (16, 4, 1))  # lines along both axes, every 8 pixels
+    grid[:, :, ::8] += rng.normal(0, 10, (16, 1, 4))
+    lines = stripe_figures(grid + rng.normal(0, 0.5, white.shape))
+    assert 0.5 < lines["ratio"] < 2 and lines["axis_share"] > 0.8  # no direction, yet nothing like noise
+    assert np.isnan(stripe_figures(np.ones((2, 8, 8)))["ratio"])  # no variation: no direction
 
 
 def test_fresh_realisation_is_the_same_scan_with_new_noise(pairs):
@@ -451,4 +459,6 @@ def test_consistency_of_an_identity_denoiser_is_one(pairs):
     assert c["output_error_hu"] == pytest.approx(c["reconstruction_error_hu"], rel=1e-4)
     assert figures["bars"]["consistency"]["met"] is False and figures["bars"]["noise_baseline"]["max"] == 1.5
     assert figures["measured_on"]["patches"] == 2 == len(held_out_patches(SimulatedDataset(pairs), "test", 32, 1))
-    assert figures["stripes"]["invariances"] > 0 and 0.3 < figures["stripes"]["noise"] < 3
+    stripes = figures["stripes"]
+    assert stripes["invariances"]["ratio"] > 0 and 0.3 < stripes["noise"]["ratio"] < 3
+    assert 0 < stripes["invariances"]["axis_share"] <= 1 and 0.3 < stripes["noise"]["axis_share"] < 0.8

@@ -37,6 +37,12 @@ Our design, for CPU speed (the reference's ResNet-50 encoder and BigGAN-128 deco
   ``benchmarks/preimage_floor.py`` (README): such a network alone recovers CNN-10's inputs
   to 4.8 HU with the noise texture of x (NPS correlation 1.00, std ratio 0.98), against
   12 HU for the decoder without it.
+* **Upsampling** (``upsample``; training's ``--set cvae.upsample=bilinear``): nearest-neighbour
+  2x upsampling makes every decoder feature map constant over blocks of 2, 4, ... 32 pixels
+  before its convolutions, and decoders trained with it vary their samples of one patch
+  along the edges of those blocks: a grid of lines 8, 16 and 32 px apart (the model card's
+  axis share, README). Bilinear upsampling has no block edges. Models saved before the
+  option load with ``"nearest"``.
 * **Encoder**: a stem convolution and stride-2 residual units down to the same ``4 x 4``
   map (widths ``channels``), then a linear layer to the mean and log-variance of z.
 * **Unconditional variant** (``conditional=False``, the "VAE shared by all denoisers" of
@@ -66,6 +72,9 @@ from monai.networks.blocks import Convolution, ResidualUnit
 
 #: LeakyReLU with slope 0.2, in MONAI's activation spelling.
 ACT = ("leakyrelu", {"negative_slope": 0.2})
+
+#: The decoder's 2x upsampling modes (module docstring).
+UPSAMPLING = ("nearest", "bilinear")
 
 #: Default widths (feature maps) from full resolution down to the bottleneck: 128 -> 4 pixels.
 DEFAULT_CHANNELS = (16, 24, 48, 96, 128, 64)
@@ -135,11 +144,13 @@ class Representation(nn.Module):
         z_modulation: also modulate every decoder stage channel-wise by z (module docstring).
         preimage_layers: convolutions of the pre-image branch P(f(x)) (0: none; module
             docstring); conditional models only.
+        upsample: the decoder's 2x upsampling between stages, ``"nearest"`` (models saved
+            before the option) or ``"bilinear"`` (module docstring).
     """
 
     def __init__(self, patch_size: int = 128, z_dim: int = 256, channels: Sequence[int] = DEFAULT_CHANNELS,
                  conditional: bool = True, full_resolution_subunits: int = 1, z_modulation: bool = False,
-                 preimage_layers: int = 0):
+                 preimage_layers: int = 0, upsample: str = "nearest"):
         super().__init__()
         channels = [int(c) for c in channels]
         levels = len(channels) - 1
@@ -154,6 +165,9 @@ class Representation(nn.Module):
         if self.preimage_layers and (not conditional or self.preimage_layers < 2):
             raise ValueError(f"preimage_layers must be 0, or at least 2 in a conditional model; got {preimage_layers}"
                              f"{'' if conditional else ' (unconditional: there is no f(x))'}")
+        if upsample not in UPSAMPLING:
+            raise ValueError(f"upsample must be one of {', '.join(UPSAMPLING)}; got {upsample!r}")
+        self.upsample = upsample
         self.bottom = patch_size // 2 ** levels
         flat = channels[-1] * self.bottom ** 2
 
@@ -190,7 +204,7 @@ class Representation(nn.Module):
         """The constructor arguments (JSON-able), for the model folder's metadata."""
         return {"patch_size": self.patch_size, "z_dim": self.z_dim, "channels": list(self.channels),
                 "conditional": self.conditional, "full_resolution_subunits": self.full_resolution_subunits,
-                "z_modulation": self.z_modulation, "preimage_layers": self.preimage_layers}
+                "z_modulation": self.z_modulation, "preimage_layers": self.preimage_layers, "upsample": self.upsample}
 
     def _check(self, image: torch.Tensor, name: str) -> None:
         if image.ndim != 4 or image.shape[1] != 1 or tuple(image.shape[-2:]) != (self.patch_size,) * 2:
@@ -248,7 +262,8 @@ class Representation(nn.Module):
         levels = len(self.channels) - 1
         for n, stage in enumerate(self.stages):
             if n:
-                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+                h = F.interpolate(h, scale_factor=2.0, mode=self.upsample,
+                                  align_corners=None if self.upsample == "nearest" else False)
             h = stage(h)
             if self.z_modulation:
                 gamma_z, beta_z = self.z_modulations[n](z)[:, :, None, None].chunk(2, dim=1)
