@@ -220,6 +220,10 @@ def test_sample_texture_term_asks_samples_to_differ_like_noise(denoiser_folder):
     like_noise = sample_texture_loss(r + 0.1 * other_noise, r, x, y).item()
     stripes = torch.randn(8, 1, 1, 32, generator=rng).expand(8, 1, 32, 32) + 0.05 * other_noise
     assert like_noise < 0.3 < 1.0 < sample_texture_loss(r + 0.1 * stripes, r, x, y).item()
+    grid = torch.zeros(8, 1, 32, 32)  # lines along both axes: no direction, yet nothing like noise
+    grid[..., ::4, :] += torch.randn(8, 1, 8, 1, generator=rng)
+    grid[..., :, ::4] += torch.randn(8, 1, 1, 8, generator=rng)
+    assert sample_texture_loss(r + 0.1 * (grid + 0.05 * other_noise), r, x, y).item() > 3 * like_noise
     a = torch.tensor(0.5, requires_grad=True)  # a mix of noise and stripes: the gradient removes the stripes
     sample_texture_loss(r + 0.1 * ((1 - a) * other_noise + a * stripes), r, x, y).backward()
     assert a.grad.item() > 0

@@ -148,10 +148,15 @@ def radial_power_spectrum(noise: torch.Tensor, sectors: int = 1) -> torch.Tensor
     of integer radius 0 .. P/2 - 1 (cycles per patch), in squared units per pixel; shape
     ``(P/2,)``. With ``sectors=2`` each ring is split by direction, shape ``(2, P/2)``: row 0
     the frequencies with |k_x| > |k_y| (patterns that vary along a row: vertical stripes),
-    row 1 the rest (the zero frequency is in row 1; row 0 of ring 0 is 0).
-    Differentiable (the cVAE's noise-spectrum term, :mod:`.train_invariance`, uses it)."""
-    if sectors not in (1, 2):
-        raise ValueError(f"sectors must be 1 (rings) or 2 (rings split by direction); got {sectors}")
+    row 1 the rest (the zero frequency is in row 1; row 0 of ring 0 is 0). With
+    ``sectors=3``, shape ``(3, P/2)``: the sectors of :func:`stripe_shares`, |k_x| > 2 |k_y|
+    (row 0) and |k_y| > 2 |k_x| (row 1), and the diagonal rest (row 2, with the zero
+    frequency), so that lines along the axes are told from noise of the same ring.
+    Differentiable (the cVAE's noise-spectrum and sample-texture terms,
+    :mod:`.train_invariance`, use it)."""
+    if sectors not in (1, 2, 3):
+        raise ValueError(f"sectors must be 1 (rings), 2 (rings split by direction) or 3 (axes and diagonals); "
+                         f"got {sectors}")
     noise = noise - noise.mean(dim=(-2, -1), keepdim=True)
     p = noise.shape[-1]
     power = (torch.fft.fft2(noise).abs() ** 2).mean(dim=0) / (p * p)
@@ -159,11 +164,14 @@ def radial_power_spectrum(noise: torch.Tensor, sectors: int = 1) -> torch.Tensor
     ky, kx = torch.meshgrid(f, f, indexing="ij")
     ring = torch.round(torch.hypot(ky, kx)).long()
     keep = ring < p // 2
-    row = (kx.abs() <= ky.abs()).long() if sectors == 2 else torch.zeros_like(ring)
+    if sectors == 3:
+        row = torch.where(kx.abs() > 2 * ky.abs(), 0, torch.where(ky.abs() > 2 * kx.abs(), 1, 2))
+    else:
+        row = (kx.abs() <= ky.abs()).long() if sectors == 2 else torch.zeros_like(ring)
     bins, index = sectors * (p // 2), (ring + (p // 2) * row)[keep]
     sums = torch.zeros(bins, dtype=power.dtype, device=power.device).index_add(0, index, power[keep])
     spectrum = sums / torch.bincount(index, minlength=bins).clamp(min=1).to(power.dtype)
-    return spectrum if sectors == 1 else spectrum.view(2, p // 2)
+    return spectrum if sectors == 1 else spectrum.view(sectors, p // 2)
 
 
 def stripe_shares(images: np.ndarray) -> Tuple[float, float]:

@@ -35,8 +35,9 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   other by how the decoder's output changes with z, and most decoders fitted without T
   varied it in vertical stripes (the model card's stripe ratio, README). With r' = D(z of
   the next patch in the batch, f(x)), T asks the spectrum of ``r' - r``, ring by ring and
-  split by direction, to have the shape (not the level) of the noise f removes from x: two
-  noise realisations, the invariances every denoiser has, differ by such noise.
+  split into the two axis sectors and the diagonals (stripes of either direction and grid
+  lines), to have the shape (not the level) of the noise f removes from x: two noise
+  realisations, the invariances every denoiser has, differ by such noise.
   phi are the deep features of our
   :class:`~.denoisers.FeatureNetwork` (the paper's perceptual term; ImageNet VGG cannot be
   downloaded here): taken from ``feature_network`` or the denoiser's own folder when it
@@ -191,12 +192,12 @@ def sample_texture_loss(swapped: torch.Tensor, reconstruction: torch.Tensor, x: 
                         y: torch.Tensor) -> torch.Tensor:
     """The sample-texture term T (nats): with ``d = swapped - reconstruction`` (two decodes of
     the same f(x) = ``y`` from different codes) and ``l = log NPS(d) - log NPS(x - y)``, the
-    radial noise power spectra split by direction (:func:`~.fidelity.radial_power_spectrum`
-    with 2 sectors, rings 1 .. P/2 - 1), the mean of ``|l - mean(l)|``: zero when the samples
-    of a patch differ from each other with the texture and direction of the noise f removes,
-    whatever their level (the diversity is left to the rest of the objective). Images
-    ``(N, 1, P, P)``."""
-    spectra = [radial_power_spectrum(image[:, 0].float(), 2)[..., 1:]
+    radial noise power spectra split into the two axis sectors and the diagonals
+    (:func:`~.fidelity.radial_power_spectrum` with 3 sectors, rings 1 .. P/2 - 1), the mean
+    of ``|l - mean(l)|``: zero when the samples of a patch differ from each other with the
+    texture and direction of the noise f removes, whatever their level (the diversity is left
+    to the rest of the objective); stripes and grid lines raise it. Images ``(N, 1, P, P)``."""
+    spectra = [radial_power_spectrum(image[:, 0].float(), 3)[..., 1:]
                for image in (swapped - reconstruction, x - y)]
     log_ratio = torch.log(spectra[0] + 1e-12) - torch.log(spectra[1] + 1e-12)
     return (log_ratio - log_ratio.mean()).abs().mean()
@@ -217,8 +218,9 @@ class _CVAEObjective(_Objective):
         block = int(hp["local_mean_pixels"])
         if hp["lam_local_mean"] != 0 and (block < 1 or patch_size % block):
             raise ValueError(f"local_mean_pixels must divide the patch size {patch_size}; got {block}")
-        if int(hp["nps_sectors"]) not in (1, 2):
-            raise ValueError(f"nps_sectors must be 1 (rings) or 2 (rings split by direction); got {hp['nps_sectors']}")
+        if int(hp["nps_sectors"]) not in (1, 2, 3):
+            raise ValueError(f"nps_sectors must be 1 (rings), 2 (rings split by direction) or 3 (axes and diagonals); "
+                             f"got {hp['nps_sectors']}")
         rep = Representation(patch_size, **{k: hp[k] for k in CVAE_ARGUMENTS})
         critic = WGANCritic(patch_size, in_channels=2 if rep.conditional else 1, widths=hp["critic_widths"],
                             hidden=hp["critic_hidden"])
