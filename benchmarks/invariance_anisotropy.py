@@ -11,7 +11,11 @@ Noise of a CT scan has a ratio near 1; a decoder that varies its samples in stri
 ratio far from 1 (the radially averaged noise power spectrum of the fidelity figures cannot
 see the difference). Beside it, f's own gain mean|f(x + s) - f(x)| / mean|s| for 10 HU
 cosine stripes s of 16 and 32 cycles per patch in each direction: equal gains mean the
-stripes are the decoder's, not a direction f ignores more.
+stripes are the decoder's, not a direction f ignores more. Last, where the samples vary:
+the per-pixel std over the invariances of a patch, averaged over patches and over the
+columns and rows at the edges of ``--block`` px blocks (the last and first of each block)
+against the rest (a decoder with nearest-neighbour upsampling keeps its bottleneck map
+constant over blocks of 32 px at 128² patches), and in a ``--border`` px frame.
 
     .venv/bin/python benchmarks/invariance_anisotropy.py Resources/Models/cnn10 Resources/Models/dugan --data data/sim512
 """
@@ -51,6 +55,8 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="simulated data set (with full dose)")
     parser.add_argument("--slices", type=int, default=4, help="test slices, 2 patches each (the card's 4)")
     parser.add_argument("--count", type=int, default=16, help="invariances per patch")
+    parser.add_argument("--block", type=int, default=32, help="block side whose edges are compared (px)")
+    parser.add_argument("--border", type=int, default=4, help="width of the border frame (px)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,14 +69,21 @@ def main() -> None:
             v, h = stripe_shares(np.stack([p.low_dose - p.full_dose for p in patches]))
             print(f"noise of x (x - full dose): vertical-stripe share {v:.3f}, horizontal {h:.3f}, ratio {v / h:.2f}")
             shown_noise = True
-        deviations = []
+        deviations, stds = [], []
         for n, patch in enumerate(patches):
-            x = sampler.sample(patch.low_dose, count=args.count, seed=n).invariances
-            deviations.append(x - x.mean(axis=0, keepdims=True))
-        deviations = np.concatenate(deviations)
+            result = sampler.sample(patch.low_dose, count=args.count, seed=n)
+            deviations.append(result.invariances - result.invariances.mean(axis=0, keepdims=True))
+            stds.append(result.std)
+        deviations, std = np.concatenate(deviations), np.mean(stds, axis=0)
         v, h = stripe_shares(deviations)
         print(f"{folder}: x~ - mean x~ over {len(patches)} patches x {args.count}: std {deviations.std():.2f} HU, "
               f"vertical-stripe share {v:.3f}, horizontal {h:.3f}, ratio {v / h:.2f}")
+        p, b = std.shape[-1], args.border
+        edge = np.isin(np.arange(p) % args.block, (0, args.block - 1))
+        inner = std[b:-b, b:-b]
+        print(f"    std of the invariances (HU): columns at {args.block} px block edges {inner[:, edge[b:-b]].mean():.2f}, "
+              f"rows {inner[edge[b:-b]].mean():.2f}, inside the blocks {inner[~edge[b:-b]][:, ~edge[b:-b]].mean():.2f}; "
+              f"{b} px border frame {(std.sum() - std[b:-b, b:-b].sum()) / (p * p - (p - 2 * b) ** 2):.2f}")
         for cycles, (gv, gh) in stripe_gains(sampler.models.denoiser, patches).items():
             print(f"    f's gain for 10 HU stripes of {cycles} cycles per patch: vertical {gv:.3f}, horizontal {gh:.3f}")
 

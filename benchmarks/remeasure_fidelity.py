@@ -3,9 +3,9 @@
 For each model folder with invariance models, reruns :func:`~.fidelity.invariance_fidelity`
 with the settings its card records (``invariance.fidelity.measured_on``: data, split, slices,
 patches per slice, invariances per patch, seed; on the CPU) and prints every figure of the
-card beside the new value. Figures added to the engine after a model was trained (the stripe
-ratio) are measured here for the first time. With ``--write``, and only when every figure
-the card already had is reproduced (to ``--tolerance`` relative or 1e-4 absolute: v's mean
+card beside the new value. The stripe figures (added to the engine after most bundled models
+were trained, and since windowed) are measured anew, not compared. With ``--write``, and
+only when every other figure the card already had is reproduced (to ``--tolerance`` relative or 1e-4 absolute: v's mean
 is near 0), the new figures replace the old in ``metadata.json`` and ``MODEL_CARD.md`` is
 written again; the weights and ``fidelity.png`` are not touched.
 
@@ -25,6 +25,10 @@ from InvarianceExplorerLib.denoisers import read_metadata, write_metadata
 from InvarianceExplorerLib.evaluation import MODEL_CARD, model_card
 from InvarianceExplorerLib.fidelity import invariance_fidelity
 from InvarianceExplorerLib.sampler import load_invariance_models
+
+
+#: Figures measured anew rather than reproduced (their definition is newer than some cards).
+RENEWED = ("stripes",)
 
 
 def numbers(figures: dict, prefix: str = "") -> dict:
@@ -57,7 +61,7 @@ def main() -> None:
         new = invariance_fidelity(load_invariance_models(folder), args.data, on["split"], slices=on["slices"],
                                   per_slice=on["patches"] // on["slices"], count=on["invariances_per_patch"],
                                   seed=on["seed"], device="cpu")
-        a, b = numbers(old), numbers(new)
+        a, b = numbers({k: v for k, v in old.items() if k not in RENEWED}), numbers(new)
         worst, reproduced = 0.0, a.keys() <= b.keys()
         print(f"{folder}: {on['patches']} patches of {on['slices']} {on['split']} slices, "
               f"{on['invariances_per_patch']} invariances each, seed {on['seed']}")
