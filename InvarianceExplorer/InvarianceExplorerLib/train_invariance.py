@@ -32,8 +32,9 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   WGAN-VGG's NPS correlation 0.86 -> 0.99 with ``lam_local_mean`` 1, README).
   T is the sample-texture term (:func:`sample_texture_loss`, ours, off by default): the
   terms above shape one reconstruction, but the invariances of a patch differ from each
-  other by how the decoder's output changes with z, and most decoders fitted without T
-  varied it in vertical stripes (the model card's stripe ratio, README). With r' = D(z of
+  other by how the decoder's output changes with z, and decoders fitted without T varied it
+  in vertical stripes or along a grid of lines (the model card's stripe ratio and axis
+  share, README). With r' = D(z of
   the next patch in the batch, f(x)), T asks the spectrum of ``r' - r``, ring by ring and
   split into the two axis sectors and the diagonals (stripes of either direction and grid
   lines), to have the shape (not the level) of the noise f removes from x: two noise
