@@ -34,11 +34,11 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   terms above shape one reconstruction, but the invariances of a patch differ from each
   other by how the decoder's output changes with z, and decoders fitted without T varied it
   in vertical stripes or along a grid of lines (the model card's stripe ratio and axis
-  share, README). With r' = D(z of
-  the next patch in the batch, f(x)), T asks the spectrum of ``r' - r``, ring by ring and
-  split into the two axis sectors and the diagonals (stripes of either direction and grid
-  lines), to have the shape (not the level) of the noise f removes from x: two noise
-  realisations, the invariances every denoiser has, differ by such noise.
+  share, README). With r' = D(z of the next patch in the batch, f(x)), T asks the spectrum
+  of ``r' - r``, ring by ring and split into the two axis sectors and the diagonals (stripes
+  of either direction and grid lines), to have the shape (not the level) of the noise f
+  removes from x: two noise realisations, the invariances every denoiser has, differ by
+  such noise.
   phi are the deep features of our
   :class:`~.denoisers.FeatureNetwork` (the paper's perceptual term; ImageNet VGG cannot be
   downloaded here): taken from ``feature_network`` or the denoiser's own folder when it
@@ -169,6 +169,14 @@ class _Objective:
         raise NotImplementedError
 
 
+def _log_spectrum_ratio(noise: torch.Tensor, reference: torch.Tensor, sectors: int) -> torch.Tensor:
+    """``log NPS(noise) - log NPS(reference)`` (nats) at rings 1 .. P/2 - 1 of the batches'
+    radial noise power spectra (:func:`~.fidelity.radial_power_spectrum` with ``sectors``),
+    images ``(N, 1, P, P)``."""
+    spectra = [radial_power_spectrum(image[:, 0].float(), sectors)[..., 1:] for image in (noise, reference)]
+    return torch.log(spectra[0] + 1e-12) - torch.log(spectra[1] + 1e-12)
+
+
 def noise_spectrum_loss(reconstruction: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                         sectors: int = 1) -> torch.Tensor:
     """The noise-spectrum term S (nats): mean over rings 1 .. P/2 - 1 of
@@ -176,10 +184,9 @@ def noise_spectrum_loss(reconstruction: torch.Tensor, x: torch.Tensor, y: torch.
     (:func:`~.fidelity.radial_power_spectrum`) and ``y = f(x)``; zero when what the
     reconstruction ``r`` adds to f(x) has the texture and level of the noise f removes from
     x. With ``sectors=2`` each ring is split by direction (|k_x| > |k_y| or not), so power
-    put into stripes of one direction is charged too. Scale-free, so one weight fits any
-    normalisation; images ``(N, 1, P, P)``."""
-    spectra = [radial_power_spectrum((image - y)[:, 0].float(), sectors)[..., 1:] for image in (reconstruction, x)]
-    return (torch.log(spectra[0] + 1e-12) - torch.log(spectra[1] + 1e-12)).abs().mean()
+    put into stripes of one direction is charged too (3: the two axis sectors and the
+    diagonals). Scale-free, so one weight fits any normalisation; images ``(N, 1, P, P)``."""
+    return _log_spectrum_ratio(reconstruction - y, x - y, sectors).abs().mean()
 
 
 def local_mean_loss(reconstruction: torch.Tensor, x: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -198,9 +205,7 @@ def sample_texture_loss(swapped: torch.Tensor, reconstruction: torch.Tensor, x: 
     of ``|l - mean(l)|``: zero when the samples of a patch differ from each other with the
     texture and direction of the noise f removes, whatever their level (the diversity is left
     to the rest of the objective); stripes and grid lines raise it. Images ``(N, 1, P, P)``."""
-    spectra = [radial_power_spectrum(image[:, 0].float(), 3)[..., 1:]
-               for image in (swapped - reconstruction, x - y)]
-    log_ratio = torch.log(spectra[0] + 1e-12) - torch.log(spectra[1] + 1e-12)
+    log_ratio = _log_spectrum_ratio(swapped - reconstruction, x - y, 3)
     return (log_ratio - log_ratio.mean()).abs().mean()
 
 
