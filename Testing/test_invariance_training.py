@@ -30,6 +30,7 @@ from InvarianceExplorerLib.sampler import (InvarianceModels, InvarianceSampler, 
                                            load_invariance_models, load_representation)
 from InvarianceExplorerLib.train_invariance import (HYPERPARAMETERS, _CVAEObjective, _weights_digest,
                                                     local_mean_loss, noise_spectrum_loss, sample_texture_loss,
+                                                    spread_loss,
                                                     train_cinn,
                                                     train_cvae)
 
@@ -238,6 +239,37 @@ def test_sample_texture_term_asks_samples_to_differ_like_noise(denoiser_folder):
         assert torch.allclose(out.swapped, rep.decode(codes, 0.1 * x[:4]), atol=1e-6)
         losses = objective.step(0.1 * x[:4], 0.1 * x[:4], 1, torch.Generator().manual_seed(2))
         assert (losses["sample_texture"] > 0) == (lam > 0)
+
+
+def test_sample_terms_ask_decodes_of_one_output_to_differ_where_f_does_not_look(denoiser_folder):
+    """P is zero once two decodes of one f(x) differ as much as the reconstruction differs
+    from x, positive (and pushing them apart) below that; ``lam_swap_cons`` and ``lam_spread``
+    add the swapped consistency and P to the cVAE step, and P's step also lets the critic
+    judge the swapped decodes."""
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 32, 32, generator=rng)
+    r = x + 0.2 * torch.randn(4, 1, 32, 32, generator=rng)
+    error = (x - r).abs().mean()
+    apart = torch.randn(4, 1, 32, 32, generator=rng)
+    apart = apart / apart.abs().mean()
+    assert spread_loss(r + 2 * error * apart, r, x).item() == 0.0
+    assert spread_loss(r + 0.25 * error * apart, r, x).item() == pytest.approx(0.75 * error.item(), rel=1e-4)
+    a = torch.tensor(0.25, requires_grad=True)
+    spread_loss(r + a * error * apart, r, x).backward()
+    assert a.grad.item() < 0  # descending the term moves the decodes apart
+    hp = {**HYPERPARAMETERS["cvae"], "z_dim": 16, "channels": (8, 16, 16, 32), "lam_perc": 0.0, "adv_start": 100}
+    torch.manual_seed(0)
+    for name, lam in (("lam_swap_cons", 1.0), ("lam_spread", 1.0), ("lam_spread", 0.0)):
+        objective = _CVAEObjective({**hp, name: lam}, 32, denoiser_folder)
+        assert ("denoiser" in objective.networks) == (name == "lam_swap_cons")
+        objective.wrapped = dict(objective.networks)
+        judged = []
+        hook = objective.networks["critic"].register_forward_hook(lambda m, i, o: judged.append(o.shape[0]))
+        losses = objective.step(0.1 * x, 0.1 * x, 1, torch.Generator().manual_seed(2))
+        hook.remove()
+        assert (losses["swap_consistency"] > 0) == (name == "lam_swap_cons")
+        assert (losses["spread"] > 0) == (name == "lam_spread" and lam > 0)
+        assert judged[-1] == (8 if name == "lam_spread" and lam > 0 else 4)  # the adversarial term's batch
 
 
 def test_cvae_resumes_exactly(pairs, denoiser_folder, cvae_run, tmp_path):

@@ -52,7 +52,7 @@ def parse_budget(text: str) -> dict:
 def seconds_per_cvae_step(denoiser_folder: Path, patch_size: int, batch_size: int, device, repeats: int = 2,
                           hyperparameters: Optional[dict] = None) -> float:
     """Wall seconds of one full cVAE step (critic, gradient penalty, adversarial weight, and
-    the consistency term when ``lam_cons`` is set) of the representation the fit will train
+    every term its hyperparameters switch on) of the representation the fit will train
     (``hyperparameters``: its overrides of ``HYPERPARAMETERS["cvae"]``) on random patches,
     timed here after one warm-up step."""
     from .denoisers import load_denoiser

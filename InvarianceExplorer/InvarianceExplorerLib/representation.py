@@ -282,7 +282,7 @@ class Representation(nn.Module):
         draws are ``noise`` ``(N, z_dim)`` when given (e.g. drawn on the CPU for the same
         numbers on every device), else drawn from ``generator`` (on the device of x).
         ``swapped``: also decode every patch's f(x) with the code of the next patch in the
-        batch (:attr:`RepresentationOutput.swapped`; training's sample-texture term)."""
+        batch (:attr:`RepresentationOutput.swapped`; training's terms on samples)."""
         mean, logvar = self.encode(x, y)
         z = mean
         if sample:

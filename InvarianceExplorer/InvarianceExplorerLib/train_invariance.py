@@ -8,7 +8,8 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   r with the gradient penalty (Gulrajani et al. 2017) weighted ``lam_gp``; then one cVAE
   step on ``L1(r, x) + kl_weight * KL / pixels + lam_perc * L1(phi(r), phi(x)) +
   lam_cons * L1(f(r), f(x)) + lam_nps * S(r, x, f(x)) + lam_local_mean * M(r, x) +
-  lam_sample_texture * T(r', r, x, f(x)) + w_adv * (-critic(r, f(x)))``.
+  lam_sample_texture * T(r', r, x, f(x)) + lam_swap_cons * L1(f(r'), f(x)) +
+  lam_spread * P(r', r, x) + w_adv * (-critic(r, f(x)))``.
   The consistency term
   ``L1(f(r), f(x))`` (ours, not the paper's; f frozen, gradients through it) asks the
   decoder to put what it cannot reconstruct of x where f does not look: a reconstruction
@@ -39,6 +40,16 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   of either direction and grid lines), to have the shape (not the level) of the noise f
   removes from x: two noise realisations, the invariances every denoiser has, differ by
   such noise.
+  The swapped consistency ``L1(f(r'), f(x))`` and the spread term P (:func:`spread_loss`;
+  both ours, off by default) aim at what sampling needs: the invariances of one patch are
+  decodes of f(x) with other codes, and decoders fitted without them ignore z (the samples
+  of a bundled model differed by 0.5-3 HU while they differed from x by 8-12 HU). The
+  swapped consistency asks a decode with another patch's code to keep f's output; P asks
+  the two decodes of one f(x) to differ at least as much as the reconstruction differs
+  from x (``relu(mean|x - r| - mean|r' - r|)``, the first held fixed): x is one more sample
+  of p(x | f(x)) for a sampler that is calibrated, so its samples are as far from each
+  other as from x. With ``lam_spread`` set, the adversarial term also judges r', so the
+  spread is spent on CT-like images.
   phi are the deep features of our
   :class:`~.denoisers.FeatureNetwork` (the paper's perceptual term; ImageNet VGG cannot be
   downloaded here): taken from ``feature_network`` or the denoiser's own folder when it
@@ -119,7 +130,7 @@ from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_se
 HYPERPARAMETERS = {
     "cvae": dict(lr=2e-4, betas=(0.5, 0.9), kl_weight=1e-4, lam_gp=10.0, n_critic=1, lam_adv=0.5, adv_start=500,
                  lam_perc=0.1, lam_cons=0.0, lam_nps=0.0, nps_sectors=1, lam_local_mean=0.0, local_mean_pixels=16,
-                 lam_sample_texture=0.0,
+                 lam_sample_texture=0.0, lam_swap_cons=0.0, lam_spread=0.0,
                  max_adv_weight=1e4, adv_min_separation=None,
                  critic_widths=(32, 32, 64, 64, 128, 128), critic_hidden=256,
                  z_dim=256, channels=tuple(DEFAULT_CHANNELS), conditional=True, full_resolution_subunits=1,
@@ -209,6 +220,15 @@ def sample_texture_loss(swapped: torch.Tensor, reconstruction: torch.Tensor, x: 
     return (log_ratio - log_ratio.mean()).abs().mean()
 
 
+def spread_loss(swapped: torch.Tensor, reconstruction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The spread term P (images' units): ``relu(mean|x - r| - mean|r' - r|)`` with
+    ``r' = swapped`` and ``r = reconstruction`` two decodes of the same f(x) and the
+    reconstruction error held fixed: zero once the decodes of one f(x) differ from each other
+    at least as much as the reconstruction differs from x. Images ``(N, 1, P, P)``."""
+    error = (x - reconstruction).abs().mean().detach()
+    return F.relu(error - (swapped - reconstruction).abs().mean())
+
+
 def _noise(shape, rng: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     """Standard normal numbers drawn on the CPU (same on every device), moved to ``like``."""
     return torch.randn(shape, generator=rng).to(like)
@@ -232,7 +252,7 @@ class _CVAEObjective(_Objective):
                             hidden=hp["critic_hidden"])
         self.networks = {"representation": rep, "critic": critic,
                          "feature_network": FeatureNetwork().eval().requires_grad_(False)}
-        if hp["lam_cons"] != 0:  # f itself, frozen, for the consistency term
+        if hp["lam_cons"] != 0 or hp["lam_swap_cons"] != 0:  # f itself, frozen, for the consistency terms
             from .denoisers import load_denoiser
 
             self.networks["denoiser"] = load_denoiser(denoiser_folder).network.eval().requires_grad_(False)
@@ -277,27 +297,34 @@ class _CVAEObjective(_Objective):
     def step(self, x, y, step, rng):
         hp, rep = self.hp, self.wrapped["representation"]
         features = self.networks["feature_network"].features
+        zero = torch.zeros((), device=x.device)
+        swapped = any(hp[k] != 0 for k in ("lam_sample_texture", "lam_swap_cons", "lam_spread"))
         out = rep(x, y, sample=True, noise=_noise((x.shape[0], self.networks["representation"].z_dim), rng, x),
-                  swapped=hp["lam_sample_texture"] != 0)
+                  swapped=swapped)
         fake = out.reconstruction.detach()
         for _ in range(hp["n_critic"]):
             wasserstein, penalty = self.critic_step(x, fake, y, rng)
         self.networks["critic"].requires_grad_(False)
-        adversarial = -self.networks["critic"](self._pair(out.reconstruction, y)).mean()
-        perceptual = (F.l1_loss(features(out.reconstruction), features(x)) if hp["lam_perc"] != 0
-                      else torch.zeros((), device=x.device))
+        judged, condition = out.reconstruction, y
+        if hp["lam_spread"] != 0:  # the spread is spent on CT-like images: r' is judged too
+            judged, condition = torch.cat((out.reconstruction, out.swapped)), torch.cat((y, y))
+        adversarial = -self.networks["critic"](self._pair(judged, condition)).mean()
+        perceptual = F.l1_loss(features(out.reconstruction), features(x)) if hp["lam_perc"] != 0 else zero
         losses = representation_loss(out, x, hp["kl_weight"])
-        consistency = (F.l1_loss(self.networks["denoiser"](out.reconstruction), y) if "denoiser" in self.networks
-                       else torch.zeros((), device=x.device))
+        consistency = F.l1_loss(self.networks["denoiser"](out.reconstruction), y) if hp["lam_cons"] != 0 else zero
         spectrum = (noise_spectrum_loss(out.reconstruction, x, y, int(hp["nps_sectors"])) if hp["lam_nps"] != 0
-                    else torch.zeros((), device=x.device))
+                    else zero)
         local_mean = (local_mean_loss(out.reconstruction, x, int(hp["local_mean_pixels"]))
-                      if hp["lam_local_mean"] != 0 else torch.zeros((), device=x.device))
-        texture = (sample_texture_loss(out.swapped, out.reconstruction, x, y) if out.swapped is not None
-                   else torch.zeros((), device=x.device))
+                      if hp["lam_local_mean"] != 0 else zero)
+        texture = (sample_texture_loss(out.swapped, out.reconstruction, x, y) if hp["lam_sample_texture"] != 0
+                   else zero)
+        swap_consistency = (F.l1_loss(self.networks["denoiser"](out.swapped), y) if hp["lam_swap_cons"] != 0
+                            else zero)
+        spread = spread_loss(out.swapped, out.reconstruction, x) if hp["lam_spread"] != 0 else zero
         likelihood = (losses["total"] + hp["lam_perc"] * perceptual + hp["lam_cons"] * consistency
                       + hp["lam_nps"] * spectrum + hp["lam_local_mean"] * local_mean
-                      + hp["lam_sample_texture"] * texture)
+                      + hp["lam_sample_texture"] * texture + hp["lam_swap_cons"] * swap_consistency
+                      + hp["lam_spread"] * spread)
         weight = torch.zeros(())
         level = hp["adv_min_separation"]
         separates = level is None or wasserstein.item() < -level
@@ -311,7 +338,7 @@ class _CVAEObjective(_Objective):
         self.networks["critic"].requires_grad_(True)
         return {"l1": losses["l1"].item(), "kl": losses["kl"].item(), "perceptual": perceptual.item(),
                 "consistency": consistency.item(), "spectrum": spectrum.item(), "local_mean": local_mean.item(),
-                "sample_texture": texture.item(),
+                "sample_texture": texture.item(), "swap_consistency": swap_consistency.item(), "spread": spread.item(),
                 "adv": adversarial.item(), "adv_weight": float(weight), "critic": wasserstein.item(),
                 "gp": penalty.item()}
 
