@@ -194,6 +194,30 @@ def test_bilinear_upsampling_has_no_block_edges():
         Representation(**TINY_REPRESENTATION, upsample="bicubic")
 
 
+def test_replicate_padding_keeps_a_uniform_condition_uniform_to_the_border():
+    """With zero padding the convolutions of a uniform f(x) see a dark frame, so its
+    conditioning features (and the pre-image branch) change near the patch border; with
+    ``padding="replicate"`` (same weights) they stay uniform up to the edge. Models saved
+    before the option build with zeros; other modes are refused."""
+    torch.manual_seed(0)
+    zeros = Representation(**TINY_REPRESENTATION, preimage_layers=3).eval()
+    replicate = Representation(**TINY_REPRESENTATION, preimage_layers=3, padding="replicate").eval()
+    replicate.load_state_dict(zeros.state_dict())
+    y = torch.full((1, 1, 32, 32), 0.7)
+    with torch.no_grad():
+        spreads = []
+        for model in (zeros, replicate):
+            modulations, base = model.condition(y)
+            maps = [base] + [m for pair in modulations for m in pair]
+            spreads.append(max(float((m - m.mean(dim=(-2, -1), keepdim=True)).abs().max()) for m in maps))
+    assert spreads[0] > 1e-2 and spreads[1] < 1e-5, spreads
+    assert replicate.arguments["padding"] == "replicate"
+    old = {k: v for k, v in zeros.arguments.items() if k != "padding"}
+    assert build_representation(**old).padding == "zeros"
+    with pytest.raises(ValueError, match="padding must be one of zeros, replicate"):
+        Representation(**TINY_REPRESENTATION, padding="circular")
+
+
 def test_default_representation_is_cheap_enough_for_the_cpu():
     """The default cVAE at 128 pixels, z of 256: decoding one patch (its f(x) conditioning
     computed once) costs under 1 GFLOP, against the reference decoder's 42."""

@@ -43,6 +43,11 @@ Our design, for CPU speed (the reference's ResNet-50 encoder and BigGAN-128 deco
   along the edges of those blocks: a grid of lines 8, 16 and 32 px apart (the model card's
   axis share, README). Bilinear upsampling has no block edges. Models saved before the
   option load with ``"nearest"``.
+* **Padding** (``padding``; training's ``--set cvae.padding=replicate``): every convolution
+  pads with zeros (the default, and models saved before the option), so near the patch
+  border each feature map sees a dark frame that is not in the image; decoders varied their
+  samples most in a rim along the border (README). ``"replicate"`` pads with the border
+  pixels instead, so a uniform f(x) gives uniform features up to the edge.
 * **Encoder**: a stem convolution and stride-2 residual units down to the same ``4 x 4``
   map (widths ``channels``), then a linear layer to the mean and log-variance of z.
 * **Unconditional variant** (``conditional=False``, the "VAE shared by all denoisers" of
@@ -75,6 +80,9 @@ ACT = ("leakyrelu", {"negative_slope": 0.2})
 
 #: The decoder's 2x upsampling modes (module docstring).
 UPSAMPLING = ("nearest", "bilinear")
+
+#: The convolutions' padding modes (module docstring).
+PADDINGS = ("zeros", "replicate")
 
 #: Default widths (feature maps) from full resolution down to the bottleneck: 128 -> 4 pixels.
 DEFAULT_CHANNELS = (16, 24, 48, 96, 128, 64)
@@ -146,11 +154,13 @@ class Representation(nn.Module):
             docstring); conditional models only.
         upsample: the decoder's 2x upsampling between stages, ``"nearest"`` (models saved
             before the option) or ``"bilinear"`` (module docstring).
+        padding: how every convolution pads, ``"zeros"`` (models saved before the option)
+            or ``"replicate"`` (module docstring).
     """
 
     def __init__(self, patch_size: int = 128, z_dim: int = 256, channels: Sequence[int] = DEFAULT_CHANNELS,
                  conditional: bool = True, full_resolution_subunits: int = 1, z_modulation: bool = False,
-                 preimage_layers: int = 0, upsample: str = "nearest"):
+                 preimage_layers: int = 0, upsample: str = "nearest", padding: str = "zeros"):
         super().__init__()
         channels = [int(c) for c in channels]
         levels = len(channels) - 1
@@ -168,6 +178,9 @@ class Representation(nn.Module):
         if upsample not in UPSAMPLING:
             raise ValueError(f"upsample must be one of {', '.join(UPSAMPLING)}; got {upsample!r}")
         self.upsample = upsample
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {', '.join(PADDINGS)}; got {padding!r}")
+        self.padding = padding
         self.bottom = patch_size // 2 ** levels
         flat = channels[-1] * self.bottom ** 2
 
@@ -198,13 +211,17 @@ class Representation(nn.Module):
             self.modulations = nn.ModuleList([_conv(c, 2 * c, kernel_size=1, act=None) for c in channels])
         if self.preimage_layers:
             self.preimage = preimage_branch(self.preimage_layers, 2 * channels[0])
+        for layer in self.modules():  # the same weights pad another way (torch's padding_mode)
+            if isinstance(layer, nn.Conv2d) and any(layer.padding):
+                layer.padding_mode = padding
 
     @property
     def arguments(self) -> dict:
         """The constructor arguments (JSON-able), for the model folder's metadata."""
         return {"patch_size": self.patch_size, "z_dim": self.z_dim, "channels": list(self.channels),
                 "conditional": self.conditional, "full_resolution_subunits": self.full_resolution_subunits,
-                "z_modulation": self.z_modulation, "preimage_layers": self.preimage_layers, "upsample": self.upsample}
+                "z_modulation": self.z_modulation, "preimage_layers": self.preimage_layers, "upsample": self.upsample,
+                "padding": self.padding}
 
     def _check(self, image: torch.Tensor, name: str) -> None:
         if image.ndim != 4 or image.shape[1] != 1 or tuple(image.shape[-2:]) != (self.patch_size,) * 2:
