@@ -270,6 +270,15 @@ def test_sample_terms_ask_decodes_of_one_output_to_differ_where_f_does_not_look(
         assert (losses["swap_consistency"] > 0) == (name == "lam_swap_cons")
         assert (losses["spread"] > 0) == (name == "lam_spread" and lam > 0)
         assert judged[-1] == (8 if name == "lam_spread" and lam > 0 else 4)  # the adversarial term's batch
+    rep = objective.networks["representation"]  # the second code: another draw of the patch's own posterior
+    second = torch.randn(4, 16, generator=rng)
+    out = rep(0.1 * x, 0.1 * x, noise=torch.zeros(4, 16), second_noise=second)
+    assert torch.allclose(out.swapped, rep.decode(out.mean + torch.exp(0.5 * out.logvar) * second, 0.1 * x), atol=1e-6)
+    objective = _CVAEObjective({**hp, "lam_spread": 1.0, "second_code": "posterior"}, 32, denoiser_folder)
+    objective.wrapped = dict(objective.networks)
+    assert objective.step(0.1 * x, 0.1 * x, 1, torch.Generator().manual_seed(2))["spread"] > 0
+    with pytest.raises(ValueError, match="second_code must be 'other'"):
+        _CVAEObjective({**hp, "second_code": "mine"}, 32, denoiser_folder)
 
 
 def test_cvae_resumes_exactly(pairs, denoiser_folder, cvae_run, tmp_path):

@@ -124,9 +124,10 @@ class RepresentationOutput:
         reconstruction: D(z, f(x)), ``(N, 1, P, P)`` in network units.
         mean, logvar: the posterior q(z | x, f(x)), ``(N, z_dim)`` each (log-variance in nats).
         z: the latent code that was decoded (a sample of q, or its mean).
-        swapped: D(z of the next patch in the batch, f(x)) (``swapped=True``; else None):
-            another decode of the same f(x), whose difference from ``reconstruction`` is how
-            the decoder varies its samples of one patch.
+        swapped: D(z', f(x)) with z' the code of the next patch in the batch
+            (``swapped=True``) or another draw of q(z | x, f(x)) (``second_noise``); else
+            None: another decode of the same f(x), whose difference from ``reconstruction``
+            is how the decoder varies its samples of one patch.
     """
 
     reconstruction: torch.Tensor
@@ -293,13 +294,14 @@ class Representation(nn.Module):
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, sample: bool = True,
                 generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None,
-                swapped: bool = False) -> RepresentationOutput:
+                swapped: bool = False, second_noise: Optional[torch.Tensor] = None) -> RepresentationOutput:
         """Encode and decode: z is drawn from q(z | x, f(x)) by the reparametrisation trick
         (``sample=True``, training) or is its mean (``sample=False``). The standard normal
         draws are ``noise`` ``(N, z_dim)`` when given (e.g. drawn on the CPU for the same
         numbers on every device), else drawn from ``generator`` (on the device of x).
         ``swapped``: also decode every patch's f(x) with the code of the next patch in the
-        batch (:attr:`RepresentationOutput.swapped`; training's terms on samples)."""
+        batch, or (``second_noise``, standard normal ``(N, z_dim)``) with a second draw of its
+        own posterior (:attr:`RepresentationOutput.swapped`; training's terms on samples)."""
         mean, logvar = self.encode(x, y)
         z = mean
         if sample:
@@ -307,7 +309,11 @@ class Representation(nn.Module):
                 noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             z = mean + torch.exp(0.5 * logvar) * noise.to(mean)
         condition = self.condition(y)
-        other = self.decode(z.roll(1, dims=0), y, condition) if swapped else None
+        other = None
+        if second_noise is not None:
+            other = self.decode(mean + torch.exp(0.5 * logvar) * second_noise.to(mean), y, condition)
+        elif swapped:
+            other = self.decode(z.roll(1, dims=0), y, condition)
         return RepresentationOutput(self.decode(z, y, condition), mean, logvar, z, other)
 
 

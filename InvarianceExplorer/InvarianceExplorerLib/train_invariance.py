@@ -49,7 +49,11 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   from x (``relu(mean|x - r| - mean|r' - r|)``, the first held fixed): x is one more sample
   of p(x | f(x)) for a sampler that is calibrated, so its samples are as far from each
   other as from x. With ``lam_spread`` set, the adversarial term also judges r', so the
-  spread is spent on CT-like images.
+  spread is spent on CT-like images. r' decodes the code of the next patch in the batch
+  (``second_code="other"``), or a second draw of the patch's own posterior
+  (``"posterior"``): with other patches' codes asked to keep f's output, a CNN-10 fit's
+  encoder stopped describing x (KL near 0, README); with two draws of one posterior, the
+  terms ask the posterior to be as wide as the reconstruction's error instead.
   phi are the deep features of our
   :class:`~.denoisers.FeatureNetwork` (the paper's perceptual term; ImageNet VGG cannot be
   downloaded here): taken from ``feature_network`` or the denoiser's own folder when it
@@ -130,7 +134,7 @@ from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_se
 HYPERPARAMETERS = {
     "cvae": dict(lr=2e-4, betas=(0.5, 0.9), kl_weight=1e-4, lam_gp=10.0, n_critic=1, lam_adv=0.5, adv_start=500,
                  lam_perc=0.1, lam_cons=0.0, lam_nps=0.0, nps_sectors=1, lam_local_mean=0.0, local_mean_pixels=16,
-                 lam_sample_texture=0.0, lam_swap_cons=0.0, lam_spread=0.0,
+                 lam_sample_texture=0.0, lam_swap_cons=0.0, lam_spread=0.0, second_code="other",
                  max_adv_weight=1e4, adv_min_separation=None,
                  critic_widths=(32, 32, 64, 64, 128, 128), critic_hidden=256,
                  z_dim=256, channels=tuple(DEFAULT_CHANNELS), conditional=True, full_resolution_subunits=1,
@@ -243,6 +247,9 @@ class _CVAEObjective(_Objective):
     def __init__(self, hp: dict, patch_size: int, denoiser_folder: Path):
         super().__init__(hp)
         block = int(hp["local_mean_pixels"])
+        if hp["second_code"] not in ("other", "posterior"):
+            raise ValueError(f"second_code must be 'other' (the code of another patch) or 'posterior' (a second "
+                             f"draw of the patch's own posterior); got {hp['second_code']!r}")
         if hp["lam_local_mean"] != 0 and (block < 1 or patch_size % block):
             raise ValueError(f"local_mean_pixels must divide the patch size {patch_size}; got {block}")
         if int(hp["nps_sectors"]) not in (1, 2, 3):
@@ -300,8 +307,9 @@ class _CVAEObjective(_Objective):
         features = self.networks["feature_network"].features
         zero = torch.zeros((), device=x.device)
         swapped = any(hp[k] != 0 for k in ("lam_sample_texture", "lam_swap_cons", "lam_spread"))
-        out = rep(x, y, sample=True, noise=_noise((x.shape[0], self.networks["representation"].z_dim), rng, x),
-                  swapped=swapped)
+        shape = (x.shape[0], self.networks["representation"].z_dim)
+        second = _noise(shape, rng, x) if swapped and hp["second_code"] == "posterior" else None
+        out = rep(x, y, sample=True, noise=_noise(shape, rng, x), swapped=swapped, second_noise=second)
         fake = out.reconstruction.detach()
         for _ in range(hp["n_critic"]):
             wasserstein, penalty = self.critic_step(x, fake, y, rng)
