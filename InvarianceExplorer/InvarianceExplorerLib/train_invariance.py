@@ -52,8 +52,9 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   spread is spent on CT-like images. r' decodes the code of the next patch in the batch
   (``second_code="other"``), or a second draw of the patch's own posterior
   (``"posterior"``): with other patches' codes asked to keep f's output, a CNN-10 fit's
-  encoder stopped describing x (KL near 0, README); with two draws of one posterior, the
-  terms ask the posterior to be as wide as the reconstruction's error instead.
+  encoder stopped describing x (KL near 0, README); two draws of one posterior ask the
+  posterior to be as wide as the reconstruction's error instead, yet a WGAN-VGG fit with
+  them ended near KL 0 as well (README).
   phi are the deep features of our
   :class:`~.denoisers.FeatureNetwork` (the paper's perceptual term; ImageNet VGG cannot be
   downloaded here): taken from ``feature_network`` or the denoiser's own folder when it
