@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from InvarianceExplorerLib.cli import main
 from InvarianceExplorerLib.result_folder import FILES as SAMPLE_OUTPUTS
-from InvarianceExplorerLib.denoisers import Denoiser, build_denoiser, read_metadata, save_denoiser
+from InvarianceExplorerLib.denoisers import Denoiser, build_denoiser, read_metadata, save_denoiser, write_metadata
 from InvarianceExplorerLib.image import CTImage
 from InvarianceExplorerLib.inference import apply_network
 from InvarianceExplorerLib.invariance_flow import InvarianceFlow, nll_per_dimension
@@ -29,9 +29,9 @@ from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.phantom import chest_phantom
 from InvarianceExplorerLib.representation import (Representation, build_representation, kl_divergence,
                                                    reconstruction_loss, representation_loss)
-from InvarianceExplorerLib.sampler import (AIR_HU, InvarianceModels, InvarianceSampler, crop_patch,
-                                           has_invariance_models, load_invariance_models, run_with_memory_fallback,
-                                           save_invariance_models)
+from InvarianceExplorerLib.sampler import (AIR_HU, InvarianceModels, InvarianceSampler, Refinement, crop_patch,
+                                           has_invariance_models, load_invariance_models, refine_invariances,
+                                           run_with_memory_fallback, save_invariance_models)
 
 TINY_REPRESENTATION = dict(patch_size=32, z_dim=16, channels=(8, 16, 16, 32))
 TINY_FLOW = dict(z_dim=16, n_flows=4, hidden=32, embedding_dim=8, embedding_channels=(8, 8))
@@ -388,6 +388,62 @@ def test_sampler_is_deterministic_and_consistent(low_dose_slice):
         sampler.sample(low_dose_slice.array, count=2)
 
 
+def test_refinement_keeps_one_minus_gain_squared_of_what_f_passes_on():
+    """For f = g * identity, one step keeps (1 - g^2) of x~'s difference from the pre-image;
+    a step that would raise an image's loss (g^2 > 2) is not taken and its size halves."""
+    x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    d = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    for g, steps, kept in ((0.6, 1, 0.64), (0.6, 3, 0.64 ** 3), (1.5, 1, 1.0), (1.5, 2, 1 - 0.5 * 2.25)):
+        refined, out = refine_invariances(lambda t: g * t, x + d, g * x, steps)
+        assert torch.allclose(refined - x, kept * d, atol=1e-5), (g, steps)
+        assert torch.allclose(out, g * refined) and not refined.requires_grad
+
+
+def test_refinement_settings_are_checked():
+    assert Refinement.parse(None) == Refinement() and not Refinement()
+    assert Refinement.parse("5,1") == Refinement.parse((5, 1)) == Refinement.parse({"centre": 5, "sample": 1})
+    assert Refinement(5, 1).as_dict() == {"centre": 5, "sample": 1} and Refinement(0, 2)
+    for bad in ("5", "a,1", (1, 2, 3), (-1, 0), (1.5, 0), (True, 0), {"centre": 1, "steps": 2}):
+        with pytest.raises(ValueError, match="consistency refinement"):
+            Refinement.parse(bad)
+
+
+def test_sampler_refinement_moves_invariances_towards_f_of_x(low_dose_slice, model_folder):
+    sampler = InvarianceSampler(tiny_models(), device="cpu")
+    assert not sampler.models.refinement  # models built in memory: no refinement unless asked
+    x = crop_patch(low_dose_slice, (30, 34, 0), 32).array
+    plain = sampler.sample(x, count=6, seed=3, batch_size=4)
+    assert plain.refinement == Refinement()
+    outputs = {}
+    for refinement in ((3, 0), (0, 2), (3, 1)):
+        result = sampler.sample(x, count=6, seed=3, batch_size=4, refinement=refinement)
+        again = sampler.sample(x, count=6, seed=3, batch_size=4, refinement=refinement)
+        assert np.array_equal(result.invariances, again.invariances)  # deterministic
+        assert result.refinement == Refinement(*refinement)
+        # every sample's output moved towards f(x), and f of the refined samples is what is reported
+        assert (result.mean_abs_output_change_hu < plain.mean_abs_output_change_hu).all(), refinement
+        with torch.inference_mode():
+            y = apply_network(sampler.models.denoiser.network,
+                              PAPER_NORMALIZATION.normalize(torch.from_numpy(result.invariances))[:, None])
+        assert np.allclose(result.denoised_invariances, PAPER_NORMALIZATION.denormalize(y)[:, 0].numpy(), atol=1e-3)
+        outputs[refinement] = result
+    # the centre steps add one image to every sample: how the samples differ stays; sample steps change it
+    shift = outputs[(3, 0)].invariances - plain.invariances
+    assert np.allclose(shift, shift[0], atol=1e-2) and np.abs(shift).mean() > 0.1
+    spread = np.abs(plain.invariances - plain.invariances.mean(0)).mean()
+    assert np.abs(outputs[(0, 2)].invariances - outputs[(0, 2)].invariances.mean(0)).mean() != pytest.approx(spread)
+    # a model folder's setting is the sampler's default; folders without it refine nothing
+    assert load_invariance_models(model_folder).refinement == Refinement()
+    metadata = read_metadata(model_folder)
+    metadata["invariance"]["refinement"] = {"centre": 2, "sample": 1}
+    write_metadata(model_folder, metadata)
+    try:
+        assert InvarianceSampler(model_folder, device="cpu").sample(x, count=2, seed=0).refinement == Refinement(2, 1)
+    finally:
+        del metadata["invariance"]["refinement"]
+        write_metadata(model_folder, metadata)
+
+
 def test_unconditional_representation_samples_too(low_dose_slice):
     sampler = InvarianceSampler(tiny_models(conditional=False), device="cpu")
     result = sampler.sample(sampler.crop(low_dose_slice, (32, 32)).array, count=3, seed=0)
@@ -485,7 +541,8 @@ def test_sample_command_writes_every_output(model_folder, low_dose_slice, tmp_pa
     ct = write_nrrd(low_dose_slice, tmp_path / "ld.nrrd")
     out = tmp_path / "results" / "sample"
     argv = ["sample", "--model", str(model_folder), "--input", ct, "--center", "40,20,0", "--count", "5",
-            "--seed", "3", "--batch-size", "2", "--device", "auto", "--out", str(out), "--progress", "json"]
+            "--seed", "3", "--batch-size", "2", "--device", "auto", "--out", str(out), "--progress", "json",
+            "--refine", "2,1"]
     assert main(argv) == 0
     events = _events(capsys.readouterr().out)
     stages = [e["stage"] for e in events if e["event"] == "stage"]
@@ -518,8 +575,10 @@ def test_sample_command_writes_every_output(model_folder, low_dose_slice, tmp_pa
     assert numbers["consistency"] == pytest.approx(
         np.mean([s["mean_abs_output_change_hu"] for s in numbers["samples"]]) /
         np.mean([s["mean_abs_change_hu"] for s in numbers["samples"]]), rel=1e-5)
+    assert numbers["refinement"] == {"centre": 2, "sample": 1}  # --refine over the folder's setting (none)
     # the same numbers as the engine gives for that patch and seed
-    engine = InvarianceSampler(model_folder, device="cpu").sample(crop.array, count=5, seed=3, batch_size=2)
+    engine = InvarianceSampler(model_folder, device="cpu").sample(crop.array, count=5, seed=3, batch_size=2,
+                                                                  refinement=(2, 1))
     assert np.allclose(stack.array, engine.invariances, atol=1e-3)
 
     from PIL import Image

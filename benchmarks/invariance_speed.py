@@ -10,7 +10,10 @@ weights beside a random-weight denoiser of that architecture, labelled so), on t
   2 CPU cores, <= 20 ms on one H100);
 * denoiser: f(x~) on the ``--count`` invariances (the consistency check; as fast as torch
   runs that network here);
-* the whole :meth:`~InvarianceExplorerLib.sampler.InvarianceSampler.sample` call.
+* the whole :meth:`~InvarianceExplorerLib.sampler.InvarianceSampler.sample` call, without
+  consistency refinement, and with the model's (:class:`~InvarianceExplorerLib.sampler.Refinement`:
+  the refinement's gradient steps pass through f forward and backward, so they cost what f
+  costs).
 
 Times are the median of ``--repeats`` runs after one warm-up, in inference mode, batches of
 ``--batch-size``. Each (model, device) runs in its own process, so that the peak memory is
@@ -115,7 +118,11 @@ def measure(name: str, device_name: str, threads: int, count: int, batch_size: i
     sampler_s = _timed(sampler, device, repeats)
     denoiser_s = _timed(denoiser, device, repeats)
     whole = InvarianceSampler(models, device=device)
-    total_s = _timed(lambda: whole.sample(x_hu, count=count, seed=0, batch_size=batch_size), device, repeats)
+    total_s = _timed(lambda: whole.sample(x_hu, count=count, seed=0, batch_size=batch_size, refinement=(0, 0)),
+                     device, repeats)
+    refinement = models.refinement
+    refined_s = _timed(lambda: whole.sample(x_hu, count=count, seed=0, batch_size=batch_size), device,
+                       repeats) if refinement else None
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
         where = torch.cuda.get_device_name(device)
@@ -124,7 +131,8 @@ def measure(name: str, device_name: str, threads: int, count: int, batch_size: i
         where = "cpu"
     return {"model": name, "device": where, "threads": threads if device.type == "cpu" else None,
             "patch": p, "count": count, "batch_size": batch_size, "setup_s": setup_s, "sampler_s": sampler_s,
-            "denoiser_s": denoiser_s, "total_s": total_s, "peak_mb": peak_mb,
+            "denoiser_s": denoiser_s, "total_s": total_s, "refinement": refinement.as_dict(),
+            "refined_s": refined_s, "peak_mb": peak_mb,
             "memory": "CUDA max allocated" if device.type == "cuda" else "process peak RSS"}
 
 
@@ -171,12 +179,15 @@ def main() -> None:
     print(f"{args.count} invariances of one patch, batches of {args.batch_size}, median of {args.repeats} runs")
     print()
     print("| model | device | threads | patch | once per patch (ms) | sampler: cINN + decoder (s) | "
-          "denoiser f(x~) (s) | whole sample() (s) | peak memory (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "denoiser f(x~) (s) | whole sample() (s) | with the model's consistency refinement (s) | "
+          "peak memory (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         label = Path(r["model"]).name if not r["model"].startswith(RANDOM) else r["model"] + " (random weights)"
         print(f"| {label} | {r['device']} | {r['threads'] or '–'} | {r['patch']}² | {1000 * r['setup_s']:.1f} | "
-              f"{r['sampler_s']:.3f} | {r['denoiser_s']:.3f} | {r['total_s']:.3f} | {r['peak_mb']:.0f} "
+              f"{r['sampler_s']:.3f} | {r['denoiser_s']:.3f} | {r['total_s']:.3f} | "
+              + (f"{r['refined_s']:.3f} ({r['refinement']['centre']} + {r['refinement']['sample']} steps)"
+                 if r["refined_s"] is not None else "– (none)") + f" | {r['peak_mb']:.0f} "
               f"({r['memory']}) |")
 
 

@@ -36,6 +36,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _refinement(text: str) -> tuple:
+    """``CENTRE,SAMPLE`` -> two whole numbers >= 0 (checked again by the engine's Refinement)."""
+    try:
+        value = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        value = ()
+    if len(value) != 2 or min(value) < 0:
+        raise argparse.ArgumentTypeError(f"give two whole numbers >= 0, e.g. 5,1 (0,0: none); got {text}")
+    return value
+
+
 def _hyperparameter(text: str) -> tuple:
     """``NAME=VALUE`` -> (name, value); the value is read as JSON (numbers, lists), else kept as text."""
     name, sep, value = text.partition("=")
@@ -199,6 +210,8 @@ def _add_train_invariance(train_sub) -> None:
                               "patches every step)")
         p.add_argument("--fidelity-slices", type=int, default=8,
                        help="test slices for the fidelity figures of the model card (0: none; default 8)")
+        if kind == "cinn":
+            _add_refinement(p, "written into the model folder (default: the engine's, sampler.DEFAULT_REFINEMENT)")
         p.add_argument("--weights-dtype", choices=list(WEIGHT_DTYPES), default="float32",
                        help="storage of the exported weights (default float32)")
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", type=_hyperparameter,
@@ -236,7 +249,7 @@ def _cmd_train_cinn(args) -> int:
                         device=args.device, num_workers=args.num_workers, val_patches=args.val_patches,
                         weights_dtype=args.weights_dtype, hyperparameters=dict(args.set),
                         fidelity_slices=args.fidelity_slices, pool_patches=args.pool_patches,
-                        progress=not args.no_progress)
+                        refinement=args.refine, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":
         with open(folder / "metadata.json") as f:
             info = json.load(f)["invariance"]
@@ -290,6 +303,7 @@ def _add_fit(p) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="cVAE patches per batch (default 8)")
     p.add_argument("--patch-size", type=_positive_int, default=128, help="patch side in pixels (default 128)")
     p.add_argument("--fidelity-slices", type=int, default=4, help="test slices for the fidelity figures (default 4)")
+    _add_refinement(p, "written into the model folder (default: the engine's, sampler.DEFAULT_REFINEMENT)")
     p.add_argument("--weights-dtype", choices=list(WEIGHT_DTYPES), default="float32",
                    help="storage of the cVAE and cINN weights (default float32)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.NAME=VALUE", type=_hyperparameter,
@@ -340,7 +354,7 @@ def _cmd_fit(args) -> int:
     out = fit(args.denoiser, args.data, args.out, budget=args.budget, device=args.device, seed=args.seed,
               resume=args.resume, work=args.work, patch_size=args.patch_size, batch_size=args.batch_size,
               fidelity_slices=args.fidelity_slices, weights_dtype=args.weights_dtype, hyperparameters=overrides,
-              progress=not args.no_progress, dicom=args.dicom, **settings)
+              progress=not args.no_progress, dicom=args.dicom, refinement=args.refine, **settings)
     if os.environ.get("RANK", "0") == "0":
         with open(out / "metadata.json") as f:
             metadata = json.load(f)
@@ -375,6 +389,13 @@ def _add_denoise(den) -> None:
     den.set_defaults(func=_cmd_denoise)
 
 
+def _add_refinement(parser, which: str) -> None:
+    parser.add_argument("--refine", type=_refinement, default=None, metavar="CENTRE,SAMPLE",
+                        help="consistency refinement: gradient steps that move the sampled invariances x~ towards "
+                             "f(x~) = f(x), keeping what f does not pass on: CENTRE steps on the flow's centre, "
+                             f"added to every sample, then SAMPLE steps on each (0,0: none) {which}")
+
+
 def _add_sample(sam) -> None:
     sam.add_argument("--model", required=True,
                      help="bundled denoiser name (cnn10, redcnn, wganvgg, dugan) or model folder with invariance models")
@@ -384,6 +405,7 @@ def _add_sample(sam) -> None:
     sam.add_argument("--count", type=_positive_int, default=64, help="number of invariances to sample (default 64)")
     sam.add_argument("--seed", type=int, default=0, help="seed of the sampled codes (default 0)")
     sam.add_argument("--batch-size", type=_positive_int, default=10, help="invariances per forward pass (default 10)")
+    _add_refinement(sam, "(default: the model folder's setting)")
     sam.add_argument("--device", default="auto", help="torch device: auto, cpu or cuda (default auto)")
     sam.add_argument("--out", type=Path, required=True,
                      help="output folder, created whole (it must not exist or be empty)")
@@ -610,7 +632,7 @@ def _cmd_sample(args) -> int:
         current["update"](done)
 
     result = sampler.sample(patch.array, count=args.count, seed=args.seed, batch_size=args.batch_size,
-                            progress=report)
+                            progress=report, refinement=args.refine)
     update = progress.stage("writing", len(FILES), f"Writing {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
@@ -635,6 +657,7 @@ def _cmd_sample(args) -> int:
             "mean_abs_change_hu": float(result.mean_abs_change_hu.mean()),
             "mean_abs_output_change_hu": float(result.mean_abs_output_change_hu.mean()),
             "consistency": result.consistency,
+            "refinement": result.refinement.as_dict(),
             "reconstruction": {"mean_abs_error_hu": float(np.abs(result.reconstruction - result.x).mean()),
                                "mean_abs_output_error_hu": float(np.abs(result.denoised_reconstruction -
                                                                         result.denoised).mean())},

@@ -112,7 +112,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
         arguments: Optional[dict] = None, name: Optional[str] = None, budget: str = DEFAULT_BUDGET,
         device="auto", seed: int = 0, resume: bool = False, work=None, patch_size: int = 128, batch_size: int = 8,
         fidelity_slices: int = 4, weights_dtype: str = "float32", hyperparameters: Optional[dict] = None,
-        progress: bool = True, dicom: str = "auto") -> Path:
+        progress: bool = True, dicom: str = "auto", refinement=None) -> Path:
     """Import the denoiser ``source`` (see :func:`~.custom_denoisers.import_denoiser` for
     ``normalization``, ``use``, ``class_path``, ``arguments``, ``name``; a model folder, e.g.
     of ``train denoiser``, is taken as it is and they are ignored), fit its invariance
@@ -121,7 +121,9 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     model folder ``out`` whole (replacing it only when it is the output of an earlier fit).
     ``work`` (default ``<out>.work``) keeps the runs; ``resume`` continues them.
     ``hyperparameters``: ``{"cvae": {...}, "cinn": {...}}`` overrides of
-    :data:`~.train_invariance.HYPERPARAMETERS` (e.g. a smaller model). Returns ``out``."""
+    :data:`~.train_invariance.HYPERPARAMETERS` (e.g. a smaller model). ``refinement``: the
+    sampler's consistency refinement written into the folder (None: the engine's default,
+    :data:`~.sampler.DEFAULT_REFINEMENT`). Returns ``out``."""
     from . import __version__
     from .custom_denoisers import import_denoiser
     from .datasets import SimulatedDataset, open_source
@@ -180,7 +182,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
                                 val_patches=16, **common)
         model = train_cinn(cvae_model, data, cinn_run, epochs=EPOCHS, steps_per_epoch=steps["cinn_steps_per_epoch"],
                            resume=resume and cinn_run.exists(), pool_patches=1024, val_patches=32,
-                           hyperparameters=overrides.get("cinn"), **common)
+                           hyperparameters=overrides.get("cinn"), refinement=refinement, **common)
         if dist.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
             temporary = out.parent / f".{out.name}.partial"

@@ -10,7 +10,8 @@ as ITK writes it):
   the crop's in-plane geometry; ``denoised_invariances.nrrd`` — f(x~_k), the same way;
 * ``std.nrrd`` — the per-pixel standard deviation of the x~_k (HU);
 * ``numbers.json`` — ``{model, input, center_ijk, patch_size, count, seed, device,
-  samples: [{index, mean_abs_change_hu, mean_abs_output_change_hu}], consistency, seconds}``;
+  samples: [{index, mean_abs_change_hu, mean_abs_output_change_hu}], consistency,
+  refinement: {centre, sample} (the consistency refinement's steps), seconds}``;
 * ``figure.png``.
 
 This module reads such a folder (:func:`load_result`), gives the crop's IJK-to-RAS matrix

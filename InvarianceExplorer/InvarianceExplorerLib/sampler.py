@@ -8,6 +8,17 @@ the paper's recipe (docs/method.md, section 4; the authors' ``reconstruct.py``):
 2. draw ``v_k ~ N(0, I)``, ``z_k = t^-1(v_k | y)``, ``x~_k = D(z_k, y)``;
 3. feed each x~_k back through f and compare ``f(x~_k)`` with y.
 
+Consistency refinement (ours; :class:`Refinement`, the model folder's setting unless given)
+moves the decoded x~_k, before step 3, towards images that f maps to y, by gradient steps
+on ``0.5 ||f(x~) - y||^2`` (:func:`refine_invariances`): the range / null-space split of
+image restoration. The part of x~_k that f passes on is pulled to what y fixes; the part f
+does not pass on stays. Linearised, a direction in which f passes on a fraction g of a change
+keeps ``(1 - g^2)`` of its distance from f's pre-image per step. It uses f and y only, never
+x. The samples share most of what f still sees in them, so the steps come in two stages:
+``centre`` steps on the decode of the flow's centre, ``D(t^-1(0 | y), y)``, computed once
+per patch, whose change is added to every sample; then ``sample`` steps on each sample,
+which also act on how the samples differ from each other.
+
 Everything that depends on y alone (the decoder's conditioning, the flow's embedding) is
 computed once per patch. The ``v_k`` are drawn on the CPU from a ``torch.Generator`` seeded
 with ``seed``, all at once, so a seed gives the same codes on every device and for every
@@ -56,6 +67,53 @@ ProgressCallback = Callable[[str, int, int], None]
 # ----------------------------------------------------------------------------- model folders
 
 
+@dataclass(frozen=True)
+class Refinement:
+    """The sampler's consistency refinement (module docstring): ``centre`` gradient steps on
+    the decode of the flow's centre (once per patch, its change added to every sample), then
+    ``sample`` steps on each sample. ``Refinement()`` (0, 0) is none."""
+
+    centre: int = 0
+    sample: int = 0
+
+    def __post_init__(self):
+        for name in ("centre", "sample"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"consistency refinement: {name} steps must be a whole number >= 0; got {value!r}")
+
+    @classmethod
+    def parse(cls, value) -> "Refinement":
+        """From a :class:`Refinement`, None (none), a pair ``(centre, sample)``, a dict
+        ``{"centre", "sample"}`` or text ``"CENTRE,SAMPLE"``; ``ValueError`` saying what is wrong."""
+        if value is None or isinstance(value, Refinement):
+            return value or cls()
+        if isinstance(value, dict):
+            unknown = set(value) - {"centre", "sample"}
+            if unknown:
+                raise ValueError(f"consistency refinement: unknown keys {sorted(unknown)}; use centre and sample")
+            return cls(**value)
+        if isinstance(value, str):
+            try:
+                value = [int(part) for part in value.split(",")]
+            except ValueError:
+                value = None
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError("consistency refinement: give two whole numbers, the centre and the per-sample steps "
+                             f"(e.g. 5,1; 0,0 for none); got {value!r}")
+        return cls(*value)
+
+    def as_dict(self) -> dict:
+        return {"centre": self.centre, "sample": self.sample}
+
+    def __bool__(self) -> bool:
+        return bool(self.centre or self.sample)
+
+
+#: The refinement training writes into new model folders; folders without one refine nothing.
+DEFAULT_REFINEMENT = Refinement(centre=5, sample=1)
+
+
 @dataclass
 class InvarianceModels:
     """A denoiser f with the representation and invariance flow trained for it.
@@ -70,17 +128,21 @@ class InvarianceModels:
         representation: the cVAE (or unconditional VAE).
         flow: the cINN.
         folder: the model folder they were loaded from (None when built in memory).
+        refinement: the sampler's consistency refinement for these models
+            (``metadata["invariance"]["refinement"]``; none when absent).
     """
 
     denoiser: Denoiser
     representation: Representation
     flow: InvarianceFlow
     folder: Optional[Path] = None
+    refinement: Refinement = field(default_factory=Refinement)
 
     def __post_init__(self):
         if self.representation.z_dim != self.flow.z_dim:
             raise ValueError(f"the representation's z has {self.representation.z_dim} numbers but the invariance "
                              f"flow expects {self.flow.z_dim}; they must be trained together")
+        self.refinement = Refinement.parse(self.refinement)
 
     @property
     def patch_size(self) -> int:
@@ -188,7 +250,7 @@ def load_invariance_models(folder_or_name, device="cpu") -> InvarianceModels:
     flow = load_weights(build_invariance_flow(**info[CINN]), folder, metadata["weights"][CINN])
     for module in (representation, flow):
         module.eval().requires_grad_(False)
-    return InvarianceModels(denoiser, representation, flow, folder).to(device)
+    return InvarianceModels(denoiser, representation, flow, folder, info.get("refinement")).to(device)
 
 
 # ----------------------------------------------------------------------------- patches
@@ -278,6 +340,7 @@ class Invariances:
         denoised_reconstruction: f of the reconstruction ``(P, P)`` (completeness check).
         invariances: the samples x~_k ``(count, P, P)``.
         denoised_invariances: f(x~_k) ``(count, P, P)``.
+        refinement: the consistency refinement the samples took (module docstring).
         std: per-pixel standard deviation of x~_k over k ``(P, P)`` (HU, population std).
         mean_abs_change_hu: mean |x~_k - x| per sample ``(count,)`` (HU).
         mean_abs_output_change_hu: mean |f(x~_k) - f(x)| per sample ``(count,)`` (HU).
@@ -295,6 +358,7 @@ class Invariances:
     denoised_reconstruction: np.ndarray
     invariances: np.ndarray
     denoised_invariances: np.ndarray
+    refinement: Refinement
     std: np.ndarray
     mean_abs_change_hu: np.ndarray
     mean_abs_output_change_hu: np.ndarray
@@ -335,6 +399,37 @@ def run_with_memory_fallback(run: Callable[[torch.device, int], object], device:
                 warnings.warn("CUDA out of memory even at batch size 1; continuing on the CPU", RuntimeWarning)
 
 
+def refine_invariances(f: Callable[[torch.Tensor], torch.Tensor], x_tilde: torch.Tensor, y: torch.Tensor,
+                       steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` gradient steps on each image's ``0.5 ||f(x~) - y||^2`` (network units; module
+    docstring), of size 1, halved for an image whose loss a step would raise (that step is not
+    taken). ``x_tilde`` ``(N, 1, P, P)``, ``y`` = f(x) ``(1, 1, P, P)``. Returns the refined
+    x~ and f of it, detached; costs ``steps + 1`` passes of f forward and ``steps`` backward."""
+    def evaluate(x: torch.Tensor, need_grad: bool):
+        x = x.detach().requires_grad_(True)
+        out = f(x)
+        loss = 0.5 * (out - y).square().flatten(1).sum(1)
+        grad = torch.autograd.grad(loss.sum(), x)[0] if need_grad else None
+        return loss.detach(), out.detach(), grad
+
+    def pick(take: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return torch.where(take.view(-1, *[1] * (new.dim() - 1)), new, old)
+
+    with torch.inference_mode(False), torch.enable_grad():
+        x, y = x_tilde.clone(), y.clone()  # normal tensors (the inputs may be inference tensors)
+        loss, out, grad = evaluate(x, steps > 0)
+        size = torch.ones_like(loss)
+        for k in range(steps):
+            candidate = x - size.view(-1, 1, 1, 1) * grad
+            new_loss, new_out, new_grad = evaluate(candidate, k + 1 < steps)
+            better = new_loss <= loss
+            x, out, loss = pick(better, candidate, x), pick(better, new_out, out), pick(better, new_loss, loss)
+            if new_grad is not None:
+                grad = pick(better, new_grad, grad)
+            size = torch.where(better, size, size / 2)
+    return x.detach(), out
+
+
 class InvarianceSampler:
     """Sample invariances x~ of a denoiser f for CT patches: ``f(x~) ~= f(x)``.
 
@@ -362,9 +457,10 @@ class InvarianceSampler:
         return crop_patch(image, center_ijk, self.patch_size, fill_hu)
 
     def sample(self, x_hu, count: int = 16, seed: int = 0, batch_size: int = 10,
-               progress: Optional[ProgressCallback] = None) -> Invariances:
+               progress: Optional[ProgressCallback] = None, refinement=None) -> Invariances:
         """``count`` invariances of the patch ``x_hu`` (HU, ``(P, P)`` with P the patch size),
-        ``batch_size`` at a time, reproducible for ``seed`` (see the module docstring).
+        ``batch_size`` at a time, reproducible for ``seed`` (see the module docstring), with
+        ``refinement`` (anything :meth:`Refinement.parse` reads; None: the models' setting).
         ``progress(stage, done, total)`` reports the stages "encoding" and "sampling"."""
         from .io import check_hu
 
@@ -376,18 +472,19 @@ class InvarianceSampler:
         check_hu(x_hu, "input patch")
         if int(count) < 1 or int(batch_size) < 1:
             raise ValueError(f"count and batch_size must be positive; got {count} and {batch_size}")
+        refinement = self.models.refinement if refinement is None else Refinement.parse(refinement)
         start = time.perf_counter()
         v = torch.randn(int(count), self.models.flow.z_dim, generator=torch.Generator().manual_seed(int(seed)))
         result, device, batch_size = run_with_memory_fallback(
-            lambda dev, bs: self._sample(x_hu, v, dev, bs, progress), self.device, int(batch_size))
+            lambda dev, bs: self._sample(x_hu, v, dev, bs, progress, refinement), self.device, int(batch_size))
         if device != self.device:
             self.device = device
             self.models.to(device)
-        return Invariances(**result, seed=int(seed), batch_size=batch_size, device=str(device),
+        return Invariances(**result, refinement=refinement, seed=int(seed), batch_size=batch_size, device=str(device),
                            seconds=time.perf_counter() - start)
 
     def _sample(self, x_hu: np.ndarray, v: torch.Tensor, device: torch.device, batch_size: int,
-                progress: Optional[ProgressCallback]) -> dict:
+                progress: Optional[ProgressCallback], refinement: Refinement) -> dict:
         from .inference import apply_network
 
         report = progress or (lambda stage, done, total: None)
@@ -411,15 +508,27 @@ class InvarianceSampler:
             reconstruction = rep.decode(mean, y, condition)
             code, _ = flow(mean, embedding=embedding)
             denoised_reconstruction = f(reconstruction)
-            report("encoding", 1, 1)
-            report("sampling", 0, count)
-            samples, outputs = [], []
-            for first in range(0, count, batch_size):
+            if refinement.centre:  # the flow's centre v = 0, decoded
+                centre = rep.decode(flow.reverse(torch.zeros(1, flow.z_dim, device=device), embedding=embedding), y,
+                                    condition)
+        if refinement.centre:  # what every sample gets added
+            shift = refine_invariances(f, centre, y, refinement.centre)[0] - centre
+        report("encoding", 1, 1)
+        report("sampling", 0, count)
+        samples, outputs = [], []
+        for first in range(0, count, batch_size):
+            with torch.inference_mode():
                 z = flow.reverse(v[first:first + batch_size].to(device), embedding=embedding)
                 x_tilde = rep.decode(z, y, condition)
-                samples.append(hu(x_tilde))
-                outputs.append(hu(f(x_tilde)))
-                report("sampling", min(first + batch_size, count), count)
+                if refinement.centre:
+                    x_tilde = x_tilde + shift
+                if not refinement.sample:
+                    y_tilde = f(x_tilde)
+            if refinement.sample:
+                x_tilde, y_tilde = refine_invariances(f, x_tilde, y, refinement.sample)
+            samples.append(hu(x_tilde))
+            outputs.append(hu(y_tilde))
+            report("sampling", min(first + batch_size, count), count)
         x_np, y_np = x_hu.copy(), hu(y)[0]
         invariances, denoised_invariances = np.concatenate(samples), np.concatenate(outputs)
         change = np.abs(invariances - x_np).mean(axis=(1, 2))

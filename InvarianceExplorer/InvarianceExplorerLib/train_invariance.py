@@ -760,12 +760,14 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
                lr: Optional[float] = None, seed: int = 0, resume: bool = False, device="auto",
                num_workers: int = 0, val_patches: int = 64, weights_dtype: str = "float32",
                hyperparameters: Optional[dict] = None, fidelity_slices: int = 8, fidelity_count: int = 16,
-               pool_patches: int = 0, progress: bool = True) -> Path:
+               pool_patches: int = 0, refinement=None, progress: bool = True) -> Path:
     """Train the invariance flow (cINN) on the codes of the representation in ``model``;
     return ``<out>/model`` (a copy of ``model`` with ``cinn.safetensors`` added: the complete
     invariance models, with the fidelity figures of :func:`~.fidelity.invariance_fidelity`
     on ``fidelity_slices`` test slices and ``fidelity_count`` invariances per patch in its
-    metadata and model card; 0 slices skips them).
+    metadata and model card; 0 slices skips them). ``refinement``: the sampler's consistency
+    refinement written into the model folder (:meth:`~.sampler.Refinement.parse`; None:
+    :data:`~.sampler.DEFAULT_REFINEMENT`), with which the fidelity figures are measured.
 
     ``model`` is a model folder holding a denoiser and its cVAE (``train_cvae``'s
     ``<out>/model``); the patch size is the cVAE's. Other arguments as in :func:`train_cvae`
@@ -773,8 +775,9 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
     holds the frozen encoder's posterior, so a pooled step costs the flow alone).
     """
     from .datasets import open_source
-    from .sampler import load_representation
+    from .sampler import DEFAULT_REFINEMENT, InvarianceModels, Refinement, load_representation
 
+    refinement = DEFAULT_REFINEMENT if refinement is None else Refinement.parse(refinement)
     hp = _hyperparameters("cinn", lr, hyperparameters)
     dist = setup_distributed(device)
     try:
@@ -822,14 +825,15 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
         destination = out / "model"
         if dist.is_main:
             from .fidelity import invariance_fidelity
-            from .sampler import CINN, InvarianceModels, save_invariance_models
+            from .sampler import CINN, save_invariance_models
 
             if state["best"] is not None:
                 flow.load_state_dict(state["best"]["weights"])
             flow.eval()
             previous = read_metadata(folder).get("invariance", {})
             copy_model_folder(folder, destination)
-            keep = {k: previous[k] for k in ("training", "completeness") if k in previous}
+            keep = {**{k: previous[k] for k in ("training", "completeness") if k in previous},
+                    "refinement": refinement.as_dict()}
             save_invariance_models(destination, rep, flow, keep, dtype=weights_dtype)
             metadata = read_metadata(destination)
             record = _training_record(state, config, source, data, dist, flow, destination, metadata["weights"][CINN])
@@ -838,7 +842,7 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
             info.setdefault("training", {})["cinn"] = record
             write_metadata(destination, metadata)
             if fidelity_slices:
-                models = InvarianceModels(den, rep, flow, destination)
+                models = InvarianceModels(den, rep, flow, destination, refinement)
                 info["fidelity"] = invariance_fidelity(models, source, "test", slices=fidelity_slices,
                                                        count=fidelity_count, device=device, sample_z=hp["sample_z"],
                                                        figure=destination / FIDELITY_FIGURE)
