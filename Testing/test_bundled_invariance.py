@@ -3,7 +3,9 @@ bars on fixed held-out phantom slices.
 
 Three quarter-dose chest slices are simulated here like the training data (512 x 512 /
 0.7 mm), from a base seed whose phantoms are checked to be none of the training set's; two
-128² patches of each, 8 invariances per patch (:func:`~.fidelity.invariance_fidelity`).
+128² patches of each, 8 invariances per patch (:func:`~.fidelity.invariance_fidelity`), as
+the sampler gives them (no consistency refinement) and, beside, with the sampler's consistency
+refinement :data:`~.sampler.CHECKED_REFINEMENT`, with which every bundled model meets C.
 Bars: consistency C = mean|f(x~) - f(x)| / mean|x~ - x| <= 0.35, and noise baseline
 B = mean|f(x~) - f(x)| / mean|f(x') - f(x)| <= 1.5 (x': another noise realisation).
 """
@@ -15,7 +17,7 @@ import pytest
 from InvarianceExplorerLib.datasets import build_simulated_dataset, item_seeds, open_source
 from InvarianceExplorerLib.denoisers import DENOISERS, bundled_models_dir, read_metadata
 from InvarianceExplorerLib.fidelity import BARS, invariance_fidelity
-from InvarianceExplorerLib.sampler import has_invariance_models, load_invariance_models
+from InvarianceExplorerLib.sampler import CHECKED_REFINEMENT, has_invariance_models, load_invariance_models
 
 #: Denoisers whose invariance models are shipped, so a missing one is a failure, not a skip.
 SHIPPED = {"cnn10", "redcnn", "wganvgg", "dugan"}
@@ -77,3 +79,14 @@ def test_bundled_invariance_models_meet_the_noise_baseline(arch, figures, reques
 def test_bundled_invariance_models_meet_consistency(arch, figures, request):
     f = figures(arch, request)
     assert f["consistency"] <= BARS["consistency"][1], f"{arch}: consistency C = {f['consistency']:.3f}"
+
+
+@pytest.mark.parametrize("arch", list(DENOISERS))
+def test_bundled_invariance_models_meet_consistency_with_the_refinement(arch, figures, request):
+    f = figures(arch, request)
+    refined = f["alternative"]
+    assert f["refinement"] == {"centre": 0, "sample": 0} and refined["refinement"] == CHECKED_REFINEMENT.as_dict()
+    assert refined["consistency"] <= BARS["consistency"][1], f"{arch}: refined C = {refined['consistency']:.3f}"
+    assert refined["noise_baseline"] <= BARS["noise_baseline"][1] and refined["pairwise_hu"] > 0.0
+    # it moves the invariances towards f(x): f's output changes less, and so do the samples
+    assert refined["output_change_hu"] < f["output_change_hu"] and refined["change_hu"] < f["change_hu"]

@@ -26,7 +26,7 @@ from InvarianceExplorerLib.fidelity import (_pairwise_mean_abs, another_realisat
 from InvarianceExplorerLib.invariance_flow import InvarianceFlow
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.representation import Representation
-from InvarianceExplorerLib.sampler import (DEFAULT_REFINEMENT, InvarianceModels, InvarianceSampler, has_invariance_models,
+from InvarianceExplorerLib.sampler import (CHECKED_REFINEMENT, InvarianceModels, InvarianceSampler, has_invariance_models,
                                            load_invariance_models, load_representation)
 from InvarianceExplorerLib.train_invariance import (HYPERPARAMETERS, _CVAEObjective, _weights_digest,
                                                     local_mean_loss, noise_spectrum_loss, sample_texture_loss,
@@ -361,12 +361,14 @@ def test_cinn_export_loads_samples_and_reports_fidelity(cinn_run, cvae_run, pair
     assert fidelity["diversity"]["pairwise_hu"] > 0 and fidelity["bars"]["diversity_hu"]["met"]
     assert fidelity["flow"]["patches"] == 2 and fidelity["measured_on"]["split"] == "test"
     # measured with the consistency refinement written into the folder, the figures without it beside
-    assert info["refinement"] == DEFAULT_REFINEMENT.as_dict() == fidelity["refinement"] and DEFAULT_REFINEMENT
-    assert fidelity["unrefined"]["output_change_hu"] > fidelity["output_change_hu"]
+    assert info["refinement"] == {"centre": 0, "sample": 0} == fidelity["refinement"]  # the default: none
+    refined = fidelity["alternative"]
+    assert refined["refinement"] == CHECKED_REFINEMENT.as_dict()
+    assert refined["output_change_hu"] < fidelity["output_change_hu"] and refined["change_hu"] > 0
     card = (model / "MODEL_CARD.md").read_text()
     assert "Fidelity figures (held-out)" in card and "noise baseline B" in card and "(fidelity.png)" in card
-    assert f"consistency refinement: {DEFAULT_REFINEMENT.centre} steps on the flow's centre" in card
-    assert "without the consistency refinement (cVAE + cINN alone)" in card
+    assert "cpu; no consistency refinement)" in card
+    assert f"the same samples with the consistency refinement ({CHECKED_REFINEMENT.centre} steps" in card
     assert (model / "fidelity.png").is_file()
     models = load_invariance_models(model)
     x = SimulatedDataset(pairs)[0].low_dose[16:48, 16:48]
@@ -512,10 +514,12 @@ def test_consistency_of_an_identity_denoiser_is_one(pairs):
     stripes = figures["stripes"]
     assert stripes["invariances"]["ratio"] > 0 and stripes["noise"]["ratio"] > 0  # two 32² patches: no more
     assert 0 < stripes["invariances"]["axis_share"] <= 1 and 0 < stripes["noise"]["axis_share"] <= 1
-    assert figures["refinement"] == {"centre": 0, "sample": 0} and figures["unrefined"] is None
     # the identity has no invariances: one refinement step takes every sample to x itself
+    assert figures["refinement"] == {"centre": 0, "sample": 0}
+    assert figures["alternative"]["change_hu"] < 1e-3 and figures["alternative"]["output_change_hu"] < 1e-3
     refined = invariance_fidelity(InvarianceModels(identity, rep.eval(), flow.eval(), refinement=(0, 1)), pairs,
                                   "test", slices=1, per_slice=2, count=3)
     assert refined["change_hu"] < 1e-3 and refined["output_change_hu"] < 1e-3
-    assert refined["unrefined"]["change_hu"] == pytest.approx(figures["change_hu"], rel=1e-4)
-    assert refined["unrefined"]["consistency"] == pytest.approx(1.0, abs=1e-5)
+    assert refined["alternative"]["refinement"] == {"centre": 0, "sample": 0}
+    assert refined["alternative"]["change_hu"] == pytest.approx(figures["change_hu"], rel=1e-4)
+    assert refined["alternative"]["consistency"] == pytest.approx(1.0, abs=1e-5)

@@ -11,9 +11,9 @@ weights beside a random-weight denoiser of that architecture, labelled so), on t
 * denoiser: f(x~) on the ``--count`` invariances (the consistency check; as fast as torch
   runs that network here);
 * the whole :meth:`~InvarianceExplorerLib.sampler.InvarianceSampler.sample` call, without
-  consistency refinement, and with the model's (:class:`~InvarianceExplorerLib.sampler.Refinement`:
-  the refinement's gradient steps pass through f forward and backward, so they cost what f
-  costs).
+  consistency refinement, and with the model's (:class:`~InvarianceExplorerLib.sampler.Refinement`;
+  :data:`~InvarianceExplorerLib.sampler.CHECKED_REFINEMENT` for a model without one: its
+  gradient steps pass through f forward and backward, so they cost what f costs).
 
 Times are the median of ``--repeats`` runs after one warm-up, in inference mode, batches of
 ``--batch-size``. Each (model, device) runs in its own process, so that the peak memory is
@@ -45,8 +45,8 @@ from InvarianceExplorerLib.inference import apply_network
 from InvarianceExplorerLib.invariance_flow import InvarianceFlow
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.representation import Representation
-from InvarianceExplorerLib.sampler import InvarianceModels, InvarianceSampler, has_invariance_models, \
-    load_invariance_models
+from InvarianceExplorerLib.sampler import CHECKED_REFINEMENT, InvarianceModels, InvarianceSampler, \
+    has_invariance_models, load_invariance_models
 
 RANDOM = "random:"
 
@@ -120,9 +120,9 @@ def measure(name: str, device_name: str, threads: int, count: int, batch_size: i
     whole = InvarianceSampler(models, device=device)
     total_s = _timed(lambda: whole.sample(x_hu, count=count, seed=0, batch_size=batch_size, refinement=(0, 0)),
                      device, repeats)
-    refinement = models.refinement
-    refined_s = _timed(lambda: whole.sample(x_hu, count=count, seed=0, batch_size=batch_size), device,
-                       repeats) if refinement else None
+    refinement = models.refinement or CHECKED_REFINEMENT
+    refined_s = _timed(lambda: whole.sample(x_hu, count=count, seed=0, batch_size=batch_size,
+                                            refinement=refinement), device, repeats)
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
         where = torch.cuda.get_device_name(device)
@@ -179,15 +179,15 @@ def main() -> None:
     print(f"{args.count} invariances of one patch, batches of {args.batch_size}, median of {args.repeats} runs")
     print()
     print("| model | device | threads | patch | once per patch (ms) | sampler: cINN + decoder (s) | "
-          "denoiser f(x~) (s) | whole sample() (s) | with the model's consistency refinement (s) | "
+          "denoiser f(x~) (s) | whole sample() (s) | with a consistency refinement (s) | "
           "peak memory (MB) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         label = Path(r["model"]).name if not r["model"].startswith(RANDOM) else r["model"] + " (random weights)"
         print(f"| {label} | {r['device']} | {r['threads'] or '–'} | {r['patch']}² | {1000 * r['setup_s']:.1f} | "
               f"{r['sampler_s']:.3f} | {r['denoiser_s']:.3f} | {r['total_s']:.3f} | "
-              + (f"{r['refined_s']:.3f} ({r['refinement']['centre']} + {r['refinement']['sample']} steps)"
-                 if r["refined_s"] is not None else "– (none)") + f" | {r['peak_mb']:.0f} "
+              + f"{r['refined_s']:.3f} ({r['refinement']['centre']} + {r['refinement']['sample']} steps)"
+              + f" | {r['peak_mb']:.0f} "
               f"({r['memory']}) |")
 
 

@@ -211,7 +211,7 @@ def _add_train_invariance(train_sub) -> None:
         p.add_argument("--fidelity-slices", type=int, default=8,
                        help="test slices for the fidelity figures of the model card (0: none; default 8)")
         if kind == "cinn":
-            _add_refinement(p, "written into the model folder (default: the engine's, sampler.DEFAULT_REFINEMENT)")
+            _add_refinement(p, "written into the model folder (default: none)")
         p.add_argument("--weights-dtype", choices=list(WEIGHT_DTYPES), default="float32",
                        help="storage of the exported weights (default float32)")
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", type=_hyperparameter,
@@ -303,7 +303,7 @@ def _add_fit(p) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="cVAE patches per batch (default 8)")
     p.add_argument("--patch-size", type=_positive_int, default=128, help="patch side in pixels (default 128)")
     p.add_argument("--fidelity-slices", type=int, default=4, help="test slices for the fidelity figures (default 4)")
-    _add_refinement(p, "written into the model folder (default: the engine's, sampler.DEFAULT_REFINEMENT)")
+    _add_refinement(p, "written into the model folder (default: none)")
     p.add_argument("--weights-dtype", choices=list(WEIGHT_DTYPES), default="float32",
                    help="storage of the cVAE and cINN weights (default float32)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.NAME=VALUE", type=_hyperparameter,

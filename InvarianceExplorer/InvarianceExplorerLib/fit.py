@@ -122,8 +122,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     ``work`` (default ``<out>.work``) keeps the runs; ``resume`` continues them.
     ``hyperparameters``: ``{"cvae": {...}, "cinn": {...}}`` overrides of
     :data:`~.train_invariance.HYPERPARAMETERS` (e.g. a smaller model). ``refinement``: the
-    sampler's consistency refinement written into the folder (None: the engine's default,
-    :data:`~.sampler.DEFAULT_REFINEMENT`). Returns ``out``."""
+    sampler's consistency refinement written into the folder (None: none). Returns ``out``."""
     from . import __version__
     from .custom_denoisers import import_denoiser
     from .datasets import SimulatedDataset, open_source

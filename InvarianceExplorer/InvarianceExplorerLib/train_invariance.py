@@ -767,7 +767,7 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
     on ``fidelity_slices`` test slices and ``fidelity_count`` invariances per patch in its
     metadata and model card; 0 slices skips them). ``refinement``: the sampler's consistency
     refinement written into the model folder (:meth:`~.sampler.Refinement.parse`; None:
-    :data:`~.sampler.DEFAULT_REFINEMENT`), with which the fidelity figures are measured.
+    none), with which the fidelity figures are measured.
 
     ``model`` is a model folder holding a denoiser and its cVAE (``train_cvae``'s
     ``<out>/model``); the patch size is the cVAE's. Other arguments as in :func:`train_cvae`
@@ -775,9 +775,9 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
     holds the frozen encoder's posterior, so a pooled step costs the flow alone).
     """
     from .datasets import open_source
-    from .sampler import DEFAULT_REFINEMENT, InvarianceModels, Refinement, load_representation
+    from .sampler import InvarianceModels, Refinement, load_representation
 
-    refinement = DEFAULT_REFINEMENT if refinement is None else Refinement.parse(refinement)
+    refinement = Refinement.parse(refinement)
     hp = _hyperparameters("cinn", lr, hyperparameters)
     dist = setup_distributed(device)
     try:
