@@ -481,6 +481,7 @@ def test_analyze_without_a_null_skips_method_b_and_says_why(sample_folder, tmp_p
     assert "method B skipped" in text and "noise_only.nrrd" in text
     record = json.loads((out / ANALYSIS_DIR / "analysis.json").read_text())
     assert record["method_b"]["skipped"] is True and "--full-dose" in record["method_b"]["reason"]
+    assert "refined_samples_note" not in record["method_a"]  # sampled without refinement
     names = {p.name for p in (out / ANALYSIS_DIR).iterdir()}
     assert names == {f for n, f in ANALYSIS_FILES.items() if n not in METHOD_B_FILES}
     # a re-run replaces the analysis whole; bad input is one clear line and exit status 2
@@ -505,6 +506,19 @@ def test_sample_with_analyze_runs_the_analysis(sample_folder, tmp_path, capsys):
     outputs = events[-1]["outputs"]
     assert set(FILES) <= set(outputs) and "analysis_change_maps" in outputs
     assert (out / ANALYSIS_DIR / "change_maps.nrrd").is_file()
+
+
+def test_analysis_of_refined_samples_says_method_a_is_not_validated_there(sample_folder, tmp_path, capsys):
+    from InvarianceExplorerLib.result_folder import load_result
+
+    numbers = load_result(sample_folder[0]).numbers
+    out = tmp_path / "refined"
+    assert main(["sample", "--model", numbers["model"], "--input", numbers["input"], "--center", "30,34,0",
+                 "--count", "4", "--device", "cpu", "--out", str(out), "--refine", "2,1", "--progress", "none"]) == 0
+    with pytest.warns(RuntimeWarning, match="validated on unrefined samples only"):
+        assert main(["analyze", str(out), "--progress", "none"]) == 0
+    record = json.loads((out / ANALYSIS_DIR / "analysis.json").read_text())
+    assert "--refine 0,0" in record["method_a"]["refined_samples_note"]
 
 
 def test_analyze_with_the_cvae_posterior_as_null(sample_folder, tmp_path, capsys):

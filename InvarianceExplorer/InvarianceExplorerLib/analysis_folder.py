@@ -34,6 +34,7 @@ import math
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -85,6 +86,12 @@ ProgressCallback = Callable[[str, int, int], None]
 def _stack_image(crop: CTImage, array: np.ndarray) -> CTImage:
     """A stack (axis 0 = sample k) with the crop's geometry, as ``sample`` writes stacks."""
     return CTImage(np.asarray(array, np.float32), crop.spacing, crop.origin, crop.direction)
+
+
+#: Said (warning and analysis.json) when the invariances were sampled with a consistency refinement.
+REFINED_SAMPLES_NOTE = ("these invariances were sampled with a consistency refinement (sample --refine): method A is "
+                        "validated on unrefined samples only, and on refined samples of an ordinary RED-CNN it flags "
+                        "every invariance (README); sample with --refine 0,0 for a validated analysis")
 
 
 def find_null(folder, numbers: dict, shape: Tuple[int, int]) -> Tuple[Optional[np.ndarray], Optional[str], str]:
@@ -242,6 +249,9 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         method_b = {"skipped": True, "reason": reason}
 
     samples = _merged_samples(result.numbers, noise, change)
+    refinement = result.numbers.get("refinement") or {}
+    if any(refinement.values()):
+        warnings.warn(REFINED_SAMPLES_NOTE, RuntimeWarning)
     record = {
         "version": 1,
         "sample_folder": str(folder),
@@ -252,7 +262,8 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
                      **({} if outputs else {"max_passed_on_note": "f(x) or f(x~) is missing from the sample "
                                             "folder: every region counts, including the sampler's own errors"})},
         "noise": noise,
-        "method_a": {**change.summary(), "samples": [{k: v for k, v in s.items()} for s in change.samples]},
+        "method_a": {**change.summary(), "samples": [{k: v for k, v in s.items()} for s in change.samples],
+                     **({"refined_samples_note": REFINED_SAMPLES_NOTE} if any(refinement.values()) else {})},
         "method_b": method_b,
         "samples": samples,
         "stacks": "axis 0 of change_maps.nrrd and altered_regions.nrrd is the sample index k, as in invariances.nrrd",
