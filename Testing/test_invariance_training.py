@@ -28,11 +28,9 @@ from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.representation import Representation
 from InvarianceExplorerLib.sampler import (CHECKED_REFINEMENT, InvarianceModels, InvarianceSampler, has_invariance_models,
                                            load_invariance_models, load_representation)
-from InvarianceExplorerLib.train_invariance import (HYPERPARAMETERS, _CVAEObjective, _weights_digest,
-                                                    local_mean_loss, noise_spectrum_loss, sample_texture_loss,
-                                                    spread_loss,
-                                                    train_cinn,
-                                                    train_cvae)
+from InvarianceExplorerLib.invariance_losses import (local_mean_loss, noise_spectrum_loss, sample_texture_loss,
+                                                     spread_loss)
+from InvarianceExplorerLib.train_invariance import HYPERPARAMETERS, _CVAEObjective, _weights_digest, train_cinn, train_cvae
 
 CVAE_TINY = dict(z_dim=16, channels=[8, 16, 16, 32], critic_widths=[8, 8, 16, 16, 16, 16], critic_hidden=32,
                  feature_steps=5, adv_start=10)
