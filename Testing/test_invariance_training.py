@@ -428,10 +428,15 @@ def test_cli_trains_cvae_then_cinn(pairs, denoiser_folder, tmp_path, capsys):
     assert main(["train", "cvae", "--denoiser", str(denoiser_folder), "--out", str(tmp_path / "cvae"),
                  "--batch-size", "2", "--patch-size", "32", *common, *tiny_cvae]) == 0
     assert main(["train", "cinn", "--denoiser", str(tmp_path / "cvae" / "model"), "--out", str(tmp_path / "cinn"),
-                 "--batch-size", "4", *common, *tiny_cinn]) == 0
+                 "--batch-size", "4", "--refine", "2,1", *common, *tiny_cinn]) == 0
     printed = capsys.readouterr().out
     assert "train cinn --denoiser" in printed and "invariance models in" in printed
     assert has_invariance_models(tmp_path / "cinn" / "model")
+    assert load_invariance_models(tmp_path / "cinn" / "model").refinement.as_dict() == {"centre": 2, "sample": 1}
+    with pytest.raises(SystemExit):  # argparse: a clear usage error for a malformed refinement
+        main(["train", "cinn", "--denoiser", str(tmp_path / "cvae" / "model"), "--out", str(tmp_path / "bad3"),
+              "--refine", "2", *common])
+    assert "give two whole numbers" in capsys.readouterr().err
     assert main(["train", "cvae", "--denoiser", str(denoiser_folder), "--out", str(tmp_path / "bad"),
                  "--patch-size", "32", *common, "--set", "no_such=1"]) == 2
     assert main(["train", "cinn", "--denoiser", str(denoiser_folder), "--out", str(tmp_path / "bad2"),
