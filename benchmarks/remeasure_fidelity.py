@@ -78,54 +78,55 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     failed = False
-    for folder in map(Path, args.models):
-        metadata = read_metadata(folder)
-        old = metadata["invariance"]["fidelity"]
-        on = old["measured_on"]
-        models = load_invariance_models(folder)
-        if args.refinement is not None:
-            if old.get("refinement") and any(old["refinement"].values()):
-                raise SystemExit(f"{folder}: its card was measured with a refinement already ({old['refinement']})")
-            models.refinement = args.refinement
-        scratch = Path(tempfile.mkdtemp())
-        figure = scratch / "fidelity.png" if args.refinement and args.write and old.get("figure") else None
-        new = invariance_fidelity(models, args.data, on["split"], slices=on["slices"],
-                                  per_slice=on["patches"] // on["slices"], count=on["invariances_per_patch"],
-                                  seed=on["seed"], device="cpu", figure=figure)
-        a = numbers({k: v for k, v in old.items() if k not in RENEWED})
-        b = numbers(unrefined_view(new) if args.refinement else new)
-        worst, reproduced = 0.0, a.keys() <= b.keys()  # a card figure the engine no longer gives: not reproduced
-        print(f"{folder}: {on['patches']} patches of {on['slices']} {on['split']} slices, "
-              f"{on['invariances_per_patch']} invariances each, seed {on['seed']}")
-        for name in sorted(a.keys() | b.keys()):
-            was, now = a.get(name), b.get(name)
-            if was is not None and now is not None and not (math.isnan(was) and math.isnan(now)):
-                worst = max(worst, abs(now - was) / max(abs(was), 1e-12))
-                reproduced &= math.isclose(now, was, rel_tol=args.tolerance, abs_tol=1e-4)
-            print(f"    {name:45s} card {'–' if was is None else f'{was:.6g}':>12}   now "
-                  f"{'–' if now is None else f'{now:.6g}':>12}")
-        print(f"    largest relative difference {worst:.2e}: {'reproduced' if reproduced else 'NOT reproduced'}")
-        alt = new["alternative"]
-        print(f"    now {new['refinement']} (C' {new['consistency_noise']:.4f}): C {new['consistency']:.4f}, B "
-              f"{new['noise_baseline']:.4f}, mean|x~ - x| {new['change_hu']:.2f} HU, mean|f(x~) - f(x)| "
-              f"{new['output_change_hu']:.2f} HU, diversity {new['diversity']['pairwise_hu']:.2f} HU; with "
-              f"{alt['refinement']}: C {alt['consistency']:.4f}, B {alt['noise_baseline']:.4f}, mean|x~ - x| "
-              f"{alt['change_hu']:.2f} HU, mean|f(x~) - f(x)| {alt['output_change_hu']:.2f} HU, diversity "
-              f"{alt['pairwise_hu']:.2f} HU")
-        if args.write and reproduced:
-            new["measured_on"]["data"] = on["data"]
-            if old.get("figure"):
-                new["figure"] = old["figure"]
-                if figure is not None:
-                    shutil.copyfile(figure, folder / old["figure"])
+    with tempfile.TemporaryDirectory() as scratch:  # new figures, copied once reproduced
+        for folder in map(Path, args.models):
+            metadata = read_metadata(folder)
+            old = metadata["invariance"]["fidelity"]
+            on = old["measured_on"]
+            models = load_invariance_models(folder)
             if args.refinement is not None:
-                metadata["invariance"]["refinement"] = args.refinement.as_dict()
-            metadata["invariance"]["fidelity"] = new
-            write_metadata(folder, metadata)
-            (folder / MODEL_CARD).write_text(model_card(read_metadata(folder)))
-            print(f"    written: {folder / 'metadata.json'}, {folder / MODEL_CARD}")
-        failed |= args.write and not reproduced
-        shutil.rmtree(scratch, ignore_errors=True)
+                if old.get("refinement") and any(old["refinement"].values()):
+                    raise SystemExit(f"{folder}: its card was measured with a refinement already "
+                                     f"({old['refinement']})")
+                models.refinement = args.refinement
+            drawn = args.refinement and args.write and old.get("figure")
+            figure = Path(scratch) / f"{folder.name}.png" if drawn else None
+            new = invariance_fidelity(models, args.data, on["split"], slices=on["slices"],
+                                      per_slice=on["patches"] // on["slices"], count=on["invariances_per_patch"],
+                                      seed=on["seed"], device="cpu", figure=figure)
+            a = numbers({k: v for k, v in old.items() if k not in RENEWED})
+            b = numbers(unrefined_view(new) if args.refinement else new)
+            worst, reproduced = 0.0, a.keys() <= b.keys()  # a card figure the engine no longer gives: not reproduced
+            print(f"{folder}: {on['patches']} patches of {on['slices']} {on['split']} slices, "
+                  f"{on['invariances_per_patch']} invariances each, seed {on['seed']}")
+            for name in sorted(a.keys() | b.keys()):
+                was, now = a.get(name), b.get(name)
+                if was is not None and now is not None and not (math.isnan(was) and math.isnan(now)):
+                    worst = max(worst, abs(now - was) / max(abs(was), 1e-12))
+                    reproduced &= math.isclose(now, was, rel_tol=args.tolerance, abs_tol=1e-4)
+                print(f"    {name:45s} card {'–' if was is None else f'{was:.6g}':>12}   now "
+                      f"{'–' if now is None else f'{now:.6g}':>12}")
+            print(f"    largest relative difference {worst:.2e}: {'reproduced' if reproduced else 'NOT reproduced'}")
+            alt = new["alternative"]
+            print(f"    now {new['refinement']} (C' {new['consistency_noise']:.4f}): C {new['consistency']:.4f}, B "
+                  f"{new['noise_baseline']:.4f}, mean|x~ - x| {new['change_hu']:.2f} HU, mean|f(x~) - f(x)| "
+                  f"{new['output_change_hu']:.2f} HU, diversity {new['diversity']['pairwise_hu']:.2f} HU; with "
+                  f"{alt['refinement']}: C {alt['consistency']:.4f}, B {alt['noise_baseline']:.4f}, mean|x~ - x| "
+                  f"{alt['change_hu']:.2f} HU, mean|f(x~) - f(x)| {alt['output_change_hu']:.2f} HU, diversity "
+                  f"{alt['pairwise_hu']:.2f} HU")
+            if args.write and reproduced:
+                new["measured_on"]["data"] = on["data"]
+                if old.get("figure"):
+                    new["figure"] = old["figure"]
+                    if figure is not None:
+                        shutil.copyfile(figure, folder / old["figure"])
+                if args.refinement is not None:
+                    metadata["invariance"]["refinement"] = args.refinement.as_dict()
+                metadata["invariance"]["fidelity"] = new
+                write_metadata(folder, metadata)
+                (folder / MODEL_CARD).write_text(model_card(read_metadata(folder)))
+                print(f"    written: {folder / 'metadata.json'}, {folder / MODEL_CARD}")
+            failed |= args.write and not reproduced
     sys.exit(1 if failed else 0)
 
 

@@ -249,8 +249,8 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         method_b = {"skipped": True, "reason": reason}
 
     samples = _merged_samples(result.numbers, noise, change)
-    refinement = result.numbers.get("refinement") or {}
-    if any(refinement.values()):
+    refined = any((result.numbers.get("refinement") or {}).values())
+    if refined:
         warnings.warn(REFINED_SAMPLES_NOTE, RuntimeWarning)
     record = {
         "version": 1,
@@ -263,7 +263,7 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
                                             "folder: every region counts, including the sampler's own errors"})},
         "noise": noise,
         "method_a": {**change.summary(), "samples": [{k: v for k, v in s.items()} for s in change.samples],
-                     **({"refined_samples_note": REFINED_SAMPLES_NOTE} if any(refinement.values()) else {})},
+                     **({"refined_samples_note": REFINED_SAMPLES_NOTE} if refined else {})},
         "method_b": method_b,
         "samples": samples,
         "stacks": "axis 0 of change_maps.nrrd and altered_regions.nrrd is the sample index k, as in invariances.nrrd",

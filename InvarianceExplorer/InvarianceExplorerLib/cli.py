@@ -36,17 +36,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _refinement(text: str) -> tuple:
-    """``CENTRE,SAMPLE`` -> two whole numbers >= 0 (checked again by the engine's Refinement)."""
-    try:
-        value = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        value = ()
-    if len(value) != 2 or min(value) < 0:
-        raise argparse.ArgumentTypeError(f"give two whole numbers >= 0, e.g. 5,1 (0,0: none); got {text}")
-    return value
-
-
 def _hyperparameter(text: str) -> tuple:
     """``NAME=VALUE`` -> (name, value); the value is read as JSON (numbers, lists), else kept as text."""
     name, sep, value = text.partition("=")
@@ -390,7 +379,7 @@ def _add_denoise(den) -> None:
 
 
 def _add_refinement(parser, which: str) -> None:
-    parser.add_argument("--refine", type=_refinement, default=None, metavar="CENTRE,SAMPLE",
+    parser.add_argument("--refine", default=None, metavar="CENTRE,SAMPLE",  # read by the engine's Refinement
                         help="consistency refinement: gradient steps that move the sampled invariances x~ towards "
                              "f(x~) = f(x), keeping what f does not pass on: CENTRE steps on the flow's centre, "
                              f"added to every sample, then SAMPLE steps on each (0,0: none) {which}")

@@ -128,8 +128,11 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     from .datasets import SimulatedDataset, open_source
     from .denoisers import copy_model_folder, read_metadata, write_metadata
     from .devices import machine
+    from .sampler import Refinement
     from .train_invariance import _write_card, train_cinn, train_cvae
     from .training import setup_distributed
+
+    refinement = Refinement.parse(refinement)  # a bad setting fails now, not after the cVAE's training
 
     started = time.perf_counter()
     out = Path(out)
