@@ -93,6 +93,7 @@ class Refinement:
             if unknown:
                 raise ValueError(f"consistency refinement: unknown keys {sorted(unknown)}; use centre and sample")
             return cls(**value)
+        given = value
         if isinstance(value, str):
             try:
                 value = [int(part) for part in value.split(",")]
@@ -100,7 +101,7 @@ class Refinement:
                 value = None
         if not isinstance(value, (list, tuple)) or len(value) != 2:
             raise ValueError("consistency refinement: give two whole numbers, the centre and the per-sample steps "
-                             f"(e.g. 5,1; 0,0 for none); got {value!r}")
+                             f"(e.g. 5,1; 0,0 for none); got {given!r}")
         return cls(*value)
 
     def as_dict(self) -> dict:
