@@ -225,6 +225,38 @@ def test_method_a_finds_no_region_in_real_ct_noise(ct_scans):
     assert change.calibration["null_count"] == 16 and change.calibration["false_regions"] <= 3
 
 
+def refined_like_noise(rng, count):
+    """Differences shaped as the consistency refinement shapes noise: the same sharp amplitude
+    pattern in every image (full amplitude in bands 16 pixels wide where "f" passes little on,
+    a quarter elsewhere), ``(count, H, W)`` HU."""
+    amplitude = np.where((np.arange(SHAPE[1]) // 16) % 3 == 0, 1.0, 0.25)[None, None, :]
+    return gaussian_noise(rng, count, 20.0, 0.7) * amplitude
+
+
+def test_method_a_takes_the_noise_shape_of_refined_samples_from_a_refined_null():
+    """Pure noise in the refinement's shape: judged by each difference alone, the quiet bands
+    lower the local noise estimate of the loud ones and method A finds many false regions;
+    with the null's noise shape about alpha per invariance, and a disc added in a quiet band
+    is still found."""
+    rng = np.random.default_rng(700)
+    x = 40.0 + gaussian_noise(rng, 1, 20.0, 0.7)[0]
+    null = x + refined_like_noise(rng, 16)
+    own, shaped = 0, 0
+    for seed in range(4):
+        invariances = x + refined_like_noise(np.random.default_rng(710 + seed), 16)
+        own += sum(s["region_count"] for s in structure_change(x, invariances, SPACING).samples)
+        shaped += sum(s["region_count"] for s in structure_change(x, invariances, SPACING, null=null,
+                                                                  null_shape=True).samples)
+    assert own > 4 * ALPHA * 4 * 16 and shaped <= 2 * ALPHA * 4 * 16, (own, shaped)
+    invariances = x + refined_like_noise(np.random.default_rng(720), 16)
+    invariances[5] += 30.0 * disc((64, 40), 6)  # column 64 (a quiet band); 30 HU: 6 noise standard deviations there
+    change = structure_change(x, invariances, SPACING, null=null, null_shape=True)
+    assert change.samples[5]["region_count"] >= 1 and change.labels[5][40, 64] == BRIGHTER
+    assert "null's noise shape" in change.summary()["noise_estimate"]
+    with pytest.raises(ValueError, match="at least 8"):
+        structure_change(x, invariances, SPACING, null=null[:4], null_shape=True)
+
+
 def added_and_removed_disc():
     """x and 16 invariances with 20 HU noise; a disc of radius 7 pixels and 100 HU contrast
     added to invariance 3 and taken away from invariance 9. Returns ``(x, invariances, disc)``."""
@@ -508,17 +540,29 @@ def test_sample_with_analyze_runs_the_analysis(sample_folder, tmp_path, capsys):
     assert (out / ANALYSIS_DIR / "change_maps.nrrd").is_file()
 
 
-def test_analysis_of_refined_samples_says_method_a_is_not_validated_there(sample_folder, tmp_path, capsys):
+def test_analysis_of_refined_samples_refines_the_null_or_says_it_is_uncalibrated(sample_folder, tmp_path, capsys):
+    import warnings
+
     from InvarianceExplorerLib.result_folder import load_result
 
     numbers = load_result(sample_folder[0]).numbers
     out = tmp_path / "refined"
     assert main(["sample", "--model", numbers["model"], "--input", numbers["input"], "--center", "30,34,0",
                  "--count", "4", "--device", "cpu", "--out", str(out), "--refine", "2,1", "--progress", "none"]) == 0
-    with pytest.warns(RuntimeWarning, match="validated on unrefined samples only"):
+    with pytest.warns(RuntimeWarning, match="no noise-only null is at hand"):
         assert main(["analyze", str(out), "--progress", "none"]) == 0
     record = json.loads((out / ANALYSIS_DIR / "analysis.json").read_text())
-    assert "--refine 0,0" in record["method_a"]["refined_samples_note"]
+    assert "--full-dose" in record["method_a"]["refined_samples_note"]
+    assert record["settings"]["refinement"] == {"centre": 2, "sample": 1} and not record["settings"]["null_refined"]
+    capsys.readouterr()
+    assert main(["analyze", str(out), "--posterior", "--null-count", "4", "--progress", "none"]) == 2
+    assert "at least 8 images" in capsys.readouterr().err  # too few to shape the noise by
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert main(["analyze", str(out), "--posterior", "--null-count", "8", "--progress", "none"]) == 0
+    record = json.loads((out / ANALYSIS_DIR / "analysis.json").read_text())
+    assert record["settings"]["null_refined"] and "refined_samples_note" not in record["method_a"]
+    assert "null's noise shape" in record["method_a"]["noise_estimate"] and not record["method_b"]["skipped"]
 
 
 def test_analyze_with_the_cvae_posterior_as_null(sample_folder, tmp_path, capsys):

@@ -432,6 +432,23 @@ def test_sampler_refinement_moves_invariances_towards_f_of_x(low_dose_slice, mod
     assert np.allclose(shift, shift[0], atol=1e-2) and np.abs(shift).mean() > 0.1
     spread = np.abs(plain.invariances - plain.invariances.mean(0)).mean()
     assert np.abs(outputs[(0, 2)].invariances - outputs[(0, 2)].invariances.mean(0)).mean() != pytest.approx(spread)
+    # the null of the analysis refined the same way: noise-only images move towards f(x) too
+    rng = np.random.default_rng(5)
+    null = (x[None] + rng.normal(0.0, 20.0, (5,) + x.shape)).astype(np.float32)
+    assert np.array_equal(sampler.refine_null(x, null), null)  # no refinement: unchanged
+
+    def distance(images):
+        with torch.inference_mode():
+            net, norm = sampler.models.denoiser.network, PAPER_NORMALIZATION
+            out = apply_network(net, norm.normalize(torch.from_numpy(np.asarray(images, np.float32)))[:, None])
+            y = apply_network(net, norm.normalize(torch.from_numpy(x))[None, None])
+        return (out - y).abs().flatten(1).mean(1).numpy()
+
+    refined_null = sampler.refine_null(x, null, (3, 1))
+    assert refined_null.shape == null.shape and (distance(refined_null) < distance(null)).all()
+    assert np.allclose(refined_null, sampler.refine_null(x, null, (3, 1), batch_size=2), atol=1e-2)
+    with pytest.raises(ValueError, match="stack"):
+        sampler.refine_null(x, null[0], (3, 1))
     # a model folder's setting is the sampler's default; folders without it refine nothing
     assert load_invariance_models(model_folder).refinement == Refinement()
     metadata = read_metadata(model_folder)

@@ -32,8 +32,20 @@ variance map is uncertain by tens of percent, and at the high thresholds used he
 multiplies the false regions several-fold (measured: 4 false regions in 16 pure-noise
 differences against 1 with the local estimate); the null, when given, *checks* the
 calibration instead — the same test on noise-only differences ``x'_j - x`` reports its
-false regions. The detection threshold ``u`` makes the expected number of false regions per invariance equal to ``alpha`` (default 5 %)
-by the expected Euler characteristic of a smooth 2D Gaussian field (Worsley et al. 1996,
+false regions. Refined invariances (the sampler's consistency refinement) are the exception:
+the refinement takes out of x~_k - x what f passes on, so their noise survives where f's gain
+is low (near edges, at the patch border) and is halved or less elsewhere, a pattern sharper
+than the local window and the same for every image refined towards f(x). For them
+(``null_shape``) the null, refined the same way, gives the *shape* of the noise-only std
+(:func:`noise_shape`: its root mean square over j, smoothed over one filter width, median 1)
+and each difference, divided by that shape, still gives its own level; as the shape is
+estimated from J images, z is then a Student-t value with the estimate's degrees of freedom
+(measured per pixel from the spread over j), mapped to the normal value of equal tail
+probability (:func:`t_to_z`). Without it, method A flags most refined pure-noise images of
+an ordinary RED-CNN; with it about ``alpha`` (README, ``benchmarks/refinement_analysis.py``).
+The detection threshold ``u`` makes the expected number of false regions per invariance
+equal to ``alpha`` (default 5 %) by the expected Euler characteristic of a smooth 2D
+Gaussian field (Worsley et al. 1996,
 "A unified statistical approach for determining significant signals in images of cerebral
 activation", Hum Brain Mapp 4:58-73), with the field's roughness measured from the data
 (variance of its finite differences) and capped by Bonferroni. A region is a connected part
@@ -112,6 +124,10 @@ MIN_AREA_MM2 = 3.0
 LOCAL_WINDOW = 8.0
 #: Range of the reference filter's width in pixels.
 SIGMA_RANGE_PX = (1.0, 4.0)
+#: Width of the window (Gaussian sigma, in reference filter widths) of the null's noise shape.
+SHAPE_WINDOW = 1.0
+#: Fewest noise-only images for the null's noise shape.
+MIN_SHAPE_NULL = 8
 
 
 def _stack(images, name: str) -> np.ndarray:
@@ -194,6 +210,29 @@ def local_noise_std(field: np.ndarray, window_px: float, mask: Optional[np.ndarr
     return np.sqrt(variance)
 
 
+def noise_shape(null_differences: np.ndarray, window_px: float) -> Tuple[np.ndarray, np.ndarray]:
+    """The spatial shape of the noise-only std (median 1 over the patch) of filtered noise-only
+    differences ``(J, H, W)``: the square root of their mean square over j, Gaussian-weighted
+    over ``window_px``; and the degrees of freedom of that variance estimate per pixel,
+    ``2 / (its relative variance)``, the relative variance from the spread over j of each
+    image's local mean square (a chi-square variance estimate of nu degrees of freedom has
+    relative variance 2 / nu). For differences the sampler's consistency refinement has
+    shaped: f takes out what it passes on, so noise survives where f's gain is low (near
+    edges, at the patch border) and not elsewhere, a pattern finer than the local window of
+    :func:`local_noise_std` and the same for every image refined towards f(x)."""
+    local = reference_filter(np.square(null_differences), window_px)  # (J, H, W)
+    mean = np.maximum(local.mean(axis=0), 1e-12)
+    relative_variance = local.var(axis=0, ddof=1) / (local.shape[0] * mean ** 2)
+    shape = np.sqrt(mean)
+    return shape / max(float(np.median(shape)), 1e-12), 2.0 / np.maximum(relative_variance, 1e-6)
+
+
+def t_to_z(t: np.ndarray, dof: np.ndarray) -> np.ndarray:
+    """The standard-normal value of equal tail probability for Student-t values ``t`` of
+    ``dof`` degrees of freedom (a z-score whose noise-only std is itself estimated)."""
+    return np.sign(t) * stats.norm.isf(stats.t.sf(np.abs(t), dof))
+
+
 def roughness(z: np.ndarray) -> float:
     """Roughness ``lambda`` of a unit-variance field (variance of its derivative per pixel,
     the mean over both axes), robustly from the finite differences of ``z`` (2D or a stack)."""
@@ -250,6 +289,7 @@ class StructureChange:
             than ``max_passed_on`` of their change).
         threshold_z, extent_z, min_area_mm2, alpha, sigma_px, sigma_mm, roughness,
             max_passed_on: the settings used (max_passed_on None: f's outputs not given).
+        null_shape: whether the noise-only std took its spatial shape from the null.
         calibration: with a null ensemble, the false regions the same test finds in the
             noise-only differences ``x'_j - x`` (should be about ``alpha`` per image).
     """
@@ -267,6 +307,7 @@ class StructureChange:
     roughness: float
     calibration: Optional[dict] = None
     max_passed_on: Optional[float] = None
+    null_shape: bool = False
 
     @property
     def ranking(self) -> List[int]:
@@ -278,7 +319,9 @@ class StructureChange:
                 "alpha": self.alpha, "reference_filter": {"kind": "gaussian", "sigma_px": self.sigma_px,
                                                           "sigma_mm": self.sigma_mm},
                 "noise_estimate": "local robust std of each filtered difference (window sigma "
-                                  f"{LOCAL_WINDOW:g} filter widths, clipped at 3 sigma)",
+                                  f"{LOCAL_WINDOW:g} filter widths, clipped at 3 sigma)"
+                                  + (f", in the null's noise shape (window sigma {SHAPE_WINDOW:g} filter widths)"
+                                     if self.null_shape else ""),
                 "roughness": self.roughness, "calibration": self.calibration,
                 "max_passed_on": self.max_passed_on,
                 "regions_seen_by_f": int(sum(len(s["seen_by_f"]) for s in self.samples)),
@@ -369,7 +412,8 @@ def altered_regions(z: np.ndarray, difference_hu: np.ndarray, threshold_z: float
 def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoised_invariances=None,
                      null=None, sigma_px: Optional[float] = None, alpha: float = ALPHA,
                      threshold_z: Optional[float] = None, min_area_mm2: float = MIN_AREA_MM2,
-                     extent_z: float = EXTENT_Z, max_passed_on: float = MAX_PASSED_ON) -> StructureChange:
+                     extent_z: float = EXTENT_Z, max_passed_on: float = MAX_PASSED_ON,
+                     null_shape: bool = False) -> StructureChange:
     """Method A: per-invariance structure change (see the module docstring).
 
     Args:
@@ -388,6 +432,10 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
         threshold_z: a fixed |z| threshold instead.
         min_area_mm2: smallest region kept (mm^2).
         extent_z: |z| down to which a detected region grows before it is outlined.
+        null_shape: take the spatial shape of the noise-only std from ``null`` (at least
+            :data:`MIN_SHAPE_NULL` images; :func:`noise_shape`), each invariance's own
+            noise level still from its difference: for invariances sampled with the
+            consistency refinement, against a null refined the same way.
     """
     x = _image(x, "x")
     stack = _stack(invariances, "invariances")
@@ -396,15 +444,29 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
     spacing = tuple(float(v) for v in spacing)[:2]
     sigma_px = float(sigma_px or reference_sigma_px(stack - x[None], spacing))
     noisy = np.abs(high_pass_residual(x)) > 1e-3  # not constant (the air a scanner shows outside its field of view)
-    gain = np.sqrt(border_gain(x.shape, sigma_px))
     difference = reference_filter(stack - x[None], sigma_px)
     window_px = max(LOCAL_WINDOW * sigma_px, 8.0)
+    if null is not None:
+        null = _stack(null, "null")
+        if null.shape[1:] != x.shape:
+            raise ValueError(f"the noise-only ensemble must be (J, {x.shape[0]}, {x.shape[1]}); got {null.shape}")
+        null_difference = reference_filter(null - x[None], sigma_px)
+    if null_shape and (null is None or null.shape[0] < MIN_SHAPE_NULL):
+        raise ValueError(f"null_shape needs a noise-only ensemble of at least {MIN_SHAPE_NULL} images; got "
+                         f"{0 if null is None else null.shape[0]}")
+    # the noise-only std's spatial shape: the filter's gain at the reflected border, or the null's
+    dof = None
+    if null_shape:
+        gain, dof = noise_shape(null_difference, SHAPE_WINDOW * sigma_px)
+    else:
+        gain = np.sqrt(border_gain(x.shape, sigma_px))
 
     def standardise(differences: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         sig = np.stack([local_noise_std(d / gain, window_px, noisy) for d in differences]) * gain[None]
         med = np.array([float(np.median(s)) for s in sig])
         sig = np.maximum(sig, 1e-3 * med[:, None, None] + 1e-6)
-        return differences / sig, med
+        z = differences / sig
+        return (z if dof is None else t_to_z(z, dof[None])), med
 
     output_difference = None
     if (denoised is None) != (denoised_invariances is None):
@@ -420,10 +482,6 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
     threshold = float(threshold_z) if threshold_z is not None else rft_threshold(x.shape, lam, alpha)
     calibration = None
     if null is not None:  # the same test on noise-only differences x'_j - x: how many false regions?
-        null = _stack(null, "null")
-        if null.shape[1:] != x.shape:
-            raise ValueError(f"the noise-only ensemble must be (J, {x.shape[0]}, {x.shape[1]}); got {null.shape}")
-        null_difference = reference_filter(null - x[None], sigma_px)
         null_z, _ = standardise(null_difference)
         counts = [len(altered_regions(null_z[j], null_difference[j], threshold, spacing, min_area_mm2, extent_z,
                                       peak_radius_px=sigma_px)[1])  # f of the null is not at hand: ungated
@@ -448,7 +506,8 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
         samples[k]["rank"] = rank
     return StructureChange(z.astype(np.float32), difference.astype(np.float32), labels, samples, threshold, extent_z,
                            float(min_area_mm2), float(alpha), sigma_px, sigma_px * math.sqrt(spacing[0] * spacing[1]),
-                           lam, calibration, None if output_difference is None else float(max_passed_on))
+                           lam, calibration, None if output_difference is None else float(max_passed_on),
+                           bool(null_shape))
 
 
 # ----------------------------------------------------------------------------- method B

@@ -40,7 +40,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from .analysis import ALPHA, FDR, MAX_PASSED_ON, MIN_AREA_MM2, ensemble_test, structure_change
+from .analysis import ALPHA, FDR, MAX_PASSED_ON, MIN_AREA_MM2, MIN_SHAPE_NULL, ensemble_test, structure_change
 from .image import CTImage
 from .noise import noise_summary
 from .result_folder import load_result, read_volume
@@ -88,10 +88,13 @@ def _stack_image(crop: CTImage, array: np.ndarray) -> CTImage:
     return CTImage(np.asarray(array, np.float32), crop.spacing, crop.origin, crop.direction)
 
 
-#: Said (warning and analysis.json) when the invariances were sampled with a consistency refinement.
-REFINED_SAMPLES_NOTE = ("these invariances were sampled with a consistency refinement (sample --refine): method A is "
-                        "validated on unrefined samples only, and on refined samples of an ordinary RED-CNN it flags "
-                        "every invariance (README); sample with --refine 0,0 for a validated analysis")
+#: Said (warning and analysis.json) when invariances sampled with a consistency refinement are
+#: analysed without a noise-only null to refine the same way.
+REFINED_SAMPLES_NOTE = ("these invariances were sampled with a consistency refinement (sample --refine) and no "
+                        "noise-only null is at hand: the refinement shapes noise by f's local gain, which method A's "
+                        "own noise model does not follow (on refined pure noise of an ordinary RED-CNN it flags most "
+                        "images, README); give a null (analyze --full-dose, --null or --posterior) for a calibrated "
+                        "analysis, or sample with --refine 0,0")
 
 
 def find_null(folder, numbers: dict, shape: Tuple[int, int]) -> Tuple[Optional[np.ndarray], Optional[str], str]:
@@ -180,6 +183,20 @@ def posterior_null(folder, count: int = 16, seed: int = 0, *, model=None, device
     return norm.denormalize(decoded[:, 0]).float().cpu().numpy()
 
 
+def refine_null_for_folder(folder, null: np.ndarray, refinement, *, model=None, device="cpu") -> np.ndarray:
+    """Noise-only images of a sample folder's crop ``(J, P, P)`` HU refined towards f(x) as its
+    invariances were (:meth:`~.sampler.InvarianceSampler.refine_null`), with the denoiser of
+    ``model`` (default: the model folder recorded in numbers.json)."""
+    from .sampler import InvarianceSampler
+
+    result = load_result(folder)
+    model = model or result.numbers.get("model_folder") or result.numbers.get("model")
+    if not model:
+        raise ValueError(f"{result.folder}: numbers.json names no model folder, which the null's refinement needs; "
+                         "give the model")
+    return InvarianceSampler(model, device=device).refine_null(result.crop.array[0], null, refinement)
+
+
 def _device(denoiser):
     return next(denoiser.network.parameters()).device
 
@@ -187,13 +204,17 @@ def _device(denoiser):
 def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Optional[str] = None,
                    alpha: float = ALPHA, fdr: float = FDR, sigma_mm: Optional[float] = None,
                    min_area_mm2: float = MIN_AREA_MM2, max_passed_on: float = MAX_PASSED_ON,
-                   progress: Optional[ProgressCallback] = None
+                   model=None, progress: Optional[ProgressCallback] = None
                    ) -> Tuple[Path, dict]:
     """Analyse the ``sample`` folder ``folder`` and write ``folder/analysis/`` (module docstring).
 
     Args:
         null: noise-only variants of x at its dose ``(J, P, P)`` HU (J >= 3), or None to
-            look for :data:`NOISE_ONLY_FILE` in the folder.
+            look for :data:`NOISE_ONLY_FILE` in the folder; as scanned (or decoded), never
+            refined. For invariances sampled with a consistency refinement (numbers.json's
+            "refinement") the null is refined the same way (at least
+            :data:`~.analysis.MIN_SHAPE_NULL` images) with the denoiser of ``model``, method A
+            takes its noise shape from it and method B tests against it.
         null_source: how ``null`` was made ("simulator", "cvae posterior", "given").
         alpha: method A's expected false regions per invariance; fdr: method B's FDR level.
         sigma_mm: reference filter width in mm (default: the noise correlation length).
@@ -201,6 +222,8 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         max_passed_on: method A counts a region only where f passes on at most this fraction
             of its change (needs ``denoised.nrrd`` and ``denoised_invariances.nrrd``; without
             them every region counts and the JSON says so).
+        model: the model folder that sampled (default: the one numbers.json names); only
+            read for refined invariances.
         progress: ``progress(stage, done, total)``.
 
     Returns ``(analysis folder, the analysis.json record)``.
@@ -228,13 +251,26 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         if null.ndim != 3 or null.shape[1:] != x.shape:
             raise ValueError(f"the noise-only ensemble must be a stack (J, {x.shape[0]}, {x.shape[1]}); got {null.shape}")
 
+    from .sampler import Refinement
+
+    refinement = Refinement.parse(result.numbers.get("refinement"))
+    null_refined = bool(refinement) and null is not None
+    if null_refined:
+        if null.shape[0] < MIN_SHAPE_NULL:
+            raise ValueError(f"these invariances were sampled with a consistency refinement; its analysis refines the "
+                             f"noise-only null the same way and needs at least {MIN_SHAPE_NULL} images of it; got "
+                             f"{null.shape[0]} (--null-count)")
+        report("refining the null", 0, 1)
+        null = refine_null_for_folder(folder, null, refinement, model=model).astype(np.float64)
+        report("refining the null", 1, 1)
     report("method A", 0, 1)
     outputs = {}
     if "denoised" in result.volumes and "denoised_invariances" in result.volumes:
         outputs = {"denoised": result.volumes["denoised"].array[0].astype(np.float64),
                    "denoised_invariances": result.volumes["denoised_invariances"].array.astype(np.float64)}
     change = structure_change(x, stack, spacing, null=null, sigma_px=sigma_px, alpha=alpha,
-                              min_area_mm2=min_area_mm2, max_passed_on=max_passed_on, **outputs)
+                              min_area_mm2=min_area_mm2, max_passed_on=max_passed_on, null_shape=null_refined,
+                              **outputs)
     report("method A", 1, 1)
 
     test = None
@@ -249,8 +285,8 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         method_b = {"skipped": True, "reason": reason}
 
     samples = _merged_samples(result.numbers, noise, change)
-    refined = any((result.numbers.get("refinement") or {}).values())
-    if refined:
+    uncalibrated = bool(refinement) and not null_refined
+    if uncalibrated:
         warnings.warn(REFINED_SAMPLES_NOTE, RuntimeWarning)
     record = {
         "version": 1,
@@ -259,11 +295,12 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         "spacing_mm": list(spacing),
         "settings": {"alpha": alpha, "fdr": fdr, "sigma_mm": sigma_mm, "min_area_mm2": min_area_mm2,
                      "max_passed_on": max_passed_on if outputs else None, "null_source": null_source,
+                     "refinement": refinement.as_dict(), "null_refined": null_refined,
                      **({} if outputs else {"max_passed_on_note": "f(x) or f(x~) is missing from the sample "
                                             "folder: every region counts, including the sampler's own errors"})},
         "noise": noise,
         "method_a": {**change.summary(), "samples": [{k: v for k, v in s.items()} for s in change.samples],
-                     **({"refined_samples_note": REFINED_SAMPLES_NOTE} if refined else {})},
+                     **({"refined_samples_note": REFINED_SAMPLES_NOTE} if uncalibrated else {})},
         "method_b": method_b,
         "samples": samples,
         "stacks": "axis 0 of change_maps.nrrd and altered_regions.nrrd is the sample index k, as in invariances.nrrd",

@@ -486,6 +486,39 @@ class InvarianceSampler:
         return Invariances(**result, refinement=refinement, seed=int(seed), batch_size=batch_size, device=str(device),
                            seconds=time.perf_counter() - start)
 
+    def refine_null(self, x_hu, null_hu, refinement=None, batch_size: int = 10) -> np.ndarray:
+        """Noise-only images of the patch ``x_hu`` ``(J, P, P)`` (HU; new scans of the same
+        anatomy at its dose) refined towards f(x) as :meth:`sample` refines its samples with
+        ``refinement`` (None: the models' setting): ``centre`` steps on their mean, whose change
+        is added to each, then ``sample`` steps on each. The null of the analysis for refined
+        invariances: the steps shape noise by f's local gain (:func:`~.analysis.noise_shape`).
+        Returns the refined images (HU), the given ones unchanged without refinement."""
+        from .inference import apply_network
+
+        null_hu = np.asarray(null_hu, dtype=np.float32)
+        x_hu = np.asarray(getattr(x_hu, "array", x_hu), dtype=np.float32)
+        if null_hu.ndim != 3 or null_hu.shape[1:] != x_hu.shape:
+            raise ValueError(f"the noise-only images must be a stack (J, {x_hu.shape[0]}, {x_hu.shape[1]}) like the "
+                             f"patch; got shape {null_hu.shape}")
+        refinement = self.models.refinement if refinement is None else Refinement.parse(refinement)
+        if not refinement:
+            return null_hu.copy()
+        models = self.models.to(self.device)
+        norm = models.denoiser.normalization
+
+        def f(t: torch.Tensor) -> torch.Tensor:
+            return apply_network(models.denoiser.network, t, tile_size=None)
+
+        with torch.inference_mode():
+            y = f(norm.normalize(torch.from_numpy(x_hu)).to(self.device)[None, None])
+            null = norm.normalize(torch.from_numpy(null_hu)).to(self.device)[:, None]
+        if refinement.centre:
+            mean = null.mean(0, keepdim=True)
+            null = null + (refine_invariances(f, mean, y, refinement.centre)[0] - mean)
+        refined = [refine_invariances(f, null[i:i + batch_size], y, refinement.sample)[0]
+                   for i in range(0, null.shape[0], int(batch_size))]
+        return norm.denormalize(torch.cat(refined)[:, 0]).float().cpu().numpy()
+
     def _sample(self, x_hu: np.ndarray, v: torch.Tensor, device: torch.device, batch_size: int,
                 progress: Optional[ProgressCallback], refinement: Refinement) -> dict:
         from .inference import apply_network

@@ -46,7 +46,9 @@ sys.path.insert(0, str(HERE))
 from networks import centre_disc  # noqa: E402
 
 FALSE_POSITIVE_RATE = 0.05
-README_BEGIN, README_END = "<!-- planted:begin -->", "<!-- planted:end -->"
+#: README block of the table: ``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->``, NAME "planted", or
+#: "planted-refined" for a run with a refinement.
+README_BLOCKS = ("planted", "planted-refined")
 
 
 # ----------------------------------------------------------------------------- scores
@@ -125,12 +127,16 @@ def nodule_patches(source, size: int, slices: int, max_diameter_mm: float, per_s
 
 
 def evaluate(folder, source, truth: Optional[Callable[[int], np.ndarray]], *, slices: int, count: int,
-             null_count: int, seed: int, nulls: Dict[int, np.ndarray], device="cpu", nodules_below_mm=None) -> dict:
+             null_count: int, seed: int, nulls: Dict[int, np.ndarray], device="cpu", nodules_below_mm=None,
+             refinement=None) -> dict:
     """Methods A and B on ``per_slice`` = 2 test patches of ``slices`` slices; ``truth(P)`` is
     the planted mask of a P-pixel patch (None: a control). With ``nodules_below_mm`` the
     patches are centred on such nodules instead and each carries its own truth
-    (:func:`nodule_patches`). ``nulls`` caches the noise-only scans per slice. Returns the
-    per-pixel scores, flags, truth masks and per-patch records."""
+    (:func:`nodule_patches`). ``nulls`` caches the noise-only scans per slice. With a
+    ``refinement`` the invariances are sampled with it, the null is refined the same way
+    (:meth:`~InvarianceExplorerLib.sampler.InvarianceSampler.refine_null`), method A takes its
+    noise shape from that null and method B tests against it. Returns the per-pixel scores,
+    flags, truth masks and per-patch records."""
     from InvarianceExplorerLib.analysis import ALPHA, ensemble_test, structure_change
     from InvarianceExplorerLib.fidelity import _crop, another_realisation, held_out_patches
     from InvarianceExplorerLib.sampler import InvarianceSampler, load_invariance_models
@@ -152,9 +158,13 @@ def evaluate(folder, source, truth: Optional[Callable[[int], np.ndarray]], *, sl
             nulls[patch.index] = np.stack([another_realisation(source, patch.index, 2_000_003 + 7919 * patch.index + j)
                                            for j in range(null_count)])
         null = np.stack([_crop(scan, patch.center, size) for scan in nulls[patch.index]])
-        result = sampler.sample(patch.low_dose, count=count, seed=seed + n)
+        result = sampler.sample(patch.low_dose, count=count, seed=seed + n, refinement=refinement)
+        refined = bool(result.refinement)
+        if refined:
+            null = sampler.refine_null(patch.low_dose, null, result.refinement)
         a = structure_change(patch.low_dose, result.invariances, (spacing, spacing), denoised=result.denoised,
-                             denoised_invariances=result.denoised_invariances)
+                             denoised_invariances=result.denoised_invariances, null=null if refined else None,
+                             null_shape=refined)
         b = ensemble_test(result.invariances, null, (spacing, spacing), x=patch.low_dose, null_source="simulator")
         altered = sum(1 for s in a.samples if s["region_count"] > 0)
         a_scores.append(np.abs(a.change_map).mean(axis=0))
@@ -253,13 +263,14 @@ def save_figure(results_runs: dict, path: Path) -> None:
     save_png(tile_grid(rows, labels), str(path))
 
 
-def write_readme(readme: Path, text: str) -> None:
+def write_readme(readme: Path, text: str, block: str = README_BLOCKS[0]) -> None:
     content = readme.read_text()
-    if README_BEGIN not in content or README_END not in content:
-        raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} block")
-    head, rest = content.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_BEGIN}\n{text}\n{README_END}{tail}")
+    begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
+    if begin not in content or end not in content:
+        raise SystemExit(f"{readme} has no {begin} ... {end} block")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main(argv=None) -> None:
@@ -274,8 +285,13 @@ def main(argv=None) -> None:
     parser.add_argument("--count", type=int, default=16, help="invariances per patch (default 16)")
     parser.add_argument("--null-count", type=int, default=16, help="noise-only scans per slice (default 16)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/planted/results.json"))
-    parser.add_argument("--figure", type=Path, default=Path("docs/planted.png"))
+    parser.add_argument("--refine", default=None, metavar="CENTRE,SAMPLE",
+                        help="sample with this consistency refinement (default: each model folder's own) and "
+                             "refine the null the same way")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default runs/planted/results.json, results_refined.json with --refine)")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="figure (default docs/planted.png, docs/planted_refined.png with --refine)")
     parser.add_argument("--write-readme", action="store_true", help="put the table in README.md")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -286,13 +302,19 @@ def main(argv=None) -> None:
     from InvarianceExplorerLib.datasets import open_source
     from InvarianceExplorerLib.denoisers import read_metadata
     from InvarianceExplorerLib.devices import machine
+    from InvarianceExplorerLib.sampler import Refinement
 
     started = time.perf_counter()
     source = open_source(args.data)
     nulls: Dict[int, np.ndarray] = {}
     arguments = read_metadata(args.region_blind)["architecture"].get("arguments", {})
     radius = float(arguments.get("radius_px", 10.0))
-    common = dict(slices=args.slices, count=args.count, null_count=args.null_count, seed=args.seed, nulls=nulls)
+    refinement = None if args.refine is None else Refinement.parse(args.refine)
+    suffix = "_refined" if refinement else ""
+    args.out = args.out or Path(f"runs/planted/results{suffix}.json")
+    args.figure = args.figure or Path(f"docs/planted{suffix}.png")
+    common = dict(slices=args.slices, count=args.count, null_count=args.null_count, seed=args.seed, nulls=nulls,
+                  refinement=refinement)
     runs = {"region-blind": evaluate(args.region_blind, source, lambda p: centre_disc(p, p, radius).numpy() > 0,
                                      **common),
             "control": evaluate(args.control, source, None, **common)}
@@ -310,7 +332,8 @@ def main(argv=None) -> None:
         results["denoisers"][name]["patches"] = [{k: v for k, v in r.items() if k != "example"}
                                                  for r in run["records"]]
         results["denoisers"][name]["patch_size"] = run["patch_size"]
-    results.update({"data": str(args.data), "slices": args.slices, "invariances_per_patch": args.count,
+    results.update({"refinement": None if refinement is None else refinement.as_dict(),
+                    "data": str(args.data), "slices": args.slices, "invariances_per_patch": args.count,
                     "null_scans_per_slice": args.null_count, "seed": args.seed, "machine": machine(),
                     "wall_time_s": round(time.perf_counter() - started, 1),
                     "command": "python benchmarks/planted/run.py " + " ".join(shlex.quote(a) for a in
@@ -326,7 +349,8 @@ def main(argv=None) -> None:
                      f"({m['cpu_threads']} threads, torch {m['torch']}) in {results['wall_time_s'] / 60:.0f} min: "
                      "test patches: " + ", ".join(f"{name} {len(run['records'])}" for name, run in runs.items())
                      + f"; {args.count} invariances each, "
-                     f"{args.null_count} noise-only scans per slice. Figure: `{args.figure}`.")
+                     f"{args.null_count} noise-only scans per slice. Figure: `{args.figure}`.",
+                     README_BLOCKS[1] if refinement else README_BLOCKS[0])
 
 
 if __name__ == "__main__":
