@@ -557,9 +557,14 @@ def test_analysis_of_refined_samples_refines_the_null_or_says_it_is_uncalibrated
     capsys.readouterr()
     assert main(["analyze", str(out), "--posterior", "--null-count", "4", "--progress", "none"]) == 2
     assert "at least 8 images" in capsys.readouterr().err  # too few to shape the noise by
+    with pytest.warns(RuntimeWarning, match="cVAE posterior's, whose spread is not noise"):
+        assert main(["analyze", str(out), "--posterior", "--null-count", "8", "--progress", "none"]) == 0
+    record = json.loads((out / ANALYSIS_DIR / "analysis.json").read_text())
+    assert record["settings"]["null_refined"] and "null's noise shape" not in record["method_a"]["noise_estimate"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        assert main(["analyze", str(out), "--posterior", "--null-count", "8", "--progress", "none"]) == 0
+        assert main(["analyze", str(out), "--full-dose", sample_folder[1], "--dose", "0.25", "--photons", "1e4",
+                     "--null-count", "8", "--progress", "none"]) == 0
     record = json.loads((out / ANALYSIS_DIR / "analysis.json").read_text())
     assert record["settings"]["null_refined"] and "refined_samples_note" not in record["method_a"]
     assert "null's noise shape" in record["method_a"]["noise_estimate"] and not record["method_b"]["skipped"]

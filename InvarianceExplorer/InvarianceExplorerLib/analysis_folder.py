@@ -88,13 +88,15 @@ def _stack_image(crop: CTImage, array: np.ndarray) -> CTImage:
     return CTImage(np.asarray(array, np.float32), crop.spacing, crop.origin, crop.direction)
 
 
+#: ``null_source`` of a null drawn from the cVAE posterior of x (:func:`posterior_null`).
+POSTERIOR_NULL = "cvae posterior"
 #: Said (warning and analysis.json) when invariances sampled with a consistency refinement are
-#: analysed without a noise-only null to refine the same way.
-REFINED_SAMPLES_NOTE = ("these invariances were sampled with a consistency refinement (sample --refine) and no "
-                        "noise-only null is at hand: the refinement shapes noise by f's local gain, which method A's "
-                        "own noise model does not follow (on refined pure noise of an ordinary RED-CNN it flags most "
-                        "images, README); give a null (analyze --full-dose, --null or --posterior) for a calibrated "
-                        "analysis, or sample with --refine 0,0")
+#: analysed without a noise-only null of scans to refine the same way.
+REFINED_SAMPLES_NOTE = ("these invariances were sampled with a consistency refinement (sample --refine) and {what}: "
+                        "the refinement shapes noise by f's local gain, which method A's own noise model does not "
+                        "follow (on refined pure noise of an ordinary RED-CNN it flags most images, README); give "
+                        "noise-only scans (analyze --full-dose or --null) for a calibrated analysis, or sample with "
+                        "--refine 0,0")
 
 
 def find_null(folder, numbers: dict, shape: Tuple[int, int]) -> Tuple[Optional[np.ndarray], Optional[str], str]:
@@ -214,8 +216,10 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
             refined. For invariances sampled with a consistency refinement (numbers.json's
             "refinement") the null is refined the same way (at least
             :data:`~.analysis.MIN_SHAPE_NULL` images) with the denoiser of ``model``, method A
-            takes its noise shape from it and method B tests against it.
-        null_source: how ``null`` was made ("simulator", "cvae posterior", "given").
+            takes its noise shape from it (not from a posterior null: measured, refined
+            posterior draws of the bundled RED-CNN do not have refined noise's shape) and
+            method B tests against it.
+        null_source: how ``null`` was made ("simulator", :data:`POSTERIOR_NULL`, "given").
         alpha: method A's expected false regions per invariance; fdr: method B's FDR level.
         sigma_mm: reference filter width in mm (default: the noise correlation length).
         min_area_mm2: method A's smallest altered region.
@@ -255,6 +259,8 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
 
     refinement = Refinement.parse(result.numbers.get("refinement"))
     null_refined = bool(refinement) and null is not None
+    # the posterior's spread is not noise: refined, it does not have the shape of refined noise
+    shaped = null_refined and null_source != POSTERIOR_NULL
     if null_refined:
         if null.shape[0] < MIN_SHAPE_NULL:
             raise ValueError(f"these invariances were sampled with a consistency refinement; its analysis refines the "
@@ -269,7 +275,7 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         outputs = {"denoised": result.volumes["denoised"].array[0].astype(np.float64),
                    "denoised_invariances": result.volumes["denoised_invariances"].array.astype(np.float64)}
     change = structure_change(x, stack, spacing, null=null, sigma_px=sigma_px, alpha=alpha,
-                              min_area_mm2=min_area_mm2, max_passed_on=max_passed_on, null_shape=null_refined,
+                              min_area_mm2=min_area_mm2, max_passed_on=max_passed_on, null_shape=shaped,
                               **outputs)
     report("method A", 1, 1)
 
@@ -285,9 +291,11 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         method_b = {"skipped": True, "reason": reason}
 
     samples = _merged_samples(result.numbers, noise, change)
-    uncalibrated = bool(refinement) and not null_refined
-    if uncalibrated:
-        warnings.warn(REFINED_SAMPLES_NOTE, RuntimeWarning)
+    uncalibrated = None
+    if refinement and not shaped:
+        uncalibrated = REFINED_SAMPLES_NOTE.format(what="no noise-only null is at hand" if null is None else
+                                                   "the null is the cVAE posterior's, whose spread is not noise")
+        warnings.warn(uncalibrated, RuntimeWarning)
     record = {
         "version": 1,
         "sample_folder": str(folder),
@@ -300,7 +308,7 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
                                             "folder: every region counts, including the sampler's own errors"})},
         "noise": noise,
         "method_a": {**change.summary(), "samples": [{k: v for k, v in s.items()} for s in change.samples],
-                     **({"refined_samples_note": REFINED_SAMPLES_NOTE} if uncalibrated else {})},
+                     **({"refined_samples_note": uncalibrated} if uncalibrated else {})},
         "method_b": method_b,
         "samples": samples,
         "stacks": "axis 0 of change_maps.nrrd and altered_regions.nrrd is the sample index k, as in invariances.nrrd",

@@ -729,7 +729,7 @@ def _run_analysis(folder: Path, progress, args=None) -> tuple:
     """Analyse a sample folder (``analyze``, or ``sample --analyze`` with default settings);
     returns the outputs (name -> path) and a one-line summary for the "done" report."""
     from .analysis import ALPHA, FDR, MAX_PASSED_ON, MIN_AREA_MM2
-    from .analysis_folder import analyze_folder, posterior_null, simulate_null_for_folder
+    from .analysis_folder import POSTERIOR_NULL, analyze_folder, posterior_null, simulate_null_for_folder
     from .io import read_image
     from .result_folder import read_volume
 
@@ -744,7 +744,7 @@ def _run_analysis(folder: Path, progress, args=None) -> tuple:
         update(1)
     elif args is not None and args.posterior:
         update = progress.stage("posterior", 1, f"Drawing {args.null_count} images from the cVAE posterior of x")
-        null, source = posterior_null(folder, args.null_count, args.seed), "cvae posterior"
+        null, source = posterior_null(folder, args.null_count, args.seed), POSTERIOR_NULL
         update(1)
     messages = {"noise": "Measuring noise", "method A": "Method A: structure change per invariance",
                 "method B": "Method B: ensemble test against the noise-only null", "writing": "Writing the analysis"}
