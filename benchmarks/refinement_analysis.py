@@ -17,7 +17,10 @@ Per patch it prints the number of invariances with altered regions, their mean a
 With ``--noise-only J`` it also runs method A on J *other* fresh noise realisations of each
 patch's slice (the same anatomy, new noise: whatever method A flags there is not anatomy), as
 scanned and refined towards f(x) like the samples, the refined ones judged both ways. Method A
-promises ``alpha`` = 0.05 false regions per image.
+promises ``alpha`` = 0.05 false regions per image. With ``--posterior`` the refined noise
+realisations are also judged in the shape of a null drawn from the cVAE posterior of x
+(``--null`` decodings ``D(z_j, f(x))``, ``z_j ~ q(z | x, f(x))``, refined the same way), the
+null ``analyze --posterior`` uses when no scans are at hand.
 
     .venv/bin/python benchmarks/refinement_analysis.py Resources/Models/redcnn --data data/sim512 --patches 4 \\
         --noise-only 8
@@ -50,6 +53,21 @@ def _line(rows) -> str:
     return ", ".join(f"({a}, {b:.0f}, {c})" for a, b, c in rows)
 
 
+def posterior_draws(sampler, x_hu: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` decodings of the cVAE posterior of ``x_hu`` ``(count, P, P)`` HU."""
+    from InvarianceExplorerLib.inference import apply_network
+
+    models = sampler.models
+    norm, rep = models.denoiser.normalization, models.representation
+    with torch.inference_mode():
+        x = norm.normalize(torch.from_numpy(x_hu.astype(np.float32)))[None, None]
+        y = apply_network(models.denoiser.network, x, tile_size=None)
+        mean, logvar = rep.encode(x, y)
+        noise = torch.randn(count, mean.shape[1], generator=torch.Generator().manual_seed(seed))
+        decoded = rep.decode(mean + torch.exp(0.5 * logvar) * noise, y, rep.condition(y))
+    return norm.denormalize(decoded[:, 0]).numpy()
+
+
 def scans(source, patch, seeds) -> np.ndarray:
     """Fresh low-dose scans of the patch's slice, cut like the patch ``(J, P, P)`` HU."""
     return np.stack([patch.crop(another_realisation(source, patch.index, s)) for s in seeds]).astype(np.float64)
@@ -65,6 +83,8 @@ def main() -> None:
     parser.add_argument("--null", type=int, default=16, help="noise-only scans per patch for the null (default 16)")
     parser.add_argument("--noise-only", type=int, default=0, metavar="J",
                         help="also test J other fresh noise realisations per patch, plain and refined (default 0)")
+    parser.add_argument("--posterior", action="store_true",
+                        help="with --noise-only: also judge them in the shape of a refined cVAE-posterior null")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,6 +122,8 @@ def main() -> None:
             print(f"  invariances, {label}: {_line(found)}")
         if args.noise_only:
             found = {"as scanned": [], "refined, own noise": [], "refined, null's shape": []}
+            if args.posterior:
+                found["refined, refined posterior null's shape"] = []
             for n, patch in enumerate(patches):
                 plain = scans(source, patch, range(5000, 5000 + args.noise_only))
                 refined = sampler.refine_null(patch.low_dose, plain, args.refinement).astype(np.float64)
@@ -109,6 +131,11 @@ def main() -> None:
                 found["refined, own noise"].append(_flags(patch.low_dose, refined, spacing))
                 found["refined, null's shape"].append(_flags(patch.low_dose, refined, spacing,
                                                              null=nulls[n].astype(np.float64)))
+                if args.posterior:
+                    posterior = sampler.refine_null(patch.low_dose, posterior_draws(sampler, patch.low_dose, args.null),
+                                                    args.refinement)
+                    found["refined, refined posterior null's shape"].append(
+                        _flags(patch.low_dose, refined, spacing, null=posterior.astype(np.float64)))
             for label, rows_ in found.items():
                 total = sum(r[0] for r in rows_)
                 print(f"  {args.noise_only} other noise realisations per patch, {label}: {_line(rows_)}; "
