@@ -255,6 +255,17 @@ def test_method_a_takes_the_noise_shape_of_refined_samples_from_a_refined_null()
     assert "null's noise shape" in change.summary()["noise_estimate"]
     with pytest.raises(ValueError, match="at least 8"):
         structure_change(x, invariances, SPACING, null=null[:4], null_shape=True)
+    # a faint change, significant against the little noise the refinement leaves but within
+    # what a rescan's noise does, counts only without the rescans' floor; a strong one with it
+    scans = x + gaussian_noise(rng, 16, 20.0, 0.7)
+    faint = x + refined_like_noise(np.random.default_rng(730), 16)
+    faint[2] += 15.0 * disc((80, 40), 6)  # about 9 times the quiet band's filtered noise, 3 times a rescan's
+    faint[6] += 60.0 * disc((80, 88), 6)
+    alone = structure_change(x, faint, SPACING, null=null, null_shape=True)
+    floored = structure_change(x, faint, SPACING, null=null, null_shape=True, scans=scans)
+    assert alone.labels[2][40, 80] == BRIGHTER and floored.labels[2][40, 80] == 0
+    assert alone.labels[6][88, 80] == floored.labels[6][88, 80] == BRIGHTER
+    assert "rescan" in floored.summary()["noise_estimate"]
 
 
 def added_and_removed_disc():

@@ -8,7 +8,8 @@ For each model folder, held-out test patches (those of the fidelity figures,
 (:func:`~InvarianceExplorerLib.analysis.structure_change`, default settings, f's outputs
 given) runs on both. The refined ones are judged twice: by each difference alone (the noise
 model of unrefined samples) and in the noise shape of a null refined the same way
-(``null_shape``; the null: ``--null`` fresh noise realisations x'_j of the patch's slice,
+(``null_shape``, regions also beyond the noise of the null as scanned; the null: ``--null``
+fresh noise realisations x'_j of the patch's slice,
 :func:`~InvarianceExplorerLib.fidelity.another_realisation`, refined by
 :meth:`~InvarianceExplorerLib.sampler.InvarianceSampler.refine_null`), as ``analyze`` does.
 Per patch it prints the number of invariances with altered regions, their mean altered area
@@ -40,11 +41,12 @@ from InvarianceExplorerLib.fidelity import another_realisation, held_out_patches
 from InvarianceExplorerLib.sampler import CHECKED_REFINEMENT, InvarianceSampler, Refinement
 
 
-def _flags(x, stack, spacing, y=None, outputs=None, null=None) -> tuple:
-    """Method A on ``stack`` against ``x`` (in the noise shape of ``null`` when given): (images
-    with altered regions, mean altered area mm^2, regions seen by f)."""
+def _flags(x, stack, spacing, y=None, outputs=None, null=None, scanned=None) -> tuple:
+    """Method A on ``stack`` against ``x`` (in the noise shape of the refined ``null`` when
+    given, its regions also beyond the noise of the ``scanned`` null): (images with altered
+    regions, mean altered area mm^2, regions seen by f)."""
     a = structure_change(x, stack, spacing, denoised=y, denoised_invariances=outputs, null=null,
-                         null_shape=null is not None)
+                         null_shape=null is not None, scans=scanned)
     return (sum(s["region_count"] > 0 for s in a.samples), float(np.mean([s["area_mm2"] for s in a.samples])),
             sum(len(s["seen_by_f"]) for s in a.samples))
 
@@ -97,8 +99,9 @@ def main() -> None:
         patches = held_out_patches(source, "test", sampler.patch_size, slices=(args.patches + 1) // 2,
                                    per_slice=2)[:args.patches]
         spacing = tuple(float(s) for s in source[patches[0].index].spacing[:2])  # mm
-        nulls = [sampler.refine_null(p.low_dose, scans(source, p, range(7000, 7000 + args.null)), args.refinement)
-                 for p in patches]
+        scanned = [scans(source, p, range(7000, 7000 + args.null)) for p in patches]
+        nulls = [sampler.refine_null(p.low_dose, s, args.refinement).astype(np.float64)
+                 for p, s in zip(patches, scanned)]
         rows = {"plain": [], "refined, own noise": [], "refined, null's shape": []}
         consistency = {}
         for refinement in (Refinement(), args.refinement):
@@ -109,7 +112,7 @@ def main() -> None:
                 common = (r.x, r.invariances, spacing, r.denoised, r.denoised_invariances)
                 if refinement:
                     rows["refined, own noise"].append(_flags(*common))
-                    rows["refined, null's shape"].append(_flags(*common, null=nulls[n].astype(np.float64)))
+                    rows["refined, null's shape"].append(_flags(*common, null=nulls[n], scanned=scanned[n]))
                 else:
                     rows["plain"].append(_flags(*common))
                 out.append(r.mean_abs_output_change_hu.mean())
@@ -129,13 +132,14 @@ def main() -> None:
                 refined = sampler.refine_null(patch.low_dose, plain, args.refinement).astype(np.float64)
                 found["as scanned"].append(_flags(patch.low_dose, plain, spacing))
                 found["refined, own noise"].append(_flags(patch.low_dose, refined, spacing))
-                found["refined, null's shape"].append(_flags(patch.low_dose, refined, spacing,
-                                                             null=nulls[n].astype(np.float64)))
+                found["refined, null's shape"].append(_flags(patch.low_dose, refined, spacing, null=nulls[n],
+                                                             scanned=scanned[n]))
                 if args.posterior:
                     posterior = sampler.refine_null(patch.low_dose, posterior_draws(sampler, patch.low_dose, args.null),
                                                     args.refinement)
                     found["refined, refined posterior null's shape"].append(
-                        _flags(patch.low_dose, refined, spacing, null=posterior.astype(np.float64)))
+                        _flags(patch.low_dose, refined, spacing, null=posterior.astype(np.float64),
+                               scanned=scanned[n]))
             for label, rows_ in found.items():
                 total = sum(r[0] for r in rows_)
                 print(f"  {args.noise_only} other noise realisations per patch, {label}: {_line(rows_)}; "

@@ -290,6 +290,7 @@ class StructureChange:
         threshold_z, extent_z, min_area_mm2, alpha, sigma_px, sigma_mm, roughness,
             max_passed_on: the settings used (max_passed_on None: f's outputs not given).
         null_shape: whether the noise-only std took its spatial shape from the null.
+        scan_floor: whether regions also had to exceed a rescan difference's noise (``scans``).
         calibration: with a null ensemble, the false regions the same test finds in the
             noise-only differences ``x'_j - x`` (should be about ``alpha`` per image).
     """
@@ -308,6 +309,7 @@ class StructureChange:
     calibration: Optional[dict] = None
     max_passed_on: Optional[float] = None
     null_shape: bool = False
+    scan_floor: bool = False
 
     @property
     def ranking(self) -> List[int]:
@@ -321,7 +323,9 @@ class StructureChange:
                 "noise_estimate": "local robust std of each filtered difference (window sigma "
                                   f"{LOCAL_WINDOW:g} filter widths, clipped at 3 sigma)"
                                   + (f", in the null's noise shape (window sigma {SHAPE_WINDOW:g} filter widths)"
-                                     if self.null_shape else ""),
+                                     if self.null_shape else "")
+                                  + (", regions also beyond u times a rescan difference's noise" if self.scan_floor
+                                     else ""),
                 "roughness": self.roughness, "calibration": self.calibration,
                 "max_passed_on": self.max_passed_on,
                 "regions_seen_by_f": int(sum(len(s["seen_by_f"]) for s in self.samples)),
@@ -370,10 +374,13 @@ def outline(values: np.ndarray, region: np.ndarray, sigma_px: float, rounds: int
 def altered_regions(z: np.ndarray, difference_hu: np.ndarray, threshold_z: float, spacing,
                     min_area_mm2: float = MIN_AREA_MM2, extent_z: float = EXTENT_Z,
                     peak_radius_px: float = 1.0, output_difference_hu: Optional[np.ndarray] = None,
-                    max_passed_on: float = MAX_PASSED_ON) -> Tuple[np.ndarray, List[dict], List[dict]]:
+                    max_passed_on: float = MAX_PASSED_ON, floor_hu: Optional[np.ndarray] = None
+                    ) -> Tuple[np.ndarray, List[dict], List[dict]]:
     """Regions of one change map (see the module docstring; ``peak_radius_px``: see
     :func:`robust_peak`, the reference filter's width; ``output_difference_hu``: the
-    filtered change of f's output ``G * (f(x~) - f(x))``, or None). Returns the labelmap
+    filtered change of f's output ``G * (f(x~) - f(x))``, or None; ``floor_hu``: the
+    filtered noise std of a rescan difference (HU map) that a region's change must also
+    exceed ``threshold_z`` times somewhere, or None). Returns the labelmap
     (uint8, BRIGHTER / DARKER), one record per region ``{"sign", "area_mm2", "peak_abs_hu",
     "peak_z", "centroid_ij", "passed_on"}`` (passed_on: the fraction of the region's change
     that reaches f's output; None without f's outputs), and the records of the regions left
@@ -395,6 +402,8 @@ def altered_regions(z: np.ndarray, difference_hu: np.ndarray, threshold_z: float
                 area = float(piece.sum() * px)
                 if area < min_area_mm2 or not (piece & seeds).any():
                     continue
+                if floor_hu is not None and not (sd[piece] >= threshold_z * floor_hu[piece]).any():
+                    continue  # within what a rescan's noise can do
                 passed = None if output_difference_hu is None else float(
                     np.abs(output_difference_hu[piece]).mean() / max(np.abs(difference_hu[piece]).mean(), 1e-12))
                 rows, cols = np.nonzero(piece)
@@ -413,7 +422,7 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
                      null=None, sigma_px: Optional[float] = None, alpha: float = ALPHA,
                      threshold_z: Optional[float] = None, min_area_mm2: float = MIN_AREA_MM2,
                      extent_z: float = EXTENT_Z, max_passed_on: float = MAX_PASSED_ON,
-                     null_shape: bool = False) -> StructureChange:
+                     null_shape: bool = False, scans=None) -> StructureChange:
     """Method A: per-invariance structure change (see the module docstring).
 
     Args:
@@ -436,6 +445,11 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
             :data:`MIN_SHAPE_NULL` images; :func:`noise_shape`), each invariance's own
             noise level still from its difference: for invariances sampled with the
             consistency refinement, against a null refined the same way.
+        scans: with ``null_shape``, the null's images as scanned (before the refinement,
+            ``(J, H, W)`` HU): a region must also change x by more than ``u`` times the
+            filtered noise std of a rescan difference ``x'_j - x`` (the refinement leaves
+            far less noise than a scan holds, so a change of a few HU can be significant
+            against it and still be one a rescan makes).
     """
     x = _image(x, "x")
     stack = _stack(invariances, "invariances")
@@ -454,6 +468,15 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
     if null_shape and (null is None or null.shape[0] < MIN_SHAPE_NULL):
         raise ValueError(f"null_shape needs a noise-only ensemble of at least {MIN_SHAPE_NULL} images; got "
                          f"{0 if null is None else null.shape[0]}")
+    floor = None
+    if scans is not None:
+        if not null_shape:
+            raise ValueError("scans (the null as scanned) go with null_shape, for refined invariances")
+        scans = _stack(scans, "scans")
+        if scans.shape[1:] != x.shape:
+            raise ValueError(f"the scans must be (J, {x.shape[0]}, {x.shape[1]}); got {scans.shape}")
+        floor = np.sqrt(reference_filter(np.mean(np.square(reference_filter(scans - x[None], sigma_px)), axis=0),
+                                         SHAPE_WINDOW * sigma_px))
     # the noise-only std's spatial shape: the filter's gain at the reflected border, or the null's
     dof = None
     if null_shape:
@@ -484,7 +507,7 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
     if null is not None:  # the same test on noise-only differences x'_j - x: how many false regions?
         null_z, _ = standardise(null_difference)
         counts = [len(altered_regions(null_z[j], null_difference[j], threshold, spacing, min_area_mm2, extent_z,
-                                      peak_radius_px=sigma_px)[1])  # f of the null is not at hand: ungated
+                                      peak_radius_px=sigma_px, floor_hu=floor)[1])  # f of the null: not at hand
                   for j in range(null.shape[0])]
         calibration = {"null_count": int(null.shape[0]), "false_regions": int(sum(counts)),
                        "false_regions_per_image": float(np.mean(counts)),
@@ -495,7 +518,7 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
         labels[k], regions, seen = altered_regions(
             z[k], difference[k], threshold, spacing, min_area_mm2, extent_z, peak_radius_px=sigma_px,
             output_difference_hu=None if output_difference is None else output_difference[k],
-            max_passed_on=max_passed_on)
+            max_passed_on=max_passed_on, floor_hu=floor)
         samples.append({"index": k, "area_mm2": float(sum(r["area_mm2"] for r in regions)),
                         "peak_abs_hu": float(max((r["peak_abs_hu"] for r in regions), default=0.0)),
                         "region_count": len(regions), "max_abs_z": float(np.abs(z[k]).max()),
@@ -507,7 +530,7 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
     return StructureChange(z.astype(np.float32), difference.astype(np.float32), labels, samples, threshold, extent_z,
                            float(min_area_mm2), float(alpha), sigma_px, sigma_px * math.sqrt(spacing[0] * spacing[1]),
                            lam, calibration, None if output_difference is None else float(max_passed_on),
-                           bool(null_shape))
+                           bool(null_shape), floor is not None)
 
 
 # ----------------------------------------------------------------------------- method B

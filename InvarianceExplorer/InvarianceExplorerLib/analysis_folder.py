@@ -261,12 +261,14 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
     null_refined = bool(refinement) and null is not None
     # the posterior's spread is not noise: refined, it does not have the shape of refined noise
     shaped = null_refined and null_source != POSTERIOR_NULL
+    scans = None
     if null_refined:
         if null.shape[0] < MIN_SHAPE_NULL:
             raise ValueError(f"these invariances were sampled with a consistency refinement; its analysis refines the "
                              f"noise-only null the same way and needs at least {MIN_SHAPE_NULL} images of it; got "
                              f"{null.shape[0]} (--null-count)")
         report("refining the null", 0, 1)
+        scans = null
         null = refine_null_for_folder(folder, null, refinement, model=model).astype(np.float64)
         report("refining the null", 1, 1)
     report("method A", 0, 1)
@@ -276,6 +278,7 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
                    "denoised_invariances": result.volumes["denoised_invariances"].array.astype(np.float64)}
     change = structure_change(x, stack, spacing, null=null, sigma_px=sigma_px, alpha=alpha,
                               min_area_mm2=min_area_mm2, max_passed_on=max_passed_on, null_shape=shaped,
+                              scans=scans if shaped else None,
                               **outputs)
     report("method A", 1, 1)
 

@@ -135,7 +135,8 @@ def evaluate(folder, source, truth: Optional[Callable[[int], np.ndarray]], *, sl
     (:func:`nodule_patches`). ``nulls`` caches the noise-only scans per slice. With a
     ``refinement`` the invariances are sampled with it, the null is refined the same way
     (:meth:`~InvarianceExplorerLib.sampler.InvarianceSampler.refine_null`), method A takes its
-    noise shape from that null and method B tests against it. Returns the per-pixel scores,
+    noise shape from that null (its regions also beyond a rescan's noise) and method B tests
+    against it. Returns the per-pixel scores,
     flags, truth masks and per-patch records."""
     from InvarianceExplorerLib.analysis import ALPHA, ensemble_test, structure_change
     from InvarianceExplorerLib.fidelity import _crop, another_realisation, held_out_patches
@@ -159,12 +160,12 @@ def evaluate(folder, source, truth: Optional[Callable[[int], np.ndarray]], *, sl
                                            for j in range(null_count)])
         null = np.stack([_crop(scan, patch.center, size) for scan in nulls[patch.index]])
         result = sampler.sample(patch.low_dose, count=count, seed=seed + n, refinement=refinement)
-        refined = bool(result.refinement)
+        refined, scanned = bool(result.refinement), null
         if refined:
             null = sampler.refine_null(patch.low_dose, null, result.refinement)
         a = structure_change(patch.low_dose, result.invariances, (spacing, spacing), denoised=result.denoised,
                              denoised_invariances=result.denoised_invariances, null=null if refined else None,
-                             null_shape=refined)
+                             null_shape=refined, scans=scanned if refined else None)
         b = ensemble_test(result.invariances, null, (spacing, spacing), x=patch.low_dose, null_source="simulator")
         altered = sum(1 for s in a.samples if s["region_count"] > 0)
         a_scores.append(np.abs(a.change_map).mean(axis=0))
