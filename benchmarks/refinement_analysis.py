@@ -21,7 +21,7 @@ scanned and refined towards f(x) like the samples, the refined ones judged both 
 promises ``alpha`` = 0.05 false regions per image. With ``--posterior`` the refined noise
 realisations are also judged in the shape of a null drawn from the cVAE posterior of x
 (``--null`` decodings ``D(z_j, f(x))``, ``z_j ~ q(z | x, f(x))``, refined the same way), the
-null ``analyze --posterior`` uses when no scans are at hand.
+null ``analyze --posterior`` uses when no scans are at hand (so without the scans' floor).
 
     .venv/bin/python benchmarks/refinement_analysis.py Resources/Models/redcnn --data data/sim512 --patches 4 \\
         --noise-only 8
@@ -138,8 +138,7 @@ def main() -> None:
                     posterior = sampler.refine_null(patch.low_dose, posterior_draws(sampler, patch.low_dose, args.null),
                                                     args.refinement)
                     found["refined, refined posterior null's shape"].append(
-                        _flags(patch.low_dose, refined, spacing, null=posterior.astype(np.float64),
-                               scanned=scanned[n]))
+                        _flags(patch.low_dose, refined, spacing, null=posterior.astype(np.float64)))
             for label, rows_ in found.items():
                 total = sum(r[0] for r in rows_)
                 print(f"  {args.noise_only} other noise realisations per patch, {label}: {_line(rows_)}; "

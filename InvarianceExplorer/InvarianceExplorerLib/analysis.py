@@ -41,8 +41,11 @@ than the local window and the same for every image refined towards f(x). For the
 and each difference, divided by that shape, still gives its own level; as the shape is
 estimated from J images, z is then a Student-t value with the estimate's degrees of freedom
 (measured per pixel from the spread over j), mapped to the normal value of equal tail
-probability (:func:`t_to_z`). Without it, method A flags most refined pure-noise images of
-an ordinary RED-CNN; with it about ``alpha`` (README, ``benchmarks/refinement_analysis.py``).
+probability (:func:`t_to_z`); and since the refinement leaves a fifth to a half of a scan's
+noise, a region must also change x by more than ``u`` times the filtered noise of a rescan
+difference (``scans``: the null as scanned), or changes of a few HU that any rescan makes
+would count. Without this, method A flags most refined pure-noise images of an ordinary
+RED-CNN; with it about ``alpha`` (README, ``benchmarks/refinement_analysis.py``).
 The detection threshold ``u`` makes the expected number of false regions per invariance
 equal to ``alpha`` (default 5 %) by the expected Euler characteristic of a smooth 2D
 Gaussian field (Worsley et al. 1996,
