@@ -34,23 +34,22 @@ differences against 1 with the local estimate); the null, when given, *checks* t
 calibration instead — the same test on noise-only differences ``x'_j - x`` reports its
 false regions. Refined invariances (the sampler's consistency refinement) are the exception:
 the refinement takes out of x~_k - x what f passes on, so their noise survives where f's gain
-is low (near edges, at the patch border) and is halved or less elsewhere, a pattern sharper
+is low (near edges, at the patch border) and is much reduced elsewhere, a pattern sharper
 than the local window and the same for every image refined towards f(x). For them
 (``null_shape``) the null, refined the same way, gives the *shape* of the noise-only std
 (:func:`noise_shape`: its root mean square over j, smoothed over one filter width, median 1)
 and each difference, divided by that shape, still gives its own level; as the shape is
 estimated from J images, z is then a Student-t value with the estimate's degrees of freedom
 (measured per pixel from the spread over j), mapped to the normal value of equal tail
-probability (:func:`t_to_z`); and since the refinement leaves a fifth to a half of a scan's
-noise, a region must also change x by more than ``u`` times the filtered noise of a rescan
+probability (:func:`t_to_z`); and since the refinement leaves much less noise than a scan
+holds, a region must also change x by more than ``u`` times the filtered noise of a rescan
 difference (``scans``: the null as scanned), or changes of a few HU that any rescan makes
 would count. Without this, method A flags most refined pure-noise images of an ordinary
-RED-CNN; with it about ``alpha`` (README, ``benchmarks/refinement_analysis.py``).
+RED-CNN; with it at most ``alpha`` (none of 32: README, ``benchmarks/refinement_analysis.py``).
 The detection threshold ``u`` makes the expected number of false regions per invariance
 equal to ``alpha`` (default 5 %) by the expected Euler characteristic of a smooth 2D
-Gaussian field (Worsley et al. 1996,
-"A unified statistical approach for determining significant signals in images of cerebral
-activation", Hum Brain Mapp 4:58-73), with the field's roughness measured from the data
+Gaussian field (Worsley et al. 1996, "A unified statistical approach for determining
+significant signals in images of cerebral activation", Hum Brain Mapp 4:58-73), with the field's roughness measured from the data
 (variance of its finite differences) and capped by Bonferroni. A region is a connected part
 of ``|z_k| >= 2`` that reaches ``|z_k| >= u``, outlined where ``|D_k|`` falls to the value a
 blurred structure takes at its edge (:func:`outline`: half its peak for a straight edge,
