@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from InvarianceExplorerLib.analysis import structure_change
+from InvarianceExplorerLib.analysis_folder import posterior_draws
 from InvarianceExplorerLib.datasets import open_source
 from InvarianceExplorerLib.devices import machine
 from InvarianceExplorerLib.fidelity import another_realisation, held_out_patches
@@ -53,21 +54,6 @@ def _flags(x, stack, spacing, y=None, outputs=None, null=None, scanned=None) -> 
 
 def _line(rows) -> str:
     return ", ".join(f"({a}, {b:.0f}, {c})" for a, b, c in rows)
-
-
-def posterior_draws(sampler, x_hu: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
-    """``count`` decodings of the cVAE posterior of ``x_hu`` ``(count, P, P)`` HU."""
-    from InvarianceExplorerLib.inference import apply_network
-
-    models = sampler.models
-    norm, rep = models.denoiser.normalization, models.representation
-    with torch.inference_mode():
-        x = norm.normalize(torch.from_numpy(x_hu.astype(np.float32)))[None, None]
-        y = apply_network(models.denoiser.network, x, tile_size=None)
-        mean, logvar = rep.encode(x, y)
-        noise = torch.randn(count, mean.shape[1], generator=torch.Generator().manual_seed(seed))
-        decoded = rep.decode(mean + torch.exp(0.5 * logvar) * noise, y, rep.condition(y))
-    return norm.denormalize(decoded[:, 0]).numpy()
 
 
 def scans(source, patch, seeds) -> np.ndarray:
@@ -135,8 +121,9 @@ def main() -> None:
                 found["refined, null's shape"].append(_flags(patch.low_dose, refined, spacing, null=nulls[n],
                                                              scanned=scanned[n]))
                 if args.posterior:
-                    posterior = sampler.refine_null(patch.low_dose, posterior_draws(sampler, patch.low_dose, args.null),
-                                                    args.refinement)
+                    draws = posterior_draws(sampler.models.denoiser, sampler.models.representation, patch.low_dose,
+                                            args.null)
+                    posterior = sampler.refine_null(patch.low_dose, draws, args.refinement)
                     found["refined, refined posterior null's shape"].append(
                         _flags(patch.low_dose, refined, spacing, null=posterior.astype(np.float64)))
             for label, rows_ in found.items():

@@ -13,8 +13,9 @@ are not touched.
 ``--refinement CENTRE,SAMPLE`` gives the models a consistency refinement
 (:class:`~InvarianceExplorerLib.sampler.Refinement`) their card was measured without: the
 card's figures must then be reproduced by the new figures of the samples without it
-(``alternative``, which is then without refinement), and ``--write`` also stores the refinement in ``metadata.json`` and draws
-``fidelity.png`` anew (the invariances it shows are refined).
+(``alternative``, which is then without refinement), and ``--write`` also stores the
+refinement in ``metadata.json`` and draws ``fidelity.png`` anew (the invariances it shows
+are refined).
 
     .venv/bin/python benchmarks/remeasure_fidelity.py Resources/Models/cnn10 --data data/sim512 [--write]
     .venv/bin/python benchmarks/remeasure_fidelity.py Resources/Models/cnn10 --data data/sim512 --refinement 5,1

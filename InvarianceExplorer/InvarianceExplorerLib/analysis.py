@@ -49,8 +49,9 @@ RED-CNN; with it at most ``alpha`` (none of 32: README, ``benchmarks/refinement_
 The detection threshold ``u`` makes the expected number of false regions per invariance
 equal to ``alpha`` (default 5 %) by the expected Euler characteristic of a smooth 2D
 Gaussian field (Worsley et al. 1996, "A unified statistical approach for determining
-significant signals in images of cerebral activation", Hum Brain Mapp 4:58-73), with the field's roughness measured from the data
-(variance of its finite differences) and capped by Bonferroni. A region is a connected part
+significant signals in images of cerebral activation", Hum Brain Mapp 4:58-73), with the
+field's roughness measured from the data (variance of its finite differences) and capped by
+Bonferroni. A region is a connected part
 of ``|z_k| >= 2`` that reaches ``|z_k| >= u``, outlined where ``|D_k|`` falls to the value a
 blurred structure takes at its edge (:func:`outline`: half its peak for a straight edge,
 less for a small disc, whose edge curvature lets more of the blur fall outside), so the

@@ -152,6 +152,34 @@ def simulate_null_for_folder(folder, full_dose: CTImage, dose: float, count: int
     return np.stack([crop_patch(plane.with_array(scan), (i, j), size).array for scan in scans])
 
 
+def _model_of(result, model=None):
+    """The model folder that sampled a sample folder: ``model``, else the one its numbers.json names."""
+    model = model or result.numbers.get("model_folder") or result.numbers.get("model")
+    if not model:
+        raise ValueError(f"{result.folder}: numbers.json names no model folder; give the model")
+    return model
+
+
+def posterior_draws(denoiser, representation, x_hu: np.ndarray, count: int = 16, seed: int = 0) -> np.ndarray:
+    """``count`` decodings ``D(z_j, f(x))`` of ``z_j ~ q(z | x, f(x))`` for the patch ``x_hu``
+    ``(count, P, P)`` HU (see :func:`posterior_null`); the draws are made on the CPU from ``seed``."""
+    import torch
+
+    from .inference import apply_network
+
+    if x_hu.shape != (representation.patch_size,) * 2:
+        raise ValueError(f"the crop is {x_hu.shape[0]} pixels but the cVAE works on {representation.patch_size}")
+    norm = denoiser.normalization
+    noise = torch.randn(int(count), representation.z_dim, generator=torch.Generator().manual_seed(int(seed)))
+    with torch.inference_mode():
+        x = norm.normalize(torch.from_numpy(np.asarray(x_hu, np.float32))).to(_device(denoiser))[None, None]
+        y = apply_network(denoiser.network, x, tile_size=None)
+        mean, logvar = representation.encode(x, y)
+        z = mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
+        decoded = representation.decode(z, y, representation.condition(y) if representation.conditional else None)
+    return norm.denormalize(decoded[:, 0]).float().cpu().numpy()
+
+
 def posterior_null(folder, count: int = 16, seed: int = 0, *, model=None, device="cpu") -> np.ndarray:
     """Method B's null from the cVAE posterior of x, for when no full-dose image is at hand:
     ``count`` decodings ``D(z_j, f(x))`` of ``z_j ~ q(z | x, f(x))`` ``(count, P, P)`` HU, with
@@ -161,42 +189,11 @@ def posterior_null(folder, count: int = 16, seed: int = 0, *, model=None, device
     Caveat (say so with the results): the posterior's spread is what the representation
     cannot pin down given x and f(x); it is a noise-only null only insofar as the cVAE is
     complete and that spread is noise. The scan simulator's null is the better one."""
-    import torch
-
-    from .inference import apply_network
     from .sampler import load_representation
 
     result = load_result(folder)
-    model = model or result.numbers.get("model_folder") or result.numbers.get("model")
-    if not model:
-        raise ValueError(f"{result.folder}: numbers.json names no model folder; give the model")
-    denoiser, representation = load_representation(model, device=device)
-    x_hu = result.crop.array[0]
-    if x_hu.shape != (representation.patch_size,) * 2:
-        raise ValueError(f"the crop is {x_hu.shape[0]} pixels but the cVAE works on {representation.patch_size}")
-    norm = denoiser.normalization
-    noise = torch.randn(int(count), representation.z_dim, generator=torch.Generator().manual_seed(int(seed)))
-    with torch.inference_mode():
-        x = norm.normalize(torch.from_numpy(x_hu)).to(_device(denoiser))[None, None]
-        y = apply_network(denoiser.network, x, tile_size=None)
-        mean, logvar = representation.encode(x, y)
-        z = mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
-        decoded = representation.decode(z, y, representation.condition(y) if representation.conditional else None)
-    return norm.denormalize(decoded[:, 0]).float().cpu().numpy()
-
-
-def refine_null_for_folder(folder, null: np.ndarray, refinement, *, model=None, device="cpu") -> np.ndarray:
-    """Noise-only images of a sample folder's crop ``(J, P, P)`` HU refined towards f(x) as its
-    invariances were (:meth:`~.sampler.InvarianceSampler.refine_null`), with the denoiser of
-    ``model`` (default: the model folder recorded in numbers.json)."""
-    from .sampler import InvarianceSampler
-
-    result = load_result(folder)
-    model = model or result.numbers.get("model_folder") or result.numbers.get("model")
-    if not model:
-        raise ValueError(f"{result.folder}: numbers.json names no model folder, which the null's refinement needs; "
-                         "give the model")
-    return InvarianceSampler(model, device=device).refine_null(result.crop.array[0], null, refinement)
+    denoiser, representation = load_representation(_model_of(result, model), device=device)
+    return posterior_draws(denoiser, representation, result.crop.array[0], count, seed)
 
 
 def _device(denoiser):
@@ -255,7 +252,7 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         if null.ndim != 3 or null.shape[1:] != x.shape:
             raise ValueError(f"the noise-only ensemble must be a stack (J, {x.shape[0]}, {x.shape[1]}); got {null.shape}")
 
-    from .sampler import Refinement
+    from .sampler import InvarianceSampler, Refinement
 
     refinement = Refinement.parse(result.numbers.get("refinement"))
     null_refined = bool(refinement) and null is not None
@@ -269,7 +266,8 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
                              f"{null.shape[0]} (--null-count)")
         report("refining the null", 0, 1)
         scans = null
-        null = refine_null_for_folder(folder, null, refinement, model=model).astype(np.float64)
+        sampler = InvarianceSampler(_model_of(result, model), device="cpu")
+        null = sampler.refine_null(x, null, refinement).astype(np.float64)
         report("refining the null", 1, 1)
     report("method A", 0, 1)
     outputs = {}

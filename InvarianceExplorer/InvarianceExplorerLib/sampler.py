@@ -113,7 +113,7 @@ class Refinement:
 
 #: The refinement the fidelity figures report beside those of unrefined models (with it, all
 #: four bundled models meet issue 4's consistency bar). Not a default: method A of the
-#: analysis is validated on unrefined samples only (README).
+#: analysis is calibrated for refined samples only against a null of noise-only scans (README).
 CHECKED_REFINEMENT = Refinement(centre=5, sample=1)
 
 
