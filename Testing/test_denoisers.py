@@ -379,7 +379,12 @@ def test_cli_trains_a_denoiser_and_refuses_to_overwrite_a_run(pairs, tmp_path, c
             "--val-slices", "1", "--weights-dtype", "float16", "--no-progress"]
     assert main(args) == 0
     assert "best epoch 1 of 1" in capsys.readouterr().out
-    assert load_denoiser(tmp_path / "run" / "model").metadata["weights"]["denoiser"]["dtype"] == "float16"
+    metadata = load_denoiser(tmp_path / "run" / "model").metadata
+    assert metadata["weights"]["denoiser"]["dtype"] == "float16"
+    from InvarianceExplorerLib.noise import NoiseTexture  # the training noise, for the analysis of refined samples
+
+    assert "low- minus full-dose" in metadata["noise_texture"]["measured_on"]
+    assert 0 < NoiseTexture.from_dict(metadata["noise_texture"]).gaussian_fraction(1.0) < 1
     assert main(args) == 2
     assert "already holds a training run" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "run" / "model")

@@ -22,6 +22,9 @@ promises ``alpha`` = 0.05 false regions per image. With ``--posterior`` the refi
 realisations are also judged in the shape of a null drawn from the cVAE posterior of x
 (``--null`` decodings ``D(z_j, f(x))``, ``z_j ~ q(z | x, f(x))``, refined the same way), the
 null ``analyze --posterior`` uses when no scans are at hand (so without the scans' floor).
+Both are also judged as ``analyze`` judges refined samples without scans: by each difference
+alone, with the rescan floor estimated from x and the model folder's noise texture
+(:func:`~InvarianceExplorerLib.analysis.estimated_scan_floor`).
 
     .venv/bin/python benchmarks/refinement_analysis.py Resources/Models/redcnn --data data/sim512 --patches 4 \\
         --noise-only 8
@@ -35,19 +38,20 @@ import numpy as np
 import torch
 
 from InvarianceExplorerLib.analysis import structure_change
-from InvarianceExplorerLib.analysis_folder import posterior_draws
+from InvarianceExplorerLib.analysis_folder import model_noise_texture, posterior_draws
 from InvarianceExplorerLib.datasets import open_source
 from InvarianceExplorerLib.devices import machine
 from InvarianceExplorerLib.fidelity import another_realisation, held_out_patches
 from InvarianceExplorerLib.sampler import CHECKED_REFINEMENT, InvarianceSampler, Refinement
 
 
-def _flags(x, stack, spacing, y=None, outputs=None, null=None, scanned=None) -> tuple:
+def _flags(x, stack, spacing, y=None, outputs=None, null=None, scanned=None, texture=None) -> tuple:
     """Method A on ``stack`` against ``x`` (in the noise shape of the refined ``null`` when
-    given, its regions also beyond the noise of the ``scanned`` null): (images with altered
-    regions, mean altered area mm^2, regions seen by f)."""
+    given, its regions also beyond the noise of the ``scanned`` null, or beyond the rescan
+    floor estimated from x and the noise ``texture``): (images with altered regions, mean
+    altered area mm^2, regions seen by f)."""
     a = structure_change(x, stack, spacing, denoised=y, denoised_invariances=outputs, null=null,
-                         null_shape=null is not None, scans=scanned)
+                         null_shape=null is not None, scans=scanned, noise_texture=texture)
     return (sum(s["region_count"] > 0 for s in a.samples), float(np.mean([s["area_mm2"] for s in a.samples])),
             sum(len(s["seen_by_f"]) for s in a.samples))
 
@@ -88,7 +92,11 @@ def main() -> None:
         scanned = [scans(source, p, range(7000, 7000 + args.null)) for p in patches]
         nulls = [sampler.refine_null(p.low_dose, s, args.refinement).astype(np.float64)
                  for p, s in zip(patches, scanned)]
-        rows = {"plain": [], "refined, own noise": [], "refined, null's shape": []}
+        texture, why = model_noise_texture(model)
+        if texture is None:
+            raise SystemExit(why)
+        rows = {"plain": [], "refined, own noise": [], "refined, null's shape": [],
+                "refined, own noise, floor estimated from x": []}
         consistency = {}
         for refinement in (Refinement(), args.refinement):
             out, change = [], []
@@ -99,6 +107,7 @@ def main() -> None:
                 if refinement:
                     rows["refined, own noise"].append(_flags(*common))
                     rows["refined, null's shape"].append(_flags(*common, null=nulls[n], scanned=scanned[n]))
+                    rows["refined, own noise, floor estimated from x"].append(_flags(*common, texture=texture))
                 else:
                     rows["plain"].append(_flags(*common))
                 out.append(r.mean_abs_output_change_hu.mean())
@@ -110,7 +119,8 @@ def main() -> None:
         for label, found in rows.items():
             print(f"  invariances, {label}: {_line(found)}")
         if args.noise_only:
-            found = {"as scanned": [], "refined, own noise": [], "refined, null's shape": []}
+            found = {"as scanned": [], "refined, own noise": [], "refined, null's shape": [],
+                     "refined, own noise, floor estimated from x": []}
             if args.posterior:
                 found["refined, refined posterior null's shape"] = []
             for n, patch in enumerate(patches):
@@ -120,6 +130,8 @@ def main() -> None:
                 found["refined, own noise"].append(_flags(patch.low_dose, refined, spacing))
                 found["refined, null's shape"].append(_flags(patch.low_dose, refined, spacing, null=nulls[n],
                                                              scanned=scanned[n]))
+                found["refined, own noise, floor estimated from x"].append(
+                    _flags(patch.low_dose, refined, spacing, texture=texture))
                 if args.posterior:
                     draws = posterior_draws(sampler.models.denoiser, sampler.models.representation, patch.low_dose,
                                             args.null)

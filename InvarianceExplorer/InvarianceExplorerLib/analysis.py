@@ -46,6 +46,11 @@ holds, a region must also change x by more than ``u`` times the filtered noise o
 difference (``scans``: the null as scanned), or changes of a few HU that any rescan makes
 would count. Without this, method A flags most refined pure-noise images of an ordinary
 RED-CNN; with it at most ``alpha`` (none of 32: README, ``benchmarks/refinement_analysis.py``).
+Without scans (the Slicer panel, ``sample --analyze``, a clinic) each refined difference is
+judged by its own noise as unrefined ones are, and the floor is estimated from x itself
+(:func:`estimated_scan_floor`: x's finest-band noise carried to the filter's scale by the
+noise texture of the denoiser's training data, :class:`~.noise.NoiseTexture`); that floor
+alone takes the refined pure noise's false regions away (README).
 The detection threshold ``u`` makes the expected number of false regions per invariance
 equal to ``alpha`` (default 5 %) by the expected Euler characteristic of a smooth 2D
 Gaussian field (Worsley et al. 1996, "A unified statistical approach for determining
@@ -106,8 +111,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from scipy import ndimage, stats
 
-from .noise import (correlation_length_mm, high_pass_residual, noise_power_spectrum,
-                    robust_std)
+from .noise import (NoiseTexture, correlation_length_mm, estimate_noise, high_pass_residual,
+                    noise_power_spectrum, robust_std)
 
 #: Labelmap values of method A's altered regions.
 BRIGHTER, DARKER = 1, 2
@@ -131,6 +136,11 @@ SIGMA_RANGE_PX = (1.0, 4.0)
 SHAPE_WINDOW = 1.0
 #: Fewest noise-only images for the null's noise shape.
 MIN_SHAPE_NULL = 8
+#: Background width (pixels) of the finest-band noise estimate of x behind the estimated rescan floor.
+FLOOR_BAND_PX = 1.0
+#: ``StructureChange.scan_floor``: the rescan floor measured on scans, or estimated from x.
+FLOOR_FROM_SCANS = "from noise-only scans"
+FLOOR_ESTIMATED = "estimated from x's noise and the training data's noise texture"
 
 
 def _stack(images, name: str) -> np.ndarray:
@@ -230,6 +240,33 @@ def noise_shape(null_differences: np.ndarray, window_px: float) -> Tuple[np.ndar
     return shape / max(float(np.median(shape)), 1e-12), 2.0 / np.maximum(relative_variance, 1e-6)
 
 
+def scan_floor(scans, x: np.ndarray, sigma_px: float) -> np.ndarray:
+    """The filtered noise std (HU map ``(H, W)``) of a rescan difference ``x'_j - x``, from
+    noise-only scans ``(J, H, W)`` of x's anatomy at its dose: the root mean square over j of
+    ``G_s * (x'_j - x)``, smoothed over :data:`SHAPE_WINDOW` filter widths."""
+    return np.sqrt(reference_filter(np.mean(np.square(reference_filter(scans - x[None], sigma_px)), axis=0),
+                                    SHAPE_WINDOW * sigma_px))
+
+
+def estimated_scan_floor(x: np.ndarray, sigma_px: float, spacing, texture: NoiseTexture) -> np.ndarray:
+    """:func:`scan_floor` estimated from x alone (HU map ``(H, W)``), for when no scans are at
+    hand: ``sqrt(2)`` (two independent realisations) x the noise std of x x the share of it
+    the reference filter passes, ``sqrt(texture.gaussian_fraction(s))``, x the filter's
+    reflected-border gain. x's noise std is measured in its finest band (high-pass residual
+    of :data:`FLOOR_BAND_PX` pixels in uniform soft tissue, :func:`~.noise.estimate_noise`)
+    and scaled by that band's share of the texture: at the coarser scales the filter passes,
+    anatomy (and the phantom's texture) outweighs noise in one image, so the texture — that
+    of the denoiser's training data — carries the noise from fine to coarse. One value for
+    the patch, measured where soft tissue is: measured on 16 held-out simulated patches
+    (0.7 mm pixels, quarter dose), 1.0-1.5x the median of the floor from 8 rescans (README),
+    a conservative floor."""
+    pixel = math.sqrt(float(spacing[0]) * float(spacing[1]))
+    band = texture.high_pass_fraction(FLOOR_BAND_PX * pixel)
+    noise_std = estimate_noise(x, sigma_px=FLOOR_BAND_PX).std_hu / math.sqrt(max(band, 1e-12))
+    filtered = noise_std * math.sqrt(2.0 * texture.gaussian_fraction(sigma_px * pixel))
+    return filtered * np.sqrt(border_gain(x.shape, sigma_px))
+
+
 def t_to_z(t: np.ndarray, dof: np.ndarray) -> np.ndarray:
     """The standard-normal value of equal tail probability for Student-t values ``t`` of
     ``dof`` degrees of freedom (a z-score whose noise-only std is itself estimated)."""
@@ -293,7 +330,8 @@ class StructureChange:
         threshold_z, extent_z, min_area_mm2, alpha, sigma_px, sigma_mm, roughness,
             max_passed_on: the settings used (max_passed_on None: f's outputs not given).
         null_shape: whether the noise-only std took its spatial shape from the null.
-        scan_floor: whether regions also had to exceed a rescan difference's noise (``scans``).
+        scan_floor: how regions also had to exceed a rescan difference's filtered noise:
+            :data:`FLOOR_FROM_SCANS`, :data:`FLOOR_ESTIMATED` or None (no floor).
         calibration: with a null ensemble, the false regions the same test finds in the
             noise-only differences ``x'_j - x`` (should be about ``alpha`` per image).
     """
@@ -312,7 +350,7 @@ class StructureChange:
     calibration: Optional[dict] = None
     max_passed_on: Optional[float] = None
     null_shape: bool = False
-    scan_floor: bool = False
+    scan_floor: Optional[str] = None
 
     @property
     def ranking(self) -> List[int]:
@@ -327,8 +365,9 @@ class StructureChange:
                                   f"{LOCAL_WINDOW:g} filter widths, clipped at 3 sigma)"
                                   + (f", in the null's noise shape (window sigma {SHAPE_WINDOW:g} filter widths)"
                                      if self.null_shape else "")
-                                  + (", regions also beyond u times a rescan difference's noise" if self.scan_floor
-                                     else ""),
+                                  + (f", regions also beyond u times a rescan difference's noise ({self.scan_floor})"
+                                     if self.scan_floor else ""),
+                "scan_floor": self.scan_floor,
                 "roughness": self.roughness, "calibration": self.calibration,
                 "max_passed_on": self.max_passed_on,
                 "regions_seen_by_f": int(sum(len(s["seen_by_f"]) for s in self.samples)),
@@ -425,7 +464,8 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
                      null=None, sigma_px: Optional[float] = None, alpha: float = ALPHA,
                      threshold_z: Optional[float] = None, min_area_mm2: float = MIN_AREA_MM2,
                      extent_z: float = EXTENT_Z, max_passed_on: float = MAX_PASSED_ON,
-                     null_shape: bool = False, scans=None) -> StructureChange:
+                     null_shape: bool = False, scans=None, noise_texture: Optional[NoiseTexture] = None
+                     ) -> StructureChange:
     """Method A: per-invariance structure change (see the module docstring).
 
     Args:
@@ -448,11 +488,13 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
             :data:`MIN_SHAPE_NULL` images; :func:`noise_shape`), each invariance's own
             noise level still from its difference: for invariances sampled with the
             consistency refinement, against a null refined the same way.
-        scans: with ``null_shape``, the null's images as scanned (before the refinement,
-            ``(J, H, W)`` HU): a region must also change x by more than ``u`` times the
-            filtered noise std of a rescan difference ``x'_j - x`` (the refinement leaves
-            far less noise than a scan holds, so a change of a few HU can be significant
-            against it and still be one a rescan makes).
+        scans: for refined invariances, noise-only scans of x's anatomy at its dose (the
+            null before its refinement, ``(J, H, W)`` HU): a region must also change x by
+            more than ``u`` times the filtered noise std of a rescan difference ``x'_j - x``
+            (:func:`scan_floor`; the refinement leaves far less noise than a scan holds, so a
+            change of a few HU can be significant against it and still be one a rescan makes).
+        noise_texture: without scans, that floor estimated from x's own noise and this
+            texture (:func:`estimated_scan_floor`; the model folder's training noise).
     """
     x = _image(x, "x")
     stack = _stack(invariances, "invariances")
@@ -471,15 +513,14 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
     if null_shape and (null is None or null.shape[0] < MIN_SHAPE_NULL):
         raise ValueError(f"null_shape needs a noise-only ensemble of at least {MIN_SHAPE_NULL} images; got "
                          f"{0 if null is None else null.shape[0]}")
-    floor = None
+    floor, floor_kind = None, None
     if scans is not None:
-        if not null_shape:
-            raise ValueError("scans (the null as scanned) go with null_shape, for refined invariances")
         scans = _stack(scans, "scans")
         if scans.shape[1:] != x.shape:
             raise ValueError(f"the scans must be (J, {x.shape[0]}, {x.shape[1]}); got {scans.shape}")
-        floor = np.sqrt(reference_filter(np.mean(np.square(reference_filter(scans - x[None], sigma_px)), axis=0),
-                                         SHAPE_WINDOW * sigma_px))
+        floor, floor_kind = scan_floor(scans, x, sigma_px), FLOOR_FROM_SCANS
+    elif noise_texture is not None:
+        floor, floor_kind = estimated_scan_floor(x, sigma_px, spacing, noise_texture), FLOOR_ESTIMATED
     # the noise-only std's spatial shape: the filter's gain at the reflected border, or the null's
     dof = None
     if null_shape:
@@ -533,7 +574,7 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
     return StructureChange(z.astype(np.float32), difference.astype(np.float32), labels, samples, threshold, extent_z,
                            float(min_area_mm2), float(alpha), sigma_px, sigma_px * math.sqrt(spacing[0] * spacing[1]),
                            lam, calibration, None if output_difference is None else float(max_passed_on),
-                           bool(null_shape), floor is not None)
+                           bool(null_shape), floor_kind)
 
 
 # ----------------------------------------------------------------------------- method B

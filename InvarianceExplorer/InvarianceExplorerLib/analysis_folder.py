@@ -42,7 +42,7 @@ import numpy as np
 
 from .analysis import ALPHA, FDR, MAX_PASSED_ON, MIN_AREA_MM2, MIN_SHAPE_NULL, ensemble_test, structure_change
 from .image import CTImage
-from .noise import noise_summary
+from .noise import NoiseTexture, noise_summary
 from .result_folder import load_result, read_volume
 
 #: Sub-folder of a sample folder that holds the analysis.
@@ -91,12 +91,27 @@ def _stack_image(crop: CTImage, array: np.ndarray) -> CTImage:
 #: ``null_source`` of a null drawn from the cVAE posterior of x (:func:`posterior_null`).
 POSTERIOR_NULL = "cvae posterior"
 #: Said (warning and analysis.json) when invariances sampled with a consistency refinement are
-#: analysed without a noise-only null of scans to refine the same way.
-REFINED_SAMPLES_NOTE = ("these invariances were sampled with a consistency refinement (sample --refine) and {what}: "
+#: analysed with neither a noise-only null of scans nor the model folder's noise texture.
+REFINED_SAMPLES_NOTE = ("these invariances were sampled with a consistency refinement (sample --refine), {what}: "
                         "the refinement shapes noise by f's local gain, which method A's own noise model does not "
                         "follow (on refined pure noise of an ordinary RED-CNN it flags most images, README); give "
                         "noise-only scans (analyze --full-dose or --null) for a calibrated analysis, or sample with "
                         "--refine 0,0")
+
+
+def model_noise_texture(model) -> Tuple[Optional[NoiseTexture], str]:
+    """The noise texture of a model folder's training data (``metadata["noise_texture"]``,
+    :func:`~.training.data_noise_texture`), or ``(None, why not)``."""
+    from .denoisers import read_metadata, resolve_model_folder
+
+    try:
+        metadata = read_metadata(resolve_model_folder(model))
+    except (OSError, ValueError) as error:
+        return None, f"the model folder {model} cannot be read ({error})"
+    if not metadata.get("noise_texture"):
+        return None, (f"the model folder {model} holds no noise texture of its training data (add it with "
+                      "benchmarks/noise_texture.py)")
+    return NoiseTexture.from_dict(metadata["noise_texture"]), "the model folder's training noise"
 
 
 def find_null(folder, numbers: dict, shape: Tuple[int, int]) -> Tuple[Optional[np.ndarray], Optional[str], str]:
@@ -258,7 +273,11 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
     null_refined = bool(refinement) and null is not None
     # the posterior's spread is not noise: refined, it does not have the shape of refined noise
     shaped = null_refined and null_source != POSTERIOR_NULL
-    scans = None
+    scans, texture, texture_note = None, None, None
+    if refinement and not shaped:  # no scans: the rescan floor estimated from x and the training noise's texture
+        named = model or result.numbers.get("model_folder") or result.numbers.get("model")
+        texture, texture_note = (model_noise_texture(named) if named else
+                                 (None, "numbers.json names no model folder whose noise texture could be used"))
     if null_refined:
         if null.shape[0] < MIN_SHAPE_NULL:
             raise ValueError(f"these invariances were sampled with a consistency refinement; its analysis refines the "
@@ -276,8 +295,7 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
                    "denoised_invariances": result.volumes["denoised_invariances"].array.astype(np.float64)}
     change = structure_change(x, stack, spacing, null=null, sigma_px=sigma_px, alpha=alpha,
                               min_area_mm2=min_area_mm2, max_passed_on=max_passed_on, null_shape=shaped,
-                              scans=scans if shaped else None,
-                              **outputs)
+                              scans=scans if shaped else None, noise_texture=texture, **outputs)
     report("method A", 1, 1)
 
     test = None
@@ -293,9 +311,10 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
 
     samples = _merged_samples(result.numbers, noise, change)
     uncalibrated = None
-    if refinement and not shaped:
-        uncalibrated = REFINED_SAMPLES_NOTE.format(what="no noise-only null is at hand" if null is None else
-                                                   "the null is the cVAE posterior's, whose spread is not noise")
+    if refinement and not shaped and texture is None:
+        uncalibrated = REFINED_SAMPLES_NOTE.format(what=("no noise-only null is at hand" if null is None else
+                                                         "the null is the cVAE posterior's, whose spread is not noise")
+                                                   + f" and {texture_note}")
         warnings.warn(uncalibrated, RuntimeWarning)
     record = {
         "version": 1,

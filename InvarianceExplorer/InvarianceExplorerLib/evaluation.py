@@ -305,6 +305,10 @@ def model_card(metadata: dict) -> str:
     if "feature_network" in t:
         lines.append(f"- feature network of the perceptual loss (trained here, replaces ImageNet VGG-19): "
                      f"`{json.dumps(t['feature_network'])}`")
+    texture = metadata.get("noise_texture")
+    if texture:
+        lines.append(f"- noise texture (NPS shape, for the rescan floor of refined invariances' analysis): "
+                     f"{texture.get('measured_on')}")
     for note in metadata.get("notes", []):
         lines.append(f"- note: {note}")
     if h.get("figures"):

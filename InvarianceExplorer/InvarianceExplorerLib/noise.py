@@ -258,6 +258,75 @@ def noise_power_spectrum(noise, spacing=(1.0, 1.0), *, detrend: str = "poly2", b
     return NoisePowerSpectrum(0.5 * (edges[1:] + edges[:-1]), radial, nps, fx, fy, variance, n)
 
 
+@dataclass
+class NoiseTexture:
+    """The shape of a noise power spectrum: the radial NPS of noise-only images scaled to
+    unit variance (``nps``, mm^2 per HU^2 of noise, at ``frequency_per_mm``, out to the
+    corners of the frequency square of half-width ``nyquist_per_mm``). The share of the
+    noise variance that a linear filter passes depends on the texture alone
+    (:meth:`passed_fraction`), so one measured amplitude and the texture give the noise of
+    any filtered version. A model folder stores the texture of its training data's noise
+    (``metadata["noise_texture"]``: of the low- minus full-dose differences), the noise of
+    the images its denoiser was made for."""
+
+    frequency_per_mm: np.ndarray
+    nps: np.ndarray
+    nyquist_per_mm: float
+
+    def passed_fraction(self, transfer, grid: int = 256) -> float:
+        """The share of the noise variance a radially symmetric filter of transfer function
+        ``transfer(frequency_per_mm)`` passes: ``int NPS |H|^2 / int NPS`` over the frequency
+        square (the radial NPS interpolated onto a ``grid`` x ``grid`` raster of it)."""
+        axis = (np.arange(grid) + 0.5) / grid * 2.0 * self.nyquist_per_mm - self.nyquist_per_mm
+        radius = np.hypot(*np.meshgrid(axis, axis))
+        nps = np.interp(radius, self.frequency_per_mm, self.nps)
+        return float((nps * np.square(transfer(radius))).sum() / max(nps.sum(), 1e-30))
+
+    def gaussian_fraction(self, sigma_mm: float) -> float:
+        """The share passed by a Gaussian low-pass of ``sigma_mm``."""
+        return self.passed_fraction(lambda f: np.exp(-2.0 * (math.pi * sigma_mm * f) ** 2))
+
+    def high_pass_fraction(self, sigma_mm: float) -> float:
+        """The share passed by :func:`high_pass_residual` with a background of ``sigma_mm``."""
+        return self.passed_fraction(lambda f: 1.0 - np.exp(-2.0 * (math.pi * sigma_mm * f) ** 2))
+
+    def to_dict(self) -> dict:
+        return {"frequency_per_mm": [round(float(v), 6) for v in self.frequency_per_mm],
+                "nps_per_variance_mm2": [float(f"{v:.5g}") for v in self.nps],
+                "nyquist_per_mm": float(self.nyquist_per_mm)}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "NoiseTexture":
+        try:
+            f = np.asarray(record["frequency_per_mm"], dtype=np.float64)
+            nps = np.asarray(record["nps_per_variance_mm2"], dtype=np.float64)
+            nyquist = float(record["nyquist_per_mm"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"not a noise texture record ({error!r}): it needs frequency_per_mm, "
+                             "nps_per_variance_mm2 and nyquist_per_mm") from None
+        if (f.ndim != 1 or f.shape != nps.shape or f.size < 4 or not np.all(np.isfinite(nps)) or nps.min() < 0
+                or nps.max() <= 0 or not nyquist > 0):
+            raise ValueError("a noise texture needs matching lists frequency_per_mm and nps_per_variance_mm2 (at least "
+                             "4 finite, non-negative values, not all 0) and a positive nyquist_per_mm")
+        return cls(f, nps, nyquist)
+
+
+def noise_texture(noise, spacing=(1.0, 1.0)) -> NoiseTexture:
+    """The :class:`NoiseTexture` of noise-only images ``(H, W)`` or ``(N, H, W)`` (HU; e.g.
+    low- minus full-dose differences; each image's mean is removed): their 2D NPS averaged
+    over rings one frequency step wide, out to the corners of the frequency square."""
+    nps = noise_power_spectrum(noise, spacing, detrend="mean")
+    radius = np.hypot(*np.meshgrid(nps.fx_per_mm, nps.fy_per_mm)).ravel()
+    step = min(np.diff(nps.fx_per_mm).min(), np.diff(nps.fy_per_mm).min())
+    ring = np.rint(radius / step).astype(int)
+    sums = np.bincount(ring, weights=nps.nps_2d.ravel())
+    counts = np.bincount(ring)
+    kept = counts > 0
+    nyquist = min(float(np.abs(nps.fx_per_mm).max()), float(np.abs(nps.fy_per_mm).max()))
+    return NoiseTexture(np.arange(len(sums))[kept] * step, sums[kept] / counts[kept] / max(nps.variance_hu2, 1e-30),
+                        nyquist)
+
+
 def correlation_length_mm(nps: NoisePowerSpectrum) -> float:
     """A noise grain size in mm: ``1 / (2 f_mean)`` with ``f_mean`` the NPS-weighted mean
     radial frequency (white noise on a grid of pixel ``d``: about ``1.3 d``)."""

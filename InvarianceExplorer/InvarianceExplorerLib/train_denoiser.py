@@ -45,7 +45,7 @@ from .inference import METRIC_HU_RANGE, apply_network, image_quality
 from .normalization import PAPER_NORMALIZATION, HUNormalization
 from .training import (CHECKPOINT, TrainingBatches as _TrainingBatches, adam as _adam, autocast as _autocast,
                        derive_seed as _seed,
-                       describe_data, gradient_penalty as _gradient_penalty, load_feature_network,
+                       data_noise_texture, describe_data, gradient_penalty as _gradient_penalty, load_feature_network,
                        make_generator as _generator, optimizer_step as _step, restore_checkpoint,
                        save_checkpoint as _save_checkpoint,
                        train_feature_network as _train_feature_network, validation_items as _validation_items)
@@ -437,6 +437,7 @@ def _export(objective, state, config, source, data, folder: Path, val_slices, no
     extra = {"feature_network": objective.networks["feature_network"]} if "feature_network" in objective.networks \
         else None
     return save_denoiser(folder, denoiser, config["arch"], config["arguments"], normalization,
-                         {"patch_size": config["patch_size"], "training": training, "held_out": held_out},
+                         {"patch_size": config["patch_size"], "training": training, "held_out": held_out,
+                          "noise_texture": data_noise_texture(source)},
                          dtype=dtype, extra=extra)
 

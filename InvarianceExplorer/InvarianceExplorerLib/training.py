@@ -187,6 +187,37 @@ def describe_data(source, path) -> dict:
             "images": "low- and full-dose" if getattr(source, "has_full_dose", True) else "low-dose only"}
 
 
+def data_noise_texture(source, split: str = "train", slices: int = 16, patch_size: int = 128) -> Optional[dict]:
+    """The :class:`~.noise.NoiseTexture` of a paired data set's noise, for the model metadata
+    (``metadata["noise_texture"]``): the NPS of the low- minus full-dose differences of up to
+    ``slices`` slices of ``split``, four ``patch_size`` squares from the central half of each
+    (where the body is), with a note of what was measured. None without full-dose images."""
+    from .datasets import split_indices
+    from .noise import noise_texture
+
+    if not getattr(source, "has_full_dose", True):
+        return None
+    squares, spacing = [], None
+    for index in split_indices(source, split, slices):
+        item = source[index]
+        if item.full_dose is None:
+            return None
+        difference = item.low_dose.astype(np.float64) - item.full_dose.astype(np.float64)
+        h, w = difference.shape
+        if spacing is None:
+            p, spacing = min(int(patch_size), h // 2, w // 2), tuple(float(v) for v in item.spacing[:2])
+        if min(h, w) // 2 < p:
+            continue
+        for top in (h // 4, 3 * h // 4 - p):
+            for left in (w // 4, 3 * w // 4 - p):
+                squares.append(difference[top:top + p, left:left + p])
+    if not squares:
+        return None
+    texture = noise_texture(np.stack(squares), spacing)
+    return {**texture.to_dict(), "measured_on": f"low- minus full-dose differences, {len(squares)} squares of "
+                                                f"{squares[0].shape[0]} px from {len(squares) // 4} {split} slices"}
+
+
 def restore_checkpoint(path: Path, config: dict, objective, state: dict) -> dict:
     """Load the checkpoint ``path`` into ``objective``'s networks and optimisers and return the
     run state it saved (keys of ``state``, defaults from ``state``); ``ValueError`` naming the

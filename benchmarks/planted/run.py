@@ -47,8 +47,8 @@ from networks import centre_disc  # noqa: E402
 
 FALSE_POSITIVE_RATE = 0.05
 #: README block of the table: ``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->``, NAME "planted", or
-#: "planted-refined" for a run with a refinement.
-README_BLOCKS = ("planted", "planted-refined")
+#: "planted-refined" for a run with a refinement, "planted-refined-noscans" for one with --no-scans.
+README_BLOCKS = ("planted", "planted-refined", "planted-refined-noscans")
 
 
 # ----------------------------------------------------------------------------- scores
@@ -128,7 +128,7 @@ def nodule_patches(source, size: int, slices: int, max_diameter_mm: float, per_s
 
 def evaluate(folder, source, truth: Optional[Callable[[int], np.ndarray]], *, slices: int, count: int,
              null_count: int, seed: int, nulls: Dict[int, np.ndarray], device="cpu", nodules_below_mm=None,
-             refinement=None) -> dict:
+             refinement=None, noise_texture=None) -> dict:
     """Methods A and B on ``per_slice`` = 2 test patches of ``slices`` slices; ``truth(P)`` is
     the planted mask of a P-pixel patch (None: a control). With ``nodules_below_mm`` the
     patches are centred on such nodules instead and each carries its own truth
@@ -136,7 +136,10 @@ def evaluate(folder, source, truth: Optional[Callable[[int], np.ndarray]], *, sl
     ``refinement`` the invariances are sampled with it, the null is refined the same way
     (:meth:`~InvarianceExplorerLib.sampler.InvarianceSampler.refine_null`), method A takes its
     noise shape from that null (its regions also beyond a rescan's noise) and method B tests
-    against it. Returns the per-pixel scores,
+    against it; with a ``noise_texture`` too, method A judges the refined invariances as
+    ``analyze`` does without scans (each difference's own noise, regions also beyond the rescan
+    floor estimated from x and the texture) while B still tests against the refined null.
+    Returns the per-pixel scores,
     flags, truth masks and per-patch records."""
     from InvarianceExplorerLib.analysis import ALPHA, ensemble_test, structure_change
     from InvarianceExplorerLib.fidelity import _crop, another_realisation, held_out_patches
@@ -163,9 +166,11 @@ def evaluate(folder, source, truth: Optional[Callable[[int], np.ndarray]], *, sl
         refined, scanned = bool(result.refinement), null
         if refined:
             null = sampler.refine_null(patch.low_dose, null, result.refinement)
+        shaped = refined and noise_texture is None
         a = structure_change(patch.low_dose, result.invariances, (spacing, spacing), denoised=result.denoised,
-                             denoised_invariances=result.denoised_invariances, null=null if refined else None,
-                             null_shape=refined, scans=scanned if refined else None)
+                             denoised_invariances=result.denoised_invariances, null=null if shaped else None,
+                             null_shape=shaped, scans=scanned if shaped else None,
+                             noise_texture=noise_texture if refined else None)
         b = ensemble_test(result.invariances, null, (spacing, spacing), x=patch.low_dose, null_source="simulator")
         altered = sum(1 for s in a.samples if s["region_count"] > 0)
         a_scores.append(np.abs(a.change_map).mean(axis=0))
@@ -289,6 +294,9 @@ def main(argv=None) -> None:
     parser.add_argument("--refine", default=None, metavar="CENTRE,SAMPLE",
                         help="sample with this consistency refinement (default: each model folder's own) and "
                              "refine the null the same way")
+    parser.add_argument("--no-scans", action="store_true",
+                        help="with --refine: method A as analyze runs it without scans (rescan floor estimated from x "
+                             "and the data set's noise texture); method B still against the refined null")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default runs/planted/results.json, results_refined.json with --refine)")
     parser.add_argument("--figure", type=Path, default=None,
@@ -311,11 +319,19 @@ def main(argv=None) -> None:
     arguments = read_metadata(args.region_blind)["architecture"].get("arguments", {})
     radius = float(arguments.get("radius_px", 10.0))
     refinement = None if args.refine is None else Refinement.parse(args.refine)
-    suffix = "_refined" if refinement else ""
+    if args.no_scans and not refinement:
+        raise SystemExit("--no-scans goes with --refine")
+    suffix = ("_refined" if refinement else "") + ("_noscans" if args.no_scans else "")
+    texture = None
+    if args.no_scans:
+        from InvarianceExplorerLib.noise import NoiseTexture
+        from InvarianceExplorerLib.training import data_noise_texture
+
+        texture = NoiseTexture.from_dict(data_noise_texture(source))
     args.out = args.out or Path(f"runs/planted/results{suffix}.json")
     args.figure = args.figure or Path(f"docs/planted{suffix}.png")
     common = dict(slices=args.slices, count=args.count, null_count=args.null_count, seed=args.seed, nulls=nulls,
-                  refinement=refinement)
+                  refinement=refinement, noise_texture=texture)
     runs = {"region-blind": evaluate(args.region_blind, source, lambda p: centre_disc(p, p, radius).numpy() > 0,
                                      **common),
             "control": evaluate(args.control, source, None, **common)}
@@ -334,6 +350,7 @@ def main(argv=None) -> None:
                                                  for r in run["records"]]
         results["denoisers"][name]["patch_size"] = run["patch_size"]
     results.update({"refinement": None if refinement is None else refinement.as_dict(),
+                    "method_a_scan_floor": None if not refinement else ("estimated" if args.no_scans else "scans"),
                     "data": str(args.data), "slices": args.slices, "invariances_per_patch": args.count,
                     "null_scans_per_slice": args.null_count, "seed": args.seed, "machine": machine(),
                     "wall_time_s": round(time.perf_counter() - started, 1),
@@ -351,7 +368,7 @@ def main(argv=None) -> None:
                      "test patches: " + ", ".join(f"{name} {len(run['records'])}" for name, run in runs.items())
                      + f"; {args.count} invariances each, "
                      f"{args.null_count} noise-only scans per slice. Figure: `{args.figure}`.",
-                     README_BLOCKS[1] if refinement else README_BLOCKS[0])
+                     README_BLOCKS[2] if args.no_scans else README_BLOCKS[1] if refinement else README_BLOCKS[0])
 
 
 if __name__ == "__main__":
