@@ -158,6 +158,7 @@ def test_fit_on_low_dose_only_dicom_samples_consistent_invariances(torchscript_f
     assert training["feature_network"]["used"] is False and "lam_perc is 0" in training["feature_network"]["reason"]
     assert training["data"]["kind"] == "LowDoseDicomDataset" and training["data"]["images"] == "low-dose only"
     assert training["data"]["patients"] == PATIENTS
+    assert "noise_texture" not in metadata  # no full dose: no noise to measure
     fidelity = metadata["invariance"]["fidelity"]
     assert fidelity["consistency"] <= MAX_CONSISTENCY  # C needs no full dose
     for name, reason in (("nps_correlation", NO_FULL_DOSE), ("noise_std_ratio", NO_FULL_DOSE),
@@ -185,6 +186,8 @@ def test_fit_on_paired_dicom_runs_end_to_end_with_the_noise_texture(torchscript_
     assert np.isfinite(fidelity["completeness"]["nps_correlation"])  # full dose: noise texture measured
     assert fidelity["noise_baseline"] is None and set(fidelity["not_measured"]) == {
         "consistency_noise", "noise_baseline", "realisation_change_hu", "realisation_output_change_hu"}
+    texture = read_metadata(out)["noise_texture"]  # for analysing refined samples without scans
+    assert "low- minus full-dose" in texture["measured_on"] and max(texture["nps_per_variance_mm2"]) > 0
 
 
 # ----------------------------------------------------------------------------- wrong folders

@@ -24,7 +24,10 @@ realisations are also judged in the shape of a null drawn from the cVAE posterio
 null ``analyze --posterior`` uses when no scans are at hand (so without the scans' floor).
 Both are also judged as ``analyze`` judges refined samples without scans: by each difference
 alone, with the rescan floor estimated from x and the model folder's noise texture
-(:func:`~InvarianceExplorerLib.analysis.estimated_scan_floor`).
+(:func:`~InvarianceExplorerLib.analysis.estimated_scan_floor`). Method B (per patch: any pixel
+flagged at FDR 0.05, and the share) tests the refined invariances and the refined noise
+realisations against the refined null of scans and, with ``--posterior``, the refined posterior
+null.
 
     .venv/bin/python benchmarks/refinement_analysis.py Resources/Models/redcnn --data data/sim512 --patches 4 \\
         --noise-only 8
@@ -37,7 +40,7 @@ import argparse
 import numpy as np
 import torch
 
-from InvarianceExplorerLib.analysis import structure_change
+from InvarianceExplorerLib.analysis import ensemble_test, structure_change
 from InvarianceExplorerLib.analysis_folder import model_noise_texture, posterior_draws
 from InvarianceExplorerLib.datasets import open_source
 from InvarianceExplorerLib.devices import machine
@@ -54,6 +57,12 @@ def _flags(x, stack, spacing, y=None, outputs=None, null=None, scanned=None, tex
                          null_shape=null is not None, scans=scanned, noise_texture=texture)
     return (sum(s["region_count"] > 0 for s in a.samples), float(np.mean([s["area_mm2"] for s in a.samples])),
             sum(len(s["seen_by_f"]) for s in a.samples))
+
+
+def _b(x, stack, spacing, null) -> str:
+    """Method B of ``stack`` against ``null``: whether any pixel survives FDR, and the share flagged."""
+    b = ensemble_test(stack, null, spacing, x=x)
+    return f"{'flagged' if (b.labels > 0).any() else 'not flagged'} ({(b.labels > 0).mean():.3f} of pixels)"
 
 
 def _line(rows) -> str:
@@ -97,7 +106,11 @@ def main() -> None:
             raise SystemExit(why)
         rows = {"plain": [], "refined, own noise": [], "refined, null's shape": [],
                 "refined, own noise, floor estimated from x": []}
-        consistency = {}
+        consistency, method_b = {}, []
+        posteriors = [sampler.refine_null(p.low_dose, posterior_draws(sampler.models.denoiser,
+                                                                      sampler.models.representation, p.low_dose,
+                                                                      args.null), args.refinement).astype(np.float64)
+                      for p in patches] if args.posterior else None
         for refinement in (Refinement(), args.refinement):
             out, change = [], []
             for n, patch in enumerate(patches):
@@ -108,6 +121,10 @@ def main() -> None:
                     rows["refined, own noise"].append(_flags(*common))
                     rows["refined, null's shape"].append(_flags(*common, null=nulls[n], scanned=scanned[n]))
                     rows["refined, own noise, floor estimated from x"].append(_flags(*common, texture=texture))
+                    method_b.append(f"patch {n}: refined invariances vs refined scans "
+                                    f"{_b(r.x, r.invariances, spacing, nulls[n])}"
+                                    + (f", vs refined posterior {_b(r.x, r.invariances, spacing, posteriors[n])}"
+                                       if posteriors else ""))
                 else:
                     rows["plain"].append(_flags(*common))
                 out.append(r.mean_abs_output_change_hu.mean())
@@ -132,16 +149,20 @@ def main() -> None:
                                                              scanned=scanned[n]))
                 found["refined, own noise, floor estimated from x"].append(
                     _flags(patch.low_dose, refined, spacing, texture=texture))
+                method_b.append(f"patch {n}: refined noise vs refined scans "
+                                f"{_b(patch.low_dose, refined, spacing, nulls[n])}"
+                                + (f", vs refined posterior {_b(patch.low_dose, refined, spacing, posteriors[n])}"
+                                   if posteriors else ""))
                 if args.posterior:
-                    draws = posterior_draws(sampler.models.denoiser, sampler.models.representation, patch.low_dose,
-                                            args.null)
-                    posterior = sampler.refine_null(patch.low_dose, draws, args.refinement)
                     found["refined, refined posterior null's shape"].append(
-                        _flags(patch.low_dose, refined, spacing, null=posterior.astype(np.float64)))
+                        _flags(patch.low_dose, refined, spacing, null=posteriors[n]))
             for label, rows_ in found.items():
                 total = sum(r[0] for r in rows_)
                 print(f"  {args.noise_only} other noise realisations per patch, {label}: {_line(rows_)}; "
                       f"{total} of {args.noise_only * len(patches)} images flagged")
+        print("  method B (FDR 0.05):")
+        for line in method_b:
+            print(f"    {line}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ are not touched.
 ``--refinement CENTRE,SAMPLE`` gives the models a consistency refinement
 (:class:`~InvarianceExplorerLib.sampler.Refinement`) their card was measured without: the
 card's figures must then be reproduced by the new figures of the samples without it
-(``alternative``, which is then without refinement), and ``--write`` also stores the
+(``alternative``, which is then without refinement; the card's own ``alternative``, measured
+with that refinement, by the new refined figures), and ``--write`` also stores the
 refinement in ``metadata.json`` and draws ``fidelity.png`` anew (the invariances it shows
 are refined).
 
@@ -57,12 +58,16 @@ def numbers(figures: dict, prefix: str = "") -> dict:
 
 def unrefined_view(figures: dict) -> dict:
     """``figures`` as a card measured without refinement would hold them: the figures of the
-    unrefined samples in place of the refined, without the refinement's own entries."""
+    unrefined samples in place of the refined, and the refined ones as its ``alternative``."""
     plain = figures["alternative"]
     assert not any(plain["refinement"].values())
-    view = {k: v for k, v in figures.items() if k not in ("refinement", "alternative")}
-    view.update({k: plain[k] for k in ("consistency", "noise_baseline", "change_hu", "output_change_hu")})
+    view = {k: v for k, v in figures.items() if k != "alternative"}
+    view.update({k: plain[k] for k in ("refinement", "consistency", "noise_baseline", "change_hu",
+                                       "output_change_hu")})
     view["diversity"] = {**figures["diversity"], "pairwise_hu": plain["pairwise_hu"]}
+    view["alternative"] = {"refinement": figures["refinement"], "pairwise_hu": figures["diversity"]["pairwise_hu"],
+                           **{k: figures[k] for k in ("consistency", "noise_baseline", "change_hu",
+                                                      "output_change_hu")}}
     return view
 
 

@@ -257,9 +257,9 @@ def estimated_scan_floor(x: np.ndarray, sigma_px: float, spacing, texture: Noise
     and scaled by that band's share of the texture: at the coarser scales the filter passes,
     anatomy (and the phantom's texture) outweighs noise in one image, so the texture — that
     of the denoiser's training data — carries the noise from fine to coarse. One value for
-    the patch, measured where soft tissue is: measured on 16 held-out simulated patches
-    (0.7 mm pixels, quarter dose), 1.0-1.5x the median of the floor from 8 rescans (README),
-    a conservative floor."""
+    the patch, measured where soft tissue is: on 16 held-out simulated patches (0.7 mm
+    pixels, quarter dose) 1.07-1.46x (median 1.20x) the median of the floor 8 rescans give
+    (``benchmarks/scan_floor.py``, README), a conservative floor."""
     pixel = math.sqrt(float(spacing[0]) * float(spacing[1]))
     band = texture.high_pass_fraction(FLOOR_BAND_PX * pixel)
     noise_std = estimate_noise(x, sigma_px=FLOOR_BAND_PX).std_hu / math.sqrt(max(band, 1e-12))

@@ -99,6 +99,14 @@ REFINED_SAMPLES_NOTE = ("these invariances were sampled with a consistency refin
                         "--refine 0,0")
 
 
+#: Said (warning, and method B's skip reason) when refined invariances come with a cVAE-posterior null.
+POSTERIOR_REFINED_NOTE = ("these invariances were sampled with a consistency refinement and a cVAE-posterior null "
+                          "cannot be refined into a noise-only one (refined, it lacks refined noise's shape and "
+                          "variance: method B flagged refined pure noise against it in 4 of 4 test patches of the "
+                          "bundled RED-CNN, README), so method B is skipped and method A uses the rescan floor "
+                          "estimated from x; give noise-only scans (--full-dose or --null) for method B")
+
+
 def model_noise_texture(model) -> Tuple[Optional[NoiseTexture], str]:
     """The noise texture of a model folder's training data (``metadata["noise_texture"]``,
     :func:`~.training.data_noise_texture`), or ``(None, why not)``."""
@@ -230,7 +238,10 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
             :data:`~.analysis.MIN_SHAPE_NULL` images) with the denoiser of ``model``, method A
             takes its noise shape from it (not from a posterior null: measured, refined
             posterior draws of the bundled RED-CNN do not have refined noise's shape) and
-            method B tests against it.
+            method B tests against it. Without such a null, method A judges refined
+            invariances by their own noise with a rescan floor estimated from x and the
+            model folder's noise texture (:func:`model_noise_texture`); without a texture
+            it warns that they are uncalibrated (:data:`REFINED_SAMPLES_NOTE`).
         null_source: how ``null`` was made ("simulator", :data:`POSTERIOR_NULL`, "given").
         alpha: method A's expected false regions per invariance; fdr: method B's FDR level.
         sigma_mm: reference filter width in mm (default: the noise correlation length).
@@ -270,11 +281,14 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
     from .sampler import InvarianceSampler, Refinement
 
     refinement = Refinement.parse(result.numbers.get("refinement"))
+    if refinement and null is not None and null_source == POSTERIOR_NULL:
+        # the posterior's spread is not noise: refined, it has neither refined noise's shape (method A)
+        # nor its variance (method B)
+        warnings.warn(POSTERIOR_REFINED_NOTE, RuntimeWarning)
+        null, note = None, POSTERIOR_REFINED_NOTE
     null_refined = bool(refinement) and null is not None
-    # the posterior's spread is not noise: refined, it does not have the shape of refined noise
-    shaped = null_refined and null_source != POSTERIOR_NULL
     scans, texture, texture_note = None, None, None
-    if refinement and not shaped:  # no scans: the rescan floor estimated from x and the training noise's texture
+    if refinement and not null_refined:  # no scans: the rescan floor estimated from x and the training noise's texture
         named = model or result.numbers.get("model_folder") or result.numbers.get("model")
         texture, texture_note = (model_noise_texture(named) if named else
                                  (None, "numbers.json names no model folder whose noise texture could be used"))
@@ -294,8 +308,8 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         outputs = {"denoised": result.volumes["denoised"].array[0].astype(np.float64),
                    "denoised_invariances": result.volumes["denoised_invariances"].array.astype(np.float64)}
     change = structure_change(x, stack, spacing, null=null, sigma_px=sigma_px, alpha=alpha,
-                              min_area_mm2=min_area_mm2, max_passed_on=max_passed_on, null_shape=shaped,
-                              scans=scans if shaped else None, noise_texture=texture, **outputs)
+                              min_area_mm2=min_area_mm2, max_passed_on=max_passed_on, null_shape=null_refined,
+                              scans=scans, noise_texture=texture, **outputs)
     report("method A", 1, 1)
 
     test = None
@@ -311,10 +325,8 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
 
     samples = _merged_samples(result.numbers, noise, change)
     uncalibrated = None
-    if refinement and not shaped and texture is None:
-        uncalibrated = REFINED_SAMPLES_NOTE.format(what=("no noise-only null is at hand" if null is None else
-                                                         "the null is the cVAE posterior's, whose spread is not noise")
-                                                   + f" and {texture_note}")
+    if refinement and not null_refined and texture is None:
+        uncalibrated = REFINED_SAMPLES_NOTE.format(what=f"no noise-only null of scans is at hand and {texture_note}")
         warnings.warn(uncalibrated, RuntimeWarning)
     record = {
         "version": 1,

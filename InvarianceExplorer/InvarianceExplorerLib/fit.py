@@ -130,7 +130,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     from .devices import machine
     from .sampler import Refinement
     from .train_invariance import _write_card, train_cinn, train_cvae
-    from .training import setup_distributed
+    from .training import data_noise_texture, setup_distributed
 
     refinement = Refinement.parse(refinement)  # a bad setting fails now, not after the cVAE's training
 
@@ -198,6 +198,10 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
                     "off: the data have no tissue labels",
                     "machine": machine(dist.device), "world_size": dist.world_size, "engine_version": __version__,
                     "work_folder": str(work.resolve())}
+                if not metadata.get("noise_texture"):  # for analysing refined samples without scans
+                    texture = data_noise_texture(source_data)
+                    if texture is not None:
+                        metadata["noise_texture"] = texture
                 write_metadata(temporary, metadata)
                 _write_card(temporary)
                 if out.exists():

@@ -111,9 +111,10 @@ class Refinement:
         return bool(self.centre or self.sample)
 
 
-#: The refinement the fidelity figures report beside those of unrefined models (with it, all
-#: four bundled models meet issue 4's consistency bar). Not a default: method A of the
-#: analysis is calibrated for refined samples only against a null of noise-only scans (README).
+#: The refinement the bundled model folders hold (their sampler's default; with it all four
+#: meet issue 4's consistency bar) and the fidelity figures report beside those without it.
+#: Method A analyses refined samples against a refined null of scans, or without scans with a
+#: rescan floor estimated from x and the folder's noise texture (README).
 CHECKED_REFINEMENT = Refinement(centre=5, sample=1)
 
 

@@ -18,6 +18,11 @@ seed and rescanned), run method A and method B, and score them against the plant
   of its invariances hold an altered region than noise alone explains (binomial test at 5 %
   with A's 5 % false-region rate per invariance), by method B when any pixel survives FDR.
 
+With ``--refine C,S`` the invariances are sampled with that consistency refinement and both
+methods run against the null refined the same way; adding ``--no-scans``, method A runs as
+``analyze`` runs it on refined samples without scans (rescan floor estimated from x and the
+data set's noise texture) while method B keeps the refined null.
+
 Targets (issue): AUC >= 0.85 on region-blind, >= 0.75 on nodule-blind, <= 5 % of control
 patches flagged.
 
