@@ -191,7 +191,8 @@ class InvarianceExplorerParameterNode:
     inputVolume - the low-dose CT (HU). centerFrom - "point" or "roi": what gives the centre of
     the crop (and its slice): point - its first control point; roi - its centre. denoiser - a
     bundled name (cnn10, redcnn, wganvgg, dugan) or "custom" with customModelFolder.
-    sampleCount, seed, device - as in the CLI's ``sample``; analyze - ``sample --analyze``.
+    sampleCount, seed, device - as in the CLI's ``sample``; refine - the model folder's
+    consistency refinement (off: ``sample --refine 0,0``); analyze - ``sample --analyze``.
     """
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
@@ -203,6 +204,7 @@ class InvarianceExplorerParameterNode:
     sampleCount: Annotated[int, WithinRange(1, 1024)] = 32
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    refine: bool = True
     analyze: bool = False
 
 
@@ -307,7 +309,7 @@ class InvarianceExplorerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                        self.roiSelector.currentNodeChanged, self.centerFromROIButton.toggled,
                        self.panel.countSpin.valueChanged, self.panel.seedSpin.valueChanged,
                        self.panel.deviceCombo.currentIndexChanged, self.panel.denoiserCombo.currentIndexChanged,
-                       self.panel.analyzeCheck.toggled):
+                       self.panel.refineCheck.toggled, self.panel.analyzeCheck.toggled):
             signal.connect(lambda *args: self.updateParameterNodeFromGUI())
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -408,6 +410,7 @@ class InvarianceExplorerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.roiSelector.setCurrentNode(p.roi)
         (self.centerFromROIButton if p.centerFrom == "roi" else self.centerFromPointButton).setChecked(True)
         self._updateCenterRows()
+        self.panel.refineCheck.setChecked(bool(p.refine))
         self.panel.analyzeCheck.setChecked(bool(p.analyze))
         self.panel.setDenoiser(p.customModelFolder if p.denoiser == "custom" else p.denoiser)
         self.panel.countSpin.setValue(p.sampleCount)
@@ -424,7 +427,7 @@ class InvarianceExplorerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         p.point = self.pointWidget.currentNode()
         p.roi = self.roiSelector.currentNode()
         p.centerFrom = "roi" if self.centerFromROIButton.isChecked() else "point"
-        p.analyze = settings["analyze"]
+        p.refine, p.analyze = settings["refine"], settings["analyze"]
         bundled = [name for name, _ in _engineImport("ui.panel").DENOISERS]
         p.denoiser = settings["model"] if settings["model"] in bundled else "custom"
         p.customModelFolder = "" if p.denoiser != "custom" else settings["model"]
@@ -443,7 +446,8 @@ class InvarianceExplorerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         if not self.logic.installDependencies(askUser=True, forceCPU=settings["device"] == "cpu"):
             raise RuntimeError(_("The engine's Python packages are missing: ") + self.logic.dependencyHint())
         job = self.logic.prepareSampling(volume, settings["model"], center, settings["count"], settings["seed"],
-                                         device=settings["device"], analyze=settings["analyze"])
+                                         device=settings["device"], analyze=settings["analyze"],
+                                         refine=settings["refine"])
         self._jobVolume = volume
         return job
 
@@ -620,7 +624,7 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
     # ---------------------------------------------------------------- running
 
     def prepareSampling(self, volumeNode, denoiser, point, count=32, seed=0, device="auto", batchSize=8,
-                        python=None, analyze=False):
+                        python=None, analyze=False, refine=True):
         """Export the input to a new temporary folder and return the engine job (not started).
 
         The job runs ``invariance-explorer sample`` into ``job.outDir`` inside its temporary
@@ -633,7 +637,8 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
             source = self.exportVolume(volumeNode, os.path.join(tempDir, "input.nrrd"))
             outDir = os.path.join(tempDir, "result")
             args = process.sample_args(model=denoiser, input_path=source, center_ijk=center, count=count, seed=seed,
-                                       device=device, batch_size=batchSize, out_dir=outDir, analyze=analyze)
+                                       device=device, batch_size=batchSize, out_dir=outDir, analyze=analyze,
+                                       refine=refine)
             job = process.EngineJob(args, python=python, temp_dir=tempDir)
         except Exception:
             import shutil
@@ -644,7 +649,7 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
         return job
 
     def sampleInvariances(self, volumeNode, denoiser, point, count=32, seed=0, device="auto", batchSize=8,
-                          progressCallback=None, confirmReplace=None, python=None, analyze=False):
+                          progressCallback=None, confirmReplace=None, python=None, analyze=False, refine=True):
         """Sample ``count`` invariances of ``denoiser`` around ``point`` and return the created nodes.
 
         Args:
@@ -654,6 +659,8 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                 coordinates in mm; the crop is the model's patch around it, in its slice.
             count, seed, device, batchSize: as the CLI's ``sample``.
             analyze: also run the analysis (``sample --analyze``): adds ``anatomy_changes``.
+            refine: sample with the model folder's consistency refinement (the bundled
+                models': ``Refinement(5, 1)``); False: ``--refine 0,0``, the samples as drawn.
             progressCallback: called with each progress event (dict) of the engine.
         Returns:
             dict role -> node (see :meth:`importResults`). Raises RuntimeError with the engine's
@@ -661,7 +668,8 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
 
         Slicer stays responsive (events are processed while the engine process runs).
         """
-        job = self.prepareSampling(volumeNode, denoiser, point, count, seed, device, batchSize, python, analyze)
+        job = self.prepareSampling(volumeNode, denoiser, point, count, seed, device, batchSize, python, analyze,
+                                   refine)
         try:
             job.start()
             final = None

@@ -60,7 +60,10 @@ def test_panel_sections_defaults_and_custom_folder_row(app):
     assert combo.itemText(4) == "Custom model folder\u2026"
     assert [panel.deviceCombo.itemText(i) for i in range(panel.deviceCombo.count())] == ["Auto", "CPU", "CUDA"]
     assert panel.settings() == {"model": "cnn10", "count": DEFAULT_COUNT, "seed": 0, "device": "auto",
-                                "analyze": False}
+                                "refine": True, "analyze": False}
+    panel.refineCheck.setChecked(False)
+    assert panel.settings()["refine"] is False
+    panel.refineCheck.setChecked(True)
     panel.analyzeCheck.setChecked(True)
     assert panel.settings()["analyze"] is True
     panel.analyzeCheck.setChecked(False)
@@ -141,7 +144,7 @@ def test_run_streams_progress_from_a_real_cli_process(app, model, ct, tmp_path):
     assert panel.running and panel.runButton.text() == CANCEL_TEXT
     assert not panel.inputsBox.isEnabled() and not panel.countSpin.isEnabled()
     wait_until(lambda: not panel.running)
-    assert seen == [{"model": "cnn10", "count": 32, "seed": 7, "device": "auto", "analyze": False}]
+    assert seen == [{"model": "cnn10", "count": 32, "seed": 7, "device": "auto", "refine": True, "analyze": False}]
     assert panel.errorLabel.isHidden(), panel.errorText()
     assert panel.runButton.text() == RUN_TEXT and panel.inputsBox.isEnabled() and states == [True, False]
     assert panel.progressBar.value() == 100 and out.is_file() and not temp.exists()

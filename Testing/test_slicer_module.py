@@ -129,7 +129,7 @@ def test_parameter_node_defaults_and_ranges(module):
     p = module.InvarianceExplorerLogic().getParameterNode()
     assert (p.sampleCount, p.seed, p.device, p.denoiser) == (32, 0, "auto", "cnn10")
     assert p.inputVolume is None and p.point is None and p.roi is None
-    assert p.centerFrom == "point" and p.analyze is False
+    assert p.centerFrom == "point" and p.analyze is False and p.refine is True
     p.sampleCount = 8
     assert module.InvarianceExplorerLogic().getParameterNode().sampleCount == 8
     with pytest.raises(ValueError):
@@ -505,7 +505,14 @@ def test_widget_centre_from_an_roi_and_the_analysis_option(module, slicer, tmp_p
     assert p.analyze is True
     job = widget.prepareJob(panel.settings())
     try:
-        assert job.centerIJK == CENTER and "--analyze" in job.command
+        assert job.centerIJK == CENTER and "--analyze" in job.command and "--refine" not in job.command
+    finally:
+        job.cleanup()
+    panel.refineCheck.setChecked(False)  # the samples as drawn: the folder's refinement turned off
+    assert p.refine is False
+    job = widget.prepareJob(panel.settings())
+    try:
+        assert job.command[job.command.index("--refine") + 1] == "0,0"
     finally:
         job.cleanup()
     # the settings come back in a new widget (module re-entered)
@@ -513,6 +520,7 @@ def test_widget_centre_from_an_roi_and_the_analysis_option(module, slicer, tmp_p
     again.setup()
     assert again.centerFromROIButton.isChecked() and again.roiSelector.currentNode() is roi
     assert again.panel.analyzeCheck.isChecked() and again.centerNode() is roi
+    assert not again.panel.refineCheck.isChecked()
     widget.centerFromPointButton.setChecked(True)
     assert p.centerFrom == "point" and widget.centerNode() is None
 

@@ -282,7 +282,8 @@ class MainWindow(qt.QMainWindow):
         self.outDir = unique_folder(root, f"{stem}_{i}-{j}-{k}_seed{settings['seed']}_n{settings['count']}")
         args = sample_args(model=settings["model"], input_path=source, center_ijk=(i, j, k),
                            count=settings["count"], seed=settings["seed"], device=settings["device"],
-                           out_dir=self.outDir, analyze=settings.get("analyze", False))
+                           out_dir=self.outDir, analyze=settings.get("analyze", False),
+                           refine=settings.get("refine", True))
         return EngineJob(args, remove_on_cancel=[self.outDir])
 
     def collectResults(self, outputs: dict, job) -> list:

@@ -79,7 +79,7 @@ class SamplingPanel(qt.QWidget):
     * ``onCancelled()`` and ``onRunningChanged(running: bool)`` (optional).
 
     ``settings`` holds ``model`` (bundled name or folder), ``count``, ``seed``, ``device``,
-    ``analyze`` (bool).
+    ``refine`` (bool: the model folder's consistency refinement, or none) and ``analyze`` (bool).
     """
 
     def __init__(self, parent=None, models_dir=None):
@@ -138,6 +138,13 @@ class SamplingPanel(qt.QWidget):
             self.deviceCombo.addItem(label, value)
         self.deviceCombo.setToolTip("Auto uses a CUDA GPU when there is one; CPU forces the CPU")
         form.addRow("Device:", self.deviceCombo)
+        self.refineCheck = qt.QCheckBox("Refine towards f(x)")
+        self.refineCheck.setChecked(True)
+        self.refineCheck.setToolTip("The model folder's consistency refinement (the bundled models': 5 gradient "
+                                    "steps on the flow's centre, 1 per sample) moves each invariance towards "
+                                    "f(x~) = f(x); off: the samples as drawn (faster; most miss the consistency "
+                                    "bar, README)")
+        form.addRow("Refinement:", self.refineCheck)
         self.analyzeCheck = qt.QCheckBox("Find anatomy changes")
         self.analyzeCheck.setToolTip("After sampling, flag the invariances that change anatomy rather than noise "
                                      "(method A per invariance; method B when a noise-only ensemble is at hand); "
@@ -216,12 +223,13 @@ class SamplingPanel(qt.QWidget):
             self.customFolderEdit.setText(os.fspath(model))
 
     def settings(self) -> dict:
-        """The sampling settings: ``model``, ``count``, ``seed``, ``device``, ``analyze``."""
+        """The sampling settings: ``model``, ``count``, ``seed``, ``device``, ``refine``, ``analyze``."""
         model = prop(self.denoiserCombo, "currentData")
         if model == CUSTOM_MODEL:
             model = prop(self.customFolderEdit, "text").strip()
         return {"model": model, "count": int(prop(self.countSpin, "value")), "seed": int(prop(self.seedSpin, "value")),
-                "device": prop(self.deviceCombo, "currentData"), "analyze": bool(self.analyzeCheck.isChecked())}
+                "device": prop(self.deviceCombo, "currentData"), "refine": bool(self.refineCheck.isChecked()),
+                "analyze": bool(self.analyzeCheck.isChecked())}
 
     # ------------------------------------------------------------------ running
 
@@ -284,7 +292,8 @@ class SamplingPanel(qt.QWidget):
         self.runButton.setText(CANCEL_TEXT if running else RUN_TEXT)
         self.runButton.setToolTip("Stop sampling; the scene stays as it was" if running else
                                   "Sample images that the denoiser maps to the same output as the input")
-        for widget in (self.inputsBox, self.countSpin, self.seedSpin, self.deviceCombo, self.analyzeCheck):
+        for widget in (self.inputsBox, self.countSpin, self.seedSpin, self.deviceCombo, self.refineCheck,
+                       self.analyzeCheck):
             widget.setEnabled(not running)
         if self.onRunningChanged is not None:
             self.onRunningChanged(running)
