@@ -20,8 +20,9 @@ patch's slice (the same anatomy, new noise: whatever method A flags there is not
 scanned and refined towards f(x) like the samples, the refined ones judged both ways. Method A
 promises ``alpha`` = 0.05 false regions per image. With ``--posterior`` the refined noise
 realisations are also judged in the shape of a null drawn from the cVAE posterior of x
-(``--null`` decodings ``D(z_j, f(x))``, ``z_j ~ q(z | x, f(x))``, refined the same way), the
-null ``analyze --posterior`` uses when no scans are at hand (so without the scans' floor).
+(``--null`` decodings ``D(z_j, f(x))``, ``z_j ~ q(z | x, f(x))``, refined the same way), so
+without the scans' floor: the null a posterior would give when no scans are at hand (which
+``analyze`` therefore does not use for refined samples).
 Both are also judged as ``analyze`` judges refined samples without scans: by each difference
 alone, with the rescan floor estimated from x and the model folder's noise texture
 (:func:`~InvarianceExplorerLib.analysis.estimated_scan_floor`). Method B (per patch: any pixel

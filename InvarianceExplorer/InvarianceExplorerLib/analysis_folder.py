@@ -175,10 +175,11 @@ def simulate_null_for_folder(folder, full_dose: CTImage, dose: float, count: int
     return np.stack([crop_patch(plane.with_array(scan), (i, j), size).array for scan in scans])
 
 
-def _model_of(result, model=None):
-    """The model folder that sampled a sample folder: ``model``, else the one its numbers.json names."""
+def _model_of(result, model=None, required: bool = True):
+    """The model folder that sampled a sample folder: ``model``, else the one its numbers.json
+    names; without either, a ValueError (or None when not ``required``)."""
     model = model or result.numbers.get("model_folder") or result.numbers.get("model")
-    if not model:
+    if not model and required:
         raise ValueError(f"{result.folder}: numbers.json names no model folder; give the model")
     return model
 
@@ -289,7 +290,7 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
     null_refined = bool(refinement) and null is not None
     scans, texture, texture_note = None, None, None
     if refinement and not null_refined:  # no scans: the rescan floor estimated from x and the training noise's texture
-        named = model or result.numbers.get("model_folder") or result.numbers.get("model")
+        named = _model_of(result, model, required=False)
         texture, texture_note = (model_noise_texture(named) if named else
                                  (None, "numbers.json names no model folder whose noise texture could be used"))
     if null_refined:
