@@ -16,6 +16,7 @@ the per-pixel std over the invariances of a patch, averaged over patches and ove
 columns and rows at the edges of ``--block`` px blocks (the last and first of each block)
 against the rest (a decoder with nearest-neighbour upsampling keeps its bottleneck map
 constant over blocks of 32 px at 128² patches), and in a ``--border`` px frame.
+``--refine CENTRE,SAMPLE`` samples with that consistency refinement instead of the folder's.
 
     .venv/bin/python benchmarks/invariance_anisotropy.py Resources/Models/cnn10 Resources/Models/dugan --data data/sim512
 """
@@ -30,7 +31,7 @@ import torch
 from InvarianceExplorerLib.datasets import open_source
 from InvarianceExplorerLib.fidelity import held_out_patches, stripe_shares
 from InvarianceExplorerLib.inference import apply_network
-from InvarianceExplorerLib.sampler import InvarianceSampler
+from InvarianceExplorerLib.sampler import InvarianceSampler, Refinement
 
 
 @torch.inference_mode()
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=32, help="block side whose edges are compared (px)")
     parser.add_argument("--border", type=int, default=4, help="width of the border frame (px)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--refine", type=Refinement.parse, default=None, metavar="CENTRE,SAMPLE",
+                        help="consistency refinement of the samples (default: each folder's own)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     source = open_source(args.data)
@@ -71,12 +74,12 @@ def main() -> None:
             shown_noise = True
         deviations, stds = [], []
         for n, patch in enumerate(patches):
-            result = sampler.sample(patch.low_dose, count=args.count, seed=n)
+            result = sampler.sample(patch.low_dose, count=args.count, seed=n, refinement=args.refine)
             deviations.append(result.invariances - result.invariances.mean(axis=0, keepdims=True))
             stds.append(result.std)
         deviations, std = np.concatenate(deviations), np.mean(stds, axis=0)
         v, h = stripe_shares(deviations)
-        print(f"{folder}: x~ - mean x~ over {len(patches)} patches x {args.count}: std {deviations.std():.2f} HU, "
+        print(f"{folder} (refinement {result.refinement.as_dict()}): x~ - mean x~ over {len(patches)} patches x {args.count}: std {deviations.std():.2f} HU, "
               f"vertical-stripe share {v:.3f}, horizontal {h:.3f}, ratio {v / h:.2f}")
         p, b = std.shape[-1], args.border
         edge = np.isin(np.arange(p) % args.block, (0, args.block - 1))
