@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from InvarianceExplorerLib.evaluation import noise_std, quality_table, uniform_regions
+from InvarianceExplorerLib.denoisers import read_metadata, resolve_model_folder
+from InvarianceExplorerLib.evaluation import model_card, noise_std, quality_table, uniform_regions
 from InvarianceExplorerLib.phantom import Label
 
 
@@ -37,3 +38,23 @@ def test_quality_table_rows():
                "full_dose": {"noise_std_hu": {"heart": 15.0}}}
     table = quality_table({"figures": figures}).splitlines()
     assert len(table) == 5 and "| cnn10 | 9.0 | 40 % |" in table[3] and table[4].startswith("| full dose")
+
+
+def test_model_card_says_only_what_a_training_record_holds():
+    """A denoiser trained by another script (the planted benchmark's fine-tune) records fewer
+    fields than `train denoiser`: its card leaves the rest out instead of printing None, and
+    lists the fields it has no words for."""
+    record = read_metadata(resolve_model_folder("redcnn"))
+    record["training"] = {"scheme": "fine-tune on nodule-erased targets", "data": {"kind": "simulated",
+                          "path": "data/erased", "pixel_spacing_mm": 0.7}, "steps": 1500, "batch_size": 16,
+                          "lr": 3e-4, "wall_time_s": 3104.2, "machine": {"cpu": "AMD EPYC", "cpu_threads": 2,
+                                                                         "torch": "2.13.0", "python": "3.11.7"}}
+    card = model_card(record)
+    training = card[card.index("## Training"):card.index("## Held-out figures")]
+    assert "None" not in training
+    assert "- data: simulated pairs `data/erased` at 0.7 mm\n" in training
+    assert f"- 1500 steps, batch 16 patches of {record['patch_size']}² px, random flips/rotations\n" in training
+    assert '- other training settings: `{"lr": 0.0003}`' in training
+    assert "- optimiser" not in training and "- best epoch (lowest" not in training
+    full = model_card(read_metadata(resolve_model_folder("redcnn")))
+    assert "split by patient" in full and "None" not in full

@@ -256,6 +256,57 @@ def _fit_lines(fit: Optional[dict]) -> List[str]:
     return lines
 
 
+#: Training-record fields the model card words itself, or leaves out on purpose (the engine
+#: version; the low-dose input's own validation figures); any others are listed as they are.
+_TRAINING_KNOWN = {"data", "split", "epochs", "steps_per_epoch", "steps", "batch_size", "seed", "scheme",
+                   "precision", "hyperparameters", "best_epoch", "validation", "wall_time_s", "machine",
+                   "initialised_from", "feature_network", "engine_version", "validation_low_dose"}
+
+
+def _phrase(template: str, *values) -> str:
+    """``template`` filled with ``values``, or "" when any of them is unknown (None)."""
+    return "" if any(v is None for v in values) else template.format(*values)
+
+
+def _training_lines(t: dict, patch_size) -> list:
+    """The model card's Training lines from a denoiser's training record ``t``, saying only
+    what the record holds (a record of another training script lacks some fields)."""
+    d, m, split = t.get("data") or {}, t.get("machine") or {}, t.get("split") or {}
+    lines = []
+    if d:
+        lines.append(f"- data: {d.get('kind', 'unknown')} pairs `{d.get('path')}`"
+                     + _phrase(": {} slices of {}² px", d.get("pairs"), d.get("size"))
+                     + _phrase(" at {} mm", d.get("pixel_spacing_mm"))
+                     + _phrase(", dose fraction {} (quarter dose)" if d.get("dose") == 0.25 else ", dose fraction {}",
+                               d.get("dose"))
+                     + _phrase(", base seed {}", d.get("seed"))
+                     + _phrase(", full-dose photons per ray {}", (d.get("photons") or {}).get("full_dose")))
+    if split:
+        lines.append(f"- split by patient {split.get('fractions')} (seed {split.get('seed')}): {split.get('patients')}")
+    steps = (_phrase("{} epochs × {} steps", t.get("epochs"), t.get("steps_per_epoch"))
+             or _phrase("{} steps", t.get("steps")))
+    if steps:
+        lines.append(f"- {steps}" + _phrase(", batch {} patches", t.get("batch_size"))
+                     + _phrase(" of {}² px", patch_size) + ", random flips/rotations" + _phrase("; seed {}", t.get("seed")))
+    lines.append(f"- training scheme {t.get('scheme', 'not recorded')}, {t.get('precision', 'float32')} arithmetic"
+                 + (" (mixed precision: bfloat16 autocast, float32 weights)" if t.get("precision") == "bfloat16" else ""))
+    if t.get("hyperparameters"):
+        lines.append(f"- optimiser: Adam, {json.dumps(t['hyperparameters'])}")
+    if t.get("best_epoch") is not None:
+        lines.append(f"- best epoch (lowest validation RMSE): {t['best_epoch']}; validation "
+                     + ", ".join(f"{k} {v:.4g}" for k, v in (t.get("validation") or {}).items()))
+    if t.get("wall_time_s") is not None:
+        lines.append(f"- wall time {t['wall_time_s']} s"
+                     + _phrase(" on {}", m.get("device"))
+                     + f" ({m.get('cpu')}, {m.get('cpu_threads')} threads, torch {m.get('torch')}, "
+                       f"Python {m.get('python')})")
+    other = {k: v for k, v in t.items() if k not in _TRAINING_KNOWN}
+    if other:
+        lines.append(f"- other training settings: `{json.dumps(other)}`")
+    return lines
+
+
+
 def model_card(metadata: dict) -> str:
     """``MODEL_CARD.md`` text of a model folder's metadata (every figure from the metadata)."""
     from .fidelity import invariance_card
@@ -263,10 +314,7 @@ def model_card(metadata: dict) -> str:
     if metadata["architecture"]["name"] == CUSTOM:
         return "\n".join(_custom_card(metadata) + invariance_card(metadata)) + "\n"
     a, t = metadata["architecture"], metadata.get("training", {})
-    d, h = t.get("data", {}), metadata.get("held_out") or {}
-    m = t.get("machine", {})
-    w = metadata["weights"]
-    hp = t.get("hyperparameters", {})
+    h, w = metadata.get("held_out") or {}, metadata["weights"]
     lines = [f"# {a['name']} — model card", "",
              f"Denoiser `{a['name']}` (class `{a['class']}`, arguments `{json.dumps(a['arguments'])}`, receptive "
              f"field {a['receptive_field']} px) of InvarianceExplorer. Generated from `{METADATA}` by "
@@ -283,21 +331,7 @@ def model_card(metadata: dict) -> str:
     lines += ["", "## Normalisation", "",
               f"network units = (HU + {n.get('offset')} − {n.get('mean')}) / {n.get('std')} "
               f"(`{json.dumps(n)}`)", "",
-              "## Training", "",
-              f"- data: {d.get('kind')} pairs `{d.get('path')}`: {d.get('pairs')} slices of {d.get('size')}² px at "
-              f"{d.get('pixel_spacing_mm')} mm, dose fraction {d.get('dose')} (quarter dose), base seed "
-              f"{d.get('seed')}, full-dose photons per ray {(d.get('photons') or {}).get('full_dose')}",
-              f"- split by patient {t.get('split', {}).get('fractions')} (seed {t.get('split', {}).get('seed')}): "
-              f"{t.get('split', {}).get('patients')}",
-              f"- {t.get('epochs')} epochs × {t.get('steps_per_epoch')} steps, batch {t.get('batch_size')} patches "
-              f"of {metadata.get('patch_size')}² px, random flips/rotations; seed {t.get('seed')}",
-              f"- training scheme {t.get('scheme')}, {t.get('precision', 'float32')} arithmetic"
-              + (" (mixed precision: bfloat16 autocast, float32 weights)" if t.get("precision") == "bfloat16" else ""),
-              f"- optimiser: Adam, {json.dumps(hp)}",
-              f"- best epoch (lowest validation RMSE): {t.get('best_epoch')}; validation "
-              + ", ".join(f"{k} {v:.4g}" for k, v in (t.get('validation') or {}).items()),
-              f"- wall time {t.get('wall_time_s')} s on {m.get('device')} ({m.get('cpu')}, {m.get('cpu_threads')} "
-              f"threads, torch {m.get('torch')}, Python {m.get('python')})"]
+              "## Training", ""] + _training_lines(t, metadata.get("patch_size"))
     start = t.get("initialised_from")
     if start:
         lines.append(f"- started from the {start['architecture']} weights of `{start['folder']}` (best epoch "
