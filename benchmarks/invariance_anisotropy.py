@@ -79,7 +79,8 @@ def main() -> None:
             stds.append(result.std)
         deviations, std = np.concatenate(deviations), np.mean(stds, axis=0)
         v, h = stripe_shares(deviations)
-        print(f"{folder} (refinement {result.refinement.as_dict()}): x~ - mean x~ over {len(patches)} patches x {args.count}: std {deviations.std():.2f} HU, "
+        print(f"{folder} (refinement {result.refinement.as_dict()}): x~ - mean x~ over {len(patches)} patches "
+              f"x {args.count}: std {deviations.std():.2f} HU, "
               f"vertical-stripe share {v:.3f}, horizontal {h:.3f}, ratio {v / h:.2f}")
         p, b = std.shape[-1], args.border
         edge = np.isin(np.arange(p) % args.block, (0, args.block - 1))

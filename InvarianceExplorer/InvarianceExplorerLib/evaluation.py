@@ -287,9 +287,11 @@ def _training_lines(t: dict, patch_size) -> list:
              or _phrase("{} steps", t.get("steps")))
     if steps:
         lines.append(f"- {steps}" + _phrase(", batch {} patches", t.get("batch_size"))
-                     + _phrase(" of {}² px", patch_size) + ", random flips/rotations" + _phrase("; seed {}", t.get("seed")))
+                     + _phrase(" of {}² px", patch_size) + ", random flips/rotations"
+                     + _phrase("; seed {}", t.get("seed")))
+    mixed = " (mixed precision: bfloat16 autocast, float32 weights)" if t.get("precision") == "bfloat16" else ""
     lines.append(f"- training scheme {t.get('scheme', 'not recorded')}, {t.get('precision', 'float32')} arithmetic"
-                 + (" (mixed precision: bfloat16 autocast, float32 weights)" if t.get("precision") == "bfloat16" else ""))
+                 + mixed)
     if t.get("hyperparameters"):
         lines.append(f"- optimiser: Adam, {json.dumps(t['hyperparameters'])}")
     if t.get("best_epoch") is not None:
@@ -304,7 +306,6 @@ def _training_lines(t: dict, patch_size) -> list:
     if other:
         lines.append(f"- other training settings: `{json.dumps(other)}`")
     return lines
-
 
 
 def model_card(metadata: dict) -> str:
