@@ -55,7 +55,7 @@ def main() -> None:
         spacing = tuple(float(v) for v in source[patch.index].spacing[:2])
         sigma_px = reference_sigma_px(rescans - x[None], spacing)
         measured_map = scan_floor(rescans, x, sigma_px)
-        estimated_map = np.broadcast_to(estimated_scan_floor(x, sigma_px, spacing, texture), x.shape)
+        estimated_map = estimated_scan_floor(x, sigma_px, spacing, texture)
         measured, estimated = float(np.median(measured_map)), float(np.median(estimated_map))
         ratios.append(estimated / measured)
         lung = patch.full_dose < args.lung_hu
