@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from InvarianceExplorerLib.datasets import item_seeds
 from InvarianceExplorerLib.denoisers import DENOISERS, bundled_models_dir, load_denoiser
 from InvarianceExplorerLib.image import CTImage
 from InvarianceExplorerLib.inference import denoise, image_quality
 from InvarianceExplorerLib.io import read_image
+from InvarianceExplorerLib.simulated_dataset import item_seeds
 from realdata import pydicom_test_file
 
 #: Denoisers that are shipped, so a missing folder is a failure, not a skip.

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import pytest
 
-from InvarianceExplorerLib.datasets import build_simulated_dataset, item_seeds, open_source
+from InvarianceExplorerLib.datasets import open_source
 from InvarianceExplorerLib.denoisers import DENOISERS, bundled_models_dir, read_metadata
 from InvarianceExplorerLib.fidelity import BARS, invariance_fidelity
 from InvarianceExplorerLib.sampler import CHECKED_REFINEMENT, has_invariance_models, load_invariance_models
+from InvarianceExplorerLib.simulated_dataset import build_simulated_dataset, item_seeds
 
 #: Denoisers whose invariance models are shipped, so a missing one is a failure, not a skip.
 SHIPPED = {"cnn10", "redcnn", "wganvgg", "dugan"}

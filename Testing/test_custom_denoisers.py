@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from InvarianceExplorerLib.cli import main
 from InvarianceExplorerLib.custom_denoisers import (DenoiserCheckError, check_denoiser, import_denoiser,
                                                     read_declaration)
-from InvarianceExplorerLib.datasets import build_simulated_dataset
 from InvarianceExplorerLib.denoisers import (load_denoiser, read_metadata, resolve_model_folder, save_denoiser,
                                             write_metadata)
 from InvarianceExplorerLib.fidelity import invariance_fidelity
@@ -31,6 +30,7 @@ from InvarianceExplorerLib.fit import fit, parse_budget, plan, seconds_per_cvae_
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION, HUNormalization
 from InvarianceExplorerLib.sample_data import sample_ct_path
 from InvarianceExplorerLib.sampler import load_invariance_models
+from InvarianceExplorerLib.simulated_dataset import build_simulated_dataset
 from tiny_fit import FIT, MAX_CONSISTENCY, TINY, one_thread
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")

@@ -15,10 +15,12 @@ import torch
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
-from InvarianceExplorerLib.datasets import (BLOCK, DatasetMismatchError, ItemCache, PairedDicomDataset,
-                                            SimulatedDataset, build_simulated_dataset, item_seeds, make_dataset, split_patients)
+from InvarianceExplorerLib.datasets import ItemCache, make_dataset, split_patients
+from InvarianceExplorerLib.dicom_dataset import PairedDicomDataset
 from InvarianceExplorerLib.io import CTInputError
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
+from InvarianceExplorerLib.simulated_dataset import (BLOCK, DatasetMismatchError, SimulatedDataset,
+                                                     build_simulated_dataset, item_seeds)
 from realdata import pydicom_test_file
 
 SIZE, COUNT, SEED = 64, 6, 11

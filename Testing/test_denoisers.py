@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from InvarianceExplorerLib.cli import main
-from InvarianceExplorerLib.datasets import build_simulated_dataset
 from InvarianceExplorerLib.denoisers import (DENOISERS, FeatureNetwork, UNetDiscriminator, WGANCritic,
                                              build_denoiser, bundled_models_dir, load_denoiser, read_metadata,
                                              receptive_field, save_denoiser)
@@ -23,6 +22,7 @@ from InvarianceExplorerLib.inference import apply_network, denoise, image_qualit
 from InvarianceExplorerLib.io import CTInputError, read_image, write_nrrd
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.phantom import Label
+from InvarianceExplorerLib.simulated_dataset import build_simulated_dataset
 from InvarianceExplorerLib.train_denoiser import train_denoiser
 from realdata import dicom_hu, pydicom_test_file
 

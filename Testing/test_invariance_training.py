@@ -18,18 +18,18 @@ import torch
 import torch.nn as nn
 
 from InvarianceExplorerLib.cli import main
-from InvarianceExplorerLib.datasets import SimulatedDataset, build_simulated_dataset
 from InvarianceExplorerLib.denoisers import Denoiser, build_denoiser, read_metadata, save_denoiser
 from InvarianceExplorerLib.fidelity import (_pairwise_mean_abs, another_realisation, held_out_patches,
                                             invariance_fidelity, noise_power_spectrum, noise_texture,
                                             stripe_figures, stripe_shares)
 from InvarianceExplorerLib.invariance_flow import InvarianceFlow
+from InvarianceExplorerLib.invariance_losses import (local_mean_loss, noise_spectrum_loss, sample_texture_loss,
+                                                     spread_loss)
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.representation import Representation
 from InvarianceExplorerLib.sampler import (CHECKED_REFINEMENT, InvarianceModels, InvarianceSampler,
                                            has_invariance_models, load_invariance_models, load_representation)
-from InvarianceExplorerLib.invariance_losses import (local_mean_loss, noise_spectrum_loss, sample_texture_loss,
-                                                     spread_loss)
+from InvarianceExplorerLib.simulated_dataset import SimulatedDataset, build_simulated_dataset
 from InvarianceExplorerLib.train_invariance import (HYPERPARAMETERS, _CVAEObjective, _weights_digest, train_cinn,
                                                     train_cvae)
 

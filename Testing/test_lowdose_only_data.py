@@ -19,14 +19,15 @@ import torch
 from pydicom.uid import generate_uid
 
 from InvarianceExplorerLib.cli import main
-from InvarianceExplorerLib.datasets import (LowDoseDicomDataset, PairedDicomDataset, SimulatedDataset,
-                                            build_simulated_dataset, make_dataset, open_source, split_patients)
+from InvarianceExplorerLib.datasets import make_dataset, open_source, split_patients
 from InvarianceExplorerLib.denoisers import load_denoiser, read_metadata
+from InvarianceExplorerLib.dicom_dataset import LowDoseDicomDataset, PairedDicomDataset
 from InvarianceExplorerLib.fidelity import NO_FULL_DOSE, NO_REALISATION, invariance_fidelity
 from InvarianceExplorerLib.fit import fit
 from InvarianceExplorerLib.io import CTInputError
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.sampler import load_invariance_models
+from InvarianceExplorerLib.simulated_dataset import SimulatedDataset, build_simulated_dataset
 from realdata import pydicom_test_file
 from tiny_fit import FIT, MAX_CONSISTENCY, TINY, one_thread
 

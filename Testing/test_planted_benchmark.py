@@ -25,10 +25,11 @@ from networks import RegionBlind, centre_disc  # noqa: E402
 from run import (control_figures, evaluate, method_a_flags_patch, planted_figures, recall_at_fpr,  # noqa: E402
                  region_discs, roc_auc)
 
-from InvarianceExplorerLib.datasets import build_simulated_dataset, open_source  # noqa: E402
+from InvarianceExplorerLib.datasets import open_source  # noqa: E402
 from InvarianceExplorerLib.denoisers import load_denoiser  # noqa: E402
 from InvarianceExplorerLib.fit import fit  # noqa: E402
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION  # noqa: E402
+from InvarianceExplorerLib.simulated_dataset import build_simulated_dataset  # noqa: E402
 from tiny_fit import one_thread  # noqa: E402
 
 RADIUS = 5.0

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from InvarianceExplorerLib.datasets import build_simulated_dataset
 from InvarianceExplorerLib.denoisers import (copy_model_folder, load_denoiser, read_metadata, resolve_model_folder,
                                            save_weights, write_metadata)
 from InvarianceExplorerLib.evaluation import ship_denoiser
 from InvarianceExplorerLib.sampler import InvarianceSampler, load_invariance_models
+from InvarianceExplorerLib.simulated_dataset import build_simulated_dataset
 
 
 @pytest.fixture(scope="module")

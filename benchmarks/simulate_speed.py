@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from InvarianceExplorerLib.datasets import build_simulated_dataset
 from InvarianceExplorerLib.devices import machine
+from InvarianceExplorerLib.simulated_dataset import build_simulated_dataset
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from InvarianceExplorerLib.datasets import MANIFEST, SimulatedDataset, split_indices
+from InvarianceExplorerLib.datasets import split_indices
+from InvarianceExplorerLib.simulated_dataset import MANIFEST, SimulatedDataset
 
 
 def main() -> int:

@@ -254,7 +254,7 @@ def _cmd_train_cinn(args) -> int:
 
 def _add_fit(p) -> None:
     from .custom_denoisers import USES
-    from .datasets import DICOM_KINDS
+    from .dicom_dataset import DICOM_KINDS
     from .denoisers import WEIGHT_DTYPES
     from .fit import DEFAULT_BUDGET
 
@@ -457,7 +457,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_data_simulate(args) -> int:
-    from .datasets import build_simulated_dataset
+    from .simulated_dataset import build_simulated_dataset
 
     manifest = build_simulated_dataset(
         args.out, args.count, size=args.size, spacing=args.spacing, dose=args.dose, seed=args.seed,

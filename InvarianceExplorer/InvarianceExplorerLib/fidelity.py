@@ -128,7 +128,7 @@ def another_realisation(source, index: int, seed: int) -> Optional[np.ndarray]:
     """A new low-dose scan (HU, the slice's shape) of item ``index`` of a simulated data set:
     its phantom rebuilt from the manifest's seed and scanned at the data set's dose with the
     same scan parameters and noise seed ``seed``. None for sources that are not simulated."""
-    from .datasets import SimulatedDataset
+    from .simulated_dataset import SimulatedDataset
     from .lowdose import LowDoseSimulator
     from .phantom import chest_phantom
 

@@ -125,7 +125,8 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     sampler's consistency refinement written into the folder (None: none). Returns ``out``."""
     from . import __version__
     from .custom_denoisers import import_denoiser
-    from .datasets import SimulatedDataset, open_source
+    from .datasets import open_source
+    from .simulated_dataset import SimulatedDataset
     from .denoisers import copy_model_folder, read_metadata, write_metadata
     from .devices import machine
     from .sampler import Refinement

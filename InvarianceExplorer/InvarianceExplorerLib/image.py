@@ -1,9 +1,10 @@
-"""One small type for a CT image: voxels in HU plus geometry in millimetres."""
+"""Two small types: a CT image (voxels in HU plus geometry in millimetres) and the paired
+low-/full-dose slice that every data source gives (:mod:`.datasets`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -80,3 +81,33 @@ class CTImage:
         if np.shape(array) != self.array.shape:
             raise ValueError(f"new array shape {np.shape(array)} differs from {self.array.shape}")
         return replace(self, array=np.asarray(array, dtype=np.float32))
+
+
+@dataclass(frozen=True)
+class PairedSlice:
+    """One axial slice of a patient scanned at low and at full dose.
+
+    Attributes:
+        low_dose, full_dose: float32 HU, ``(y, x)``, same geometry; ``full_dose`` is None
+            for low-dose-only data (:class:`~.dicom_dataset.LowDoseDicomDataset`).
+        spacing: voxel size in mm, ``(x, y, z)`` (z: slice spacing or thickness).
+        patient_id: the unit of the train/val/test split.
+        origin: LPS position in mm of pixel ``[0, 0]``, ``(x, y, z)``.
+        direction: 3x3 direction cosines, row-major, as in :class:`CTImage`.
+        labels: uint8 tissue labels (simulated data) or None (real data).
+        nodule_map: int16 nodule number per pixel, 0 outside nodules (simulated) or None.
+    """
+
+    low_dose: np.ndarray
+    full_dose: Optional[np.ndarray]
+    spacing: Vec3
+    patient_id: str
+    origin: Vec3 = (0.0, 0.0, 0.0)
+    direction: Tuple[float, ...] = _IDENTITY
+    labels: Optional[np.ndarray] = None
+    nodule_map: Optional[np.ndarray] = None
+
+    def images(self) -> Tuple[CTImage, Optional[CTImage]]:
+        """``(low_dose, full_dose)`` as CTImages with this slice's geometry (full dose None when absent)."""
+        return tuple(None if a is None else CTImage(a, self.spacing, self.origin, self.direction)
+                     for a in (self.low_dose, self.full_dose))

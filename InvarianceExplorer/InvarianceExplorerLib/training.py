@@ -171,7 +171,7 @@ def load_feature_network(network: nn.Module, source) -> dict:
 
 def describe_data(source, path) -> dict:
     """What the training data were, for the model metadata."""
-    from .datasets import SimulatedDataset
+    from .simulated_dataset import SimulatedDataset
 
     if isinstance(source, SimulatedDataset):
         p = source.manifest["parameters"]
