@@ -22,7 +22,7 @@ def test_demo_writes_nrrd_png_and_json(tmp_path, capsys):
     for name in ("low_dose.nrrd", "full_dose.nrrd", "labels.nrrd", "low_dose_pair.png", "demo.json"):
         assert (out / name).is_file(), name
     ld, fd = read_image(out / "low_dose.nrrd"), read_image(out / "full_dose.nrrd")
-    assert ld.array.shape == (128, 128) and ld.spacing[0] == pytest.approx(2.8)
+    assert ld.array.shape == fd.array.shape == (128, 128) and ld.spacing[0] == pytest.approx(2.8)
     info = json.loads((out / "demo.json").read_text())
     noise = info["noise_std_soft_tissue_hu"]
     assert noise["low_dose"] > 1.5 * noise["full_dose"] > 0

@@ -29,7 +29,7 @@ from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.sampler import load_invariance_models
 from InvarianceExplorerLib.simulated_dataset import SimulatedDataset, build_simulated_dataset
 from realdata import pydicom_test_file
-from tiny_fit import FIT, MAX_CONSISTENCY, TINY, one_thread
+from tiny_fit import FIT, MAX_CONSISTENCY, one_thread
 
 PATIENTS, SLICES, SIZE = 8, 2, 64
 GAP_MM = 2.5

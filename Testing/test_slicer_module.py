@@ -559,6 +559,7 @@ def test_widget_shows_each_output_and_hides_results_from_the_input_selector(modu
     roles = ["invariances", "denoised_invariances", "crop", "denoised", "reconstruction", "std", "table", "chart",
              "anatomy_changes", "change_maps", "significance"]
     assert panel.outputLabels() == [nodes[r].GetName() for r in roles]
+    assert panel.outputLabels()[:-3] == [names[r] for r in roles[:-3]]  # the engine's names for its roles
     assert panel.outputLabels()[-3:] == ["LD chest anatomy changes", "LD chest change maps (method A, z)",
                                          "LD chest significance (method B, -log10 q)"]
     buttons = panel.outputButtons()

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"| denoiser | float32 (s/step) | bfloat16 (s/step) | speed-up |\n|---|---|---|---|")
+    print("| denoiser | float32 (s/step) | bfloat16 (s/step) | speed-up |\n|---|---|---|---|")
     for arch in args.arch:
         fp32, bf16 = (step_seconds(arch, p, args.batch_size, args.patch_size, args.steps, args.device)
                       for p in ("float32", "bfloat16"))
