@@ -149,13 +149,15 @@ class _LoadPair:
         return out
 
 
-def split_indices(source, split: str, limit: Optional[int] = None) -> List[int]:
-    """Item indices of the patient-level ``split`` of ``source`` (:func:`~.datasets.split_patients`),
-    at most ``limit`` of them, evenly spaced."""
+def split_indices(source, split: str, limit: Optional[int] = None, *,
+                  fractions: Sequence[float] = PAPER_FRACTIONS, seed: int = 0) -> List[int]:
+    """Item indices of the patient-level ``split`` of ``source`` (:func:`split_patients` with
+    ``fractions`` and ``seed``; "all": every item), at most ``limit`` of them, evenly spaced.
+    A data set still being written splits over its planned ids (``SimulatedDataset.split_ids``)."""
     if split == "all":
         indices = list(range(len(source)))
     else:
-        chosen = set(split_patients(getattr(source, "split_ids", source.patient_ids))[split])
+        chosen = set(split_patients(getattr(source, "split_ids", source.patient_ids), fractions, seed)[split])
         indices = [i for i, pid in enumerate(source.patient_ids) if pid in chosen]
     if limit is not None and len(indices) > limit:
         indices = [indices[k] for k in np.linspace(0, len(indices) - 1, limit).round().astype(int)]
@@ -193,13 +195,7 @@ def make_dataset(source, split: str = "train", *, patch_size: Optional[int] = 12
         source = open_source(source)
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split is one of {SPLITS + ('all',)}; got {split!r}")
-    ids = source.patient_ids
-    if split == "all":
-        indices = list(range(len(ids)))
-    else:
-        # a data set still being written splits over its planned ids (SimulatedDataset.split_ids)
-        chosen = set(split_patients(getattr(source, "split_ids", ids), fractions, split_seed)[split])
-        indices = [i for i, pid in enumerate(ids) if pid in chosen]
+    indices = split_indices(source, split, fractions=fractions, seed=split_seed)
     keys = ("ld", "fd", "labels")
     opt = dict(allow_missing_keys=True)
     transforms = [_LoadPair(source, patch_size)]

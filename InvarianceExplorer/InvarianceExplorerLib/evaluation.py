@@ -208,10 +208,7 @@ def write_held_out(folder, result: dict, reproduce: Sequence[str] = (), notes: S
         metadata["notes"] = list(notes)
     if weights_choice:
         metadata["weights_choice"] = weights_choice
-    temporary = folder / f".{METADATA}.{os.getpid()}.tmp"
-    with open(temporary, "w") as f:
-        json.dump(metadata, f, indent=1)
-    os.replace(temporary, folder / METADATA)
+    write_metadata(folder, metadata)
     path = folder / MODEL_CARD
     path.write_text(model_card(metadata))
     return path
