@@ -190,8 +190,30 @@ def test_bilinear_upsampling_has_no_block_edges():
     assert ratios[0] > 1.8 and ratios[1] < 1.3, ratios
     old = {k: v for k, v in nearest.arguments.items() if k != "upsample"}
     assert build_representation(**old).upsample == "nearest"
-    with pytest.raises(ValueError, match="upsample must be one of nearest, bilinear"):
+    with pytest.raises(ValueError, match="upsample must be one of nearest, bilinear, pixelshuffle"):
         Representation(**TINY_REPRESENTATION, upsample="bicubic")
+
+
+def test_pixel_shuffle_upsampling_starts_as_nearest_and_learns_each_subpixel():
+    """The learned sub-pixel upsampling decodes exactly as nearest-neighbour upsampling with
+    the same other weights until its 1x1 convolutions are trained; then the four pixels of a
+    2x2 cell get different mixes of the lower stage's features, and a training step moves them."""
+    torch.manual_seed(0)
+    nearest = Representation(**TINY_REPRESENTATION).eval()
+    shuffle = Representation(**TINY_REPRESENTATION, upsample="pixelshuffle").eval()
+    missing = shuffle.load_state_dict(nearest.state_dict(), strict=False).missing_keys
+    assert missing and all(key.startswith("upsamplers.") for key in missing)
+    y, z = torch.randn(4, 1, 32, 32), torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(shuffle.decode(z, y), nearest.decode(z, y), rtol=0, atol=1e-6)
+    start = shuffle.upsamplers[-1][0].weight.detach().clone()
+    optimiser = torch.optim.SGD(shuffle.upsamplers.parameters(), lr=0.1)
+    (shuffle.decode(z, y) - torch.randn(4, 1, 32, 32)).abs().mean().backward()
+    optimiser.step()
+    step = (shuffle.upsamplers[-1][0].weight - start)[:, :, 0, 0]  # (4 C, C): sub-pixel k of channel c is row 4 c + k
+    subpixels = step.view(-1, 4, step.shape[1])
+    assert float((subpixels - subpixels[:, :1]).abs().max()) > 0.1 * float(step.abs().max()) > 0  # the 2x2 pixels learn apart
+    assert build_representation(**shuffle.arguments).upsample == "pixelshuffle"
 
 
 def test_replicate_padding_keeps_a_uniform_condition_uniform_to_the_border():

@@ -15,7 +15,12 @@ stripes are the decoder's, not a direction f ignores more. Last, where the sampl
 the per-pixel std over the invariances of a patch, averaged over patches and over the
 columns and rows at the edges of ``--block`` px blocks (the last and first of each block)
 against the rest (a decoder with nearest-neighbour upsampling keeps its bottleneck map
-constant over blocks of 32 px at 128² patches), and in a ``--border`` px frame.
+constant over blocks of 32 px at 128² patches), and in a ``--border`` px frame. Last, how
+periodic that std is: averaged over the pixels of each phase (i mod B, j mod B) inside a
+``--phase-border`` px frame (wider than the border frame: decoders vary their samples in a rim
+along the patch border, which would count as phases), the largest of those B² means over their mean, for B = 8, 16, 32 px (``phase_peak``):
+block-edge lines and a lattice of dots (a learned sub-pixel upsampling's) both raise it; a
+std that follows anatomy and not the decoder's blocks stays near 1.
 ``--refine CENTRE,SAMPLE`` samples with that consistency refinement instead of the folder's.
 
     .venv/bin/python benchmarks/invariance_anisotropy.py Resources/Models/cnn10 Resources/Models/dugan --data data/sim512
@@ -50,6 +55,17 @@ def stripe_gains(denoiser, patches, cycles=(16, 32)) -> dict:
     return gains
 
 
+def phase_peak(std: np.ndarray, period: int, border: int) -> float:
+    """How periodic a std map ``(P, P)`` is with ``period`` px: the mean over the pixels of
+    each phase (i mod period, j mod period) inside a ``border`` px frame, largest over mean."""
+    inner = std[border:-border, border:-border]
+    rows, cols = np.meshgrid(np.arange(border, std.shape[0] - border) % period,
+                             np.arange(border, std.shape[1] - border) % period, indexing="ij")
+    means = np.bincount((rows * period + cols).ravel(), weights=inner.ravel(), minlength=period ** 2)
+    means /= np.bincount((rows * period + cols).ravel(), minlength=period ** 2)
+    return float(means.max() / means.mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="model folders with invariance models")
@@ -58,6 +74,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=16, help="invariances per patch")
     parser.add_argument("--block", type=int, default=32, help="block side whose edges are compared (px)")
     parser.add_argument("--border", type=int, default=4, help="width of the border frame (px)")
+    parser.add_argument("--phase-border", type=int, default=16,
+                        help="frame left out of the periodicity figure (px; 16 leaves 96 px of a 128 px patch)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--refine", type=Refinement.parse, default=None, metavar="CENTRE,SAMPLE",
                         help="consistency refinement of the samples (default: each folder's own)")
@@ -88,6 +106,8 @@ def main() -> None:
         print(f"    std of the invariances (HU): columns at {args.block} px block edges {inner[:, edge[b:-b]].mean():.2f}, "
               f"rows {inner[edge[b:-b]].mean():.2f}, inside the blocks {inner[~edge[b:-b]][:, ~edge[b:-b]].mean():.2f}; "
               f"{b} px border frame {(std.sum() - std[b:-b, b:-b].sum()) / (p * p - (p - 2 * b) ** 2):.2f}")
+        print("    periodicity of that std (largest phase mean / mean): " + ", ".join(
+            f"{period} px {phase_peak(std, period, args.phase_border):.2f}" for period in (8, 16, 32)))
         for cycles, (gv, gh) in stripe_gains(sampler.models.denoiser, patches).items():
             print(f"    f's gain for 10 HU stripes of {cycles} cycles per patch: vertical {gv:.3f}, horizontal {gh:.3f}")
 

@@ -41,8 +41,11 @@ Our design, for CPU speed (the reference's ResNet-50 encoder and BigGAN-128 deco
   2x upsampling makes every decoder feature map constant over blocks of 2, 4, ... 32 pixels
   before its convolutions, and decoders trained with it vary their samples of one patch
   along the edges of those blocks: a grid of lines 8, 16 and 32 px apart (the model card's
-  axis share, README). Bilinear upsampling has no block edges. Models saved before the
-  option load with ``"nearest"``.
+  axis share, README). Bilinear upsampling has no block edges. ``"pixelshuffle"`` is a
+  learned sub-pixel upsampling (Shi et al., CVPR 2016): a 1x1 convolution to 4x the feature
+  maps, rearranged into 2x2 pixels, so every pixel of a block gets its own mix of the lower
+  stage's features (started as nearest-neighbour, the "ICNR" start of Aitken et al. 2017).
+  Models saved before the option load with ``"nearest"``.
 * **Padding** (``padding``; training's ``--set cvae.padding=replicate``): every convolution
   pads with zeros (the default, and models saved before the option), so near the patch
   border each feature map sees a dark frame that is not in the image; decoders varied their
@@ -79,7 +82,7 @@ from monai.networks.blocks import Convolution, ResidualUnit
 ACT = ("leakyrelu", {"negative_slope": 0.2})
 
 #: The decoder's 2x upsampling modes (module docstring).
-UPSAMPLING = ("nearest", "bilinear")
+UPSAMPLING = ("nearest", "bilinear", "pixelshuffle")
 
 #: The convolutions' padding modes (module docstring).
 PADDINGS = ("zeros", "replicate")
@@ -103,6 +106,17 @@ def _unit(c_in: int, c_out: int, stride: int = 1, subunits: int = 2) -> Residual
     """MONAI residual unit: ``subunits`` 3x3 convolutions with LeakyReLU, plus a shortcut
     (1x1 convolution when the width changes, strided 3x3 when the size does)."""
     return ResidualUnit(2, c_in, c_out, strides=stride, kernel_size=3, subunits=subunits, act=ACT, norm=None)
+
+
+def pixel_shuffle_upsampler(channels: int) -> nn.Sequential:
+    """Learned 2x upsampling (module docstring): a 1x1 convolution ``channels -> 4 * channels``
+    and :class:`torch.nn.PixelShuffle`, started as nearest-neighbour upsampling (each of the
+    2x2 output pixels gets the input feature map unchanged)."""
+    conv = nn.Conv2d(channels, 4 * channels, kernel_size=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(channels).repeat_interleave(4, dim=0)[:, :, None, None])
+        conv.bias.zero_()
+    return nn.Sequential(conv, nn.PixelShuffle(2))
 
 
 def preimage_branch(layers: int, width: int) -> nn.Sequential:
@@ -154,7 +168,7 @@ class Representation(nn.Module):
         preimage_layers: convolutions of the pre-image branch P(f(x)) (0: none; module
             docstring); conditional models only.
         upsample: the decoder's 2x upsampling between stages, ``"nearest"`` (models saved
-            before the option) or ``"bilinear"`` (module docstring).
+            before the option), ``"bilinear"`` or ``"pixelshuffle"`` (module docstring).
         padding: how every convolution pads, ``"zeros"`` (models saved before the option)
             or ``"replicate"`` (module docstring).
     """
@@ -202,6 +216,8 @@ class Representation(nn.Module):
             for layer in self.z_modulations:
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
+        if upsample == "pixelshuffle":  # one per upsampling, before stage n >= 1 (width of stage n - 1's output)
+            self.upsamplers = nn.ModuleList([pixel_shuffle_upsampler(channels[k + 1]) for k in reversed(range(levels))])
         self.output = _conv(channels[0], 1, act=None)
         with torch.no_grad():  # start near "x = f(x)": small residuals
             self.output.conv.weight.mul_(0.1)
@@ -279,7 +295,9 @@ class Representation(nn.Module):
         h = self.project(z).view(z.shape[0], self.channels[-1], self.bottom, self.bottom)
         levels = len(self.channels) - 1
         for n, stage in enumerate(self.stages):
-            if n:
+            if n and self.upsample == "pixelshuffle":
+                h = self.upsamplers[n - 1](h)
+            elif n:
                 h = F.interpolate(h, scale_factor=2.0, mode=self.upsample,
                                   align_corners=None if self.upsample == "nearest" else False)
             h = stage(h)
