@@ -26,6 +26,7 @@ import vtk
 
 import slicer
 from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -125,7 +126,9 @@ class InvarianceExplorer(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("Invariance Explorer")
-        self.parent.categories = ["Filtering.Denoising"]
+        # translated level by level (the module menu splits the path at "."), as Slicer's own categories
+        self.parent.categories = [".".join(translate("qSlicerAbstractCoreModule", level)
+                                           for level in ("Filtering", "Denoising"))]
         # Slicer modules whose logic or widgets this module uses directly
         self.parent.dependencies = ["Markups", "Sequences", "Segmentations", "SubjectHierarchy", "Plots", "Tables"]
         self.parent.contributors = ["InvarianceExplorer developers"]
@@ -865,6 +868,7 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                 series.SetXColumnName(xName)
                 series.SetYColumnName(column)
                 series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+                series.SetUniqueColor()  # new series are all black
                 chart.AddAndObservePlotSeriesNodeID(series.GetID())
             if analysis is not None:
                 segmentation = add("anatomy_changes", "vtkMRMLSegmentationNode")

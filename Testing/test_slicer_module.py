@@ -269,6 +269,8 @@ def test_results_become_nodes_with_the_crop_geometry(module, slicer, tmp_path):
     series = [slicer.mrmlScene.GetNodeByID(chart.GetNthPlotSeriesNodeID(n)) for n in range(2)]
     assert [(s.GetXColumnName(), s.GetYColumnName(), s.GetTableNodeID()) for s in series] == \
         [("sample", c, nodes["table"].GetID()) for c in columns[1:]]
+    colours = [s.GetColor() for s in series]  # told apart (Slicer makes every new series black)
+    assert (0.0, 0.0, 0.0) not in colours and max(abs(a - b) for a, b in zip(*colours)) >= 0.1
     # in the input's study
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     assert {sh.GetItemParent(sh.GetItemByDataNode(n)) for n in nodes.values()} == {study}

@@ -321,8 +321,8 @@ class SampleDataLogic:
     @staticmethod
     def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None,
                                        nodeNames=None, customDownloader=None, thumbnailFileName=None,
-                                       loadFileType="VolumeFile", loadFiles=None, loadFileProperties=None,
-                                       checksums=None):
+                                       loadFileTypes=None, loadFiles=None, loadFileProperties=None,
+                                       checksums=None, loadFileType=None):
         SampleDataLogic.sources[sampleName] = {"category": category, "uris": uris, "fileNames": fileNames,
                                                "nodeNames": nodeNames, "checksums": checksums}
 
@@ -407,6 +407,7 @@ def install():
         util.VTKObservationMixin = widgets.VTKObservationMixin
         i18n = types.ModuleType("slicer.i18n")
         i18n.tr = lambda text: text
+        i18n.translate = lambda context, text: text
         pnw = types.ModuleType("slicer.parameterNodeWrapper")
         pnw.parameterNodeWrapper, pnw.WithinRange, pnw.Choice = parameterNodeWrapper, WithinRange, Choice
         slm = types.ModuleType("slicer.ScriptedLoadableModule")

@@ -88,7 +88,21 @@ class vtkMRMLNode:
 
 
 class vtkMRMLColorTableNode(vtkMRMLNode):
-    pass
+    """A colour table; the stand-in holds colours only for the tables it is asked for."""
+
+    def __init__(self, colors=()):
+        super().__init__()
+        self._colors = [tuple(float(c) for c in color) for color in colors]
+
+    def GetNumberOfColors(self):
+        return len(self._colors)
+
+    def GetColor(self, index, color):
+        """As the real one: fills ``color`` (RGBA) in place, returns whether ``index`` exists."""
+        if not 0 <= index < len(self._colors):
+            return False
+        color[:] = [*self._colors[index], 1.0]
+        return True
 
 
 class vtkMRMLScalarVolumeDisplayNode(vtkMRMLNode):
@@ -553,6 +567,31 @@ class vtkMRMLPlotSeriesNode(vtkMRMLNode):
         super().__init__()
         self._table = self._x = self._y = None
         self._type = self.PlotTypeLine
+        self._color = (0.0, 0.0, 0.0)  # as vtkMRMLPlotSeriesNode's constructor: every series black
+
+    def SetColor(self, *rgb):
+        self._color = tuple(float(c) for c in (rgb[0] if len(rgb) == 1 else rgb))
+
+    def GetColor(self):
+        return self._color
+
+    def SetUniqueColor(self, colorTableNodeID=None):
+        """As vtkMRMLPlotSeriesNode::SetUniqueColor: the first colour of the table (default the
+        random one) that no other series in the scene has (each channel 0.1 apart), else the
+        colour at (number of series) modulo the table's size."""
+        scene = self.GetScene()
+        table = scene.GetNodeByID(colorTableNodeID or "vtkMRMLColorTableNodeRandom") if scene else None
+        if table is None or not table.GetNumberOfColors():
+            return
+        others = [n.GetColor() for n in scene.GetNodes() if n.IsA("vtkMRMLPlotSeriesNode") and n is not self]
+        color = [0.0] * 4
+        for index in range(table.GetNumberOfColors()):
+            table.GetColor(index, color)
+            if all(any(abs(a - b) >= 0.1 for a, b in zip(other, color[:3])) for other in others):
+                break
+        else:
+            table.GetColor((len(others) + 1) % table.GetNumberOfColors(), color)
+        self.SetColor(color[:3])
 
     def SetAndObserveTableNodeID(self, tableNodeID):
         self._table = tableNodeID
@@ -719,15 +758,16 @@ NODE_CLASSES = {cls.__name__: cls for cls in (
     vtkMRMLSegmentationNode, vtkMRMLSegmentationDisplayNode, vtkMRMLSequenceBrowserNode, vtkMRMLTableNode,
     vtkMRMLPlotSeriesNode, vtkMRMLPlotChartNode, vtkMRMLScriptedModuleNode, vtkMRMLVolumeArchetypeStorageNode)}
 
-#: Colour tables every Slicer scene holds (a few of them).
+#: Colour tables every Slicer scene holds (a few of them; only the random one, which plot
+#: series pick their colours from, has colours here: fixed pseudo-random ones).
 DEFAULT_COLOR_NODE_IDS = ("vtkMRMLColorTableNodeGrey", "vtkMRMLColorTableNodeFileInferno.txt",
                           "vtkMRMLColorTableNodeFileColdToHotRainbow.txt",
-                          "vtkMRMLColorTableNodeFileDivergingBlueRed.txt")
+                          "vtkMRMLColorTableNodeFileDivergingBlueRed.txt", "vtkMRMLColorTableNodeRandom")
 
 
 class vtkMRMLScene:
     NodeAddedEvent, NodeRemovedEvent = 0x2001, 0x2003  # as in vtkMRMLScene::SceneEventType
-    StartCloseEvent, EndCloseEvent = 66000, 66001
+    StartCloseEvent, EndCloseEvent = 0x2103, 0x2203  # StateEvent | Start/EndEvent | CloseState
 
     def __init__(self):
         self._nodes = {}
@@ -751,8 +791,9 @@ class vtkMRMLScene:
                 callback(self, event)
 
     def _addDefaults(self):
+        random = [tuple(c) for c in np.random.default_rng(0).uniform(size=(256, 3))]
         for colorID in DEFAULT_COLOR_NODE_IDS:
-            node = vtkMRMLColorTableNode()
+            node = vtkMRMLColorTableNode(random if colorID.endswith("Random") else ())
             node._id, node._name, node._scene = colorID, colorID, self
             self._nodes[colorID] = node
 

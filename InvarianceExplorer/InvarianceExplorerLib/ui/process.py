@@ -43,8 +43,8 @@ def engine_python() -> str:
     """The Python interpreter that runs the engine in a child process.
 
     In 3D Slicer (``slicer`` imported) it is ``PythonSlicer`` (Slicer's own Python with
-    Slicer's packages), found on ``PATH`` or next to the running executable; ``sys.executable``
-    is the Slicer application itself there, not a Python. Outside Slicer it is
+    Slicer's packages, the launcher that sets up its environment), found on ``PATH`` or next
+    to ``sys.executable`` (which Slicer sets to that PythonSlicer). Outside Slicer it is
     ``sys.executable``.
     """
     if "slicer" not in sys.modules:
