@@ -301,7 +301,7 @@ class InvarianceExplorerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         self.panel.collectResults = self.collectResults
         self.layout.addWidget(self.panel)
         self.statusLabel = qt.QLabel(self.logic.engineStatusText())
-        self.statusLabel.wordWrap = True
+        self.statusLabel.setWordWrap(True)
         self.layout.addWidget(self.statusLabel)
         self.layout.addStretch(1)
 
