@@ -216,6 +216,34 @@ def test_pixel_shuffle_upsampling_starts_as_nearest_and_learns_each_subpixel():
     assert build_representation(**shuffle.arguments).upsample == "pixelshuffle"
 
 
+def test_z_scales_the_preimage_features_once_trained():
+    """``z_preimage``: the model decodes as the one without it (same other weights) until its
+    layers are trained; its conditioning (computed once per patch) carries P's hidden maps, and
+    after a step the decodes of different codes differ by a mix of those maps. It needs P."""
+    torch.manual_seed(0)
+    arguments = dict(TINY_REPRESENTATION, preimage_layers=3, upsample="bilinear")
+    plain = Representation(**arguments).eval()
+    model = Representation(**arguments, z_preimage=True).eval()
+    model.load_state_dict(plain.state_dict(), strict=False)
+    y, z = torch.randn(1, 1, 32, 32), torch.randn(4, 16)
+    with torch.no_grad():
+        condition = model.condition(y)
+        assert condition[2].shape == (1, 2 * TINY_REPRESENTATION["channels"][0], 32, 32)
+        torch.testing.assert_close(model.decode(z, y, condition), plain.decode(z, y), rtol=0, atol=1e-6)
+    optimiser = torch.optim.SGD(model.preimage_scales.parameters(), lr=1.0)
+    (model.decode(z, y) - torch.randn(4, 1, 32, 32)).abs().mean().backward()
+    optimiser.step()
+    with torch.no_grad():
+        change = model.decode(z, y, model.condition(y)) - plain.decode(z, y)
+        expected = model.preimage_output(condition[2] * model.preimage_scales(z)[:, :, None, None])
+        torch.testing.assert_close(change, expected, rtol=1e-4, atol=1e-6)
+        assert float((change[0] - change[1]).abs().max()) > 0  # codes now differ through P's maps
+    assert build_representation(**model.arguments).z_preimage
+    assert not build_representation(**{k: v for k, v in plain.arguments.items() if k != "z_preimage"}).z_preimage
+    with pytest.raises(ValueError, match="z_preimage needs the pre-image branch"):
+        Representation(**TINY_REPRESENTATION, z_preimage=True)
+
+
 def test_replicate_padding_keeps_a_uniform_condition_uniform_to_the_border():
     """With zero padding the convolutions of a uniform f(x) see a dark frame, so its
     conditioning features (and the pre-image branch) change near the patch border; with

@@ -37,6 +37,12 @@ Our design, for CPU speed (the reference's ResNet-50 encoder and BigGAN-128 deco
   ``benchmarks/preimage_floor.py`` (README): such a network alone recovers CNN-10's inputs
   to 4.8 HU with the noise texture of x (NPS correlation 1.00, std ratio 0.98), against
   12 HU for the decoder without it.
+* **z on the pre-image features** (``z_preimage=True``; training's ``--set cvae.z_preimage=true``;
+  needs the pre-image branch): the residual also gets a 3x3 convolution of P's last hidden
+  feature maps, each scaled by a number from z (one linear layer of z, starting at zero). Those
+  maps follow f(x)'s content at full resolution (P's estimate of x's noise), so z gets a
+  high-frequency carrier that is neither the upsampling's blocks nor a lattice. The hidden
+  maps depend on f(x) only: :meth:`Representation.condition` computes them once per patch.
 * **Upsampling** (``upsample``; training's ``--set cvae.upsample=bilinear``): nearest-neighbour
   2x upsampling makes every decoder feature map constant over blocks of 2, 4, ... 32 pixels
   before its convolutions, and decoders trained with it vary their samples of one patch
@@ -92,7 +98,7 @@ DEFAULT_CHANNELS = (16, 24, 48, 96, 128, 64)
 
 #: The decoder's conditioning on f(x) (None when unconditional): one (gamma, beta) pair per
 #: decoder stage, full resolution first, and the image the residual is added to (f(x), or
-#: f(x) + P(f(x)) with the pre-image branch).
+#: f(x) + P(f(x)) with the pre-image branch); with ``z_preimage`` also P's last hidden maps.
 Condition = Optional[Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]]
 
 
@@ -167,6 +173,7 @@ class Representation(nn.Module):
         z_modulation: also modulate every decoder stage channel-wise by z (module docstring).
         preimage_layers: convolutions of the pre-image branch P(f(x)) (0: none; module
             docstring); conditional models only.
+        z_preimage: also add a convolution of P's hidden maps scaled by z (module docstring).
         upsample: the decoder's 2x upsampling between stages, ``"nearest"`` (models saved
             before the option), ``"bilinear"`` or ``"pixelshuffle"`` (module docstring).
         padding: how every convolution pads, ``"zeros"`` (models saved before the option)
@@ -175,7 +182,8 @@ class Representation(nn.Module):
 
     def __init__(self, patch_size: int = 128, z_dim: int = 256, channels: Sequence[int] = DEFAULT_CHANNELS,
                  conditional: bool = True, full_resolution_subunits: int = 1, z_modulation: bool = False,
-                 preimage_layers: int = 0, upsample: str = "nearest", padding: str = "zeros"):
+                 preimage_layers: int = 0, upsample: str = "nearest", padding: str = "zeros",
+                 z_preimage: bool = False):
         super().__init__()
         channels = [int(c) for c in channels]
         levels = len(channels) - 1
@@ -190,6 +198,9 @@ class Representation(nn.Module):
         if self.preimage_layers and (not conditional or self.preimage_layers < 2):
             raise ValueError(f"preimage_layers must be 0, or at least 2 in a conditional model; got {preimage_layers}"
                              f"{'' if conditional else ' (unconditional: there is no f(x))'}")
+        self.z_preimage = bool(z_preimage)
+        if self.z_preimage and not self.preimage_layers:
+            raise ValueError("z_preimage needs the pre-image branch (preimage_layers >= 2)")
         if upsample not in UPSAMPLING:
             raise ValueError(f"upsample must be one of {', '.join(UPSAMPLING)}; got {upsample!r}")
         self.upsample = upsample
@@ -228,6 +239,14 @@ class Representation(nn.Module):
             self.modulations = nn.ModuleList([_conv(c, 2 * c, kernel_size=1, act=None) for c in channels])
         if self.preimage_layers:
             self.preimage = preimage_branch(self.preimage_layers, 2 * channels[0])
+        if self.z_preimage:  # z -> a scale per hidden map of P (starting at zero), and their convolution
+            self.preimage_scales = nn.Linear(z_dim, 2 * channels[0])
+            nn.init.zeros_(self.preimage_scales.weight)
+            nn.init.zeros_(self.preimage_scales.bias)
+            self.preimage_output = _conv(2 * channels[0], 1, act=None)
+            with torch.no_grad():  # starts adding nothing: the model without the option
+                self.preimage_output.conv.weight.mul_(0.1)
+                self.preimage_output.conv.bias.zero_()
         for layer in self.modules():  # the same weights pad another way (torch's padding_mode)
             if isinstance(layer, nn.Conv2d) and any(layer.padding):
                 layer.padding_mode = padding
@@ -238,7 +257,7 @@ class Representation(nn.Module):
         return {"patch_size": self.patch_size, "z_dim": self.z_dim, "channels": list(self.channels),
                 "conditional": self.conditional, "full_resolution_subunits": self.full_resolution_subunits,
                 "z_modulation": self.z_modulation, "preimage_layers": self.preimage_layers, "upsample": self.upsample,
-                "padding": self.padding}
+                "padding": self.padding, "z_preimage": self.z_preimage}
 
     def _check(self, image: torch.Tensor, name: str) -> None:
         if image.ndim != 4 or image.shape[1] != 1 or tuple(image.shape[-2:]) != (self.patch_size,) * 2:
@@ -278,6 +297,9 @@ class Representation(nn.Module):
         for layer, modulation in zip(self.condition_pyramid, self.modulations):
             h = layer(h)
             out.append(modulation(h).chunk(2, dim=1))
+        if self.z_preimage:
+            hidden = self.preimage[:-1](y)
+            return out, y + self.preimage[-1](hidden), hidden
         return out, (y + self.preimage(y) if self.preimage_layers else y)
 
     def decode(self, z: torch.Tensor, y: Optional[torch.Tensor] = None, condition: Condition = None) -> torch.Tensor:
@@ -291,7 +313,7 @@ class Representation(nn.Module):
             self._need_condition(y)
             if condition is None:
                 condition = self.condition(y)
-            modulations, base = condition
+            modulations, base = condition[:2]
         h = self.project(z).view(z.shape[0], self.channels[-1], self.bottom, self.bottom)
         levels = len(self.channels) - 1
         for n, stage in enumerate(self.stages):
@@ -308,6 +330,8 @@ class Representation(nn.Module):
                 gamma, beta = modulations[levels - n]
                 h = torch.addcmul(beta, h, 1.0 + gamma)
         residual = self.output(h)
+        if self.z_preimage:
+            residual = residual + self.preimage_output(condition[2] * self.preimage_scales(z)[:, :, None, None])
         return residual + base if self.conditional else residual
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, sample: bool = True,

@@ -103,14 +103,14 @@ HYPERPARAMETERS = {
                  max_adv_weight=1e4, adv_min_separation=None,
                  critic_widths=(32, 32, 64, 64, 128, 128), critic_hidden=256,
                  z_dim=256, channels=tuple(DEFAULT_CHANNELS), conditional=True, full_resolution_subunits=1,
-                 z_modulation=False, preimage_layers=0, upsample="nearest", padding="zeros",
+                 z_modulation=False, preimage_layers=0, z_preimage=False, upsample="nearest", padding="zeros",
                  feature_steps=2000, feature_lr=1e-3),
     "cinn": dict(lr=1e-4, betas=(0.9, 0.999), clip_grad=10.0, sample_z=True, init_batches=4, n_flows=12, hidden=128,
                  embedding_dim=64, embedding_channels=(16, 32, 64, 64), clamp=2.0),
 }
 #: Representation / flow constructor arguments among the hyperparameters.
 CVAE_ARGUMENTS = ("z_dim", "channels", "conditional", "full_resolution_subunits", "z_modulation",
-                  "preimage_layers", "upsample", "padding")
+                  "preimage_layers", "z_preimage", "upsample", "padding")
 CINN_ARGUMENTS = ("n_flows", "hidden", "embedding_dim", "embedding_channels", "clamp")
 VALIDATION = "validation"
 #: PNG of held-out invariances written beside the weights at export (paper's layout).
