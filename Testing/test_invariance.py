@@ -228,15 +228,17 @@ def test_z_scales_the_preimage_features_once_trained():
     y, z = torch.randn(1, 1, 32, 32), torch.randn(4, 16)
     with torch.no_grad():
         condition = model.condition(y)
-        assert condition[2].shape == (1, 2 * TINY_REPRESENTATION["channels"][0], 32, 32)
+        hidden = model.preimage[:-1](y)  # P's hidden maps
+        assert condition[2].shape == hidden.shape == (1, 2 * TINY_REPRESENTATION["channels"][0], 32, 32)
         torch.testing.assert_close(model.decode(z, y, condition), plain.decode(z, y), rtol=0, atol=1e-6)
     optimiser = torch.optim.SGD(model.preimage_scales.parameters(), lr=1.0)
     (model.decode(z, y) - torch.randn(4, 1, 32, 32)).abs().mean().backward()
     optimiser.step()
     with torch.no_grad():
         change = model.decode(z, y, model.condition(y)) - plain.decode(z, y)
-        expected = model.preimage_output(condition[2] * model.preimage_scales(z)[:, :, None, None])
+        expected = model.preimage_output(hidden * model.preimage_scales(z)[:, :, None, None])  # as defined
         torch.testing.assert_close(change, expected, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(model.decode(z, y.expand(4, -1, -1, -1)), model.decode(z, y), rtol=1e-5, atol=1e-6)
         assert float((change[0] - change[1]).abs().max()) > 0  # codes now differ through P's maps
     assert build_representation(**model.arguments).z_preimage
     assert not build_representation(**{k: v for k, v in plain.arguments.items() if k != "z_preimage"}).z_preimage

@@ -41,8 +41,11 @@ Our design, for CPU speed (the reference's ResNet-50 encoder and BigGAN-128 deco
   needs the pre-image branch): the residual also gets a 3x3 convolution of P's last hidden
   feature maps, each scaled by a number from z (one linear layer of z, starting at zero). Those
   maps follow f(x)'s content at full resolution (P's estimate of x's noise), so z gets a
-  high-frequency carrier that is neither the upsampling's blocks nor a lattice. The hidden
-  maps depend on f(x) only: :meth:`Representation.condition` computes them once per patch.
+  high-frequency carrier that is neither the upsampling's blocks nor a lattice. The
+  convolution is linear and each map's scale is one number, so conv(h * s) is the sum over
+  maps c of s_c * (conv_c h_c): :meth:`Representation.condition` convolves each hidden map
+  once per patch (:meth:`Representation.preimage_responses`) and a decoded sample costs a
+  weighted sum of those responses.
 * **Upsampling** (``upsample``; training's ``--set cvae.upsample=bilinear``): nearest-neighbour
   2x upsampling makes every decoder feature map constant over blocks of 2, 4, ... 32 pixels
   before its convolutions, and decoders trained with it vary their samples of one patch
@@ -98,7 +101,8 @@ DEFAULT_CHANNELS = (16, 24, 48, 96, 128, 64)
 
 #: The decoder's conditioning on f(x) (None when unconditional): one (gamma, beta) pair per
 #: decoder stage, full resolution first, and the image the residual is added to (f(x), or
-#: f(x) + P(f(x)) with the pre-image branch); with ``z_preimage`` also P's last hidden maps.
+#: f(x) + P(f(x)) with the pre-image branch); with ``z_preimage`` also the per-map responses
+#: of P's hidden maps (:meth:`Representation.preimage_responses`).
 Condition = Optional[Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]]
 
 
@@ -299,8 +303,16 @@ class Representation(nn.Module):
             out.append(modulation(h).chunk(2, dim=1))
         if self.z_preimage:
             hidden = self.preimage[:-1](y)
-            return out, y + self.preimage[-1](hidden), hidden
+            return out, y + self.preimage[-1](hidden), self.preimage_responses(hidden)
         return out, (y + self.preimage(y) if self.preimage_layers else y)
+
+    def preimage_responses(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``z_preimage``: each of P's hidden maps ``(N, C, P, P)`` convolved with its own slice
+        of the output convolution (no bias), ``(N, C, P, P)``: the output convolution of the
+        maps scaled by s is the sum of s_c times map c's response (module docstring)."""
+        conv = self.preimage_output.conv
+        padded = F.pad(hidden, (1, 1, 1, 1), mode="constant" if self.padding == "zeros" else "replicate")
+        return F.conv2d(padded, conv.weight.transpose(0, 1), groups=hidden.shape[1])
 
     def decode(self, z: torch.Tensor, y: Optional[torch.Tensor] = None, condition: Condition = None) -> torch.Tensor:
         """D(z, f(x)): patches ``(N, 1, P, P)`` in network units from latent codes ``z``
@@ -331,7 +343,8 @@ class Representation(nn.Module):
                 h = torch.addcmul(beta, h, 1.0 + gamma)
         residual = self.output(h)
         if self.z_preimage:
-            residual = residual + self.preimage_output(condition[2] * self.preimage_scales(z)[:, :, None, None])
+            scaled = self.preimage_scales(z)[:, :, None, None] * condition[2]  # responses of 1 or N patches
+            residual = residual + scaled.sum(dim=1, keepdim=True) + self.preimage_output.conv.bias.view(1, 1, 1, 1)
         return residual + base if self.conditional else residual
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, sample: bool = True,
