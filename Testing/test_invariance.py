@@ -146,13 +146,14 @@ def test_preimage_branch_is_computed_once_per_patch_and_trains():
     assert model.arguments["preimage_layers"] == 4 and len(model.preimage) == 4
     y, z = torch.randn(1, 1, 32, 32), torch.randn(3, 16)
     with torch.no_grad():
-        modulations, base = model.condition(y)
-        assert torch.allclose(base, y + model.preimage(y)) and not torch.equal(base, y)
+        condition = model.condition(y)
+        modulations, base, responses = condition
+        assert torch.allclose(base, y + model.preimage(y)) and not torch.equal(base, y) and responses is None
         assert plain.condition(y)[1] is y
-        shared = model.decode(z, y, (modulations, base))
+        shared = model.decode(z, y, condition)
         assert torch.allclose(shared, model.decode(z, y.expand(3, -1, -1, -1)), atol=1e-5)
     with FlopCounterMode(display=False) as with_branch:
-        model.decode(z, y, (modulations, base))
+        model.decode(z, y, condition)
     plain_condition = plain.condition(y)
     with FlopCounterMode(display=False) as without:
         plain.decode(z, y, plain_condition)
@@ -230,6 +231,7 @@ def test_z_scales_the_preimage_features_once_trained():
         condition = model.condition(y)
         hidden = model.preimage[:-1](y)  # P's hidden maps
         assert condition[2].shape == hidden.shape == (1, 2 * TINY_REPRESENTATION["channels"][0], 32, 32)
+        assert plain.condition(y)[2] is None
         torch.testing.assert_close(model.decode(z, y, condition), plain.decode(z, y), rtol=0, atol=1e-6)
     optimiser = torch.optim.SGD(model.preimage_scales.parameters(), lr=1.0)
     (model.decode(z, y) - torch.randn(4, 1, 32, 32)).abs().mean().backward()
@@ -259,7 +261,7 @@ def test_replicate_padding_keeps_a_uniform_condition_uniform_to_the_border():
     with torch.no_grad():
         spreads = []
         for model in (zeros, replicate):
-            modulations, base = model.condition(y)
+            modulations, base, _ = model.condition(y)
             maps = [base] + [m for pair in modulations for m in pair]
             spreads.append(max(float((m - m.mean(dim=(-2, -1), keepdim=True)).abs().max()) for m in maps))
     assert spreads[0] > 1e-2 and spreads[1] < 1e-5, spreads

@@ -11,16 +11,17 @@ Noise of a CT scan has a ratio near 1; a decoder that varies its samples in stri
 ratio far from 1 (the radially averaged noise power spectrum of the fidelity figures cannot
 see the difference). Beside it, f's own gain mean|f(x + s) - f(x)| / mean|s| for 10 HU
 cosine stripes s of 16 and 32 cycles per patch in each direction: equal gains mean the
-stripes are the decoder's, not a direction f ignores more. Last, where the samples vary:
+stripes are the decoder's, not a direction f ignores more. Then, where the samples vary:
 the per-pixel std over the invariances of a patch, averaged over patches and over the
 columns and rows at the edges of ``--block`` px blocks (the last and first of each block)
 against the rest (a decoder with nearest-neighbour upsampling keeps its bottleneck map
 constant over blocks of 32 px at 128² patches), and in a ``--border`` px frame. Last, how
 periodic that std is: averaged over the pixels of each phase (i mod B, j mod B) inside a
-``--phase-border`` px frame (wider than the border frame: decoders vary their samples in a rim
-along the patch border, which would count as phases), the largest of those B² means over their mean, for B = 8, 16, 32 px (``phase_peak``):
-block-edge lines and a lattice of dots (a learned sub-pixel upsampling's) both raise it; a
-std that follows anatomy and not the decoder's blocks stays near 1.
+``--phase-border`` px frame (wider than the border frame: decoders vary their samples in a
+rim along the patch border, which would count as phases), the largest of those B² means
+over their mean, for B = 8, 16, 32 px (``phase_peak``): block-edge lines and a lattice of
+dots (a learned sub-pixel upsampling's) both raise it; a std that follows anatomy and not
+the decoder's blocks stays near 1.
 ``--refine CENTRE,SAMPLE`` samples with that consistency refinement instead of the folder's.
 
     .venv/bin/python benchmarks/invariance_anisotropy.py Resources/Models/cnn10 Resources/Models/dugan --data data/sim512

@@ -100,10 +100,10 @@ PADDINGS = ("zeros", "replicate")
 DEFAULT_CHANNELS = (16, 24, 48, 96, 128, 64)
 
 #: The decoder's conditioning on f(x) (None when unconditional): one (gamma, beta) pair per
-#: decoder stage, full resolution first, and the image the residual is added to (f(x), or
-#: f(x) + P(f(x)) with the pre-image branch); with ``z_preimage`` also the per-map responses
-#: of P's hidden maps (:meth:`Representation.preimage_responses`).
-Condition = Optional[Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]]
+#: decoder stage, full resolution first, the image the residual is added to (f(x), or
+#: f(x) + P(f(x)) with the pre-image branch), and with ``z_preimage`` the per-map responses
+#: of P's hidden maps (:meth:`Representation.preimage_responses`; else None).
+Condition = Optional[Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor, Optional[torch.Tensor]]]
 
 
 def _conv(c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, act=ACT) -> Convolution:
@@ -304,7 +304,7 @@ class Representation(nn.Module):
         if self.z_preimage:
             hidden = self.preimage[:-1](y)
             return out, y + self.preimage[-1](hidden), self.preimage_responses(hidden)
-        return out, (y + self.preimage(y) if self.preimage_layers else y)
+        return out, (y + self.preimage(y) if self.preimage_layers else y), None
 
     def preimage_responses(self, hidden: torch.Tensor) -> torch.Tensor:
         """``z_preimage``: each of P's hidden maps ``(N, C, P, P)`` convolved with its own slice
@@ -325,7 +325,7 @@ class Representation(nn.Module):
             self._need_condition(y)
             if condition is None:
                 condition = self.condition(y)
-            modulations, base = condition[:2]
+            modulations, base, responses = condition
         h = self.project(z).view(z.shape[0], self.channels[-1], self.bottom, self.bottom)
         levels = len(self.channels) - 1
         for n, stage in enumerate(self.stages):
@@ -343,7 +343,7 @@ class Representation(nn.Module):
                 h = torch.addcmul(beta, h, 1.0 + gamma)
         residual = self.output(h)
         if self.z_preimage:
-            scaled = self.preimage_scales(z)[:, :, None, None] * condition[2]  # responses of 1 or N patches
+            scaled = self.preimage_scales(z)[:, :, None, None] * responses  # responses of 1 or N patches
             residual = residual + scaled.sum(dim=1, keepdim=True) + self.preimage_output.conv.bias.view(1, 1, 1, 1)
         return residual + base if self.conditional else residual
 
