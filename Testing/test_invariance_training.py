@@ -21,7 +21,7 @@ from InvarianceExplorerLib.cli import main
 from InvarianceExplorerLib.denoisers import Denoiser, build_denoiser, read_metadata, save_denoiser
 from InvarianceExplorerLib.fidelity import (_pairwise_mean_abs, another_realisation, held_out_patches,
                                             invariance_fidelity, noise_power_spectrum, noise_texture,
-                                            stripe_figures, stripe_shares)
+                                            periodicity, stripe_figures, stripe_shares)
 from InvarianceExplorerLib.invariance_flow import InvarianceFlow
 from InvarianceExplorerLib.invariance_losses import (local_mean_loss, noise_spectrum_loss, sample_texture_loss,
                                                      spread_loss)
@@ -484,6 +484,21 @@ def test_stripe_figures_tell_stripes_and_grids_from_noise():
     lines = stripe_figures(grid + rng.normal(0, 0.5, white.shape))
     assert 0.5 < lines["ratio"] < 2 and lines["axis_share"] > 0.8  # no direction, yet nothing like noise
     assert np.isnan(stripe_figures(np.ones((2, 8, 8)))["ratio"])  # no variation: no direction
+
+
+def test_periodicity_tells_a_grid_or_a_lattice_from_a_std_that_follows_the_image():
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[:128, :128]
+    anatomy = 1.0 + 0.5 * np.exp(-((y - 70) ** 2 + (x - 50) ** 2) / 400.0) + rng.normal(0, 0.05, (128, 128))
+    rim = anatomy.copy()
+    rim[:4], rim[-4:], rim[:, :4], rim[:, -4:] = 5.0, 5.0, 5.0, 5.0  # a border rim: left out by the frame
+    grid = anatomy + 1.0 * (np.isin(y % 32, (0, 31)) | np.isin(x % 32, (0, 31)))  # block edges of 32 px
+    lattice = anatomy + 2.0 * ((y % 8 == 3) & (x % 8 == 5))  # dots 8 px apart
+    for period in (8, 16, 32):
+        assert periodicity(anatomy, period) < 1.15 and periodicity(rim, period) == periodicity(anatomy, period)
+        assert periodicity(lattice, period) > 2.5
+    assert periodicity(grid, 32) > 1.6 and periodicity(grid, 16) > 1.4  # a 32 px grid shows, diluted, at 16 px too
+    assert np.isnan(periodicity(anatomy[:40, :40], 16)) and np.isnan(periodicity(np.zeros((64, 64)), 8))
 
 
 def test_fresh_realisation_is_the_same_scan_with_new_noise(pairs):

@@ -19,9 +19,9 @@ constant over blocks of 32 px at 128² patches), and in a ``--border`` px frame.
 periodic that std is: averaged over the pixels of each phase (i mod B, j mod B) inside a
 ``--phase-border`` px frame (wider than the border frame: decoders vary their samples in a
 rim along the patch border, which would count as phases), the largest of those B² means
-over their mean, for B = 8, 16, 32 px (``phase_peak``): block-edge lines and a lattice of
-dots (a learned sub-pixel upsampling's) both raise it; a std that follows anatomy and not
-the decoder's blocks stays near 1.
+over their mean, for B = 8, 16, 32 px (``fidelity.periodicity``, also a card figure):
+block-edge lines and a lattice of dots (a learned sub-pixel upsampling's) both raise it; a
+std that follows anatomy and not the decoder's blocks stays near 1.
 ``--refine CENTRE,SAMPLE`` samples with that consistency refinement instead of the folder's.
 
     .venv/bin/python benchmarks/invariance_anisotropy.py Resources/Models/cnn10 Resources/Models/dugan --data data/sim512
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from InvarianceExplorerLib.datasets import open_source
-from InvarianceExplorerLib.fidelity import held_out_patches, stripe_shares
+from InvarianceExplorerLib.fidelity import PERIODICITY_BORDER, PERIODS, held_out_patches, periodicity, stripe_shares
 from InvarianceExplorerLib.inference import apply_network
 from InvarianceExplorerLib.sampler import InvarianceSampler, Refinement
 
@@ -56,17 +56,6 @@ def stripe_gains(denoiser, patches, cycles=(16, 32)) -> dict:
     return gains
 
 
-def phase_peak(std: np.ndarray, period: int, border: int) -> float:
-    """How periodic a std map ``(P, P)`` is with ``period`` px: the mean over the pixels of
-    each phase (i mod period, j mod period) inside a ``border`` px frame, largest over mean."""
-    inner = std[border:-border, border:-border]
-    rows, cols = np.meshgrid(np.arange(border, std.shape[0] - border) % period,
-                             np.arange(border, std.shape[1] - border) % period, indexing="ij")
-    means = np.bincount((rows * period + cols).ravel(), weights=inner.ravel(), minlength=period ** 2)
-    means /= np.bincount((rows * period + cols).ravel(), minlength=period ** 2)
-    return float(means.max() / means.mean())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="model folders with invariance models")
@@ -75,7 +64,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=16, help="invariances per patch")
     parser.add_argument("--block", type=int, default=32, help="block side whose edges are compared (px)")
     parser.add_argument("--border", type=int, default=4, help="width of the border frame (px)")
-    parser.add_argument("--phase-border", type=int, default=16,
+    parser.add_argument("--phase-border", type=int, default=PERIODICITY_BORDER,
                         help="frame left out of the periodicity figure (px; 16 leaves 96 px of a 128 px patch)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--refine", type=Refinement.parse, default=None, metavar="CENTRE,SAMPLE",
@@ -108,7 +97,7 @@ def main() -> None:
               f"rows {inner[edge[b:-b]].mean():.2f}, inside the blocks {inner[~edge[b:-b]][:, ~edge[b:-b]].mean():.2f}; "
               f"{b} px border frame {(std.sum() - std[b:-b, b:-b].sum()) / (p * p - (p - 2 * b) ** 2):.2f}")
         print("    periodicity of that std (largest phase mean / mean): " + ", ".join(
-            f"{period} px {phase_peak(std, period, args.phase_border):.2f}" for period in (8, 16, 32)))
+            f"{period} px {periodicity(std, period, args.phase_border):.2f}" for period in PERIODS))
         for cycles, (gv, gh) in stripe_gains(sampler.models.denoiser, patches).items():
             print(f"    f's gain for 10 HU stripes of {cycles} cycles per patch: vertical {gv:.3f}, horizontal {gh:.3f}")
 

@@ -18,7 +18,9 @@ simulated data set (:func:`held_out_patches`):
   0.78 on the simulated data, RED-CNN's second models 8.8) and the axis share (power at
   frequencies near either axis: stripes and lines of a grid; CT noise 0.56, every decoder
   with nearest-neighbour upsampling above 0.9), which the radial noise power spectrum and
-  the diversity cannot see;
+  the diversity cannot see; and the periodicity of the invariances' std map
+  (:func:`periodicity`), which catches a grid or a lattice of the decoder that the axis
+  share cannot (a lattice has power in every direction);
 * **cINN**: held-out negative log-likelihood per dimension of the codes z, and the mean
   and standard deviation of ``v = t(z | f(x))`` (0 and 1 for a perfect flow).
 
@@ -292,6 +294,28 @@ def flow_fidelity(representation, flow, denoiser, patches: Sequence[HeldOutPatch
             "z": "posterior sample" if sample_z else "posterior mean", "patches": len(patches)}
 
 
+#: Periods (px) of :func:`periodicity` on the cards, and the frame it leaves out (px): decoders
+#: vary their samples in a rim along the patch border, which would count as phases.
+PERIODS, PERIODICITY_BORDER = (8, 16, 32), 16
+
+
+def periodicity(std: np.ndarray, period: int, border: int = PERIODICITY_BORDER) -> float:
+    """How periodic a std map ``(P, P)`` (HU) is with ``period`` px: the mean over the pixels
+    of each phase (i mod period, j mod period) inside a ``border`` px frame, the largest of
+    those period² means over their mean. About 1 for a std that follows anatomy and noise;
+    the block edges of a nearest-neighbour decoder or a sub-pixel lattice raise it. NaN when
+    less than one period is left inside the frame, or the std is 0 there."""
+    inner = std[border:std.shape[0] - border, border:std.shape[1] - border]
+    if min(inner.shape) < period or not inner.mean() > 0:
+        return float("nan")
+    rows, cols = np.meshgrid(np.arange(border, std.shape[0] - border) % period,
+                             np.arange(border, std.shape[1] - border) % period, indexing="ij")
+    phase = (rows * period + cols).ravel()
+    means = np.bincount(phase, weights=inner.ravel(), minlength=period ** 2)
+    means /= np.maximum(np.bincount(phase, minlength=period ** 2), 1)
+    return float(means.max() / means.mean())
+
+
 def _pairwise_mean_abs(samples: np.ndarray) -> float:
     """Mean |a_i - a_j| over all pairs i < j of ``samples`` ``(K, P, P)``."""
     k = samples.shape[0]
@@ -321,7 +345,8 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
     ``noise_baseline``, ``change_hu``, ``output_change_hu`` and ``pairwise_hu`` of the same
     samples with the other refinement, module docstring), ``stripes`` (:func:`stripe_figures`
     of the invariances' deviations ``x~_k - mean_k x~`` of all patches, ``invariances``, and
-    of the noise of x, ``noise``: None without full dose), ``bars`` (each figure, its bounds
+    of the noise of x, ``noise``: None without full dose; ``periodicity``: :func:`periodicity`
+    of the patches' mean std map for each period of :data:`PERIODS`, by period), ``bars`` (each figure, its bounds
     and whether it meets them), and what was measured on.
     """
     from .datasets import open_source
@@ -336,7 +361,7 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
     norm = models.denoiser.normalization
     fresh: Dict[int, Optional[np.ndarray]] = {}
     change, out_change, pairwise, real_change, real_out_change, shown = [], [], [], [], [], []
-    deviations, other = [], {"change": [], "output_change": [], "pairwise": []}
+    deviations, stds, other = [], [], {"change": [], "output_change": [], "pairwise": []}
     refinement = sampler.models.refinement
     alternative = Refinement() if refinement else CHECKED_REFINEMENT
     for n, patch in enumerate(patches):
@@ -352,6 +377,7 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
         other["pairwise"].append(_pairwise_mean_abs(twin.invariances))
         pairwise.append(_pairwise_mean_abs(result.invariances))
         deviations.append(result.invariances - result.invariances.mean(axis=0, keepdims=True))
+        stds.append(result.std)
         if patch.index not in fresh:
             fresh[patch.index] = another_realisation(source, patch.index, seed=realisation_seed(patch.index, seed))
         if fresh[patch.index] is not None:
@@ -384,7 +410,8 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
         "flow": flow_figures,
         "stripes": {"invariances": stripe_figures(np.concatenate(deviations)),
                     "noise": None if any(p.full_dose is None for p in patches)
-                    else stripe_figures(np.stack([p.low_dose - p.full_dose for p in patches]))},
+                    else stripe_figures(np.stack([p.low_dose - p.full_dose for p in patches])),
+                    "periodicity": {str(b): periodicity(np.mean(stds, axis=0), b) for b in PERIODS}},
     }
     values = {"consistency": figures["consistency"], "noise_baseline": figures["noise_baseline"],
               "nps_correlation": completeness["nps_correlation"], "noise_std_ratio": completeness["noise_std_ratio"],
@@ -444,7 +471,8 @@ def fidelity_table(figures: dict) -> str:
     """A Markdown table of :func:`invariance_fidelity`'s figures with issue 4's bars."""
     c, d, fl = figures.get("completeness", {}), figures.get("diversity", {}), figures.get("flow", {})
     other = figures.get("alternative")
-    si, sn = ((figures.get("stripes") or {}).get(key) or {} for key in ("invariances", "noise"))
+    si, sn, periodic = ((figures.get("stripes") or {}).get(key) or {}
+                        for key in ("invariances", "noise", "periodicity"))
     bars = figures.get("bars", {})
 
     def met(name):
@@ -482,6 +510,9 @@ def fidelity_table(figures: dict) -> str:
          "(noise of x)", f"{_fmt(si.get('ratio'), '.2f')} ({_fmt(sn.get('ratio'), '.2f')})", "", ""),
         ("axis share of x~ − mean x~: its power at either (stripes, grid lines) (noise of x)",
          f"{_fmt(si.get('axis_share'), '.2f')} ({_fmt(sn.get('axis_share'), '.2f')})", "", ""),
+        *([(f"periodicity of the samples' std at {' / '.join(periodic)} px: largest mean over a phase (i, j mod "
+            f"period) / mean, inside a {PERIODICITY_BORDER} px frame (about 1 without a grid or lattice)",
+            " / ".join(_fmt(v, ".2f") for v in periodic.values()), "", "")] if periodic else []),
         ("cINN held-out NLL (nats per dimension of z)", _fmt(fl.get("nll_per_dim")), "(1.419 = N(0, 1))", ""),
         ("v mean / std over held-out z", f"{_fmt(fl.get('v_mean'))} / {_fmt(fl.get('v_std'))}", "0 / 1", ""),
     ]
