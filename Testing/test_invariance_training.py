@@ -37,9 +37,9 @@ CVAE_TINY = dict(z_dim=16, channels=[8, 16, 16, 32], critic_widths=[8, 8, 16, 16
                  feature_steps=5, adv_start=10)
 CINN_TINY = dict(n_flows=4, hidden=32, embedding_dim=8, embedding_channels=[8, 8], init_batches=2)
 CVAE_RUN = dict(steps_per_epoch=10, batch_size=4, patch_size=32, lr=3e-3, seed=5, device="cpu", val_patches=4,
-                hyperparameters=CVAE_TINY, fidelity_slices=1, progress=False)
+                hyperparameters=CVAE_TINY, fidelity_slices=1, weights_dtype="float16", progress=False)
 CINN_RUN = dict(steps_per_epoch=6, batch_size=8, lr=2e-3, seed=5, device="cpu", val_patches=4,
-                hyperparameters=CINN_TINY, fidelity_slices=1, fidelity_count=4, progress=False)
+                hyperparameters=CINN_TINY, fidelity_slices=1, fidelity_count=4, weights_dtype="float16", progress=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -370,6 +370,11 @@ def test_cinn_export_loads_samples_and_reports_fidelity(cinn_run, cvae_run, pair
     assert f"the same samples with the consistency refinement ({CHECKED_REFINEMENT.centre} steps" in card
     assert (model / "fidelity.png").is_file()
     models = load_invariance_models(model)
+    # the card describes the weights as stored (float16 here), not the trained float32 ones
+    assert read_metadata(model)["weights"]["cinn"]["dtype"] == "float16"
+    again = invariance_fidelity(models, pairs, "test", slices=1, count=4)
+    assert (again["consistency"], again["diversity"], again["flow"], again["completeness"]) == \
+        (fidelity["consistency"], fidelity["diversity"], fidelity["flow"], fidelity["completeness"])
     x = SimulatedDataset(pairs)[0].low_dose[16:48, 16:48]
     result = InvarianceSampler(models, device="cpu").sample(x, count=3, seed=1, batch_size=2)
     assert result.invariances.shape == (3, 32, 32) and np.isfinite(result.invariances).all()

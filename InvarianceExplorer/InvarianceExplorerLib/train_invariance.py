@@ -614,7 +614,7 @@ def train_cvae(denoiser, data, out, *, epochs: int = 10, steps_per_epoch: int = 
         model = out / "model"
         if dist.is_main:
             from .fidelity import held_out_patches, representation_fidelity
-            from .sampler import CVAE, save_representation
+            from .sampler import CVAE, load_representation, save_representation
 
             if state["best"] is not None:
                 rep.load_state_dict(state["best"]["weights"])
@@ -633,8 +633,9 @@ def train_cvae(denoiser, data, out, *, epochs: int = 10, steps_per_epoch: int = 
             info["training"] = {"cvae": record}
             if fidelity_slices:
                 patches = held_out_patches(source, "test", patch_size, fidelity_slices, 2)
-                if patches:
-                    info["completeness"] = {**representation_fidelity(den, rep, patches, device), "split": "test"}
+                if patches:  # the weights as stored (float16 rounds them)
+                    stored = load_representation(model, device=device)[1]
+                    info["completeness"] = {**representation_fidelity(den, stored, patches, device), "split": "test"}
             write_metadata(model, metadata)
             _write_card(model)
         dist.barrier()
@@ -690,7 +691,7 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
     holds the frozen encoder's posterior, so a pooled step costs the flow alone).
     """
     from .datasets import open_source
-    from .sampler import InvarianceModels, Refinement, load_representation
+    from .sampler import Refinement, load_representation
 
     refinement = Refinement.parse(refinement)
     hp = _hyperparameters("cinn", lr, hyperparameters)
@@ -740,7 +741,7 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
         destination = out / "model"
         if dist.is_main:
             from .fidelity import invariance_fidelity
-            from .sampler import CINN, save_invariance_models
+            from .sampler import CINN, load_invariance_models, save_invariance_models
 
             if state["best"] is not None:
                 flow.load_state_dict(state["best"]["weights"])
@@ -757,7 +758,7 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
             info.setdefault("training", {})["cinn"] = record
             write_metadata(destination, metadata)
             if fidelity_slices:
-                models = InvarianceModels(den, rep, flow, destination, refinement)
+                models = load_invariance_models(destination, device)  # the weights as stored (float16 rounds them)
                 info["fidelity"] = invariance_fidelity(models, source, "test", slices=fidelity_slices,
                                                        count=fidelity_count, device=device, sample_z=hp["sample_z"],
                                                        figure=destination / FIDELITY_FIGURE)
