@@ -346,8 +346,8 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
     samples with the other refinement, module docstring), ``stripes`` (:func:`stripe_figures`
     of the invariances' deviations ``x~_k - mean_k x~`` of all patches, ``invariances``, and
     of the noise of x, ``noise``: None without full dose; ``periodicity``: :func:`periodicity`
-    of the patches' mean std map for each period of :data:`PERIODS`, by period), ``bars`` (each figure, its bounds
-    and whether it meets them), and what was measured on.
+    of the patches' mean std map for each period of :data:`PERIODS`, by period), ``bars``
+    (each figure, its bounds and whether it meets them), and what was measured on.
     """
     from .datasets import open_source
     from .sampler import CHECKED_REFINEMENT, InvarianceSampler, Refinement
