@@ -392,6 +392,7 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
     completeness = representation_fidelity(models.denoiser, rep, patches, sampler.device)
     flow_figures = flow_fidelity(rep, flow, models.denoiser, patches, sampler.device, sample_z, seed)
     mean = lambda values: float(np.mean(values)) if values else None  # noqa: E731
+    mean_std = np.mean(stds, axis=0)  # the invariances' std map, averaged over the patches
     figures = {
         "consistency": mean(out_change) / max(mean(change), 1e-12),
         "consistency_noise": mean(real_out_change) / max(mean(real_change), 1e-12) if real_change else None,
@@ -411,7 +412,7 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
         "stripes": {"invariances": stripe_figures(np.concatenate(deviations)),
                     "noise": None if any(p.full_dose is None for p in patches)
                     else stripe_figures(np.stack([p.low_dose - p.full_dose for p in patches])),
-                    "periodicity": {str(b): periodicity(np.mean(stds, axis=0), b) for b in PERIODS}},
+                    "periodicity": {str(b): periodicity(mean_std, b) for b in PERIODS}},
     }
     values = {"consistency": figures["consistency"], "noise_baseline": figures["noise_baseline"],
               "nps_correlation": completeness["nps_correlation"], "noise_std_ratio": completeness["noise_std_ratio"],
