@@ -146,6 +146,33 @@ def test_consistency_term_is_l1_through_the_frozen_denoiser(denoiser_folder):
     assert objective.step(x, y, 103, torch.Generator().manual_seed(5))["adv_weight"] == 0
 
 
+def test_consistency_on_a_crop_compares_f_of_the_same_square_of_r_and_x(denoiser_folder):
+    """``cons_crop`` > 0: f(r) against f(x) on one random square per step, f re-applied to the
+    crop of x (it sees the crop's borders, as on r's); 0 is the whole patch, y itself."""
+    hp = {**HYPERPARAMETERS["cvae"], "z_dim": 16, "channels": (8, 16, 16, 32), "lam_perc": 0.0, "adv_start": 100,
+          "lam_cons": 1.0, "cons_crop": 16, "z_modulation": True}
+    torch.manual_seed(0)
+    objective = _CVAEObjective(hp, 32, denoiser_folder)
+    objective.wrapped = dict(objective.networks)
+    f = objective.networks["denoiser"]
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.1
+    with torch.no_grad():
+        y = f(x)
+    corners = set()
+    for seed in range(6):
+        region, target = objective.consistency_target(x, y, torch.Generator().manual_seed(seed))
+        assert x[region].shape == (4, 1, 16, 16)
+        torch.testing.assert_close(target, f(x[region]))
+        corners.add((region[1].start, region[2].start))
+    assert len(corners) > 1  # a new square each step
+    assert objective.step(x, y, 1, torch.Generator().manual_seed(2))["consistency"] > 0
+    objective.hp = {**hp, "cons_crop": 0}
+    region, target = objective.consistency_target(x, y, torch.Generator().manual_seed(0))
+    assert target is y and torch.equal(x[region], x)
+    with pytest.raises(ValueError, match="cons_crop"):
+        _CVAEObjective({**hp, "cons_crop": 33}, 32, denoiser_folder)
+
+
 def test_noise_spectrum_term_asks_for_the_noise_f_removes(denoiser_folder):
     """S compares the radial noise power spectra of r - f(x) and x - f(x) ring by ring, in
     log units: zero for r = x, log 4 for twice the removed noise, and its gradient raises a
