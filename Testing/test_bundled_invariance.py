@@ -31,12 +31,22 @@ GRID_FREE = {"cnn10", "wganvgg"}
 SEED, COUNT = 31_337, 3
 
 
+def simulate_held_out(folder):
+    """The suite's held-out slices, scanned like the training data, as a data source."""
+    build_simulated_dataset(folder, COUNT, size=512, seed=SEED, dose=0.25, progress=False)
+    return open_source(folder)
+
+
+def suite_fidelity(models, held_out) -> dict:
+    """:func:`~.fidelity.invariance_fidelity` with the suite's settings: 2 patches per slice,
+    8 invariances each (``benchmarks/suite_fidelity.py`` prints it for any model folder)."""
+    return invariance_fidelity(models, held_out, split="all", slices=COUNT, per_slice=2, count=8)
+
+
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
     """A simulated data set of three held-out slices, scanned like the training data."""
-    folder = tmp_path_factory.mktemp("held_out")
-    build_simulated_dataset(folder, COUNT, size=512, seed=SEED, dose=0.25, progress=False)
-    return open_source(folder)
+    return simulate_held_out(tmp_path_factory.mktemp("held_out"))
 
 
 def bundled(arch: str):
@@ -61,7 +71,7 @@ def figures():
             trained_on = {item_seeds(training["seed"], i)[0] for i in items}
             assert not trained_on & {item_seeds(SEED, i)[0] for i in range(COUNT)}
             held_out = request.getfixturevalue("held_out")  # simulated only when a model is there
-            cache[arch] = invariance_fidelity(models, held_out, split="all", slices=COUNT, per_slice=2, count=8)
+            cache[arch] = suite_fidelity(models, held_out)
         return cache[arch]
 
     return get

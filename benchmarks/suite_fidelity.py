@@ -21,18 +21,15 @@ from pathlib import Path
 
 import torch
 
-from InvarianceExplorerLib.datasets import open_source
-from InvarianceExplorerLib.fidelity import invariance_fidelity
 from InvarianceExplorerLib.sampler import load_invariance_models
-from InvarianceExplorerLib.simulated_dataset import build_simulated_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
-from test_bundled_invariance import COUNT, SEED  # noqa: E402  (the suite's slices, one place)
+from test_bundled_invariance import simulate_held_out, suite_fidelity  # noqa: E402  (the suite's, one place)
 
 
 def suite_figures(models, data) -> dict:
     """The suite's figures of loaded invariance models on its held-out slices ``data``."""
-    f = invariance_fidelity(models, data, split="all", slices=COUNT, per_slice=2, count=8)
+    f = suite_fidelity(models, data)
     plain = f["alternative"]
     return {"refinement": f["refinement"], "consistency": f["consistency"], "consistency_other": plain["consistency"],
             "other_refinement": plain["refinement"], "noise_baseline": f["noise_baseline"],
@@ -48,8 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
-        build_simulated_dataset(folder, COUNT, size=512, seed=SEED, dose=0.25, progress=False)
-        data = open_source(folder)
+        data = simulate_held_out(folder)
         for name in args.models:
             print(name, json.dumps(suite_figures(load_invariance_models(name), data), indent=1), flush=True)
 

@@ -15,8 +15,8 @@ invariance flow (cINN) on its codes (docs/method.md, sections 2-3).
   decoder to put what it cannot reconstruct of x where f does not look: a reconstruction
   differs from x (z cannot hold a whole noise realisation), and without the term that
   difference is free to change f's output (held-out consistency C 0.47 for CNN-10). Off by
-  default (``lam_cons`` 0, the paper's objective); the bundled CNN-10 and WGAN-VGG models
-  were trained with it at 5, RED-CNN's and DU-GAN's without it (README). ``cons_crop`` > 0
+  default (``lam_cons`` 0, the paper's objective); the bundled CNN-10 models were trained
+  with it at 5, WGAN-VGG's at 10, RED-CNN's and DU-GAN's without it (README). ``cons_crop`` > 0
   compares f(r) with f(x) on one random square of that many pixels per step instead of the
   whole patch (both terms that re-apply f), f applied to the crop of x as to the crop of r so
   that it sees the same borders on both: (crop / patch)² of f's cost, for RED-CNN and DU-GAN
@@ -102,8 +102,8 @@ from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_se
 #: cINN: Adam, gradient clipping, act-norm start, the flow's arguments.
 HYPERPARAMETERS = {
     "cvae": dict(lr=2e-4, betas=(0.5, 0.9), kl_weight=1e-4, lam_gp=10.0, n_critic=1, lam_adv=0.5, adv_start=500,
-                 lam_perc=0.1, lam_cons=0.0, cons_crop=0, lam_nps=0.0, nps_sectors=1, lam_local_mean=0.0, local_mean_pixels=16,
-                 lam_sample_texture=0.0, lam_swap_cons=0.0, lam_spread=0.0, second_code="other",
+                 lam_perc=0.1, lam_cons=0.0, cons_crop=0, lam_nps=0.0, nps_sectors=1, lam_local_mean=0.0,
+                 local_mean_pixels=16, lam_sample_texture=0.0, lam_swap_cons=0.0, lam_spread=0.0, second_code="other",
                  max_adv_weight=1e4, adv_min_separation=None,
                  critic_widths=(32, 32, 64, 64, 128, 128), critic_hidden=256,
                  z_dim=256, channels=tuple(DEFAULT_CHANNELS), conditional=True, full_resolution_subunits=1,
@@ -230,9 +230,9 @@ class _CVAEObjective(_Objective):
         and f(x) there. The whole patch (``y``) unless ``cons_crop`` > 0: then one random square
         of that many pixels, f(x) recomputed on the crop of x (module docstring)."""
         size = int(self.hp["cons_crop"])
-        if size == 0 or size == x.shape[-1] == x.shape[-2]:
+        if size in (0, x.shape[-1]):  # patches are square
             return (...,), y
-        i, j = (int(v) for v in torch.randint(0, min(x.shape[-2:]) - size + 1, (2,), generator=rng))
+        i, j = (int(v) for v in torch.randint(0, x.shape[-1] - size + 1, (2,), generator=rng))
         region = (..., slice(i, i + size), slice(j, j + size))
         with torch.no_grad():
             return region, self.networks["denoiser"](x[region])
