@@ -29,6 +29,9 @@ patches flagged.
     .venv/bin/python benchmarks/planted/run.py --data data/sim512 \\
         --region-blind runs/planted/region_blind --control cnn10 --write-readme
 
+Without ``--region-blind`` (and ``--nodule-blind``) it scores the control alone, e.g. a newly
+bundled model folder; the README's tables are written only from a run with every row.
+
 Prints one table, writes ``--out`` (JSON) and ``--figure`` (PNG), and with
 ``--write-readme`` puts the table, command and machine between the README's planted markers.
 """
@@ -287,7 +290,8 @@ def write_readme(readme: Path, text: str, block: str = README_BLOCKS[0]) -> None
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="simulated data set (its test split is used)")
-    parser.add_argument("--region-blind", type=Path, required=True, help="model folder of the region-blind fit")
+    parser.add_argument("--region-blind", type=Path, default=None,
+                        help="model folder of the region-blind fit (required with --write-readme)")
     parser.add_argument("--nodule-blind", type=Path, default=None,
                         help="model folder of the nodule-blind denoiser with its invariance models")
     parser.add_argument("--max-diameter", type=float, default=5.0, help="nodules it was taught to erase (mm)")
@@ -309,6 +313,8 @@ def main(argv=None) -> None:
     parser.add_argument("--write-readme", action="store_true", help="put the table in README.md")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.write_readme and not args.region_blind:
+        parser.error("--write-readme needs --region-blind: the README's tables hold every row")
     import torch
 
     if args.threads:
@@ -321,8 +327,10 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     source = open_source(args.data)
     nulls: Dict[int, np.ndarray] = {}
-    arguments = read_metadata(args.region_blind)["architecture"].get("arguments", {})
-    radius = float(arguments.get("radius_px", 10.0))
+    radius = None
+    if args.region_blind:
+        arguments = read_metadata(args.region_blind)["architecture"].get("arguments", {})
+        radius = float(arguments.get("radius_px", 10.0))
     refinement = None if args.refine is None else Refinement.parse(args.refine)
     if args.no_scans and not refinement:
         raise SystemExit("--no-scans goes with --refine")
@@ -337,15 +345,20 @@ def main(argv=None) -> None:
     args.figure = args.figure or Path(f"docs/planted{suffix}.png")
     common = dict(slices=args.slices, count=args.count, null_count=args.null_count, seed=args.seed, nulls=nulls,
                   refinement=refinement, noise_texture=texture)
-    runs = {"region-blind": evaluate(args.region_blind, source, lambda p: centre_disc(p, p, radius).numpy() > 0,
-                                     **common),
-            "control": evaluate(args.control, source, None, **common)}
+    runs = {}
+    if args.region_blind:
+        runs["region-blind"] = evaluate(args.region_blind, source, lambda p: centre_disc(p, p, radius).numpy() > 0,
+                                        **common)
+    runs["control"] = evaluate(args.control, source, None, **common)
     if args.nodule_blind:
         runs["nodule-blind"] = evaluate(args.nodule_blind, source, None, nodules_below_mm=args.max_diameter, **common)
-    results = {"denoisers": {
-        "region-blind": {"kind": "region-blind", "folder": str(args.region_blind), "radius_px": radius,
-                         "figures": planted_figures(runs["region-blind"], radius)},
-        "control": {"kind": "control", "folder": str(args.control), "figures": control_figures(runs["control"])}}}
+    results = {"denoisers": {}}
+    if args.region_blind:
+        results["denoisers"]["region-blind"] = {"kind": "region-blind", "folder": str(args.region_blind),
+                                                "radius_px": radius,
+                                                "figures": planted_figures(runs["region-blind"], radius)}
+    results["denoisers"]["control"] = {"kind": "control", "folder": str(args.control),
+                                       "figures": control_figures(runs["control"])}
     if args.nodule_blind:
         results["denoisers"]["nodule-blind"] = {"kind": "nodule-blind", "folder": str(args.nodule_blind),
                                                 "max_diameter_mm": args.max_diameter,
