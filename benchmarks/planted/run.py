@@ -307,9 +307,11 @@ def main(argv=None) -> None:
                         help="with --refine: method A as analyze runs it without scans (rescan floor estimated from x "
                              "and the data set's noise texture); method B still against the refined null")
     parser.add_argument("--out", type=Path, default=None,
-                        help="results JSON (default runs/planted/results.json, results_refined.json with --refine)")
+                        help="results JSON (default runs/planted/results.json, results_refined.json with --refine; "
+                             "..._partial.json without --region-blind)")
     parser.add_argument("--figure", type=Path, default=None,
-                        help="figure (default docs/planted.png, docs/planted_refined.png with --refine)")
+                        help="figure (default docs/planted.png, docs/planted_refined.png with --refine; without "
+                             "--region-blind runs/planted/planted..._partial.png)")
     parser.add_argument("--write-readme", action="store_true", help="put the table in README.md")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -327,10 +329,8 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     source = open_source(args.data)
     nulls: Dict[int, np.ndarray] = {}
-    radius = None
-    if args.region_blind:
-        arguments = read_metadata(args.region_blind)["architecture"].get("arguments", {})
-        radius = float(arguments.get("radius_px", 10.0))
+    radius = (float(read_metadata(args.region_blind)["architecture"].get("arguments", {}).get("radius_px", 10.0))
+              if args.region_blind else None)  # read first: a wrong folder fails before any work
     refinement = None if args.refine is None else Refinement.parse(args.refine)
     if args.no_scans and not refinement:
         raise SystemExit("--no-scans goes with --refine")
@@ -341,6 +341,9 @@ def main(argv=None) -> None:
         from InvarianceExplorerLib.training import data_noise_texture
 
         texture = NoiseTexture.from_dict(data_noise_texture(source))
+    if not args.region_blind:  # a partial run never replaces the full run's results or the README's figure
+        args.out = args.out or Path(f"runs/planted/results{suffix}_partial.json")
+        args.figure = args.figure or Path(f"runs/planted/planted{suffix}_partial.png")
     args.out = args.out or Path(f"runs/planted/results{suffix}.json")
     args.figure = args.figure or Path(f"docs/planted{suffix}.png")
     common = dict(slices=args.slices, count=args.count, null_count=args.null_count, seed=args.seed, nulls=nulls,
