@@ -308,15 +308,15 @@ def main(argv=None) -> None:
                              "and the data set's noise texture); method B still against the refined null")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default runs/planted/results.json, results_refined.json with --refine; "
-                             "..._partial.json without --region-blind)")
+                             "..._partial.json without --region-blind or --nodule-blind)")
     parser.add_argument("--figure", type=Path, default=None,
                         help="figure (default docs/planted.png, docs/planted_refined.png with --refine; without "
-                             "--region-blind runs/planted/planted..._partial.png)")
+                             "--region-blind or --nodule-blind runs/planted/planted..._partial.png)")
     parser.add_argument("--write-readme", action="store_true", help="put the table in README.md")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    if args.write_readme and not args.region_blind:
-        parser.error("--write-readme needs --region-blind: the README's tables hold every row")
+    if args.write_readme and not (args.region_blind and args.nodule_blind):
+        parser.error("--write-readme needs --region-blind and --nodule-blind: the README's tables hold every row")
     import torch
 
     if args.threads:
@@ -341,7 +341,7 @@ def main(argv=None) -> None:
         from InvarianceExplorerLib.training import data_noise_texture
 
         texture = NoiseTexture.from_dict(data_noise_texture(source))
-    if not args.region_blind:  # a partial run never replaces the full run's results or the README's figure
+    if not (args.region_blind and args.nodule_blind):  # a partial run never replaces the full run's results or figure
         args.out = args.out or Path(f"runs/planted/results{suffix}_partial.json")
         args.figure = args.figure or Path(f"runs/planted/planted{suffix}_partial.png")
     args.out = args.out or Path(f"runs/planted/results{suffix}.json")
