@@ -26,11 +26,13 @@ data set's noise texture) while method B keeps the refined null.
 Targets (issue): AUC >= 0.85 on region-blind, >= 0.75 on nodule-blind, <= 5 % of control
 patches flagged.
 
-    .venv/bin/python benchmarks/planted/run.py --data data/sim512 \\
-        --region-blind runs/planted/region_blind --control cnn10 --write-readme
+    .venv/bin/python benchmarks/planted/run.py --data data/sim512 --region-blind runs/planted/region_blind \\
+        --nodule-blind runs/planted/nodule_blind_redcnn --control redcnn --write-readme
 
-Without ``--region-blind`` (and ``--nodule-blind``) it scores the control alone, e.g. a newly
-bundled model folder; the README's tables are written only from a run with every row.
+Without ``--region-blind`` and ``--nodule-blind`` it scores the control alone, e.g. a newly
+bundled model folder. A run that lacks either planted denoiser is partial: its JSON and figure
+go under ``runs/planted/*_partial`` by default, and the README's tables are written only
+from a run with every row.
 
 Prints one table, writes ``--out`` (JSON) and ``--figure`` (PNG), and with
 ``--write-readme`` puts the table, command and machine between the README's planted markers.
@@ -315,7 +317,8 @@ def main(argv=None) -> None:
     parser.add_argument("--write-readme", action="store_true", help="put the table in README.md")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    if args.write_readme and not (args.region_blind and args.nodule_blind):
+    partial = not (args.region_blind and args.nodule_blind)
+    if args.write_readme and partial:
         parser.error("--write-readme needs --region-blind and --nodule-blind: the README's tables hold every row")
     import torch
 
@@ -341,7 +344,7 @@ def main(argv=None) -> None:
         from InvarianceExplorerLib.training import data_noise_texture
 
         texture = NoiseTexture.from_dict(data_noise_texture(source))
-    if not (args.region_blind and args.nodule_blind):  # a partial run never replaces the full run's results or figure
+    if partial:  # a partial run never replaces the full run's results or the README's figure
         args.out = args.out or Path(f"runs/planted/results{suffix}_partial.json")
         args.figure = args.figure or Path(f"runs/planted/planted{suffix}_partial.png")
     args.out = args.out or Path(f"runs/planted/results{suffix}.json")
