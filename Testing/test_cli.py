@@ -91,3 +91,14 @@ def test_help_and_a_mistyped_command_answer_without_importing_torch():
     res = subprocess.run([sys.executable, "-m", "InvarianceExplorerLib", "train", "denoiser", "--help"],
                          capture_output=True, text=True)
     assert res.returncode == 0 and "--precision {float32,bfloat16}" in res.stdout and "--arch" in res.stdout
+
+
+def test_error_after_a_progress_bar_starts_on_its_own_line(tmp_path, capsys):
+    """A bar still drawn when the input turns out bad is finished first: the error is the last line, once."""
+    assert main(["sample", "--model", "cnn10", "--input", str(tmp_path / "missing.nrrd"), "--center", "1,1,0",
+                 "--out", str(tmp_path / "run")]) == 2
+    lines = [line.split("\r")[-1] for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert "Loading the models" in lines[0]  # the bar was drawn
+    assert lines[-1].startswith("invariance-explorer: error: ") and "does not exist" in lines[-1]
+    assert sum("error:" in line for line in lines) == 1
+    assert not (tmp_path / "run").exists()

@@ -791,6 +791,15 @@ COMMANDS = {
 }
 
 
+def _finish_bars() -> None:
+    """End every progress bar still drawn, so that the error after it starts on a line of its own
+    (and the bar is not drawn again, after the error, when Python collects it)."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):  # tqdm's own registry of open bars
+        bar.close()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``invariance-explorer`` and ``python -m InvarianceExplorerLib``."""
     words = sys.argv[1:] if argv is None else list(argv)
@@ -804,11 +813,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (CTInputError, ValueError) as exc:  # the user's input: one clear line, no traceback
+        _finish_bars()
         if json_progress:
             Progress("json").error(str(exc), kind="input")
         print(f"invariance-explorer: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a bug or a failing machine: programs reading JSON still get told
+        _finish_bars()
         if json_progress:
             Progress("json").error(f"{type(exc).__name__}: {exc}", kind="internal")
         raise
