@@ -90,7 +90,7 @@ def denoise(denoiser: Denoiser, image: CTImage, device="auto", batch_size: int =
     check_hu(image.array, "input image")
     warn_on_spacing(denoiser, image)
     device = resolve_device(device)
-    network = denoiser.network.to(device).eval()
+    network = denoiser.to(device).network.eval()
     norm = denoiser.normalization
     stack = image.array[None] if image.is_slice else image.array
     out = np.empty_like(stack)
