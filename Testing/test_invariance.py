@@ -708,3 +708,34 @@ def test_sample_command_on_a_real_dicom_slice_near_its_border(model_folder, tmp_
     assert np.allclose(crop.origin, corner, atol=1e-3)
     assert np.array_equal(crop.array[:, 11:], dicom.array[44:76, :21]) and (crop.array[:, :11] == AIR_HU).all()
     assert np.isfinite(read_image(out / "invariances.nrrd").array).all()
+
+
+def test_bundled_networks_run_channels_last_with_the_same_samples(monkeypatch):
+    """The sampler lays its networks out channels-last (faster on CPUs); the samples are those
+    of the default layout up to float rounding."""
+    from InvarianceExplorerLib.denoisers import bundled_models_dir
+    from InvarianceExplorerLib.io import read_image
+    from InvarianceExplorerLib.sampler import InvarianceModels, InvarianceSampler
+
+    image = read_image(bundled_models_dir().parent / "SampleData" / "InvarianceExplorerChestLD.nrrd")
+    fast = InvarianceSampler("cnn10", device="cpu")
+    models = fast.models
+    convs = [p for m in (models.denoiser.network, models.representation, models.flow)
+             for p in m.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not all(p.is_contiguous() for p in convs)
+    patch = fast.crop(image, (368, 283, 1)).array
+    a = fast.sample(patch, count=4, seed=3, refinement="1,1")
+
+    def contiguous(self, device):
+        for m in (self.denoiser.network, self.representation, self.flow):
+            m.to(device, memory_format=torch.contiguous_format)
+        return self
+
+    monkeypatch.setattr(InvarianceModels, "to", contiguous)
+    plain = InvarianceSampler("cnn10", device="cpu")
+    b = plain.sample(patch, count=4, seed=3, refinement="1,1")
+    assert all(p.is_contiguous() for p in plain.models.representation.parameters())
+    assert np.abs(a.invariances - b.invariances).max() < 0.01  # HU
+    assert np.abs(a.denoised_invariances - b.denoised_invariances).max() < 0.01
+    assert np.abs(a.invariances - a.x).mean() > 1  # the samples are not x itself
