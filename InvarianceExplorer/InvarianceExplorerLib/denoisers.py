@@ -345,9 +345,9 @@ class Denoiser:
 
     def to(self, device) -> "Denoiser":
         """Move the network to ``device``. A bundled architecture is laid out channels-last,
-        in which its convolutions run 15-45 % faster on a CPU (``benchmarks/invariance_speed.py``)
-        with the same outputs up to float rounding; your own network keeps its layout (its
-        code may assume contiguous tensors)."""
+        in which its convolutions run faster on a CPU (README, speed table of
+        ``benchmarks/invariance_speed.py``) with the same outputs up to float rounding; your own
+        network keeps its layout (its code may assume contiguous tensors)."""
         if self.arch in DENOISERS:
             self.network.to(device, memory_format=torch.channels_last)
         else:
