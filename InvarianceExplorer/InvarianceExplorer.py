@@ -626,7 +626,7 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
 
     # ---------------------------------------------------------------- running
 
-    def prepareSampling(self, volumeNode, denoiser, point, count=32, seed=0, device="auto", batchSize=8,
+    def prepareSampling(self, volumeNode, denoiser, point, count=32, seed=0, device="auto", batchSize=None,
                         python=None, analyze=False, refine=True):
         """Export the input to a new temporary folder and return the engine job (not started).
 
@@ -651,7 +651,7 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
         job.outDir, job.centerIJK = outDir, center
         return job
 
-    def sampleInvariances(self, volumeNode, denoiser, point, count=32, seed=0, device="auto", batchSize=8,
+    def sampleInvariances(self, volumeNode, denoiser, point, count=32, seed=0, device="auto", batchSize=None,
                           progressCallback=None, confirmReplace=None, python=None, analyze=False, refine=True):
         """Sample ``count`` invariances of ``denoiser`` around ``point`` and return the created nodes.
 
@@ -660,7 +660,8 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
             denoiser: bundled name (cnn10, redcnn, wganvgg, dugan) or a model folder.
             point: markups point (first control point), markups ROI (its centre) or RAS
                 coordinates in mm; the crop is the model's patch around it, in its slice.
-            count, seed, device, batchSize: as the CLI's ``sample``.
+            count, seed, device, batchSize: as the CLI's ``sample`` (batchSize None: the
+                engine's default for the device).
             analyze: also run the analysis (``sample --analyze``): adds ``anatomy_changes``.
             refine: sample with the model folder's consistency refinement (the bundled
                 models': ``Refinement(5, 1)``); False: ``--refine 0,0``, the samples as drawn.

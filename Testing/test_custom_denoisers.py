@@ -207,6 +207,10 @@ def test_a_class_file_and_state_dict_import_and_load_without_the_source(cnn10, t
     assert (folder / "network.py").is_file() and loaded.receptive_field == 15
     x = torch.randn(1, 1, 40, 40)
     assert torch.allclose(loaded.network(x), cnn10(x), atol=1e-6)
+    # moved as the sampler moves it, the user's own network keeps its memory layout (its code may
+    # assume contiguous tensors); only the bundled architectures are laid out channels-last
+    assert all(p.is_contiguous() for p in loaded.to("cpu").network.parameters())
+    assert not all(p.is_contiguous() for p in load_denoiser("cnn10").to("cpu").network.parameters())
 
 
 def test_a_declaration_file_and_normalisation_forms(tmp_path):

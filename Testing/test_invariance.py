@@ -29,9 +29,9 @@ from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.phantom import chest_phantom
 from InvarianceExplorerLib.representation import (Representation, build_representation, kl_divergence,
                                                    reconstruction_loss, representation_loss)
-from InvarianceExplorerLib.sampler import (AIR_HU, InvarianceModels, InvarianceSampler, Refinement, crop_patch,
-                                           has_invariance_models, load_invariance_models, refine_invariances,
-                                           run_with_memory_fallback, save_invariance_models)
+from InvarianceExplorerLib.sampler import (AIR_HU, BATCH_SIZE, InvarianceModels, InvarianceSampler, Refinement,
+                                           crop_patch, has_invariance_models, load_invariance_models,
+                                           refine_invariances, run_with_memory_fallback, save_invariance_models)
 
 TINY_REPRESENTATION = dict(patch_size=32, z_dim=16, channels=(8, 16, 16, 32))
 TINY_FLOW = dict(z_dim=16, n_flows=4, hidden=32, embedding_dim=8, embedding_channels=(8, 8))
@@ -424,6 +424,8 @@ def test_sampler_is_deterministic_and_consistent(low_dose_slice):
     assert not np.allclose(a.invariances, c.invariances)
     d = sampler.sample(x, count=7, seed=11, batch_size=8)  # same codes, other batches
     assert np.allclose(a.invariances, d.invariances, atol=1e-2)
+    e = sampler.sample(x, count=12, seed=11)  # no batch size: the device's (10 on the CPU)
+    assert e.batch_size == BATCH_SIZE["cpu"] == 10 and np.allclose(e.invariances[:7], a.invariances, atol=1e-2)
 
     assert a.invariances.shape == a.denoised_invariances.shape == (7, 32, 32) and a.count == 7
     assert a.x.shape == a.denoised.shape == a.reconstruction.shape == a.std.shape == (32, 32)
@@ -547,8 +549,12 @@ def test_out_of_memory_halves_the_batch_then_uses_the_cpu():
     assert calls == [("cuda", 16), ("cuda", 8), ("cuda", 4)]
     assert [str(w.message) for w in record] == [f"CUDA out of memory; retrying with batch size {n}" for n in (8, 4)]
     with pytest.warns(RuntimeWarning) as record:
-        assert run_with_memory_fallback(job(0), torch.device("cuda"), 2)[1:] == (torch.device("cpu"), 1)
-    assert "continuing on the CPU" in str(record[-1].message)
+        assert run_with_memory_fallback(job(0), torch.device("cuda"), 2)[1:] == (torch.device("cpu"), 2)
+    assert "continuing on the CPU with batch size 2" in str(record[-1].message)
+    calls.clear()  # the CPU takes the batch first asked for, at most its own default
+    with pytest.warns(RuntimeWarning):
+        assert run_with_memory_fallback(job(0), torch.device("cuda"), 100)[1:] == (torch.device("cpu"), 10)
+    assert calls == [("cuda", n) for n in (100, 50, 25, 12, 6, 3, 1)] + [("cpu", 10)]
     def always(device, batch_size):
         raise torch.cuda.OutOfMemoryError("out of memory (test)")
 
@@ -702,6 +708,7 @@ def test_sample_command_on_a_real_dicom_slice_near_its_border(model_folder, tmp_
                  "--out", str(out), "--progress", "none"]) == 0
     numbers = json.loads((out / "numbers.json").read_text())
     assert numbers["padded_pixels"] == 32 * 11 and numbers["center_ijk"] == [5, 60, 0]
+    assert numbers["batch_size"] == 10  # no --batch-size: the sampler's for the CPU
     dicom = read_image(src)
     crop = read_image(out / "input.nrrd")
     corner = np.asarray(dicom.origin) + dicom.direction_matrix @ (np.array([5 - 16, 60 - 16, 0]) * dicom.spacing)

@@ -23,7 +23,7 @@ pytest.importorskip("Qt")
 from InvarianceExplorerLib.io import write_nrrd  # noqa: E402
 from InvarianceExplorerLib.ui.panel import (ANALYSIS_STAGE_SPANS, CANCEL_TEXT, CUSTOM_MODEL,  # noqa: E402
                                             DEFAULT_COUNT, DENOISERS, RUN_TEXT, SamplingPanel, overall_percent)
-from InvarianceExplorerLib.ui.process import EngineJob, engine_command, process_group_alive  # noqa: E402
+from InvarianceExplorerLib.ui.process import EngineJob, engine_command, process_group_alive, sample_args  # noqa: E402
 from InvarianceExplorerLib.ui.qtshim import application, prop, qt  # noqa: E402
 from ui_helpers import make_model, make_volume, wait_until  # noqa: E402
 
@@ -240,6 +240,14 @@ def test_engine_command_runs_this_interpreter_outside_slicer():
     job = EngineJob(["denoise"])
     assert job.command[-2:] == ["--progress", "json"]
     assert job.env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT / "InvarianceExplorer")
+
+
+def test_sample_arguments_leave_the_batch_size_to_the_engine_unless_given():
+    common = dict(model="cnn10", input_path="ct.nrrd", center_ijk=(4, 5, 6), count=32, seed=1, out_dir="out")
+    args = sample_args(**common)
+    assert "--batch-size" not in args and args[args.index("--center") + 1] == "4,5,6"
+    given = sample_args(**common, batch_size=4)
+    assert given[given.index("--batch-size") + 1] == "4"
 
 
 def test_only_ui_uses_qt_and_importing_the_ui_does_not_import_torch():

@@ -16,7 +16,7 @@ weights beside a random-weight denoiser of that architecture, labelled so), on t
   gradient steps pass through f forward and backward, so they cost what f costs).
 
 Times are the median of ``--repeats`` runs after one warm-up, in inference mode, batches of
-``--batch-size``. Each (model, device) runs in its own process, so that the peak memory is
+``--batch-size`` (default: the sampler's for the device, :data:`~InvarianceExplorerLib.sampler.BATCH_SIZE`). Each (model, device) runs in its own process, so that the peak memory is
 its own: the peak resident set size of that process on the CPU (includes Python, torch and
 the weights), ``torch.cuda.max_memory_allocated`` on CUDA. Prints a Markdown table with the
 machine and the command.
@@ -45,7 +45,7 @@ from InvarianceExplorerLib.inference import apply_network
 from InvarianceExplorerLib.invariance_flow import InvarianceFlow
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.representation import Representation
-from InvarianceExplorerLib.sampler import CHECKED_REFINEMENT, InvarianceModels, InvarianceSampler, \
+from InvarianceExplorerLib.sampler import BATCH_SIZE, CHECKED_REFINEMENT, InvarianceModels, InvarianceSampler, \
     has_invariance_models, load_invariance_models
 
 RANDOM = "random:"
@@ -80,9 +80,11 @@ def _timed(run, device, repeats: int) -> float:
 
 
 def measure(name: str, device_name: str, threads: int, count: int, batch_size: int, repeats: int) -> dict:
-    """The figures of one model on one device (run in its own process by :func:`main`)."""
+    """The figures of one model on one device (run in its own process by :func:`main`);
+    ``batch_size`` 0: the sampler's default for the device."""
     torch.set_num_threads(threads)
     device = torch.device(device_name)
+    batch_size = batch_size or BATCH_SIZE.get(device.type, BATCH_SIZE["cpu"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     models = _models(name, device)
@@ -148,8 +150,9 @@ def main() -> None:
     parser.add_argument("--random", nargs="+", choices=list(DENOISERS), default=None,
                         help="also benchmark default-size random-weight models beside these denoisers")
     parser.add_argument("--count", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=10,
-                        help="invariances per forward pass (default 10, the sampler's)")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="invariances per forward pass (default: the sampler's for the device, "
+                             + ", ".join(f"{n} on {d}" for d, n in BATCH_SIZE.items()) + ")")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
@@ -176,15 +179,16 @@ def main() -> None:
     print(f"machine: {m['cpu']}, torch {m['torch']}, Python {m['python']}"
           + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
     print("command: " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
-    print(f"{args.count} invariances of one patch, batches of {args.batch_size}, median of {args.repeats} runs")
+    print(f"{args.count} invariances of one patch, median of {args.repeats} runs")
     print()
-    print("| model | device | threads | patch | once per patch (ms) | sampler: cINN + decoder (s) | "
+    print("| model | device | threads | patch | batch | once per patch (ms) | sampler: cINN + decoder (s) | "
           "denoiser f(x~) (s) | whole sample() (s) | with a consistency refinement (s) | "
           "peak memory (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         label = Path(r["model"]).name if not r["model"].startswith(RANDOM) else r["model"] + " (random weights)"
-        print(f"| {label} | {r['device']} | {r['threads'] or '–'} | {r['patch']}² | {1000 * r['setup_s']:.1f} | "
+        print(f"| {label} | {r['device']} | {r['threads'] or '–'} | {r['patch']}² | {r['batch_size']} | "
+              f"{1000 * r['setup_s']:.1f} | "
               f"{r['sampler_s']:.3f} | {r['denoiser_s']:.3f} | {r['total_s']:.3f} | "
               + f"{r['refined_s']:.3f} ({r['refinement']['centre']} + {r['refinement']['sample']} steps)"
               + f" | {r['peak_mb']:.0f} "

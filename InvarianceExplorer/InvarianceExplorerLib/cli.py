@@ -393,7 +393,8 @@ def _add_sample(sam) -> None:
                      help="voxel the patch is centred on: column i, row j, slice k (0-based; i,j for a 2D slice)")
     sam.add_argument("--count", type=_positive_int, default=64, help="number of invariances to sample (default 64)")
     sam.add_argument("--seed", type=int, default=0, help="seed of the sampled codes (default 0)")
-    sam.add_argument("--batch-size", type=_positive_int, default=10, help="invariances per forward pass (default 10)")
+    sam.add_argument("--batch-size", type=_positive_int, default=None,
+                     help="invariances per forward pass (default: 10 on the CPU, 100 on CUDA)")
     _add_refinement(sam, "(default: the model folder's setting)")
     sam.add_argument("--device", default="auto", help="torch device: auto, cpu or cuda (default auto)")
     sam.add_argument("--out", type=Path, required=True,

@@ -60,6 +60,12 @@ CVAE, CINN = "cvae", "cinn"
 #: HU that fills the part of a patch outside the image (air).
 AIR_HU = -1000.0
 
+#: Invariances per forward pass when none is given, by device type: 10 on the CPU (there the
+#: whole sample, refined or not, is fastest in batches of 10 of 10, 25 and 100: README, speed
+#: paragraph), 100 on CUDA (one pass for the benchmark's 100 invariances: on a GPU batches of
+#: 10 were bound by kernel launches; not yet timed on a GPU).
+BATCH_SIZE = {"cpu": 10, "cuda": 100}
+
 #: ``progress(stage, done, total)``: stage "encoding" (1 unit) then "sampling" (``count`` units).
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -388,9 +394,10 @@ def _out_of_memory_errors() -> tuple:
 def run_with_memory_fallback(run: Callable[[torch.device, int], object], device: torch.device, batch_size: int
                              ) -> Tuple[object, torch.device, int]:
     """``run(device, batch_size)``; on CUDA out-of-memory retry with half the batch, and
-    after batch size 1 on the CPU, warning each time. Returns ``(result, device, batch_size)``
-    as finally used. Errors on the CPU are not caught."""
-    device = torch.device(device)
+    after batch size 1 on the CPU (with the batch first asked for, at most the CPU's
+    :data:`BATCH_SIZE`: the GPU's memory says nothing of the CPU's), warning each time.
+    Returns ``(result, device, batch_size)`` as finally used. Errors on the CPU are not caught."""
+    device, asked = torch.device(device), batch_size
     while True:
         try:
             return run(device, batch_size), device, batch_size
@@ -402,8 +409,9 @@ def run_with_memory_fallback(run: Callable[[torch.device, int], object], device:
                 batch_size = max(1, batch_size // 2)
                 warnings.warn(f"CUDA out of memory; retrying with batch size {batch_size}", RuntimeWarning)
             else:
-                device = torch.device("cpu")
-                warnings.warn("CUDA out of memory even at batch size 1; continuing on the CPU", RuntimeWarning)
+                device, batch_size = torch.device("cpu"), min(asked, BATCH_SIZE["cpu"])
+                warnings.warn(f"CUDA out of memory even at batch size 1; continuing on the CPU with batch size "
+                              f"{batch_size}", RuntimeWarning)
 
 
 def refine_invariances(f: Callable[[torch.Tensor], torch.Tensor], x_tilde: torch.Tensor, y: torch.Tensor,
@@ -463,10 +471,11 @@ class InvarianceSampler:
         """:func:`crop_patch` with this model's patch size."""
         return crop_patch(image, center_ijk, self.patch_size, fill_hu)
 
-    def sample(self, x_hu, count: int = 16, seed: int = 0, batch_size: int = 10,
+    def sample(self, x_hu, count: int = 16, seed: int = 0, batch_size: Optional[int] = None,
                progress: Optional[ProgressCallback] = None, refinement=None) -> Invariances:
         """``count`` invariances of the patch ``x_hu`` (HU, ``(P, P)`` with P the patch size),
-        ``batch_size`` at a time, reproducible for ``seed`` (see the module docstring), with
+        ``batch_size`` at a time (None: :data:`BATCH_SIZE` of the device), reproducible for
+        ``seed`` (see the module docstring), with
         ``refinement`` (anything :meth:`Refinement.parse` reads; None: the models' setting).
         ``progress(stage, done, total)`` reports the stages "encoding" and "sampling"."""
         from .io import check_hu
@@ -477,6 +486,8 @@ class InvarianceSampler:
             raise ValueError(f"the invariance models work on {p} x {p} patches; got an image of shape {x_hu.shape}: "
                              "cut one with crop_patch / InvarianceSampler.crop")
         check_hu(x_hu, "input patch")
+        if batch_size is None:
+            batch_size = self._batch_size()
         if int(count) < 1 or int(batch_size) < 1:
             raise ValueError(f"count and batch_size must be positive; got {count} and {batch_size}")
         refinement = self.models.refinement if refinement is None else Refinement.parse(refinement)
@@ -490,12 +501,13 @@ class InvarianceSampler:
         return Invariances(**result, refinement=refinement, seed=int(seed), batch_size=batch_size, device=str(device),
                            seconds=time.perf_counter() - start)
 
-    def refine_null(self, x_hu, null_hu, refinement=None, batch_size: int = 10) -> np.ndarray:
+    def refine_null(self, x_hu, null_hu, refinement=None, batch_size: Optional[int] = None) -> np.ndarray:
         """Noise-only images of the patch ``x_hu`` ``(J, P, P)`` (HU; new scans of the same
         anatomy at its dose) refined towards f(x) as :meth:`sample` refines its samples with
         ``refinement`` (None: the models' setting): ``centre`` steps on their mean, whose change
-        is added to each, then ``sample`` steps on each. The null of the analysis for refined
-        invariances: the steps shape noise by f's local gain (:func:`~.analysis.noise_shape`).
+        is added to each, then ``sample`` steps on each, ``batch_size`` at a time (None: as
+        :meth:`sample`). The null of the analysis for refined invariances: the steps shape
+        noise by f's local gain (:func:`~.analysis.noise_shape`).
         Returns the refined images (HU), the given ones unchanged without refinement."""
         from .inference import apply_network
 
@@ -519,9 +531,13 @@ class InvarianceSampler:
         if refinement.centre:
             mean = null.mean(0, keepdim=True)
             null = null + (refine_invariances(f, mean, y, refinement.centre)[0] - mean)
+        batch_size = int(batch_size or self._batch_size())
         refined = [refine_invariances(f, null[i:i + batch_size], y, refinement.sample)[0]
-                   for i in range(0, null.shape[0], int(batch_size))]
+                   for i in range(0, null.shape[0], batch_size)]
         return norm.denormalize(torch.cat(refined)[:, 0]).float().cpu().numpy()
+
+    def _batch_size(self) -> int:
+        return BATCH_SIZE.get(self.device.type, BATCH_SIZE["cpu"])
 
     def _sample(self, x_hu: np.ndarray, v: torch.Tensor, device: torch.device, batch_size: int,
                 progress: Optional[ProgressCallback], refinement: Refinement) -> dict:

@@ -336,14 +336,17 @@ class ProcessRunner:
 
 
 def sample_args(*, model: str, input_path, center_ijk: Sequence[int], count: int, seed: int, out_dir,
-                device: str = "auto", batch_size: int = 8, analyze: bool = False, refine: bool = True) -> List[str]:
+                device: str = "auto", batch_size: Optional[int] = None, analyze: bool = False,
+                refine: bool = True) -> List[str]:
     """CLI arguments of ``invariance-explorer sample`` (the fixed contract of the engine's
     sampling command); ``center_ijk`` is the voxel (i = column, j = row, k = slice);
+    ``batch_size`` None leaves it to the engine (its default for the device);
     ``analyze`` adds ``--analyze`` (the analysis goes to ``out_dir/analysis/``); without
     ``refine``, ``--refine 0,0`` turns the model folder's consistency refinement off."""
     i, j, k = (int(v) for v in center_ijk)
     return ["sample", "--model", str(model), "--input", str(input_path), "--center", f"{i},{j},{k}",
-            "--count", str(int(count)), "--seed", str(int(seed)), "--batch-size", str(int(batch_size)),
-            "--device", str(device), "--out", str(out_dir)] + (["--analyze"] if analyze else []) + \
+            "--count", str(int(count)), "--seed", str(int(seed))] + \
+        ([] if batch_size is None else ["--batch-size", str(int(batch_size))]) + \
+        ["--device", str(device), "--out", str(out_dir)] + (["--analyze"] if analyze else []) + \
         ([] if refine else ["--refine", "0,0"]) + \
         ["--progress", "json"]
