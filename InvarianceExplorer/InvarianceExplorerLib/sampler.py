@@ -60,8 +60,8 @@ CVAE, CINN = "cvae", "cinn"
 #: HU that fills the part of a patch outside the image (air).
 AIR_HU = -1000.0
 
-#: Invariances per forward pass when none is given, by device type: 10 on the CPU (there the
-#: whole sample, refined or not, is fastest in batches of 10 of 10, 25 and 100: README, speed
+#: Invariances per forward pass when none is given, by device type: 10 on the CPU (of batches
+#: of 10, 25 and 100 the whole sample, refined or not, is fastest at 10 there: README, speed
 #: paragraph), 100 on CUDA (one pass for the benchmark's 100 invariances: on a GPU batches of
 #: 10 were bound by kernel launches; not yet timed on a GPU).
 BATCH_SIZE = {"cpu": 10, "cuda": 100}
@@ -475,8 +475,8 @@ class InvarianceSampler:
                progress: Optional[ProgressCallback] = None, refinement=None) -> Invariances:
         """``count`` invariances of the patch ``x_hu`` (HU, ``(P, P)`` with P the patch size),
         ``batch_size`` at a time (None: :data:`BATCH_SIZE` of the device), reproducible for
-        ``seed`` (see the module docstring), with
-        ``refinement`` (anything :meth:`Refinement.parse` reads; None: the models' setting).
+        ``seed`` (see the module docstring), with ``refinement`` (anything
+        :meth:`Refinement.parse` reads; None: the models' setting).
         ``progress(stage, done, total)`` reports the stages "encoding" and "sampling"."""
         from .io import check_hu
 
