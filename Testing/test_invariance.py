@@ -211,7 +211,7 @@ def test_pixel_shuffle_upsampling_starts_as_nearest_and_learns_each_subpixel():
     optimiser = torch.optim.SGD(shuffle.upsamplers.parameters(), lr=0.1)
     (shuffle.decode(z, y) - torch.randn(4, 1, 32, 32)).abs().mean().backward()
     optimiser.step()
-    step = (shuffle.upsamplers[-1][0].weight - start)[:, :, 0, 0]  # (4 C, C): sub-pixel k of channel c is row 4 c + k
+    step = (shuffle.upsamplers[-1][0].weight.detach() - start)[:, :, 0, 0]  # (4 C, C): sub-pixel k of channel c is row 4 c + k
     subpixels = step.view(-1, 4, step.shape[1])
     assert float((subpixels - subpixels[:, :1]).abs().max()) > 0.1 * float(step.abs().max()) > 0  # the 2x2 pixels learn apart
     assert build_representation(**shuffle.arguments).upsample == "pixelshuffle"
