@@ -717,6 +717,13 @@ def test_sample_command_on_a_real_dicom_slice_near_its_border(model_folder, tmp_
     assert np.isfinite(read_image(out / "invariances.nrrd").array).all()
 
 
+def test_the_sample_help_states_the_samplers_batch_sizes(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {BATCH_SIZE['cpu']} on the CPU, {BATCH_SIZE['cuda']} on CUDA)" in help_text
+
+
 def test_bundled_networks_run_channels_last_with_the_same_samples(monkeypatch):
     """The sampler lays its networks out channels-last (faster on CPUs); the samples are those
     of the default layout up to float rounding."""

@@ -19,9 +19,7 @@ sampler's CPU batches, channels-last, inference mode, and prints per model:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ def main(argv=None) -> None:
     from InvarianceExplorerLib.io import read_image
     from InvarianceExplorerLib.sample_data import sample_ct_path
     from InvarianceExplorerLib.sampler import BATCH_SIZE, InvarianceSampler
+    from invariance_speed import _timed  # median of repeats after a warm-up (this folder)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="*", default=["cnn10", "wganvgg", "redcnn", "dugan"])
@@ -82,15 +81,8 @@ def main(argv=None) -> None:
                     c32=np.abs(outputs[False][0] - outputs[False][1]).mean() / change,
                     c16=np.abs(outputs[True][0] - outputs[True][1]).mean() / change))
                 if n == 0:
-                    seconds = {}
-                    for half in (False, True):
-                        f(x_tilde, half)  # warm-up
-                        times = []
-                        for _ in range(args.repeats):
-                            start = time.perf_counter()
-                            f(x_tilde, half)
-                            times.append(time.perf_counter() - start)
-                        seconds[half] = statistics.median(times)
+                    seconds = {half: _timed(lambda: f(x_tilde, half), torch.device("cpu"), args.repeats)
+                               for half in (False, True)}
             mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
             print(f"| {name} | {label} | {seconds[False]:.2f} | {seconds[True]:.2f} | "
                   f"{seconds[False] / seconds[True]:.1f}x | {mean['rounding']:.2f} | {mean['output_change']:.2f} | "

@@ -16,10 +16,11 @@ weights beside a random-weight denoiser of that architecture, labelled so), on t
   gradient steps pass through f forward and backward, so they cost what f costs).
 
 Times are the median of ``--repeats`` runs after one warm-up, in inference mode, batches of
-``--batch-size`` (default: the sampler's for the device, :data:`~InvarianceExplorerLib.sampler.BATCH_SIZE`). Each (model, device) runs in its own process, so that the peak memory is
-its own: the peak resident set size of that process on the CPU (includes Python, torch and
-the weights), ``torch.cuda.max_memory_allocated`` on CUDA. Prints a Markdown table with the
-machine and the command.
+``--batch-size`` (default: the sampler's for the device,
+:data:`~InvarianceExplorerLib.sampler.BATCH_SIZE`). Each (model, device) runs in its own
+process, so that the peak memory is its own: the peak resident set size of that process on
+the CPU (includes Python, torch and the weights), ``torch.cuda.max_memory_allocated`` on
+CUDA. Prints a Markdown table with the machine and the command.
 
     .venv/bin/python benchmarks/invariance_speed.py                 # bundled models
     .venv/bin/python benchmarks/invariance_speed.py --random cnn10 redcnn --threads 2
@@ -46,7 +47,7 @@ from InvarianceExplorerLib.invariance_flow import InvarianceFlow
 from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION
 from InvarianceExplorerLib.representation import Representation
 from InvarianceExplorerLib.sampler import BATCH_SIZE, CHECKED_REFINEMENT, InvarianceModels, InvarianceSampler, \
-    has_invariance_models, load_invariance_models
+    default_batch_size, has_invariance_models, load_invariance_models
 
 RANDOM = "random:"
 
@@ -84,7 +85,7 @@ def measure(name: str, device_name: str, threads: int, count: int, batch_size: i
     ``batch_size`` 0: the sampler's default for the device."""
     torch.set_num_threads(threads)
     device = torch.device(device_name)
-    batch_size = batch_size or BATCH_SIZE.get(device.type, BATCH_SIZE["cpu"])
+    batch_size = batch_size or default_batch_size(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     models = _models(name, device)

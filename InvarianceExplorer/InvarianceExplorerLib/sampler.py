@@ -66,6 +66,11 @@ AIR_HU = -1000.0
 #: 10 were bound by kernel launches; not yet timed on a GPU).
 BATCH_SIZE = {"cpu": 10, "cuda": 100}
 
+
+def default_batch_size(device) -> int:
+    """:data:`BATCH_SIZE` of ``device``'s type (the CPU's for any other type)."""
+    return BATCH_SIZE.get(torch.device(device).type, BATCH_SIZE["cpu"])
+
 #: ``progress(stage, done, total)``: stage "encoding" (1 unit) then "sampling" (``count`` units).
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -409,7 +414,8 @@ def run_with_memory_fallback(run: Callable[[torch.device, int], object], device:
                 batch_size = max(1, batch_size // 2)
                 warnings.warn(f"CUDA out of memory; retrying with batch size {batch_size}", RuntimeWarning)
             else:
-                device, batch_size = torch.device("cpu"), min(asked, BATCH_SIZE["cpu"])
+                device = torch.device("cpu")
+                batch_size = min(asked, default_batch_size(device))
                 warnings.warn(f"CUDA out of memory even at batch size 1; continuing on the CPU with batch size "
                               f"{batch_size}", RuntimeWarning)
 
@@ -487,7 +493,7 @@ class InvarianceSampler:
                              "cut one with crop_patch / InvarianceSampler.crop")
         check_hu(x_hu, "input patch")
         if batch_size is None:
-            batch_size = self._batch_size()
+            batch_size = default_batch_size(self.device)
         if int(count) < 1 or int(batch_size) < 1:
             raise ValueError(f"count and batch_size must be positive; got {count} and {batch_size}")
         refinement = self.models.refinement if refinement is None else Refinement.parse(refinement)
@@ -531,13 +537,10 @@ class InvarianceSampler:
         if refinement.centre:
             mean = null.mean(0, keepdim=True)
             null = null + (refine_invariances(f, mean, y, refinement.centre)[0] - mean)
-        batch_size = int(batch_size or self._batch_size())
+        batch_size = default_batch_size(self.device) if batch_size is None else int(batch_size)
         refined = [refine_invariances(f, null[i:i + batch_size], y, refinement.sample)[0]
                    for i in range(0, null.shape[0], batch_size)]
         return norm.denormalize(torch.cat(refined)[:, 0]).float().cpu().numpy()
-
-    def _batch_size(self) -> int:
-        return BATCH_SIZE.get(self.device.type, BATCH_SIZE["cpu"])
 
     def _sample(self, x_hu: np.ndarray, v: torch.Tensor, device: torch.device, batch_size: int,
                 progress: Optional[ProgressCallback], refinement: Refinement) -> dict:
