@@ -312,7 +312,8 @@ class InvarianceExplorerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
                        self.roiSelector.currentNodeChanged, self.centerFromROIButton.toggled,
                        self.panel.countSpin.valueChanged, self.panel.seedSpin.valueChanged,
                        self.panel.deviceCombo.currentIndexChanged, self.panel.denoiserCombo.currentIndexChanged,
-                       self.panel.refineCheck.toggled, self.panel.analyzeCheck.toggled):
+                       self.panel.customFolderEdit.textChanged, self.panel.refineCheck.toggled,
+                       self.panel.analyzeCheck.toggled):
             signal.connect(lambda *args: self.updateParameterNodeFromGUI())
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)

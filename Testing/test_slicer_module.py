@@ -356,7 +356,7 @@ def test_engine_error_and_cancel_leave_the_scene_unchanged(module, slicer, tmp_p
 
 def test_widget_plugs_node_selectors_into_the_panel_and_keeps_the_parameter_node(module, slicer, tmp_path,
                                                                                  python_slicer):
-    from InvarianceExplorerLib.ui.panel import RUN_TEXT
+    from InvarianceExplorerLib.ui.panel import DENOISERS, RUN_TEXT
     from InvarianceExplorerLib.ui.qtshim import application, qt
     from ui_helpers import wait_until
 
@@ -371,7 +371,11 @@ def test_widget_plugs_node_selectors_into_the_panel_and_keeps_the_parameter_node
     p = widget.logic.getParameterNode()
     assert p.inputVolume is volume and widget.volumeSelector.currentNode() is volume  # the first CT is picked
     panel.countSpin.setValue(8)
-    panel.setDenoiser(str(tmp_path / "no-model"))
+    panel.denoiserCombo.setCurrentIndex(len(DENOISERS))  # "Custom model folder…", then as Browse…
+    panel.customFolderEdit.setText(str(tmp_path / "no-model"))  # does, or as the user types it
+    assert (p.denoiser, p.customModelFolder) == ("custom", str(tmp_path / "no-model"))
+    widget.enter()  # back from placing the point in Markups: the folder is kept
+    assert panel.settings()["model"] == str(tmp_path / "no-model")
     panel.deviceCombo.setCurrentIndex(1)
     assert (p.sampleCount, p.denoiser, p.customModelFolder, p.device) == (8, "custom", str(tmp_path / "no-model"),
                                                                           "cpu")
