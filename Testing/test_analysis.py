@@ -611,6 +611,27 @@ def test_sample_with_analyze_runs_the_analysis(sample_folder, tmp_path, capsys):
     assert (out / ANALYSIS_DIR / "change_maps.nrrd").is_file()
 
 
+def test_analyze_refuses_a_full_dose_image_of_other_anatomy_or_off_the_grid(sample_folder, tmp_path, capsys):
+    """Method B's null must be scans of x's own anatomy: another phantom on the same grid, or an
+    image too small to hold the crop, is refused with what to give instead; nothing is written."""
+    from InvarianceExplorerLib.image import CTImage
+    from InvarianceExplorerLib.io import read_image, write_nrrd
+
+    out, full = sample_folder
+    image = read_image(full)
+    other = chest_phantom(7, size=64, spacing=image.spacing[0])
+    pair = LowDoseSimulator(64, image.spacing[0], photons=1e4).simulate(other.hu, dose=0.25, seed=1)
+    before = sorted(p.name for p in out.rglob("*"))
+    for name, array, message in (("other.nrrd", pair.full_dose, "does not show the anatomy of the sampled crop"),
+                                 ("small.nrrd", image.array[:20, :20], "is not on the low-dose input's grid")):
+        path = write_nrrd(CTImage(array, image.spacing, image.origin, image.direction), tmp_path / name)
+        assert main(["analyze", str(out), "--full-dose", path, "--dose", "0.25", "--photons", "1e4",
+                     "--null-count", "4", "--progress", "none"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and path in err and "Traceback" not in err
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
 def test_analysis_of_refined_samples_refines_the_null_or_says_it_is_uncalibrated(sample_folder, tmp_path, capsys):
     import warnings
 
@@ -629,8 +650,9 @@ def test_analysis_of_refined_samples_refines_the_null_or_says_it_is_uncalibrated
     capsys.readouterr()
     assert main(["analyze", str(out), "--null", str(out / "invariances.nrrd"), "--progress", "none"]) == 2
     assert "at least 8 images" in capsys.readouterr().err  # too few to shape the noise by
-    with pytest.warns(RuntimeWarning, match="cannot be refined into a noise-only one"):
+    with pytest.warns(RuntimeWarning) as caught:  # and, the null dropped, that the analysis is uncalibrated
         assert main(["analyze", str(out), "--posterior", "--null-count", "8", "--progress", "none"]) == 0
+    assert any("cannot be refined into a noise-only one" in str(w.message) for w in caught)
     record = json.loads((out / ANALYSIS_DIR / "analysis.json").read_text())
     assert not record["settings"]["null_refined"] and "null's noise shape" not in record["method_a"]["noise_estimate"]
     assert record["method_b"]["skipped"] and "cannot be refined" in record["method_b"]["reason"]

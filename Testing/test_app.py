@@ -67,6 +67,10 @@ def test_app_builds_the_sample_command_and_shows_engine_errors(app, tmp_path):
     assert not window.outDir.exists()
     (tmp_path / "results" / "x").mkdir()
     assert unique_folder(tmp_path / "results", "x").name == "x-2"
+    (tmp_path / "a file").write_text("kept")
+    window.resultsEdit.setText(str(tmp_path / "a file"))  # a results "folder" that is a file: said so, kept
+    assert not window.panel.start() and "is a file: choose a folder" in window.panel.errorText()
+    assert (tmp_path / "a file").read_text() == "kept"
 
 
 def test_gui_command_opens_and_closes(app, results, capsys):

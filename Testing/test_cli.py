@@ -102,3 +102,121 @@ def test_error_after_a_progress_bar_starts_on_its_own_line(tmp_path, capsys):
     assert lines[-1].startswith("invariance-explorer: error: ") and "does not exist" in lines[-1]
     assert sum("error:" in line for line in lines) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_demo_keeps_a_folder_of_other_files_and_replaces_an_earlier_demo(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "low_dose.nrrd").write_text("the user's own file")
+    assert main(["demo", "--out", str(taken), "--size", "64", "--no-progress"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (taken / "low_dose.nrrd").read_text() == "the user's own file" and len(list(taken.iterdir())) == 1
+    earlier = tmp_path / "demo"
+    for seed in ("0", "1"):  # a second run replaces the first demo's files
+        assert main(["demo", "--out", str(earlier), "--size", "64", "--seed", seed, "--no-progress"]) == 0
+    assert "phantom seed 1" in capsys.readouterr().out
+
+
+def test_bad_numbers_and_file_system_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--model", "cnn10", "--input", "x.nrrd", "--center", "1,1,0", "--count", "many", "--out", "o"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--count: must be a positive whole number; got 'many'" in err and "_positive" not in err
+    with pytest.raises(SystemExit):
+        main(["data", "simulate", "--count", "2", "--dose", "quarter", "--out", str(tmp_path / "s")])
+    assert "dose is a fraction of full dose in (0, 1]" in capsys.readouterr().err
+    (tmp_path / "a file").write_text("kept")
+    assert main(["data", "simulate", "--count", "1", "--size", "32", "--out", str(tmp_path / "a file" / "set"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("invariance-explorer: error: ") and "Traceback" not in err and len(err.splitlines()) == 1
+    assert (tmp_path / "a file").read_text() == "kept"
+
+
+def test_warnings_print_as_one_line_without_the_source(tmp_path, capsys):
+    """An image of 1.4 mm pixels for a denoiser trained on 0.7 mm: the spacing warning, as a user reads it."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--size", "256", "--no-progress"]) == 0
+    res = subprocess.run([sys.executable, "-m", "InvarianceExplorerLib", "denoise", "--model", "cnn10", "--input",
+                          str(tmp_path / "demo" / "low_dose.nrrd"), "--output", str(tmp_path / "d.nrrd"),
+                          "--progress", "none"], capture_output=True, text=True)  # as a user sees it: no pytest
+    err = res.stderr
+    assert res.returncode == 0, err
+    assert "invariance-explorer: warning: " in err and "1.4" in err
+    assert ".py:" not in err and "warnings.warn" not in err
+
+
+def test_damaged_model_and_results_files_are_named_with_what_to_do(tmp_path, capsys):
+    import shutil
+
+    from InvarianceExplorerLib.denoisers import bundled_models_dir
+    from InvarianceExplorerLib.sample_data import sample_ct_path
+
+    model = shutil.copytree(bundled_models_dir() / "cnn10", tmp_path / "model")
+    sample = ["sample", "--input", str(sample_ct_path()), "--center", "368,283,1", "--count", "3", "--progress", "none"]
+    assert main([*sample, "--model", str(model), "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    for text, problem in (('[1, 2]', "expected a JSON object {...}, found a list"),
+                          ('{"format": "invariance', "not valid JSON (Unterminated string")):
+        (model / "metadata.json").write_text(text)
+        assert main([*sample, "--model", str(model), "--out", str(tmp_path / "again")]) == 2
+        err = capsys.readouterr().err
+        assert f"{model / 'metadata.json'}: {problem}" in err and "copy it again" in err and "Traceback" not in err
+    assert not (tmp_path / "again").exists()
+    for name, text, problem in (("invariances.nrrd", "garbage", "cannot be read"),
+                                ("numbers.json", "{'count': 3}", "not valid JSON")):
+        damaged = shutil.copytree(tmp_path / "run", tmp_path / f"damaged {name}")
+        (damaged / name).write_text(text)
+        assert main(["analyze", str(damaged), "--progress", "none"]) == 2
+        err = capsys.readouterr().err
+        assert f"{damaged / name}: {problem}" in err and "Traceback" not in err
+        assert not (damaged / "analysis").exists()
+
+
+def test_analyze_refuses_bad_settings_and_finds_a_moved_model_only_when_told(tmp_path, capsys, monkeypatch):
+    """numbers.json records the model folder absolute (a relative --model is found from anywhere);
+    a folder gone since is an error, not a silent switch to an uncalibrated analysis."""
+    import shutil
+
+    from InvarianceExplorerLib.denoisers import bundled_models_dir
+    from InvarianceExplorerLib.sample_data import sample_ct_path
+
+    shutil.copytree(bundled_models_dir() / "cnn10", tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "--model", "model", "--input", str(sample_ct_path()), "--center", "368,283,1",
+                 "--count", "3", "--out", "run", "--progress", "none"]) == 0
+    numbers = json.loads((tmp_path / "run" / "numbers.json").read_text())
+    assert numbers["model"] == "model" and numbers["model_folder"] == str((tmp_path / "model").resolve())
+    for option, message in ((["--fdr", "2"], "fdr must be in (0, 1)"),
+                            (["--min-area=-5"], "min_area_mm2 must be >= 0"),
+                            (["--sigma-mm", "0"], "sigma_mm must be > 0 mm")):
+        assert main(["analyze", "run", *option, "--progress", "none"]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "analysis").exists()
+    (tmp_path / "model").rename(tmp_path / "moved")
+    assert main(["analyze", "run", "--progress", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "the model folder that sampled these invariances cannot be read" in err and "--model" in err
+    assert not (tmp_path / "run" / "analysis").exists()
+    assert main(["analyze", "run", "--model", "moved", "--progress", "none"]) == 0
+    record = json.loads((tmp_path / "run" / "analysis" / "analysis.json").read_text())
+    assert "refined_samples_note" not in record["method_a"]  # calibrated by the model's noise texture
+
+
+def test_ctrl_c_exits_130_in_one_line_and_leaves_no_partial_folder(tmp_path):
+    import signal
+
+    from InvarianceExplorerLib.sample_data import sample_ct_path
+
+    command = [sys.executable, "-m", "InvarianceExplorerLib", "sample", "--model", "redcnn", "--input",
+               str(sample_ct_path()), "--center", "368,283,1", "--count", "400", "--out", str(tmp_path / "run"),
+               "--progress", "json"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # interrupted while sampling
+        if json.loads(line).get("stage") == "sampling":
+            break
+    process.send_signal(signal.SIGINT)
+    rest, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and err.strip().splitlines()[-1] == "invariance-explorer: interrupted"
+    assert "Traceback" not in err
+    assert json.loads(rest.splitlines()[-1]) == {"event": "error", "message": "interrupted", "kind": "cancelled"}
+    assert list(tmp_path.iterdir()) == []

@@ -647,6 +647,7 @@ def test_sample_command_writes_every_output(model_folder, low_dose_slice, tmp_pa
     numbers = json.loads((out / "numbers.json").read_text())
     assert numbers["center_ijk"] == [40, 20, 0] and numbers["patch_size"] == 32 and numbers["count"] == 5
     assert numbers["seed"] == 3 and numbers["device"] == "cpu" and numbers["model"] == str(model_folder)
+    assert numbers["model_folder"] == str(model_folder.resolve())  # found again from any working directory
     assert numbers["input"] == ct and numbers["seconds"] > 0 and len(numbers["samples"]) == 5
     assert [s["index"] for s in numbers["samples"]] == list(range(5))
     assert numbers["consistency"] == pytest.approx(
@@ -675,16 +676,20 @@ def test_sample_command_errors_are_clear_and_write_nothing(model_folder, low_dos
         code = main(["sample", "--model", str(model), "--input", ct, "--center", center, "--count", "2",
                      "--out", str(out), "--progress", "json"])
         captured = capsys.readouterr()
-        return code, _events(captured.out)[-1], captured.err
+        return code, _events(captured.out), captured.err
 
     for model, center, out, message in [
             (bare, "32,32,0", tmp_path / "a", "no invariance models"),
             (model_folder, "64,10,0", tmp_path / "b", "outside the volume"),
             (model_folder, "10;10", tmp_path / "c", "give the voxel as i,j,k"),
-            (model_folder, "32,32,0", taken, "not empty")]:
-        code, event, err = run(model, center, out)
+            (model_folder, "32,32,0", taken, "not empty"),
+            (model_folder, "32,32,0", tmp_path / "ld.nrrd", "is a file"),
+            (model_folder, "32,32,0", tmp_path / "ld.nrrd" / "out", "cannot be made")]:  # found before sampling
+        code, events, err = run(model, center, out)
+        event = events[-1]
         assert code == 2 and event["event"] == "error" and event["kind"] == "input"
-        assert message in event["message"] and message in err
+        assert message in event["message"] and message in err and "Traceback" not in err
+        assert "sampling" not in [e.get("stage") for e in events]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "ld.nrrd", "taken"]
     assert (taken / "old.txt").read_text() == "keep me"
     # an existing empty folder is fine

@@ -42,6 +42,7 @@ import numpy as np
 
 from .analysis import ALPHA, FDR, MAX_PASSED_ON, MIN_AREA_MM2, MIN_SHAPE_NULL, ensemble_test, structure_change
 from .image import CTImage
+from .io import read_json_object
 from .noise import NoiseTexture, noise_summary
 from .result_folder import load_result, read_volume
 
@@ -109,13 +110,16 @@ POSTERIOR_REFINED_NOTE = ("these invariances were sampled with a consistency ref
 
 def model_noise_texture(model) -> Tuple[Optional[NoiseTexture], str]:
     """The noise texture of a model folder's training data (``metadata["noise_texture"]``,
-    :func:`~.training.data_noise_texture`), or ``(None, why not)``."""
+    :func:`~.training.data_noise_texture`), or ``(None, why not)`` when the folder holds none;
+    a ``ValueError`` when the folder cannot be read (the analysis would silently lose its
+    calibration)."""
     from .denoisers import read_metadata, resolve_model_folder
 
     try:
         metadata = read_metadata(resolve_model_folder(model))
     except (OSError, ValueError) as error:
-        return None, f"the model folder {model} cannot be read ({error})"
+        raise ValueError(f"the model folder that sampled these invariances cannot be read ({error}); give it to the "
+                         "analysis (analyze --model FOLDER_OR_NAME) if it has moved") from None
     if not metadata.get("noise_texture"):
         return None, (f"the model folder {model} holds no noise texture of its training data (add it with "
                       "benchmarks/noise_texture.py)")
@@ -138,12 +142,35 @@ def find_null(folder, numbers: dict, shape: Tuple[int, int]) -> Tuple[Optional[n
     return stack, source, f"{NOISE_ONLY_FILE} in the sample folder"
 
 
+#: A full-dose image is refused as x's when, both smoothed by a Gaussian of this sigma (px),
+#: x differs from it more than ``ANATOMY_GAP_FACTOR`` times plus ``ANATOMY_GAP_HU`` what the
+#: simulated scans of it do (mean |difference|, HU): different anatomy, not noise.
+ANATOMY_GAP_SIGMA_PX, ANATOMY_GAP_FACTOR, ANATOMY_GAP_HU = 2.0, 4.0, 10.0
+
+
+def _check_same_anatomy(x: np.ndarray, full_dose: np.ndarray, scans: np.ndarray, dose: float, name) -> None:
+    """``x`` (the sample's crop, HU) must be a scan of the full-dose crop ``full_dose``: smoothed,
+    it may differ from it only about as the simulated ``scans`` of it do (noise)."""
+    from scipy.ndimage import gaussian_filter
+
+    def gap(image: np.ndarray) -> float:
+        return float(np.abs(gaussian_filter(image.astype(np.float64) - full_dose, ANATOMY_GAP_SIGMA_PX)).mean())
+
+    expected, found = max(gap(scan) for scan in scans), gap(x)
+    if found > ANATOMY_GAP_FACTOR * expected + ANATOMY_GAP_HU:
+        raise ValueError(f"{name} does not show the anatomy of the sampled crop: smoothed, the crop differs from it by "
+                         f"{found:.0f} HU on average where a simulated scan at dose {dose:g} differs by {expected:.0f} "
+                         "HU; give the full-dose scan the low-dose input was made from (same patient, slice and grid)")
+
+
 def simulate_null_for_folder(folder, full_dose: CTImage, dose: float, count: int = 16, seed: int = 0, *,
-                             photons: Optional[float] = None, filter: str = "hann", device="cpu") -> np.ndarray:
+                             photons: Optional[float] = None, filter: str = "hann", device="cpu",
+                             source=None) -> np.ndarray:
     """Method B's null for a sample folder from the full-dose image at hand: ``count``
     low-dose scans at ``dose`` of the full-dose slice the crop was cut from (simulated whole,
     :func:`~.analysis.simulate_noise_only`, then cut like the crop), ``(count, P, P)`` HU.
-    ``full_dose`` must be on the input's grid (the crop's position is checked). The scan
+    ``full_dose`` must be on the input's grid (the crop's position is checked) and show the
+    crop's anatomy (:func:`_check_same_anatomy`); ``source`` names it in errors. The scan
     settings (``photons``, ``filter``) should be those that made the low-dose input."""
     from .analysis import simulate_noise_only
     from .lowdose import LowDoseSimulator
@@ -155,24 +182,31 @@ def simulate_null_for_folder(folder, full_dose: CTImage, dose: float, count: int
         raise ValueError(f"{result.folder}: numbers.json has no center_ijk and patch_size; cannot find the crop")
     i, j, k = (int(v) for v in numbers["center_ijk"])
     size = int(numbers["patch_size"])
+    name = "the full-dose image" if source is None else f"the full-dose image {source}"
     if full_dose.is_slice:
         plane = full_dose
     elif 0 <= k < full_dose.array.shape[0]:
         plane = list(full_dose.slices())[k]
     else:
-        raise ValueError(f"the full-dose image has {full_dose.array.shape[0]} slices; the crop is on slice {k}")
+        raise ValueError(f"{name} has {full_dose.array.shape[0]} slices; the crop is on slice {k}: give the "
+                         "full-dose image on the low-dose input's grid")
     ny, nx = plane.array.shape
+    if not (0 <= i < nx and 0 <= j < ny):
+        raise ValueError(f"{name} ({nx} x {ny} pixels) is not on the low-dose input's grid: the crop's centre, voxel "
+                         f"({i}, {j}), lies outside it")
     sx, sy = plane.pixel_spacing
     if ny != nx or abs(sx - sy) > 1e-3 * sx:
-        raise ValueError(f"the full-dose slice is {nx} x {ny} pixels of {sx:g} x {sy:g} mm; the scan simulation needs "
+        raise ValueError(f"{name}'s slice is {nx} x {ny} pixels of {sx:g} x {sy:g} mm; the scan simulation needs "
                          "a square slice of square pixels")
     where = crop_patch(plane, (i, j), size).image
     if not np.allclose(where.origin[:2], result.crop.origin[:2], atol=1e-3 * max(sx, 1.0)):
-        raise ValueError(f"the full-dose image is not on the input's grid: the crop would lie at {where.origin[:2]} mm, "
+        raise ValueError(f"{name} is not on the low-dose input's grid: the crop would lie at {where.origin[:2]} mm, "
                          f"the sample's crop lies at {result.crop.origin[:2]} mm")
     simulator = LowDoseSimulator(nx, sx, photons=photons, filter=filter, device=device)
     scans = simulate_noise_only(plane.array, dose, count, seed, simulator=simulator)
-    return np.stack([crop_patch(plane.with_array(scan), (i, j), size).array for scan in scans])
+    crops = np.stack([crop_patch(plane.with_array(scan), (i, j), size).array for scan in scans])
+    _check_same_anatomy(result.crop.array[0], where.array, crops, dose, name)
+    return crops
 
 
 def _model_of(result, model=None, required: bool = True):
@@ -257,6 +291,14 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
     Returns ``(analysis folder, the analysis.json record)``.
     """
     report = progress or (lambda stage, done, total: None)
+    for name, value, ok, meaning in (
+            ("alpha", alpha, 0 < alpha < 1, "in (0, 1): method A's expected false regions per invariance"),
+            ("fdr", fdr, 0 < fdr < 1, "in (0, 1): method B's false discovery rate, e.g. 0.05"),
+            ("sigma_mm", sigma_mm, sigma_mm is None or sigma_mm > 0, "> 0 mm: the reference filter's width"),
+            ("min_area_mm2", min_area_mm2, min_area_mm2 >= 0, ">= 0 mm²: method A's smallest altered region"),
+            ("max_passed_on", max_passed_on, max_passed_on > 0, "> 0: the share of a change f may pass on")):
+        if not ok:
+            raise ValueError(f"{name} must be {meaning}; got {value}")
     result = load_result(folder)
     folder = result.folder
     crop = result.crop
@@ -461,8 +503,8 @@ def load_analysis(folder) -> dict:
     numbers_path = folder / ANALYSIS_FILES["numbers"]
     if not numbers_path.is_file():
         raise ValueError(f"{folder}: no analysis here (run invariance-explorer analyze on the sample folder)")
-    with open(numbers_path) as f:
-        loaded = {"numbers": json.load(f)}
+    loaded = {"numbers": read_json_object(numbers_path, "the analysis is damaged: run invariance-explorer analyze "
+                                                        "on the sample folder again")}
     for name, file in ANALYSIS_FILES.items():
         if file.endswith(".nrrd") and (folder / file).is_file():
             loaded[name] = read_volume(folder / file)

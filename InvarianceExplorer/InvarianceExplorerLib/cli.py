@@ -13,16 +13,19 @@ Commands:
     sample          sample the invariances of a denoiser for a patch around a voxel
     analyze         find the invariances that change anatomy in a sample output folder
 
-Errors in the user's input are reported in one line (what was wrong and what to do) with
-exit status 2; nothing is written in that case.
+Errors in the user's input or files (unreadable, unwritable) are reported in one line (what was
+wrong and what to do) with exit status 2; nothing is written in that case. Warnings print as one
+line each; an interrupted command (Ctrl-C) exits with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,9 +33,12 @@ from . import __version__
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive whole number; got {text!r}")
     return value
 
 
@@ -48,9 +54,13 @@ def _hyperparameter(text: str) -> tuple:
 
 
 def _dose(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"dose is a fraction of full dose in (0, 1], e.g. 0.25 for quarter dose; got {text}")
+        raise argparse.ArgumentTypeError(f"dose is a fraction of full dose in (0, 1], e.g. 0.25 for quarter dose; "
+                                         f"got {text!r}")
     return value
 
 
@@ -79,7 +89,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def _add_demo(demo) -> None:
-    demo.add_argument("--out", type=Path, default=Path("results/demo"), help="output folder")
+    demo.add_argument("--out", type=Path, default=Path("results/phantom-demo"),
+                      help="output folder: new, empty, or an earlier demo's (default results/phantom-demo)")
     demo.add_argument("--seed", type=int, default=0, help="phantom and noise seed")
     demo.add_argument("--size", type=_positive_int, default=512, help="slice size in pixels (default 512)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -417,6 +428,9 @@ def _cmd_demo(args) -> int:
     from .lowdose import LowDoseSimulator
     from .phantom import Label, chest_phantom
 
+    out = args.out
+    if not (out / "demo.json").is_file():  # a new folder, or an earlier demo's whose files are replaced
+        _check_new_folder(out, "demo")
     spacing = 0.7 * 512 / args.size
     steps = tqdm(total=3, desc="demo", disable=args.no_progress)
     phantom = chest_phantom(args.seed, size=args.size, spacing=spacing)
@@ -424,7 +438,6 @@ def _cmd_demo(args) -> int:
     sim = LowDoseSimulator(args.size, spacing, photons=args.photons, filter=args.filter, device=args.device)
     pair = sim.simulate(phantom.hu, dose=args.dose, seed=args.seed)
     steps.update()
-    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     image = phantom.to_ctimage()
     files = {
@@ -583,6 +596,18 @@ def _center(text: str) -> tuple:
     return values
 
 
+def _check_new_folder(out: Path, command: str) -> None:
+    """``out`` may become the folder ``command`` writes whole: it does not exist, or is an empty folder."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give {command} the path of a new folder (--out)")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out}: the output folder already exists and is not empty; choose a new folder "
+                         f"({command} writes it whole) or remove the old one")
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(f"{above} is a file, so the folder {out} cannot be made; give {command} another --out")
+
+
 def _cmd_sample(args) -> int:
     """``sample``: crop, sample, write DIR whole (a temporary sibling folder, then renamed)."""
     import shutil
@@ -599,9 +624,7 @@ def _cmd_sample(args) -> int:
     from .sampler import InvarianceSampler
 
     out = args.out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out}: the output folder already exists and is not empty; choose a new folder "
-                         "(sample writes it whole) or remove the old one")
+    _check_new_folder(out, "sample")
     center = _center(args.center)
     progress = Progress(args.progress)
     update = progress.stage("loading", 2, "Loading the models and the image")
@@ -621,13 +644,13 @@ def _cmd_sample(args) -> int:
             current["update"] = progress.stage(stage, total, messages.get(stage, stage))
         current["update"](done)
 
-    result = sampler.sample(patch.array, count=args.count, seed=args.seed, batch_size=args.batch_size,
-                            progress=report, refinement=args.refine)
-    update = progress.stage("writing", len(FILES), f"Writing {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)  # before the work: a folder that cannot be made says so now
     partial = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
     partial.mkdir()
     try:
+        result = sampler.sample(patch.array, count=args.count, seed=args.seed, batch_size=args.batch_size,
+                                progress=report, refinement=args.refine)
+        update = progress.stage("writing", len(FILES), f"Writing {out}")
         crop = patch.image
         stack = CTImage(result.invariances, crop.spacing, crop.origin, crop.direction)  # axis 0: sample k
         images = {"input": (crop, result.x), "denoised": (crop, result.denoised),
@@ -637,7 +660,7 @@ def _cmd_sample(args) -> int:
             write_nrrd(geometry, partial / FILES[name], array=array)
             update(n + 1)
         numbers = {
-            "model": str(args.model), "model_folder": str(sampler.models.folder),
+            "model": str(args.model), "model_folder": str(Path(sampler.models.folder).resolve()),
             "denoiser": sampler.models.denoiser.arch, "input": str(args.input),
             "center_ijk": list(patch.center_ijk), "patch_size": sampler.patch_size,
             "padded_pixels": patch.padded_pixels, "count": result.count, "seed": result.seed,
@@ -696,6 +719,9 @@ def _add_analyze(ana) -> None:
                           f"to f(x~) (default {MAX_PASSED_ON}; 1e9 counts every region)")
     ana.add_argument("--sigma-mm", type=float, default=None,
                      help="reference filter width (Gaussian sigma) in mm (default: the noise correlation length)")
+    ana.add_argument("--model", default=None, metavar="FOLDER_OR_NAME",
+                     help="the model folder (or bundled name) that sampled, for refined invariances (default: the "
+                          "one numbers.json names)")
     null = ana.add_argument_group("noise-only null for method B (default: noise_only.nrrd in RESULTS_DIR, if any)")
     null.add_argument("--null", type=Path, default=None, metavar="FILE",
                       help="NRRD stack (axis 0 = realisation) of noise-only variants of the crop at the input's dose")
@@ -740,12 +766,13 @@ def _run_analysis(folder: Path, progress, args=None) -> tuple:
     elif args is not None and args.full_dose is not None:
         update = progress.stage("simulating", 1, f"Simulating {args.null_count} noise-only scans at dose {args.dose:g}")
         null = simulate_null_for_folder(folder, read_image(args.full_dose, hu_offset=args.hu_offset), args.dose,
-                                        args.null_count, args.seed, photons=args.photons, filter=args.filter)
+                                        args.null_count, args.seed, photons=args.photons, filter=args.filter,
+                                        source=args.full_dose)
         source = "simulator"
         update(1)
     elif args is not None and args.posterior:
         update = progress.stage("posterior", 1, f"Drawing {args.null_count} images from the cVAE posterior of x")
-        null, source = posterior_null(folder, args.null_count, args.seed), POSTERIOR_NULL
+        null, source = posterior_null(folder, args.null_count, args.seed, model=args.model), POSTERIOR_NULL
         update(1)
     messages = {"noise": "Measuring noise", "method A": "Method A: structure change per invariance",
                 "method B": "Method B: ensemble test against the noise-only null", "writing": "Writing the analysis"}
@@ -762,7 +789,8 @@ def _run_analysis(folder: Path, progress, args=None) -> tuple:
         alpha=ALPHA if args is None else args.alpha, fdr=FDR if args is None else args.fdr,
         sigma_mm=None if args is None else args.sigma_mm,
         min_area_mm2=MIN_AREA_MM2 if args is None else args.min_area,
-        max_passed_on=MAX_PASSED_ON if args is None else args.max_passed_on, progress=report)
+        max_passed_on=MAX_PASSED_ON if args is None else args.max_passed_on,
+        model=None if args is None else args.model, progress=report)
     a, b = record["method_a"], record["method_b"]
     text = (f"analysis of {record['count']} invariances: method A flags {a['altered_samples']} with altered regions "
             f"(|z| >= {a['threshold_z']:.2f}"
@@ -808,22 +836,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser(command if command in COMMANDS else "").parse_args(words)
 
     from .io import CTInputError
-    from .progress import Progress
+    from .progress import WARNING_PREFIX, Progress
 
     json_progress = getattr(args, "progress", None) == "json"
+    shown = warnings.formatwarning
+    warnings.formatwarning = lambda message, *rest, **named: f"{WARNING_PREFIX}{message}\n"
     try:
         return int(args.func(args) or 0)
-    except (CTInputError, ValueError) as exc:  # the user's input: one clear line, no traceback
+    except (CTInputError, ValueError, OSError) as exc:  # the user's input or files: one clear line, no traceback
+        _finish_bars()
+        message = str(exc)
+        if isinstance(exc, OSError) and exc.strerror and exc.filename:  # e.g. a folder that cannot be made
+            message = f"{exc.filename}: {exc.strerror}; check the path and that it may be read (or written) there"
+        if json_progress:
+            Progress("json").error(message, kind="input")
+        print(f"invariance-explorer: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
         _finish_bars()
         if json_progress:
-            Progress("json").error(str(exc), kind="input")
-        print(f"invariance-explorer: error: {exc}", file=sys.stderr)
-        return 2
+            Progress("json").error("interrupted", kind="cancelled")
+        print("invariance-explorer: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # a bug or a failing machine: programs reading JSON still get told
         _finish_bars()
         if json_progress:
             Progress("json").error(f"{type(exc).__name__}: {exc}", kind="internal")
         raise
+    finally:
+        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":

@@ -206,8 +206,9 @@ def _read_config(path: Path) -> dict:
 def _check_bundle_channels(metadata: Optional[Path]) -> None:
     if metadata is None:
         return
-    with open(metadata) as f:
-        fmt = json.load(f).get("network_data_format", {})
+    from .io import read_json_object
+
+    fmt = read_json_object(metadata, "fix the bundle's metadata.json").get("network_data_format", {})
     for side, default in (("inputs", "image"), ("outputs", "pred")):
         entries = fmt.get(side, {})
         entry = entries.get(default) or next(iter(entries.values()), {})

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 
+from .io import read_json_object
 from .normalization import HUNormalization
 
 MODEL_FORMAT = "invariance-explorer/denoiser"
@@ -480,8 +481,7 @@ def read_metadata(folder_or_name) -> dict:
     path = folder / METADATA
     if not path.is_file():
         raise ValueError(f"{folder}: not a denoiser model folder (no {METADATA})")
-    with open(path) as f:
-        metadata = json.load(f)
+    metadata = read_json_object(path, "the model folder is damaged: copy it again from where it was made")
     if metadata.get("format") != MODEL_FORMAT or metadata.get("architecture", {}).get("name") not in (*DENOISERS,
                                                                                                        CUSTOM):
         raise ValueError(f"{path}: not an InvarianceExplorer denoiser (format {metadata.get('format')!r}, "

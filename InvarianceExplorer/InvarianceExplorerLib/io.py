@@ -145,13 +145,41 @@ def _is_dicom(path: Path) -> bool:
         return f.read(132)[128:] == b"DICM"
 
 
-def _read_itk(path: Path, hu_offset: float) -> CTImage:
+def _itk_reason(exc: RuntimeError) -> str:
+    """The last line of a SimpleITK error: what went wrong, without ITK's source file and line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else str(exc)
+
+
+def read_itk(path) -> "sitk.Image":
+    """``sitk.ReadImage``, with a :class:`CTInputError` naming the file when it cannot be read."""
     try:
-        image = sitk.ReadImage(str(path))
+        return sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise CTInputError(path, f"cannot be read ({lines[-1] if lines else exc})",
+        raise CTInputError(path, f"cannot be read ({_itk_reason(exc)})",
                            "Check that the file is complete (for .nhdr/.mhd also its data file next to it).") from None
+
+
+def read_json_object(path, fix: str) -> dict:
+    """The JSON object ``{...}`` in the file ``path``; a ``ValueError`` naming the file, what is
+    wrong with it and ``fix`` (what to do) when it is missing, unreadable or not an object."""
+    import json
+
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); {fix}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot be read ({exc}); {fix}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object {{...}}, found a {type(value).__name__}; {fix}")
+    return value
+
+
+def _read_itk(path: Path, hu_offset: float) -> CTImage:
+    image = read_itk(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise CTInputError(path, f"has {image.GetNumberOfComponentsPerPixel()} values per voxel "
                                  "(a vector or colour image), not one HU value",
@@ -415,6 +443,9 @@ def write_nrrd(image: CTImage, path, *, array: Optional[np.ndarray] = None, comp
     try:
         sitk.WriteImage(out, str(temporary), useCompression=compress)
         os.replace(temporary, path)
+    except RuntimeError as exc:
+        raise OSError(f"{path}: cannot be written ({_itk_reason(exc)}); check that its folder is writable and has "
+                      "space") from None
     finally:
         if temporary.exists():
             temporary.unlink()

@@ -16,10 +16,11 @@ every one with ``"event"``:
 * ``{"event": "done", "outputs": {"denoised": "/path/out.nrrd"}, "message": "..."}`` — the
   job finished and wrote ``outputs`` (names -> paths);
 * ``{"event": "error", "message": "...", "kind": "input"}`` — the job failed (``kind``:
-  ``"input"`` for the user's input or settings, ``"internal"`` otherwise); the process then
-  exits with a non-zero status.
+  ``"input"`` for the user's input, settings or files, ``"cancelled"`` when interrupted
+  (SIGINT), ``"internal"`` otherwise); the process then exits with a non-zero status.
 
-In JSON mode nothing else is written to stdout; human-readable text goes to stderr.
+In JSON mode nothing else is written to stdout; human-readable text goes to stderr, where
+each warning is one line starting with :data:`WARNING_PREFIX` (the panel shows them as notes).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from typing import Callable, Dict, Optional, TextIO
 
 #: Progress modes of :class:`Progress` and of the CLI's ``--progress``.
 MODES = ("bar", "json", "none")
+
+#: How the CLI starts a warning's line on stderr: ``invariance-explorer: warning: MESSAGE``.
+WARNING_PREFIX = "invariance-explorer: warning: "
 
 
 class Progress:

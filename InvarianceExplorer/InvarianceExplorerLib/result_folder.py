@@ -22,7 +22,6 @@ both use it, so the Slicer layer only turns these arrays and matrices into nodes
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -62,7 +61,9 @@ def read_volume(path) -> CTImage:
     not checked as HU: std maps and stacks are read too). Geometry in LPS, as in the file."""
     import SimpleITK as sitk
 
-    image = sitk.ReadImage(str(path))
+    from .io import read_itk
+
+    image = read_itk(path)
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
         raise ValueError(f"{path}: expected a scalar 2D or 3D image")
     array = sitk.GetArrayFromImage(image).astype(np.float32)
@@ -169,8 +170,9 @@ def load_result(folder) -> SampleResult:
         raise ValueError(f"{folder}: not a complete sample results folder (missing {', '.join(missing)})")
     volumes = {name: read_volume(folder / FILES[name]) for name in SINGLE_VOLUMES + STACK_VOLUMES
                if (folder / FILES[name]).is_file()}
-    with open(folder / FILES["numbers"]) as f:
-        numbers = json.load(f)
+    from .io import read_json_object
+
+    numbers = read_json_object(folder / FILES["numbers"], "the sample folder is damaged: sample the patch again")
     crop = volumes["input"]
     if crop.array.shape[0] != 1:
         raise ValueError(f"{folder / FILES['input']}: the crop should be one slice; it has {crop.array.shape[0]}")

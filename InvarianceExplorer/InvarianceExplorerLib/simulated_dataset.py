@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .image import PairedSlice
+from .io import read_json_object
 from .normalization import PAPER_NORMALIZATION, HUNormalization
 
 DATASET_FORMAT = "invariance-explorer/simulated-ldct-pairs"
@@ -143,8 +144,7 @@ def _open_manifest(path: Path, parameters: dict) -> dict:
                          "python": platform.python_version(), "numpy": np.__version__,
                          "torch": _torch_version()},
         }
-    with open(path) as f:
-        manifest = json.load(f)
+    manifest = read_json_object(path, "choose an empty output folder")
     if manifest.get("format") != DATASET_FORMAT:
         raise DatasetMismatchError(f"{path} is not a simulated InvarianceExplorer data set "
                                    f"(format {manifest.get('format')!r}); choose an empty output folder")
@@ -240,8 +240,8 @@ class SimulatedDataset(Sequence):
         if not self.manifest_path.is_file():
             raise FileNotFoundError(f"{self.manifest_path}: no simulated data set manifest here; "
                                     "build one with build_simulated_dataset (CLI: data simulate)")
-        with open(self.manifest_path) as f:
-            self.manifest = json.load(f)
+        self.manifest = read_json_object(self.manifest_path, "the data set's manifest is damaged: simulate the "
+                                                             "data set again into a new folder")
         if self.manifest.get("format") != DATASET_FORMAT:
             raise ValueError(f"{self.manifest_path} is not a simulated InvarianceExplorer data set manifest")
         self.root = self.manifest_path.parent

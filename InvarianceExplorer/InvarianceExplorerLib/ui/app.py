@@ -276,7 +276,12 @@ class MainWindow(qt.QMainWindow):
         if not prop(self.inputEdit, "text").strip() or not source.exists():
             raise ValueError("Choose the input CT (a NRRD/NIfTI/MHA file or a DICOM folder).")
         root = Path(prop(self.resultsEdit, "text").strip() or "results/gui")
-        root.mkdir(parents=True, exist_ok=True)
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"The results folder {root} is a file: choose a folder.")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"The results folder {root} cannot be made ({exc.strerror}): choose another.") from None
         i, j, k = self.center()
         stem = source.name.split(".")[0] or "ct"
         self.outDir = unique_folder(root, f"{stem}_{i}-{j}-{k}_seed{settings['seed']}_n{settings['count']}")

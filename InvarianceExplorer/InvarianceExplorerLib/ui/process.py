@@ -142,11 +142,13 @@ class EngineJob:
     def warnings(self) -> List[str]:
         """The Python warnings the child printed (e.g. "CUDA out of memory ...; continuing on the
         CPU"), as their messages, without repeats."""
+        from ..progress import WARNING_PREFIX
+
         found = []
         for line in self._stderr_tail:
-            head, sep, message = line.partition("Warning: ")
-            if sep and head.rstrip().split(" ")[-1].split(":")[-1].isidentifier() and message not in found:
-                found.append(message.strip())
+            message = line.strip()[len(WARNING_PREFIX):].strip() if line.strip().startswith(WARNING_PREFIX) else ""
+            if message and message not in found:
+                found.append(message)
         return found
 
     def poll(self) -> List[dict]:
