@@ -83,6 +83,7 @@ ENGINE_REQUIREMENTS = {
     "pydicom": "pydicom>=2.4",
     "tqdm": "tqdm>=4.60",
     "PIL": "Pillow>=9.0",
+    "yaml": "PyYAML>=6.0",
 }
 TORCH_REQUIREMENT = "torch>=2.2"
 

@@ -222,11 +222,11 @@ def test_a_declaration_file_and_normalisation_forms(tmp_path):
     assert HUNormalization.parse("identity").normalize(40.0) == 40.0
     assert HUNormalization.parse("mean-std:0,1000").normalize(500.0) == 0.5
     assert HUNormalization.parse("paper") == PAPER_NORMALIZATION
-    for bad in ("window:3", "hu", "mean-std:a,b", "window:100,-100"):
+    for bad in ("window:3", "hu", "mean-std:a,b", "window:100,-100", "mean-std:nan,1"):
         with pytest.raises(ValueError):
             HUNormalization.parse(bad)
     path.write_text(json.dumps({"normalisation": "paper"}))
-    with pytest.raises(ValueError, match="keys among"):
+    with pytest.raises(ValueError, match=r"keys among .* \(unknown: normalisation\)"):
         read_declaration(path)
 
 
@@ -319,6 +319,87 @@ def test_a_network_that_looks_far_must_be_declared_full_image():
 
     with pytest.raises(DenoiserCheckError, match="declare use full-image"):
         check_denoiser(GlobalMean(), PAPER_NORMALIZATION)
+
+
+def test_a_unet_that_needs_even_sizes_passes_the_checks():
+    """MONAI's UNet with two stride-2 levels runs only on sizes divisible by 4: the receptive
+    field probe must be such a size too (it was 257 and crashed the check)."""
+    from monai.networks.nets import UNet
+
+    class SmallResidual(nn.Module):  # an untrained UNet, scaled so that it changes CT by little
+        def __init__(self):
+            super().__init__()
+            self.unet = UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(4, 8, 16), strides=(2, 2))
+
+        def forward(self, x):
+            return x + 1e-3 * self.unet(x)
+
+    torch.manual_seed(0)
+    report = check_denoiser(SmallResidual(), PAPER_NORMALIZATION, use="full-image")
+    assert report["input_shape"] == [2, 1, 128, 128] and report["receptive_field"] > 15
+
+
+def _bundle_with(bundle, tmp_path, name, config=None, suffix="json"):
+    import shutil
+
+    copy = shutil.copytree(bundle, tmp_path / name)
+    if config is not None:
+        (copy / "configs" / "inference.json").unlink()
+        text = config if isinstance(config, str) else json.dumps(config)
+        (copy / "configs" / f"inference.{suffix}").write_text(text)
+    return copy
+
+
+def test_what_the_users_files_raise_is_one_line_naming_them(cnn10, monai_bundle, tmp_path, capsys):
+    """A class file that does not run, a constructor that refuses its arguments, weights of the
+    wrong shape or damaged, a bundle whose network_def fails: one line each, no traceback."""
+    torch.save(cnn10.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "weights.safetensors").write_bytes(b"\xff" * 64)
+    wide32 = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 1, 3, padding=1)).state_dict()
+    torch.save(wide32, tmp_path / "wide32.pt")  # the keys of net.py's Wide, at width 32
+    (tmp_path / "syntax.py").write_text("class Net(\n")
+    (tmp_path / "sibling.py").write_text("from my_blocks import Block\n")
+    (tmp_path / "net.py").write_text(textwrap.dedent("""
+        import torch.nn as nn
+
+        class Needs(nn.Conv2d):
+            def __init__(self, width, depth):
+                super().__init__(1, 1, 3)
+
+        class Wide(nn.Sequential):
+            def __init__(self, width=16):
+                super().__init__(nn.Conv2d(1, width, 3, padding=1), nn.Conv2d(width, 1, 3, padding=1))
+    """))
+    (tmp_path / "list.json").write_text(json.dumps({"class": f"{tmp_path / 'net.py'}:Wide", "arguments": [8],
+                                                    "normalization": "paper"}))
+    common = ["fit", "--normalization", "paper", "--check", "--device", "cpu"]
+    weights = ["--denoiser", str(tmp_path / "weights.pt")]
+    cases = [
+        ([*common, *weights, "--class", f"{tmp_path / 'syntax.py'}:Net"], "syntax.py cannot be run (SyntaxError"),
+        ([*common, *weights, "--class", f"{tmp_path / 'sibling.py'}:Net"],
+         "No module named 'my_blocks'); it must be one self-contained file"),
+        ([*common, *weights, "--class", f"{tmp_path / 'net.py'}:Needs"],
+         "cannot be built with arguments {} (TypeError: Needs.__init__() missing 2 required positional arguments"),
+        (["fit", "--check", *weights, "--declaration", str(tmp_path / "list.json")],
+         "are the class's constructor keywords"),
+        ([*common, "--denoiser", str(tmp_path / "wide32.pt"), "--class", f"{tmp_path / 'net.py'}:Wide"],
+         "the weights do not fit the network (size mismatch for 0.weight"),
+        ([*common, "--denoiser", str(tmp_path / "weights.safetensors"), "--class", f"{tmp_path / 'net.py'}:Wide"],
+         "cannot read it as safetensors"),
+        ([*common, "--denoiser", str(_bundle_with(monai_bundle, tmp_path, "missing_arg", {
+            "network_def": {"_target_": "torch.nn.Conv2d", "in_channels": 1, "out_channels": 1}}))],
+         "network_def cannot be built (TypeError: Conv2d.__init__() missing 1 required positional argument"),
+        ([*common, "--denoiser", str(_bundle_with(monai_bundle, tmp_path, "broken_json", "{bad", suffix="json"))],
+         "cannot be read as a MONAI bundle config"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    yaml_bundle = _bundle_with(monai_bundle, tmp_path, "yaml", "network_def:\n  _target_: "
+                               "InvarianceExplorerLib.denoisers.CNN10\n", suffix="yaml")
+    assert main([*common, "--denoiser", str(yaml_bundle)]) == 0  # PyYAML is a dependency
+    assert "passes the checks" in capsys.readouterr().out
 
 
 def test_the_cli_checks_only_and_explains_a_missing_declaration(torchscript_file, capsys):

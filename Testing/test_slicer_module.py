@@ -716,3 +716,14 @@ def test_the_self_test_installs_nothing_under_ctest_unless_asked_and_nothing_whe
     result = run()
     assert len(result.skipped) == 1 and "were not installed" in result.skipped[0][1]
     assert installs == [] and len(slicer.answers.asked) == 1
+
+
+def test_slicer_installs_every_engine_dependency_that_slicer_lacks(module):
+    """What the module pip-installs in Slicer's Python, with torch from PyTorchUtils and what
+    Slicer itself bundles (numpy, SimpleITK), is exactly pyproject.toml's dependencies."""
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    declared = set(tomllib.loads(pyproject.read_text())["project"]["dependencies"])
+    bundled_with_slicer = {"numpy>=1.23", "SimpleITK>=2.3"}
+    assert set(module.ENGINE_REQUIREMENTS.values()) | {module.TORCH_REQUIREMENT} | bundled_with_slicer == declared

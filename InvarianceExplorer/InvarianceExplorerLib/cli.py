@@ -53,6 +53,17 @@ def _hyperparameter(text: str) -> tuple:
         return name.strip(), value
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg}); give a JSON object such as "
+                                         f"'{{\"width\": 8}}' (keys in double quotes); got {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"give a JSON object such as '{{\"width\": 8}}'; got {text!r}")
+    return value
+
+
 def _dose(text: str) -> float:
     try:
         value = float(text)
@@ -277,7 +288,7 @@ def _add_fit(p) -> None:
                         "weights_only=True, or .safetensors) with --class, or a model folder (train denoiser)")
     p.add_argument("--class", dest="class_path", metavar="MODULE:CLASS",
                    help="the network class of a state dict: package.module:Class or path/to/file.py:Class")
-    p.add_argument("--arguments", type=json.loads, default=None, metavar="JSON",
+    p.add_argument("--arguments", type=_json_object, default=None, metavar="JSON",
                    help="keyword arguments of the class, as a JSON object")
     p.add_argument("--declaration", type=Path, metavar="FILE",
                    help="JSON file declaring normalization, use, class, arguments, name (options given here win)")

@@ -47,7 +47,8 @@ TORCHSCRIPT_FILE = "denoiser.torchscript.pt"
 NETWORK_FILE = "network.py"
 BUNDLE_DIR = "bundle"
 #: Largest receptive field (pixels) measured; a network that looks further is "full-image".
-PROBE_SIZE = 257
+#: A power of two, so that U-Nets whose sizes must divide by 2^n (up to 2^8) run on it.
+PROBE_SIZE = 256
 #: Mean |f(x) - x| (HU) on CT patches above which the declared normalisation is deemed wrong.
 MAX_MEAN_CHANGE_HU = 200.0
 #: Largest difference (HU) between two eval-mode runs on the same input.
@@ -88,7 +89,12 @@ def read_declaration(path) -> dict:
                          '{"normalization": "window:-1024,3072", "use": "patch"}') from None
     known = {"normalization", "use", "class", "arguments", "name"}
     if not isinstance(declared, dict) or set(declared) - known:
-        raise ValueError(f"{path}: a denoiser declaration is a JSON object with keys among {', '.join(sorted(known))}")
+        unknown = f" (unknown: {', '.join(sorted(set(declared) - known))})" if isinstance(declared, dict) else ""
+        raise ValueError(f"{path}: a denoiser declaration is a JSON object with keys among "
+                         f"{', '.join(sorted(known))}{unknown}")
+    if not isinstance(declared.get("arguments", {}), dict):
+        raise ValueError(f"{path}: \"arguments\" are the class's constructor keywords, a JSON object such as "
+                         '{"width": 8}')
     return declared
 
 
@@ -125,7 +131,11 @@ def load_state_dict(path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as error:  # noqa: BLE001 - safetensors' errors become one message
+            raise ValueError(f"{path}: cannot read it as safetensors ({_last_line(error)}); the file is damaged or "
+                             "not safetensors") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -143,8 +153,23 @@ def load_state_dict(path) -> dict:
     return state
 
 
+def _last_line(error: BaseException) -> str:
+    """What went wrong, in one line: the innermost cause (MONAI wraps the constructor's error)
+    and the last line of its message (TorchScript puts its trace before it)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last, name = (lines[-1] if lines else ""), type(error).__name__
+    return last if last.startswith(f"{name}:") else f"{name}: {last}".rstrip(": ")
+
+
 def _load_into(network: nn.Module, state: dict, where: str) -> nn.Module:
-    missing, unexpected = network.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = network.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a tensor of the wrong shape: the first one says enough
+        lines = [line.strip() for line in str(error).splitlines() if "size mismatch" in line] or [str(error)]
+        raise ValueError(f"{where}: the weights do not fit the network ({lines[0].rstrip('.')}); check the class and "
+                         "its arguments") from None
     if missing or unexpected:
         raise ValueError(f"{where}: the weights do not fit the network: missing {list(missing)[:5]}, unexpected "
                          f"{list(unexpected)[:5]}; check the class and its arguments")
@@ -165,18 +190,35 @@ def _python_class(class_path: str, file: Optional[Path] = None):
         if module is None:
             spec = importlib.util.spec_from_file_location(unique, path)
             module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except Exception as error:  # noqa: BLE001 - the user's file: what it raised is the message
+                raise ValueError(f"class {class_path!r}: {path} cannot be run ({_last_line(error)}); it must be one "
+                                 "self-contained file that imports only installed packages") from None
             sys.modules[unique] = module
     else:
         try:
             module = importlib.import_module(module_name)
-        except ImportError as error:
+        except Exception as error:  # noqa: BLE001 - ImportError, or what the module raised
             raise ValueError(f"class {class_path!r}: cannot import {module_name} ({error}); install it or give "
                              "path/to/file.py:Class") from None
     cls = getattr(module, name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"class {class_path!r}: {name} is not a torch.nn.Module subclass in {module_name}")
     return cls
+
+
+def _construct(cls, class_path: str, arguments: Optional[dict]) -> nn.Module:
+    """``cls(**arguments)``, with a ``ValueError`` saying what the constructor refused."""
+    if arguments is not None and not isinstance(arguments, dict):
+        raise ValueError(f"class {class_path!r}: its arguments are constructor keywords, a JSON object such as "
+                         f'{{"width": 8}}; got {arguments!r}')
+    try:
+        return cls(**dict(arguments or {}))
+    except Exception as error:  # noqa: BLE001 - the user's constructor: what it raised is the message
+        raise ValueError(f"class {class_path!r} cannot be built with arguments {dict(arguments or {})} "
+                         f"({_last_line(error)}); give its constructor's keywords (fit --arguments JSON, or "
+                         "\"arguments\" in the declaration)") from None
 
 
 def _bundle_files(bundle: Path) -> Tuple[Path, Optional[Path], Path]:
@@ -199,7 +241,10 @@ def _bundle_files(bundle: Path) -> Tuple[Path, Optional[Path], Path]:
 def _read_config(path: Path) -> dict:
     from monai.bundle import ConfigParser
 
-    content = ConfigParser.load_config_file(str(path))
+    try:
+        content = ConfigParser.load_config_file(str(path))
+    except Exception as error:  # noqa: BLE001 - JSON and YAML errors become one message
+        raise ValueError(f"{path}: cannot be read as a MONAI bundle config ({_last_line(error)})") from None
     return content if isinstance(content, dict) else {}
 
 
@@ -210,8 +255,11 @@ def _check_bundle_channels(metadata: Optional[Path]) -> None:
 
     fmt = read_json_object(metadata, "fix the bundle's metadata.json").get("network_data_format", {})
     for side, default in (("inputs", "image"), ("outputs", "pred")):
-        entries = fmt.get(side, {})
-        entry = entries.get(default) or next(iter(entries.values()), {})
+        entries = fmt.get(side, {}) if isinstance(fmt, dict) else None
+        entry = (entries.get(default) or next(iter(entries.values()), {})) if isinstance(entries, dict) else None
+        if not isinstance(entry, dict):
+            raise ValueError(f"{metadata}: network_data_format.{side} is not as MONAI's bundle specification has it "
+                             f"({{\"{default}\": {{\"num_channels\": 1, ...}}}}); fix the bundle's metadata.json")
         channels = entry.get("num_channels")
         if channels not in (None, 1):
             raise DenoiserCheckError(f"{metadata}: the bundle's network_data_format declares {channels} "
@@ -224,7 +272,11 @@ def _bundle_network(config: Path, bundle_root: Path) -> nn.Module:
     parser = ConfigParser()
     parser.read_config(str(config))
     parser["bundle_root"] = str(bundle_root)
-    network = parser.get_parsed_content("network_def", instantiate=True)
+    try:
+        network = parser.get_parsed_content("network_def", instantiate=True)
+    except Exception as error:  # noqa: BLE001 - what MONAI raised is the message
+        raise ValueError(f"{config}: network_def cannot be built ({_last_line(error)}); fix the bundle's config "
+                         "or install what it needs") from None
     if not isinstance(network, nn.Module):
         raise ValueError(f"{config}: network_def made a {type(network).__name__}, not a torch.nn.Module")
     return network
@@ -248,8 +300,8 @@ def build_custom_network(folder, metadata: dict) -> nn.Module:
         files = architecture.get("files", {})
         network_file = folder / files["network"]["file"] if "network" in files else None
         cls = _python_class(architecture["class"], network_file)
-        network = _load_into(cls(**architecture.get("arguments", {})), load_state_dict(verify_weights(folder, weights)),
-                             str(folder))
+        network = _load_into(_construct(cls, architecture["class"], architecture.get("arguments", {})),
+                             load_state_dict(verify_weights(folder, weights)), str(folder))
     elif kind == "monai-bundle":
         config = folder / architecture["files"]["config"]["file"]
         network = _load_into(_bundle_network(config, config.parent),
@@ -329,7 +381,7 @@ def check_denoiser(network: nn.Module, normalization: HUNormalization, *, use: s
         with torch.no_grad():
             first, second = network(x), network(x)
     except Exception as error:  # noqa: BLE001 - what the network raised is the message
-        raise _check_fail(f"it raised {type(error).__name__} on a {shape} float32 batch on {device}: {error}. "
+        raise _check_fail(f"it raised {_last_line(error)} on a {shape} float32 batch on {device}. "
                           "It must take (N, 1, H, W) images of one channel (CT values under the declared "
                           "normalisation)") from None
     if not isinstance(first, torch.Tensor):
@@ -356,7 +408,12 @@ def check_denoiser(network: nn.Module, normalization: HUNormalization, *, use: s
                           f"of HU): is it trained, and is the declared normalisation ({normalization.to_dict()}) "
                           "the one it was trained with, for its input and its output?")
     field_input = normalization.normalize(torch.from_numpy(probe_patches(PROBE_SIZE, 1))[:, None]).to(device)
-    field = measure_receptive_field(network, field_input)
+    try:
+        field = measure_receptive_field(network, field_input)
+    except Exception as error:  # noqa: BLE001 - e.g. a network that needs other sizes
+        raise _check_fail(f"it raised {_last_line(error)} on a {tuple(field_input.shape)} image, used to measure "
+                          f"how far it looks; it must take (N, 1, H, W) images of {PROBE_SIZE} pixels as well as of "
+                          f"{patch_size} (and have gradients, for the sampler)") from None
     if field is None and use == "patch":
         raise _check_fail(f"its output pixels depend on inputs more than {field_input.shape[-1]} pixels apart, too "
                           "far for patch-wise use; declare use full-image")
@@ -384,7 +441,7 @@ def read_network(source, class_path: Optional[str] = None, arguments: Optional[d
     if kind == "python":
         module_name = class_path.rpartition(":")[0]
         cls = _python_class(class_path)
-        network = _load_into(cls(**dict(arguments or {})), load_state_dict(source), str(source))
+        network = _load_into(_construct(cls, class_path, arguments), load_state_dict(source), str(source))
         files = {"network": (Path(module_name), NETWORK_FILE)} if module_name.endswith(".py") else {}
         return network.float(), kind, files
     config, metadata, weights = _bundle_files(source)

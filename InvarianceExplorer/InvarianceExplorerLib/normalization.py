@@ -31,6 +31,8 @@ class HUNormalization:
     def __post_init__(self):
         if not (np.isfinite(self.std) and self.std > 0):
             raise ValueError(f"normalisation std must be positive; got {self.std}")
+        if not (np.isfinite(self.offset) and np.isfinite(self.mean)):
+            raise ValueError(f"normalisation offset and mean must be finite numbers; got {self.offset}, {self.mean}")
 
     @property
     def shift_hu(self) -> float:
