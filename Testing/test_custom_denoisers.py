@@ -130,6 +130,42 @@ def test_a_resumed_fit_of_a_finished_run_gives_the_same_models(torchscript_file,
         **{**FIT, "budget": "40steps", "fidelity_slices": 0})
     again = read_metadata(out)["weights"]
     assert {k: v["sha256"] for k, v in again.items()} == {k: v["sha256"] for k, v in first.items()}
+    # resuming with another normalisation or another network is refused; the same file moved is not
+    with pytest.raises(ValueError, match="holds a fit of another denoiser or setting .normalization was"):
+        fit(torchscript_file, pairs, out, normalization=HUNormalization.parse("window:-1024,3072"), resume=True,
+            **{**FIT, "budget": "40steps", "fidelity_slices": 0})
+    other = tmp_path / "other.pt"
+    torch.jit.save(torch.jit.script(nn.Conv2d(1, 1, 3, padding=1)), str(other))
+    with pytest.raises(ValueError, match="source was"):
+        fit(other, pairs, out, normalization=PAPER_NORMALIZATION, resume=True, **{**FIT, "budget": "40steps"})
+    moved = tmp_path / "moved.pt"
+    moved.write_bytes(torchscript_file.read_bytes())
+    fit(moved, pairs, out, normalization=PAPER_NORMALIZATION, resume=True,
+        **{**FIT, "budget": "40steps", "fidelity_slices": 0})
+    assert {k: v["sha256"] for k, v in read_metadata(out)["weights"].items()} == \
+        {k: v["sha256"] for k, v in first.items()}
+
+
+class _NaNOut(nn.Module):
+    def forward(self, x):
+        return x / (x - x)
+
+
+def test_fit_refuses_bad_settings_and_denoisers_before_it_writes(torchscript_file, pairs, tmp_path, capsys):
+    """Hyperparameters, patch size and a denoiser that fails its check are refused before any
+    training, and leave no work folder behind."""
+    common = ["fit", "--denoiser", str(torchscript_file), "--normalization", "paper", "--data", str(pairs),
+              "--budget", "8steps", "--device", "cpu", "--no-progress"]
+    nan = tmp_path / "nan.pt"
+    torch.jit.save(torch.jit.script(_NaNOut()), str(nan))
+    for argv, message in (([*common, "--set", "cvae.no_such=1"], "not a cvae hyperparameter: no_such"),
+                          ([*common, "--set", "cvae.z_dim=abc"], "cvae.z_dim='abc': must be a whole number"),
+                          ([*common, "--set", "cinn.n_flows=2.5"], "cinn.n_flows=2.5: must be a whole number"),
+                          ([*common, "--patch-size", "8"], "patch_size at least 24 pixels"),
+                          ([*common, "--denoiser", str(nan)], "NaN or infinite")):
+        assert main([*argv, "--out", str(tmp_path / "out")]) == 2, argv
+        assert message in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt"]
 
 
 def _fit_worker(rank: int, world: int, port: int, source, pairs, out) -> None:

@@ -53,6 +53,16 @@ def _hyperparameter(text: str) -> tuple:
         return name.strip(), value
 
 
+def _whole_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0; got {text!r}")
+    return value
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -219,7 +229,7 @@ def _add_train_invariance(train_sub) -> None:
                             + (" and encoder codes are" if kind == "cinn" else " is")
                             + " computed once (fast when f is slow, e.g. RED-CNN on a CPU; default 0: fresh "
                               "patches every step)")
-        p.add_argument("--fidelity-slices", type=int, default=8,
+        p.add_argument("--fidelity-slices", type=_whole_number, default=8,
                        help="test slices for the fidelity figures of the model card (0: none; default 8)")
         if kind == "cinn":
             _add_refinement(p, "written into the model folder (default: none)")
@@ -313,7 +323,8 @@ def _add_fit(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of weights, patches and every random draw")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="cVAE patches per batch (default 8)")
     p.add_argument("--patch-size", type=_positive_int, default=128, help="patch side in pixels (default 128)")
-    p.add_argument("--fidelity-slices", type=int, default=4, help="test slices for the fidelity figures (default 4)")
+    p.add_argument("--fidelity-slices", type=_whole_number, default=4,
+                   help="test slices for the fidelity figures (default 4; 0: none)")
     _add_refinement(p, "written into the model folder (default: none)")
     p.add_argument("--weights-dtype", choices=list(WEIGHT_DTYPES), default="float32",
                    help="storage of the cVAE and cINN weights (default float32)")

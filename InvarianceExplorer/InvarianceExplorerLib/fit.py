@@ -17,6 +17,7 @@ the perceptual term, which needs a feature network trained on labels.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -108,6 +109,21 @@ def _broadcast(value, dist):
     return box[0]
 
 
+#: In the work folder: the denoiser and settings a fit was started with (``resume`` checks them).
+REQUEST_FILE = "denoiser_request.json"
+
+
+def _denoiser_request(source, normalization, use, class_path, arguments) -> dict:
+    """What identifies the denoiser a fit imports (JSON-ready): its resolved path, the SHA-256
+    of a file source (which identifies it wherever it lies), and the import settings."""
+    from .denoisers import sha256
+
+    path = Path(source).resolve()
+    return {"source": str(path), "source_sha256": sha256(path) if path.is_file() else None,
+            "normalization": normalization.to_dict() if normalization is not None else None, "use": use,
+            "class": class_path, "arguments": dict(arguments or {})}
+
+
 def fit(source, data, out, *, normalization=None, use: str = "patch", class_path: Optional[str] = None,
         arguments: Optional[dict] = None, name: Optional[str] = None, budget: str = DEFAULT_BUDGET,
         device="auto", seed: int = 0, resume: bool = False, work=None, patch_size: int = 128, batch_size: int = 8,
@@ -130,7 +146,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     from .denoisers import copy_model_folder, read_metadata, write_metadata
     from .devices import machine
     from .sampler import Refinement
-    from .train_invariance import _write_card, train_cinn, train_cvae
+    from .train_invariance import _check, _hyperparameters, _write_card, train_cinn, train_cvae
     from .training import data_noise_texture, setup_distributed
 
     refinement = Refinement.parse(refinement)  # a bad setting fails now, not after the cVAE's training
@@ -143,6 +159,11 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     unknown = set(overrides) - {"cvae", "cinn"}
     if unknown:
         raise ValueError(f"hyperparameters are given per stage, cvae and cinn; got {', '.join(sorted(unknown))}")
+    for stage in ("cvae", "cinn"):  # names and kinds of value now, not after the import or the training
+        _hyperparameters(stage, None, overrides.get(stage))
+    _check(1, 1, batch_size, patch_size, 1)
+    if fidelity_slices < 0:
+        raise ValueError(f"fidelity_slices must be >= 0 (0: none); got {fidelity_slices}")
     if out.exists() and any(out.iterdir()) and not (out / "metadata.json").is_file():
         raise ValueError(f"{out} exists and is not a model folder; choose a new output folder")
     if out.exists() and (out / "metadata.json").is_file() and "fit" not in read_metadata(out):
@@ -152,19 +173,36 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     model_folder = (Path(source) / "metadata.json").is_file()
     if normalization is None and not model_folder:
         raise ValueError(f"{source}: declare the denoiser's input normalisation (HUNormalization.parse)")
+    request = _denoiser_request(source, normalization, use, class_path, arguments)
+    if resume and (work / REQUEST_FILE).is_file():
+        earlier = json.loads((work / REQUEST_FILE).read_text())
+        moved = request["source_sha256"] is not None and request["source_sha256"] == earlier.get("source_sha256")
+        changed = [k for k in request if request[k] != earlier.get(k) and not (k == "source" and moved)]
+        if changed:  # a file is the same denoiser wherever it lies now
+            was = "; ".join(f"{k} was {earlier.get(k)!r}" for k in changed if k != "source_sha256")
+            was = was or "the source file's contents differ"
+            raise ValueError(f"{work} holds a fit of another denoiser or setting ({was}); resume it with the same "
+                             "denoiser and settings, or give a new --out")
     source_data = open_source(data, dicom=dicom)
     dist = setup_distributed(device)
     try:
         denoiser_folder = work / "denoiser"
         if dist.is_main and not (denoiser_folder / "metadata.json").is_file():
+            made = not work.exists()
             work.mkdir(parents=True, exist_ok=True)
-            if model_folder:  # of train denoiser, bundled, or imported before
-                read_metadata(source)
-                copy_model_folder(Path(source), denoiser_folder)
-            else:
-                import_denoiser(source, denoiser_folder, normalization=normalization, use=use, class_path=class_path,
-                                arguments=arguments, name=name, device=dist.device, patch_size=patch_size,
-                                overwrite=True)
+            try:
+                if model_folder:  # of train denoiser, bundled, or imported before
+                    read_metadata(source)
+                    copy_model_folder(Path(source), denoiser_folder)
+                else:
+                    import_denoiser(source, denoiser_folder, normalization=normalization, use=use,
+                                    class_path=class_path, arguments=arguments, name=name, device=dist.device,
+                                    patch_size=patch_size, overwrite=True)
+            except BaseException:
+                if made:  # a refused denoiser leaves no work folder behind
+                    shutil.rmtree(work, ignore_errors=True)
+                raise
+            (work / REQUEST_FILE).write_text(json.dumps(request, indent=1))
         dist.barrier()
         per_step = None
         if "minutes" in limits:

@@ -546,10 +546,21 @@ def _check(epochs, steps_per_epoch, batch_size, patch_size, val_patches) -> None
 
 
 def _hyperparameters(kind: str, lr, overrides) -> dict:
+    """The defaults of stage ``kind`` with ``overrides``, each checked for its name and for the
+    kind of value its default has (a whole number, a number, yes/no, text, a list)."""
     unknown = sorted(set(overrides or {}) - set(HYPERPARAMETERS[kind]) - {"feature_network"})
     if unknown:
         raise ValueError(f"not a {kind} hyperparameter: {', '.join(unknown)}; known: "
                          f"{', '.join(sorted(HYPERPARAMETERS[kind]))}")
+    kinds = ((bool, (bool,), "true or false"), (int, (int,), "a whole number"), (float, (int, float), "a number"),
+             (str, (str,), "text"), (tuple, (list, tuple), "a list"))
+    for name, value in (overrides or {}).items():
+        default = HYPERPARAMETERS[kind].get(name)
+        for of, allowed, meaning in kinds:
+            if isinstance(default, of):
+                if not isinstance(value, allowed) or (of is not bool and isinstance(value, bool)):
+                    raise ValueError(f"{kind}.{name}={value!r}: must be {meaning}, like its default {default!r}")
+                break
     return {**HYPERPARAMETERS[kind], **(overrides or {}), **({"lr": float(lr)} if lr is not None else {})}
 
 
