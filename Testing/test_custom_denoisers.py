@@ -428,6 +428,9 @@ def test_what_the_users_files_raise_is_one_line_naming_them(cnn10, monai_bundle,
         ([*common, "--denoiser", str(_bundle_with(monai_bundle, tmp_path, "broken_json", "{bad", suffix="json"))],
          "cannot be read as a MONAI bundle config"),
     ]
+    cases += [([*common, "--denoiser", str(monai_bundle), "--class", f"{tmp_path / 'net.py'}:Wide"],
+               "is a MONAI bundle folder, whose network_def builds the network: drop --class"),
+              ([*common, "--denoiser", str(monai_bundle), "--arguments", '{"width": 8}'], "drop --arguments")]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -449,6 +452,9 @@ def test_the_cli_checks_only_and_explains_a_missing_declaration(torchscript_file
     assert main(["fit", "--denoiser", str(torchscript_file.with_name("plain.pt")), "--normalization", "paper",
                  "--check"]) == 2
     assert "--class" in capsys.readouterr().err
+    assert main(["fit", "--denoiser", str(torchscript_file), "--normalization", "paper", "--check", "--class",
+                 "my_network.py:Net"]) == 2
+    assert "is a TorchScript file, which holds its network: drop --class" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- refused folders

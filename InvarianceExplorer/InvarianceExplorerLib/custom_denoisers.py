@@ -111,10 +111,15 @@ def detect_kind(source, class_path: Optional[str] = None) -> str:
     ``class_path`` a state dict, a TorchScript archive TorchScript."""
     source = Path(source)
     if source.is_dir():
+        if class_path:
+            raise ValueError(f"{source} is a MONAI bundle folder, whose network_def builds the network: drop --class "
+                             "(and --arguments)")
         return "monai-bundle"
     if not source.is_file():
         raise ValueError(f"{source}: no such file or folder; give a TorchScript file, a MONAI bundle folder or a "
                          "state dict file with --class")
+    if class_path and _is_torchscript(source):
+        raise ValueError(f"{source} is a TorchScript file, which holds its network: drop --class (and --arguments)")
     if class_path:
         return "python"
     if _is_torchscript(source):
@@ -432,6 +437,9 @@ def read_network(source, class_path: Optional[str] = None, arguments: Optional[d
     files the model folder must keep: ``{role: (path, name in the folder)}``."""
     source = Path(source)
     kind = detect_kind(source, class_path)
+    if arguments and kind != "python":
+        raise ValueError(f"--arguments are the constructor keywords of a --class; {source} brings its network "
+                         "(drop --arguments)")
     if kind == "torchscript":
         try:
             network = torch.jit.load(str(source), map_location="cpu")
