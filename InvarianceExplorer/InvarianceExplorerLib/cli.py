@@ -851,9 +851,21 @@ def _finish_bars() -> None:
         bar.close()
 
 
+def _negative_voxels_joined(words: List[str]) -> List[str]:
+    """``--center -5,10,1`` as ``--center=-5,10,1``: argparse would take the value for an
+    option; joined, it reaches the centre's own check (which says where the image lies)."""
+    joined = []
+    for word in words:
+        if joined and joined[-1] == "--center" and word[:1] == "-" and word[1:2].isdigit():
+            joined[-1] = f"--center={word}"
+        else:
+            joined.append(word)
+    return joined
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``invariance-explorer`` and ``python -m InvarianceExplorerLib``."""
-    words = sys.argv[1:] if argv is None else list(argv)
+    words = _negative_voxels_joined(sys.argv[1:] if argv is None else list(argv))
     command = next((w for w in words if not w.startswith("-")), "")
     args = build_parser(command if command in COMMANDS else "").parse_args(words)
 
