@@ -209,7 +209,7 @@ def test_ctrl_c_exits_130_in_one_line_and_leaves_no_partial_folder(tmp_path):
 
     command = [sys.executable, "-m", "InvarianceExplorerLib", "sample", "--model", "redcnn", "--input",
                str(sample_ct_path()), "--center", "368,283,1", "--count", "400", "--out", str(tmp_path / "run"),
-               "--progress", "json"]
+               "--device", "cpu", "--progress", "json"]  # a minute of work: still sampling when interrupted
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:  # interrupted while sampling
         if json.loads(line).get("stage") == "sampling":

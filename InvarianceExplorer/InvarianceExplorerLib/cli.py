@@ -32,14 +32,19 @@ from typing import List, Optional
 from . import __version__
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, minimum: int = 0) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number; got {text!r}")
+        value = minimum - 1
+    if value < minimum:
+        meaning = "a positive whole number" if minimum == 1 else f"a whole number >= {minimum}"
+        raise argparse.ArgumentTypeError(f"must be {meaning}; got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1)
 
 
 def _hyperparameter(text: str) -> tuple:
@@ -51,16 +56,6 @@ def _hyperparameter(text: str) -> tuple:
         return name.strip(), json.loads(value)
     except json.JSONDecodeError:
         return name.strip(), value
-
-
-def _whole_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0; got {text!r}")
-    return value
 
 
 def _json_object(text: str) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import os
 import shutil
 import sys
@@ -39,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from .denoisers import CUSTOM, MODEL_FORMAT, MODEL_VERSION, save_weights, sha256, verify_weights, write_metadata
+from .io import last_line, read_json_object
 from .normalization import HUNormalization
 
 KINDS = ("torchscript", "monai-bundle", "python")
@@ -80,18 +80,12 @@ def read_declaration(path) -> dict:
     (short form of :meth:`~.normalization.HUNormalization.parse`), ``use`` (:data:`USES`),
     ``class`` (``module:Class`` or ``file.py:Class``), ``arguments`` (constructor keywords),
     ``name`` (shown in model cards)."""
-    path = Path(path)
-    try:
-        with open(path) as f:
-            declared = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read the denoiser declaration ({error}); it is a JSON object such as "
-                         '{"normalization": "window:-1024,3072", "use": "patch"}') from None
+    declared = read_json_object(path, 'a denoiser declaration is a JSON object such as {"normalization": '
+                                      '"window:-1024,3072", "use": "patch"}')
     known = {"normalization", "use", "class", "arguments", "name"}
-    if not isinstance(declared, dict) or set(declared) - known:
-        unknown = f" (unknown: {', '.join(sorted(set(declared) - known))})" if isinstance(declared, dict) else ""
+    if set(declared) - known:
         raise ValueError(f"{path}: a denoiser declaration is a JSON object with keys among "
-                         f"{', '.join(sorted(known))}{unknown}")
+                         f"{', '.join(sorted(known))} (unknown: {', '.join(sorted(set(declared) - known))})")
     if not isinstance(declared.get("arguments", {}), dict):
         raise ValueError(f"{path}: \"arguments\" are the class's constructor keywords, a JSON object such as "
                          '{"width": 8}')
@@ -159,12 +153,11 @@ def load_state_dict(path) -> dict:
 
 
 def _last_line(error: BaseException) -> str:
-    """What went wrong, in one line: the innermost cause (MONAI wraps the constructor's error)
-    and the last line of its message (TorchScript puts its trace before it)."""
+    """What went wrong, in one line, with the error's type: the innermost cause (MONAI wraps
+    the constructor's error), the last line of its message (:func:`~.io.last_line`)."""
     while error.__cause__ is not None:
         error = error.__cause__
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    last, name = (lines[-1] if lines else ""), type(error).__name__
+    last, name = last_line(error), type(error).__name__
     return last if last.startswith(f"{name}:") else f"{name}: {last}".rstrip(": ")
 
 
@@ -256,8 +249,6 @@ def _read_config(path: Path) -> dict:
 def _check_bundle_channels(metadata: Optional[Path]) -> None:
     if metadata is None:
         return
-    from .io import read_json_object
-
     fmt = read_json_object(metadata, "fix the bundle's metadata.json").get("network_data_format", {})
     for side, default in (("inputs", "image"), ("outputs", "pred")):
         entries = fmt.get(side, {}) if isinstance(fmt, dict) else None

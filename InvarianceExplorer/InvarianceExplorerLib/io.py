@@ -145,10 +145,11 @@ def _is_dicom(path: Path) -> bool:
         return f.read(132)[128:] == b"DICM"
 
 
-def _itk_reason(exc: RuntimeError) -> str:
-    """The last line of a SimpleITK error: what went wrong, without ITK's source file and line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else str(exc)
+def last_line(error: BaseException) -> str:
+    """The last non-empty line of an error's message: what went wrong, without the trace that
+    SimpleITK (its source file and line) or TorchScript put before it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else str(error)
 
 
 def read_itk(path) -> "sitk.Image":
@@ -156,7 +157,7 @@ def read_itk(path) -> "sitk.Image":
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise CTInputError(path, f"cannot be read ({_itk_reason(exc)})",
+        raise CTInputError(path, f"cannot be read ({last_line(exc)})",
                            "Check that the file is complete (for .nhdr/.mhd also its data file next to it).") from None
 
 
@@ -444,7 +445,7 @@ def write_nrrd(image: CTImage, path, *, array: Optional[np.ndarray] = None, comp
         sitk.WriteImage(out, str(temporary), useCompression=compress)
         os.replace(temporary, path)
     except RuntimeError as exc:
-        raise OSError(f"{path}: cannot be written ({_itk_reason(exc)}); check that its folder is writable and has "
+        raise OSError(f"{path}: cannot be written ({last_line(exc)}); check that its folder is writable and has "
                       "space") from None
     finally:
         if temporary.exists():

@@ -146,7 +146,8 @@ class EngineJob:
 
         found = []
         for line in self._stderr_tail:
-            message = line.strip()[len(WARNING_PREFIX):].strip() if line.strip().startswith(WARNING_PREFIX) else ""
+            text = line.strip()
+            message = text[len(WARNING_PREFIX):].strip() if text.startswith(WARNING_PREFIX) else ""
             if message and message not in found:
                 found.append(message)
         return found
