@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+# Where pip looks for torch alone, e.g. https://download.pytorch.org/whl/cpu for the CPU build
+# (from plain PyPI, torch on Linux is the CUDA build); empty: pip's usual index.
+TORCH_INDEX ?=
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test clean
@@ -14,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[dev,gui]"
 	touch $(STAMP)
 

@@ -84,6 +84,8 @@ ENGINE_REQUIREMENTS = {
     "tqdm": "tqdm>=4.60",
     "PIL": "Pillow>=9.0",
     "yaml": "PyYAML>=6.0",
+    "pylibjpeg": "pylibjpeg>=2.0",
+    "libjpeg": "pylibjpeg-libjpeg>=2.1",
 }
 TORCH_REQUIREMENT = "torch>=2.2"
 

@@ -399,3 +399,17 @@ def test_learning_rate_schedule():
     assert [learning_rate({"lr": 1e-3}, e) for e in (1, 9)] == [1e-3, 1e-3]
     hp = {"lr": 1e-3, "lr_decay": 0.5, "lr_decay_start": 3}
     assert [learning_rate(hp, e) for e in (1, 2, 3, 4)] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4])
+
+
+def test_spacing_warning_looks_at_both_pixel_sides():
+    """CNN-10 was trained on 0.7 mm square pixels: 0.6 x 1.3 mm ones are far off along y."""
+    import warnings
+
+    from InvarianceExplorerLib.inference import warn_on_spacing
+
+    denoiser = load_denoiser("cnn10")
+    with pytest.warns(RuntimeWarning, match="0.60 x 1.30 mm pixels but cnn10 was trained on 0.70 mm"):
+        warn_on_spacing(denoiser, CTImage(np.zeros((8, 8), np.float32), (0.6, 1.3, 1.0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_on_spacing(denoiser, CTImage(np.zeros((8, 8), np.float32), (0.75, 0.65, 1.0)))

@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from InvarianceExplorerLib.cli import main
 from InvarianceExplorerLib.result_folder import FILES as SAMPLE_OUTPUTS
+from InvarianceExplorerLib.result_folder import read_volume
 from InvarianceExplorerLib.denoisers import Denoiser, build_denoiser, read_metadata, save_denoiser, write_metadata
 from InvarianceExplorerLib.image import CTImage
 from InvarianceExplorerLib.inference import apply_network
@@ -634,8 +635,8 @@ def test_sample_command_writes_every_output(model_folder, low_dose_slice, tmp_pa
 
     crop = crop_patch(low_dose_slice, (40, 20, 0), 32)
     for name in ("input", "denoised", "reconstruction", "std"):
-        image = read_image(out / SAMPLE_OUTPUTS[name])
-        assert image.array.shape == (32, 32), name
+        image = read_volume(out / SAMPLE_OUTPUTS[name])  # not read_image: a std map is no CT in HU
+        assert image.array.shape[-2:] == (32, 32) and image.array.size == 32 * 32, name
         assert np.allclose(image.origin, crop.image.origin, atol=1e-4) and image.spacing[:2] == pytest.approx(
             crop.image.spacing[:2])
     assert np.allclose(read_image(out / "input.nrrd").array, crop.array)
@@ -710,8 +711,9 @@ def test_sample_command_on_a_real_dicom_slice_near_its_border(model_folder, tmp_
 
     src = pydicom_test_file("CT_small.dcm")
     out = tmp_path / "real"
-    assert main(["sample", "--model", str(model_folder), "--input", src, "--center", "5,60,0", "--count", "3",
-                 "--out", str(out), "--progress", "none"]) == 0
+    with pytest.warns(RuntimeWarning, match=r"over the image's border: 352 of 1024 pixels \(34 %\) are filled with air"):
+        assert main(["sample", "--model", str(model_folder), "--input", src, "--center", "5,60,0", "--count", "3",
+                     "--out", str(out), "--progress", "none"]) == 0
     numbers = json.loads((out / "numbers.json").read_text())
     assert numbers["padded_pixels"] == 32 * 11 and numbers["center_ijk"] == [5, 60, 0]
     assert numbers["batch_size"] == 10  # no --batch-size: the sampler's for the CPU
@@ -721,6 +723,15 @@ def test_sample_command_on_a_real_dicom_slice_near_its_border(model_folder, tmp_
     assert np.allclose(crop.origin, corner, atol=1e-3)
     assert np.array_equal(crop.array[:, 11:], dicom.array[44:76, :21]) and (crop.array[:, :11] == AIR_HU).all()
     assert np.isfinite(read_image(out / "invariances.nrrd").array).all()
+
+
+def test_metal_beyond_the_standard_ct_scale_is_flagged(model_folder):
+    """Extended-scale CT keeps metal at up to about 30000 HU, which no training slice held."""
+    sampler = InvarianceSampler(model_folder, device="cpu")
+    x = np.random.default_rng(0).normal(40, 20, (sampler.patch_size,) * 2).astype(np.float32)
+    x[10:13, 10:13] = 30000.0
+    with pytest.warns(RuntimeWarning, match="9 pixels of the patch lie above 3071 HU \\(up to 30000 HU"):
+        sampler.sample(x, count=2, seed=0)
 
 
 def test_the_sample_help_states_the_samplers_batch_sizes(capsys):

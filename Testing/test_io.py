@@ -471,8 +471,65 @@ def test_vector_4d_and_corrupt_files(tmp_path):
 
 def test_check_hu_direct():
     check_hu(np.array([[-1000.0, 40.0], [1500.0, 3000.0]]), "ok")
+    check_hu(np.array([[-3024.0, 30000.0]]), "extended scale, fill value outside the field of view")
     check_hu(np.zeros((4, 4)), "constant water")  # a flat phantom is fine
-    check_hu(np.array([[0.0, 200.0]]), "soft tissue crop")  # no air, but no bone either
+    check_hu(np.array([[0.0, 200.0]]), "soft tissue crop")  # no air, but no bone either: a patch may be so
     raises(["src", "NaN or infinite"], check_hu, np.array([np.nan, 0.0]), "src")
     raises(["src", "0..4095", "hu_offset=-1024"], check_hu, np.array([0.0, 4095.0]), "src")
     raises(["src", "-1..1", "normalised"], check_hu, np.array([-1.0, 1.0]), "src")
+    raises(["src", "-1.02..1.27", "normalised or scaled"], check_hu, np.array([-1.02, 0.04, 1.27]), "src")  # HU / 1000
+    raises(["src", "-1.1..3.6", "normalised"], check_hu, np.array([-1.1, 3.6]), "src")  # the paper's normalisation
+    raises(["src", "3e+38", "beyond any CT scale"], check_hu, np.array([-1000.0, 3e38], np.float32), "src")
+    raises(["src", "0..255", "windowed display image"], check_hu, np.array([[0.0, 255.0]]), "src", whole_image=True)
+
+
+def test_implausible_images_are_refused(tmp_path, oblique_volume):
+    """Whole images that are not HU: a windowed display image (0..255), HU / 1000, a fill value of 3e38."""
+    windowed = np.clip((oblique_volume.array + 160) / 400 * 255, 0, 255).round()
+    path = write_nrrd(oblique_volume.with_array(windowed), tmp_path / "windowed.nrrd")
+    raises([path, "none below 0", "windowed display image", "original CT in HU"], read_image, path)
+    path = write_nrrd(oblique_volume.with_array(oblique_volume.array / 1000), tmp_path / "scaled.nrrd")
+    raises([path, "normalised or scaled"], read_image, path)
+    huge = oblique_volume.array.copy()
+    huge[1, 2, 3] = 3e38
+    path = write_nrrd(oblique_volume.with_array(huge), tmp_path / "fill.nrrd")
+    raises([path, "beyond any CT scale", "fill value"], read_image, path)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_truncated_nifti_is_refused(tmp_path, oblique_volume, suffix):
+    """ITK's NIfTI reader fills a truncated file's missing voxels with 0 HU and says nothing."""
+    image = sitk.GetImageFromArray(oblique_volume.array.astype(np.int16))
+    image.CopyInformation(to_sitk(oblique_volume))
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(image, str(whole))
+    np.testing.assert_array_equal(read_image(whole).array, oblique_volume.array.astype(np.int16))
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[:-200 if suffix == ".nii" else -40])
+    raises([cut, "Copy or export the file again"], read_image, cut)
+
+
+def test_jpeg_lossless_dicom_is_decoded(tmp_path):
+    """JPEG Lossless (process 14), common in CT archives, decodes through pylibjpeg: a CT built
+    from pydicom-data's JPEG-LL.dcm reads as its pixels times the rescale, in HU."""
+    if DATA_STORE is None:
+        pytest.skip("pydicom-data is not installed")
+    ds = pydicom.dcmread(DATA_STORE / "JPEG-LL.dcm")
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLosslessSV1
+    ds.Modality, ds.RescaleSlope, ds.RescaleIntercept = "CT", 1, -1024
+    ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing = [0, 0, 0], [1, 0, 0, 0, 1, 0], [0.7, 0.7]
+    ds.save_as(tmp_path / "ll.dcm")
+    image = read_image(tmp_path / "ll.dcm")
+    np.testing.assert_array_equal(image.array, pydicom.dcmread(tmp_path / "ll.dcm").pixel_array - 1024.0)
+
+
+def test_malformed_header_value_names_the_file(tmp_path):
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.NumberOfFrames = 11
+    ds.save_as(tmp_path / "good.dcm")
+    element = b"\x28\x00\x08\x00IS\x02\x00"  # (0028,0008) NumberOfFrames, explicit VR little endian, 2 bytes
+    data = (tmp_path / "good.dcm").read_bytes()
+    assert data.count(element + b"11") == 1
+    (tmp_path / "bad.dcm").write_bytes(data.replace(element + b"11", element + b"1A"))
+    with pytest.warns(UserWarning, match="Invalid value for VR IS"):  # pydicom's own
+        raises(["bad.dcm", "malformed NumberOfFrames", "1A"], read_image, tmp_path / "bad.dcm")

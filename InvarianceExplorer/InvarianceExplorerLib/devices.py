@@ -40,3 +40,9 @@ def machine(device: Optional[torch.device] = None) -> dict:
     if device is not None:
         info["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return info
+
+
+def cpu_words(info: dict) -> str:
+    """"<CPU model>, <n> thread(s)" of a :func:`machine` record, for model cards."""
+    n = info.get("cpu_threads")
+    return f"{info.get('cpu')}, {n} thread{'' if n == 1 else 's'}"

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .devices import machine
+from .devices import cpu_words, machine
 from .denoisers import (CUSTOM, METADATA, Denoiser, copy_model_folder, load_denoiser, read_metadata,
                         resolve_model_folder, save_denoiser, write_metadata)
 from .inference import METRIC_HU_RANGE, denoise, image_quality
@@ -216,7 +216,7 @@ def write_held_out(folder, result: dict, reproduce: Sequence[str] = (), notes: S
 
 def _custom_card(metadata: dict) -> List[str]:
     """Model card lines of an imported denoiser (:mod:`.custom_denoisers`) and its fit."""
-    a, checks, fit = metadata["architecture"], metadata.get("checks", {}), metadata.get("fit")
+    a, checks = metadata["architecture"], metadata.get("checks", {})
     n = metadata["normalization"]
     lines = [f"# {a.get('display_name')} — model card", "",
              f"The user's own denoiser `{a.get('display_name')}`, imported by InvarianceExplorer "
@@ -233,23 +233,27 @@ def _custom_card(metadata: dict) -> List[str]:
               f"On {checks.get('device')} with {checks.get('probe')} {checks.get('input_shape')}: one channel in and "
               f"out, same size, finite, two eval-mode runs differ by {checks.get('repeat_max_difference_hu')} HU, "
               f"mean change {checks.get('mean_abs_change_hu')} HU."]
-    return lines + _fit_lines(fit)
+    return lines + _fit_lines(metadata)
 
 
-def _fit_lines(fit: Optional[dict]) -> List[str]:
+def _fit_lines(metadata: dict) -> List[str]:
     """Model card lines of ``metadata["fit"]`` (what ``invariance-explorer fit`` spent)."""
-    lines = []
+    lines, fit = [], metadata.get("fit")
     if fit:
         p, m = fit["plan"], fit.get("machine", {})
+        cvae = (metadata.get("invariance") or {}).get("training", {}).get("cvae", {})
+        reused = (cvae.get("feature_network") or {}).get("source")  # the denoiser's own, not trained
         lines += ["", "## Fit", "",
                   f"`invariance-explorer fit` with budget `{fit['budget']}`: cVAE {p['cvae_steps']} steps ("
-                  + (f"feature network {p['feature_steps']}, " if not str(fit.get("perceptual_term")).startswith("off")
-                     else "")
+                  + ("" if str(fit.get("perceptual_term")).startswith("off") else
+                     "feature network reused, " if reused else f"feature network {p['feature_steps']}, ")
                   + f"critic from step {p['adv_start']}), cINN {p['cinn_steps']} steps"
                   + (f"; {p['seconds_per_cvae_step']:.2f} s per cVAE step measured"
                      if p.get("seconds_per_cvae_step") else "")
-                  + f". Spent {fit['wall_time_s']} s on {m.get('device')} ({m.get('cpu')}, {m.get('cpu_threads')} "
-                  f"threads, {fit.get('world_size')} process(es)). Perceptual term: {fit.get('perceptual_term')}."]
+                  + f". Spent {fit['wall_time_s']} s on {m.get('device')} ({cpu_words(m)}, {fit.get('world_size')} process(es))"
+                  + (" in its last session (it resumed an earlier one; the stages' wall times count every session)"
+                     if fit.get("resumed") else "")
+                  + f". Perceptual term: {fit.get('perceptual_term')}."]
     return lines
 
 
@@ -297,7 +301,7 @@ def _training_lines(t: dict, patch_size) -> list:
     if t.get("wall_time_s") is not None:
         lines.append(f"- wall time {t['wall_time_s']} s"
                      + _phrase(" on {}", m.get("device"))
-                     + f" ({m.get('cpu')}, {m.get('cpu_threads')} threads, torch {m.get('torch')}, "
+                     + f" ({cpu_words(m)}, torch {m.get('torch')}, "
                        f"Python {m.get('python')})")
     other = {k: v for k, v in t.items() if k not in _TRAINING_KNOWN}
     if other:
@@ -352,7 +356,7 @@ def model_card(metadata: dict) -> str:
                   f"{h.get('noise_regions', {}).get('estimator')} in phantom regions eroded by "
                   f"{h.get('noise_regions', {}).get('erosion_px')} px. Machine: {hm.get('cpu')}, "
                   f"torch {hm.get('torch')}.", "", quality_table(h)]
-    lines += _fit_lines(metadata.get("fit")) + invariance_card(metadata)
+    lines += _fit_lines(metadata) + invariance_card(metadata)
     if metadata.get("reproduce"):
         lines += ["", "## Reproduce", "", "```bash", *metadata["reproduce"], "```"]
     return "\n".join(lines) + "\n"

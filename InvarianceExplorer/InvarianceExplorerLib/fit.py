@@ -233,6 +233,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
                 metadata = read_metadata(temporary)
                 metadata["fit"] = {
                     "budget": budget, "plan": steps, "wall_time_s": round(time.perf_counter() - started, 1),
+                    "resumed": bool(resume),  # then wall_time_s is the last session's alone
                     "perceptual_term": "feature network trained on phantom tissue labels" if labelled else
                     "off: the data have no tissue labels",
                     "machine": machine(dist.device), "world_size": dist.world_size, "engine_version": __version__,

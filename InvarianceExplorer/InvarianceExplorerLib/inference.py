@@ -110,9 +110,10 @@ def warn_on_spacing(denoiser: Denoiser, image: CTImage) -> None:
     changes the noise texture and structure scale the denoiser has learnt."""
     trained = denoiser.metadata.get("training", {}).get("data", {}).get("pixel_spacing_mm")
     if trained:
-        ratio = image.pixel_spacing[0] / float(trained)
-        if not 0.8 <= ratio <= 1.25:
-            warnings.warn(f"the image has {image.pixel_spacing[0]:.2f} mm pixels but {denoiser.arch} was trained on "
+        x, y = image.pixel_spacing[:2]
+        if not all(0.8 <= size / float(trained) <= 1.25 for size in (x, y)):
+            size = f"{x:.2f} mm" if abs(x - y) < 0.005 else f"{x:.2f} x {y:.2f} mm"
+            warnings.warn(f"the image has {size} pixels but {denoiser.arch} was trained on "
                           f"{float(trained):.2f} mm pixels; its output may be less reliable", RuntimeWarning)
 
 

@@ -18,6 +18,7 @@ import gzip
 import os
 import struct
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -113,16 +114,36 @@ def list_dicom_series(folder) -> list:
             for uid, files in series.items() for ds in [files[0][1]]]
 
 
-def check_hu(array, source: str) -> None:
+#: HU beyond any CT scale (extended-scale CT with metal reaches about 30000 HU; fill values
+#: outside the field of view go down to -3024 or -32768): such values are not HU.
+HU_SCALE = (-32768.0, 65535.0)
+#: The top of the standard 12-bit CT scale (HU): above it lies metal on extended-scale CT,
+#: which the bundled models never saw.
+STANDARD_HU_MAX = 3071.0
+
+
+def check_hu(array, source: str, whole_image: bool = False) -> None:
     """Raise :class:`CTInputError` naming ``source`` if ``array`` is not plausibly CT in HU:
-    NaN or infinite voxels, values normalised to -1..1, or no value below 0 but values
-    up to bone (stored CT numbers read without their rescale intercept)."""
+    NaN or infinite voxels, values beyond any CT scale (:data:`HU_SCALE`), values normalised
+    or scaled to within -20..20, or no value below 0 but values up to bone (stored CT numbers
+    read without their rescale intercept). ``whole_image``: ``array`` is a whole CT image,
+    not a patch, so it must show something below 0 HU (air, lung or fat), as every CT slice
+    does; a windowed display image (0..255) does not."""
     a = np.asarray(array)
     _check_finite(int(np.count_nonzero(~np.isfinite(a))), a.size, source)
     lo, hi = float(a.min()), float(a.max())
-    if -1 <= lo < hi <= 1:
-        raise CTInputError(source, f"values lie in {lo:g}..{hi:g}, so they look normalised, not HU",
+    if lo < HU_SCALE[0] or hi > HU_SCALE[1]:
+        raise CTInputError(source, f"values range {lo:g}..{hi:g}, beyond any CT scale ({HU_SCALE[0]:g}.."
+                                   f"{HU_SCALE[1]:g} HU), so they are not HU (a fill value or a damaged file?)",
+                           "Replace such voxels (e.g. with -1024 HU, air) or convert the image to HU.")
+    if -20 <= lo < hi <= 20:
+        raise CTInputError(source, f"values lie in {lo:g}..{hi:g}, so they look normalised or scaled, not HU "
+                                   "(CT in HU spans about -1000, air, to over 100, soft tissue and bone)",
                            "Convert the image back to HU before loading it.")
+    if whole_image and 0 <= lo < hi < 900:  # (a constant image is a test object, not a display image)
+        raise CTInputError(source, f"values range {lo:g}..{hi:g} with none below 0: no air, lung or fat, which "
+                                   "every CT image shows, so they do not look like HU (a windowed display image?)",
+                           "Load the original CT in HU (DICOM with its rescale, or a volume saved in HU).")
     if lo >= 0 and hi >= 900:
         raise CTInputError(source, f"values range {lo:g}..{hi:g} with none below 0, so they look like "
                                    "stored CT numbers without the rescale intercept, not HU (air is about -1000 HU)",
@@ -188,38 +209,57 @@ def _read_itk(path: Path, hu_offset: float) -> CTImage:
     if image.GetDimension() not in (2, 3):
         raise CTInputError(path, f"is {image.GetDimension()}D (size {image.GetSize()}); a CT image is 2D or 3D",
                            "Extract one 3D volume (e.g. one time point) and save it on its own.")
-    array = sitk.GetArrayFromImage(image).astype(np.float32) + np.float32(hu_offset)
     if _suffix(path) in (".nii", ".nii.gz"):
-        _check_finite(_nifti_nonfinite(path), array.size, path)
+        _check_nifti_data(path, image.GetNumberOfPixels())
+    array = sitk.GetArrayFromImage(image).astype(np.float32) + np.float32(hu_offset)
+    check_hu(array, str(path), whole_image=True)
     spacing, origin = image.GetSpacing(), image.GetOrigin()
     direction = np.asarray(image.GetDirection(), dtype=float)
     if image.GetDimension() == 2:
         direction = np.pad(direction.reshape(2, 2), (0, 1)) + np.diag([0.0, 0.0, 1.0])
     elif array.shape[0] == 1:  # one slice
         array = array[0]
-    check_hu(array, str(path))
     return CTImage(array, spacing, origin, tuple(direction.ravel()))
 
 
-def _nifti_nonfinite(path: Path) -> int:
-    """The number of NaN/Inf voxels stored in a float NIfTI-1/2 file (ITK's NIfTI reader turns them into 0)."""
-    with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
-        header = f.read(540)
-        for order in "<>":
-            version = {348: 1, 540: 2}.get(struct.unpack(order + "i", header[:4])[0])
-            if version:
-                break
-        else:
-            return 0
-        if version == 1:
-            datatype, offset = struct.unpack(order + "h", header[70:72])[0], struct.unpack(order + "f", header[108:112])[0]
-        else:
-            datatype, offset = struct.unpack(order + "h", header[12:14])[0], struct.unpack(order + "q", header[168:176])[0]
-        dtype = {16: "f4", 64: "f8", 32: "c8", 1792: "c16"}.get(datatype)
-        if dtype is None:
-            return 0
-        f.seek(int(offset))
-        return int(np.count_nonzero(~np.isfinite(np.frombuffer(f.read(), dtype=order + dtype))))
+def _check_nifti_data(path: Path, voxels: int) -> None:
+    """Raise :class:`CTInputError` when a NIfTI-1/2 file holds fewer bytes of voxel data than
+    ``voxels`` need, or NaN/Inf voxels: ITK's NIfTI reader fills a truncated file's missing
+    voxels with 0 and turns NaN/Inf into 0, silently."""
+    fix = "Copy or export the file again; it is truncated or damaged."
+    try:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+            header = f.read(540)
+            for order in "<>":
+                version = {348: 1, 540: 2}.get(struct.unpack(order + "i", header[:4])[0])
+                if version:
+                    break
+            else:
+                return
+            if version == 1:
+                (datatype, bitpix), offset = struct.unpack(order + "hh", header[70:74]), \
+                    struct.unpack(order + "f", header[108:112])[0]
+            else:
+                (datatype, bitpix), offset = struct.unpack(order + "hh", header[12:16]), \
+                    struct.unpack(order + "q", header[168:176])[0]
+            dtype = {16: "f4", 64: "f8", 32: "c8", 1792: "c16"}.get(datatype)
+            f.seek(int(offset))
+            need, found, bad, rest = voxels * bitpix // 8, 0, 0, b""
+            while found < need:  # in pieces: a large volume is not held twice
+                chunk = f.read(min(need - found, 1 << 24))
+                if not chunk:
+                    break
+                found += len(chunk)
+                if dtype is not None:
+                    data = rest + chunk
+                    whole = len(data) // int(dtype[1:]) * int(dtype[1:])
+                    bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(data[:whole], dtype=order + dtype))))
+                    rest = data[whole:]
+    except (EOFError, OSError, zlib.error) as exc:  # a gzip stream cut short
+        raise CTInputError(path, f"cannot be read to its end ({exc})", fix) from None
+    if found < need:
+        raise CTInputError(path, f"holds {found} bytes of voxel data where its header declares {need}", fix)
+    _check_finite(bad, voxels, path)
 
 
 # ----------------------------------------------------------------------------- DICOM
@@ -281,18 +321,27 @@ def _listing(series: dict) -> str:
                      for uid, files in series.items() for ds in [files[0][1]])
 
 
+def _header_int(ds, keyword: str, path: Path) -> int:
+    """An integer DICOM element (1 when absent), or a :class:`CTInputError` naming the file."""
+    value = ds.get(keyword, 1)
+    try:
+        return int(value or 1)
+    except (TypeError, ValueError):
+        raise CTInputError(path, f"has a malformed {keyword} ({value!r})", "It may be corrupt; export it again.") from None
+
+
 def _frames(path: Path, ds) -> list:
     """The CT slices of one DICOM file, checked to be greyscale CT with pixel data and geometry."""
-    n = int(ds.get("NumberOfFrames", 1) or 1)
-    modality = str(ds.get("Modality", "")) or "missing"
+    modality, frames = str(ds.get("Modality", "")) or "missing", str(ds.get("NumberOfFrames", "") or "1")
     if modality != "CT":
-        frames = f" ({n} frames)" if n > 1 else ""
+        frames = f" ({frames} frames)" if frames != "1" else ""
         raise CTInputError(path, f"modality is {modality}{frames}, not CT",
                            "InvarianceExplorer needs CT images in HU; choose a CT series or file.")
+    n, samples = _header_int(ds, "NumberOfFrames", path), _header_int(ds, "SamplesPerPixel", path)
     if "PixelData" not in ds:
         raise CTInputError(path, "has no pixel data (no PixelData element)",
                            "Export the CT images with their pixels, not a header-only or report object.")
-    photometric, samples = str(ds.get("PhotometricInterpretation", "")), int(ds.get("SamplesPerPixel", 1))
+    photometric = str(ds.get("PhotometricInterpretation", ""))
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise CTInputError(path, f"is a colour image (PhotometricInterpretation {photometric}, "
                                  f"{samples} samples per pixel), not greyscale HU",
@@ -379,7 +428,7 @@ def _assemble(frames: list, source: Path, hu_offset: float) -> CTImage:
     hu = np.empty((len(frames), *ref.pixels.shape), dtype=np.float32)
     for k, f in enumerate(frames):
         hu[k] = f.pixels * f.slope + (f.intercept + hu_offset)
-    check_hu(hu, str(source))
+    check_hu(hu, str(source), whole_image=True)
     direction = np.column_stack([ref.row, ref.col, normal])
     return CTImage(hu[0] if len(frames) == 1 else hu, (*ref.spacing, thickness),
                    tuple(frames[0].position), tuple(direction.ravel()))

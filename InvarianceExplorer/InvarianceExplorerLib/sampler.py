@@ -484,7 +484,7 @@ class InvarianceSampler:
         ``seed`` (see the module docstring), with ``refinement`` (anything
         :meth:`Refinement.parse` reads; None: the models' setting).
         ``progress(stage, done, total)`` reports the stages "encoding" and "sampling"."""
-        from .io import check_hu
+        from .io import STANDARD_HU_MAX, check_hu
 
         x_hu = np.asarray(getattr(x_hu, "array", x_hu), dtype=np.float32)
         p = self.patch_size
@@ -492,6 +492,11 @@ class InvarianceSampler:
             raise ValueError(f"the invariance models work on {p} x {p} patches; got an image of shape {x_hu.shape}: "
                              "cut one with crop_patch / InvarianceSampler.crop")
         check_hu(x_hu, "input patch")
+        beyond = int(np.count_nonzero(x_hu > STANDARD_HU_MAX))
+        if beyond:
+            warnings.warn(f"{beyond} pixels of the patch lie above {STANDARD_HU_MAX:g} HU (up to {x_hu.max():.0f} HU: "
+                          "metal on an extended-scale CT?), beyond the CT the models were trained on; the invariances "
+                          "and their figures are unreliable there", RuntimeWarning)
         if batch_size is None:
             batch_size = default_batch_size(self.device)
         if int(count) < 1 or int(batch_size) < 1:
