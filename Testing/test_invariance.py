@@ -721,6 +721,8 @@ def test_sample_command_on_a_real_dicom_slice_near_its_border(model_folder, tmp_
     crop = read_image(out / "input.nrrd")
     corner = np.asarray(dicom.origin) + dicom.direction_matrix @ (np.array([5 - 16, 60 - 16, 0]) * dicom.spacing)
     assert np.allclose(crop.origin, corner, atol=1e-3)
+    assert np.allclose(numbers["center_lps_mm"], corner + dicom.direction_matrix @ (np.array([16, 16, 0]) * dicom.spacing),
+                       atol=1e-3)
     assert np.array_equal(crop.array[:, 11:], dicom.array[44:76, :21]) and (crop.array[:, :11] == AIR_HU).all()
     assert np.isfinite(read_image(out / "invariances.nrrd").array).all()
 

@@ -686,6 +686,8 @@ def _cmd_sample(args) -> int:
             "model": str(args.model), "model_folder": str(Path(sampler.models.folder).resolve()),
             "denoiser": sampler.models.denoiser.arch, "input": str(args.input),
             "center_ijk": list(patch.center_ijk), "patch_size": sampler.patch_size,
+            "center_lps_mm": [round(float(v), 3) for v in np.asarray(image.origin) + image.direction_matrix
+                              @ (np.asarray(patch.center_ijk, dtype=float) * image.spacing)],
             "padded_pixels": patch.padded_pixels, "count": result.count, "seed": result.seed,
             "batch_size": result.batch_size, "device": result.device,
             "samples": [{"index": k, "mean_abs_change_hu": float(a), "mean_abs_output_change_hu": float(b)}
