@@ -221,6 +221,25 @@ def test_method_a_finds_no_region_in_pure_noise():
     assert false_regions <= 2 * ALPHA * 8 * 16
 
 
+def test_method_a_is_not_misled_by_padding():
+    """A patch 42 % of which is padding (constant air beyond the image, where the sampled
+    invariances hardly vary): the roughness and the threshold are those of the body's noise,
+    and the pad holds no regions; as in pure noise, about alpha false regions per invariance."""
+    false_regions, thresholds = 0, []
+    for seed in range(8):
+        rng = np.random.default_rng(100 + seed)
+        x = 40.0 + gaussian_noise(rng, 1, 20.0, 0.7)[0]
+        invariances = 40.0 + gaussian_noise(rng, 16, 20.0, 0.7)
+        x[:, :54] = -1000.0
+        invariances[:, :, :54] = -1000.0 + gaussian_noise(rng, 16, 0.7, 2.0)[:, :, :54]
+        change = structure_change(x, invariances, SPACING)
+        false_regions += sum(s["region_count"] for s in change.samples)
+        thresholds.append(change.threshold_z)
+        assert not change.labels[:, :, :53].any()
+    assert false_regions <= 2 * ALPHA * 8 * 16
+    assert min(thresholds) > 4.3  # as without the pad (4.38); 3.9 when its smooth zeros entered the roughness
+
+
 def test_method_a_does_not_count_a_noise_amplitude_change():
     """f is invariant to noise amplitude: invariances with 0.5x to 2x the input's noise are
     not altered anatomy (each difference is judged against its own noise)."""
@@ -630,6 +649,29 @@ def test_analyze_refuses_a_full_dose_image_of_other_anatomy_or_off_the_grid(samp
         err = capsys.readouterr().err
         assert message in err and path in err and "Traceback" not in err
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_the_null_covers_the_corners_where_x_was_scanned_there(sample_folder, tmp_path):
+    """A crop reaching beyond the inscribed circle: where x shows noise there (a whole-square
+    scan, as `data lowdose` makes), so does the null; where x shows constant air there (a
+    scanner's field of view), the null is scanned the same way."""
+    from InvarianceExplorerLib.analysis_folder import simulate_null_for_folder
+    from InvarianceExplorerLib.io import read_image, write_nrrd
+
+    model = json.loads((sample_folder[0] / "numbers.json").read_text())["model_folder"]
+    size, spacing = 64, 0.7 * 512 / 64
+    phantom = chest_phantom(3, size=size, spacing=spacing)
+    for cover in (False, True):
+        pair = LowDoseSimulator(size, spacing, photons=1e4, cover_corners=cover).simulate(phantom.hu, dose=0.25,
+                                                                                          seed=1)
+        image, folder = phantom.to_ctimage(), tmp_path / f"cover{cover}"
+        low = write_nrrd(image.with_array(pair.low_dose), folder / "ld.nrrd")
+        full = write_nrrd(image.with_array(pair.full_dose), folder / "fd.nrrd")
+        assert main(["sample", "--model", model, "--input", low, "--center", "16,16,0", "--count", "2",
+                     "--device", "cpu", "--out", str(folder / "sample"), "--progress", "none"]) == 0
+        null = simulate_null_for_folder(folder / "sample", read_image(full), 0.25, count=3, photons=1e4)
+        corner = null[:, :3, :3]  # pixels 0-2 of a 64-pixel slice: beyond the inscribed circle
+        assert bool((corner.std(axis=0) > 1.0).all()) == cover and bool((corner == -1000).all()) != cover
 
 
 def test_analysis_of_refined_samples_refines_the_null_or_says_it_is_uncalibrated(sample_folder, tmp_path, capsys):

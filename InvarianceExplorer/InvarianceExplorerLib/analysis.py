@@ -111,7 +111,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from scipy import ndimage, stats
 
-from .noise import (NoiseTexture, correlation_length_mm, estimate_noise, high_pass_residual,
+from .noise import (NoiseTexture, correlation_length_mm, estimate_noise,
                     noise_power_spectrum, robust_std)
 
 #: Labelmap values of method A's altered regions.
@@ -273,13 +273,26 @@ def t_to_z(t: np.ndarray, dof: np.ndarray) -> np.ndarray:
     return np.sign(t) * stats.norm.isf(stats.t.sf(np.abs(t), dof))
 
 
-def roughness(z: np.ndarray) -> float:
+def roughness(z: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
     """Roughness ``lambda`` of a unit-variance field (variance of its derivative per pixel,
-    the mean over both axes), robustly from the finite differences of ``z`` (2D or a stack)."""
+    the mean over both axes), robustly from the finite differences of ``z`` (2D or a stack)
+    between neighbours both in ``mask`` (``(H, W)``; default all): a constant area, where
+    z is 0, would otherwise make the field look smooth and lower the threshold everywhere."""
     z = np.asarray(z, dtype=np.float64)
-    dx = np.diff(z, axis=-1).ravel()
-    dy = np.diff(z, axis=-2).ravel()
+    mask = np.ones(z.shape[-2:], bool) if mask is None else np.asarray(mask, bool)
+    dx = np.diff(z, axis=-1)[..., mask[:, 1:] & mask[:, :-1]].ravel()
+    dy = np.diff(z, axis=-2)[..., mask[1:] & mask[:-1]].ravel()
     return float(0.5 * (robust_std(dx) ** 2 + robust_std(dy) ** 2))
+
+
+def varying(x: np.ndarray) -> np.ndarray:
+    """The pixels of ``x`` (HU, ``(H, W)``) whose 3 x 3 neighbourhood is not constant: not
+    the fill a scanner shows outside its field of view or the patch's padding beyond the
+    image, where nothing can change and no noise can be measured. All pixels for an image
+    with no variation at all (a noise-free test object)."""
+    x = np.asarray(x, dtype=np.float64)
+    mask = ndimage.maximum_filter(x, 3) - ndimage.minimum_filter(x, 3) > 1e-3
+    return mask if mask.any() else np.ones(x.shape, bool)
 
 
 def expected_false_regions(u: float, shape: Tuple[int, int], lam: float) -> float:
@@ -328,7 +341,9 @@ class StructureChange:
             :func:`altered_regions`; seen_by_f: the regions dropped because f passes on more
             than ``max_passed_on`` of their change).
         threshold_z, extent_z, min_area_mm2, alpha, sigma_px, sigma_mm, roughness,
-            max_passed_on: the settings used (max_passed_on None: f's outputs not given).
+            max_passed_on: the settings used (max_passed_on None: f's outputs not given;
+            the filter is isotropic in pixels, so with anisotropic pixels sigma_mm, given
+            at the geometric-mean pixel size, is sigma_px times each side along it).
         null_shape: whether the noise-only std took its spatial shape from the null.
         scan_floor: how regions also had to exceed a rescan difference's filtered noise:
             :data:`FLOOR_FROM_SCANS`, :data:`FLOOR_ESTIMATED` or None (no floor).
@@ -424,7 +439,8 @@ def altered_regions(z: np.ndarray, difference_hu: np.ndarray, threshold_z: float
     filtered noise std of a rescan difference (HU map) that a region's change must also
     exceed ``threshold_z`` times somewhere, or None). Returns the labelmap
     (uint8, BRIGHTER / DARKER), one record per region ``{"sign", "area_mm2", "peak_abs_hu",
-    "peak_z", "centroid_ij", "passed_on"}`` (passed_on: the fraction of the region's change
+    "peak_z", "centroid_ij", "passed_on"}`` (peak_abs_hu: the largest |filtered difference|
+    in the region, HU, below the contrast of a structure smaller than the filter; passed_on: the fraction of the region's change
     that reaches f's output; None without f's outputs), and the records of the regions left
     out because f passes on more than ``max_passed_on`` of their change."""
     px = pixel_area_mm2(spacing)
@@ -502,7 +518,7 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
         raise ValueError(f"invariances of in-plane shape {stack.shape[1:]} differ from x's {x.shape}")
     spacing = tuple(float(v) for v in spacing)[:2]
     sigma_px = float(sigma_px or reference_sigma_px(stack - x[None], spacing))
-    noisy = np.abs(high_pass_residual(x)) > 1e-3  # not constant (the air a scanner shows outside its field of view)
+    noisy = varying(x)
     difference = reference_filter(stack - x[None], sigma_px)
     window_px = max(LOCAL_WINDOW * sigma_px, 8.0)
     if null is not None:
@@ -545,11 +561,13 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
                              f"{stack.shape}); got {y.shape} and {outputs.shape}")
         output_difference = reference_filter(outputs - y[None], sigma_px)
     z, sigma_median = standardise(difference)
-    lam = roughness(z)
+    z = np.where(noisy[None], z, 0.0)  # nothing to find in constant fill (padding, outside the field of view)
+    lam = roughness(z, noisy)
     threshold = float(threshold_z) if threshold_z is not None else rft_threshold(x.shape, lam, alpha)
     calibration = None
     if null is not None:  # the same test on noise-only differences x'_j - x: how many false regions?
         null_z, _ = standardise(null_difference)
+        null_z = np.where(noisy[None], null_z, 0.0)
         counts = [len(altered_regions(null_z[j], null_difference[j], threshold, spacing, min_area_mm2, extent_z,
                                       peak_radius_px=sigma_px, floor_hu=floor)[1])  # f of the null: not at hand
                   for j in range(null.shape[0])]

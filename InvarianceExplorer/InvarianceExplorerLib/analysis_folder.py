@@ -171,9 +171,13 @@ def simulate_null_for_folder(folder, full_dose: CTImage, dose: float, count: int
     :func:`~.analysis.simulate_noise_only`, then cut like the crop), ``(count, P, P)`` HU.
     ``full_dose`` must be on the input's grid (the crop's position is checked) and show the
     crop's anatomy (:func:`_check_same_anatomy`); ``source`` names it in errors. The scan
-    settings (``photons``, ``filter``) should be those that made the low-dose input."""
-    from .analysis import simulate_noise_only
-    from .lowdose import LowDoseSimulator
+    settings (``photons``, ``filter``) should be those that made the low-dose input. Like
+    scanners and the simulated data set, the scans reconstruct the circle inscribed in the
+    slice, unless the crop reaches beyond it and x shows noise there (a scan of the whole
+    square, as ``data lowdose`` makes): then they cover the corners too, which would
+    otherwise give a null of constant air, with no noise to test against."""
+    from .analysis import simulate_noise_only, varying
+    from .lowdose import FanBeamGeometry, LowDoseSimulator
     from .sampler import crop_patch
 
     result = load_result(folder)
@@ -202,7 +206,11 @@ def simulate_null_for_folder(folder, full_dose: CTImage, dose: float, count: int
     if not np.allclose(where.origin[:2], result.crop.origin[:2], atol=1e-3 * max(sx, 1.0)):
         raise ValueError(f"{name} is not on the low-dose input's grid: the crop would lie at {where.origin[:2]} mm, "
                          f"the sample's crop lies at {result.crop.origin[:2]} mm")
-    simulator = LowDoseSimulator(nx, sx, photons=photons, filter=filter, device=device)
+    rows, cols = np.mgrid[j - size // 2:j - size // 2 + size, i - size // 2:i - size // 2 + size] + 0.5 - nx / 2.0
+    # pixels whose 3 x 3 neighbourhood lies wholly outside the circle the scan reconstructs
+    beyond = (np.hypot(rows, cols) - 2.0) * sx > FanBeamGeometry.for_image(nx, sx).fov_radius
+    cover_corners = bool((beyond & varying(result.crop.array[0])).any())
+    simulator = LowDoseSimulator(nx, sx, photons=photons, filter=filter, device=device, cover_corners=cover_corners)
     scans = simulate_noise_only(plane.array, dose, count, seed, simulator=simulator)
     crops = np.stack([crop_patch(plane.with_array(scan), (i, j), size).array for scan in scans])
     _check_same_anatomy(result.crop.array[0], where.array, crops, dose, name)

@@ -672,7 +672,7 @@ def _cmd_sample(args) -> int:
     partial.mkdir()
     try:
         result = sampler.sample(patch.array, count=args.count, seed=args.seed, batch_size=args.batch_size,
-                                progress=report, refinement=args.refine)
+                                progress=report, refinement=args.refine, inside=patch.inside)
         update = progress.stage("writing", len(FILES), f"Writing {out}")
         crop = patch.image
         stack = CTImage(result.invariances, crop.spacing, crop.origin, crop.direction)  # axis 0: sample k
@@ -696,9 +696,9 @@ def _cmd_sample(args) -> int:
             "mean_abs_output_change_hu": float(result.mean_abs_output_change_hu.mean()),
             "consistency": result.consistency,
             "refinement": result.refinement.as_dict(),
-            "reconstruction": {"mean_abs_error_hu": float(np.abs(result.reconstruction - result.x).mean()),
+            "reconstruction": {"mean_abs_error_hu": float(np.abs(result.reconstruction - result.x)[patch.inside].mean()),
                                "mean_abs_output_error_hu": float(np.abs(result.denoised_reconstruction -
-                                                                        result.denoised).mean())},
+                                                                        result.denoised)[patch.inside].mean())},
             "seconds": result.seconds,
             "invariances_stack": "axis 0 of invariances.nrrd and denoised_invariances.nrrd is the sample index k",
         }

@@ -14,8 +14,8 @@ to the same f(x). This module measures that for one input x and its invariances 
   - the high-pass residual removes anatomy (which varies slowly inside uniform tissue) but
     keeps almost all the noise power: CT noise after filtered back-projection has a
     ramp-shaped noise power spectrum that vanishes at zero frequency, and the Gaussian
-    background of 5 pixels removes a fraction ``1/(4 pi s^2) = 0.3 %`` of white-noise power
-    (amplitude bias -0.2 %) and about 3 % of the amplitude of quarter-dose CT noise of the
+    background of 5 pixels removes a fraction ``2 g0 - sum g^2 = 3/(4 pi s^2) = 1.0 %`` of
+    white-noise power (amplitude bias -0.5 %) and about 3 % of the amplitude of quarter-dose CT noise of the
     scan simulator (whose NPS peaks at a quarter of the Nyquist frequency); no correction
     is applied;
   - the MAD (times 1.4826, exact for Gaussian noise) ignores the residual's outliers at

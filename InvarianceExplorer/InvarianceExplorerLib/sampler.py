@@ -287,12 +287,15 @@ class Patch:
         corner_ij: source column and row of the patch's pixel ``[0, 0]`` (negative when the
             patch reaches over the image's left or top border).
         padded_pixels: pixels of the patch outside the source image, filled with ``fill_hu``.
+        inside: ``(P, P)`` bool, the patch's pixels inside the source image (what
+            :meth:`InvarianceSampler.sample` averages its figures over).
     """
 
     image: CTImage
     center_ijk: Tuple[int, int, int]
     corner_ij: Tuple[int, int]
     padded_pixels: int
+    inside: np.ndarray
 
     @property
     def array(self) -> np.ndarray:
@@ -338,10 +341,12 @@ def crop_patch(image: CTImage, center_ijk: Sequence[int], size: int, fill_hu: fl
     patch = np.full((size, size), fill_hu, dtype=np.float32)
     r0, r1, c0, c1 = max(j0, 0), min(j0 + size, ny), max(i0, 0), min(i0 + size, nx)
     patch[r0 - j0:r1 - j0, c0 - i0:c1 - i0] = source[r0:r1, c0:c1]
+    inside = np.zeros((size, size), bool)
+    inside[r0 - j0:r1 - j0, c0 - i0:c1 - i0] = True
     sx, sy, sz = image.spacing
     origin = np.asarray(image.origin) + image.direction_matrix @ np.array([i0 * sx, j0 * sy, k * sz])
     crop = CTImage(patch, image.spacing, tuple(float(v) for v in origin), image.direction)
-    return Patch(crop, (i, j, k), (i0, j0), size * size - (r1 - r0) * (c1 - c0))
+    return Patch(crop, (i, j, k), (i0, j0), size * size - (r1 - r0) * (c1 - c0), inside)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -360,8 +365,9 @@ class Invariances:
         denoised_invariances: f(x~_k) ``(count, P, P)``.
         refinement: the consistency refinement the samples took (module docstring).
         std: per-pixel standard deviation of x~_k over k ``(P, P)`` (HU, population std).
-        mean_abs_change_hu: mean |x~_k - x| per sample ``(count,)`` (HU).
-        mean_abs_output_change_hu: mean |f(x~_k) - f(x)| per sample ``(count,)`` (HU).
+        mean_abs_change_hu: mean |x~_k - x| per sample ``(count,)`` (HU), over the pixels
+            inside the image (``inside`` of :meth:`InvarianceSampler.sample`; padding aside).
+        mean_abs_output_change_hu: mean |f(x~_k) - f(x)| per sample ``(count,)`` (HU), likewise.
         consistency: C = mean|f(x~) - f(x)| / mean|x~ - x| over all samples (small: f
             barely notices what changed).
         v: the flow's code of x, t(mean E(x) | f(x)) ``(z_dim,)``.
@@ -478,11 +484,13 @@ class InvarianceSampler:
         return crop_patch(image, center_ijk, self.patch_size, fill_hu)
 
     def sample(self, x_hu, count: int = 16, seed: int = 0, batch_size: Optional[int] = None,
-               progress: Optional[ProgressCallback] = None, refinement=None) -> Invariances:
+               progress: Optional[ProgressCallback] = None, refinement=None, inside=None) -> Invariances:
         """``count`` invariances of the patch ``x_hu`` (HU, ``(P, P)`` with P the patch size),
         ``batch_size`` at a time (None: :data:`BATCH_SIZE` of the device), reproducible for
         ``seed`` (see the module docstring), with ``refinement`` (anything
-        :meth:`Refinement.parse` reads; None: the models' setting).
+        :meth:`Refinement.parse` reads; None: the models' setting). ``inside``: the patch's
+        pixels inside the image (:attr:`Patch.inside`; None: all), over which the per-sample
+        figures and C are averaged, so that padding does not dilute them.
         ``progress(stage, done, total)`` reports the stages "encoding" and "sampling"."""
         from .io import STANDARD_HU_MAX, check_hu
 
@@ -504,8 +512,16 @@ class InvarianceSampler:
         refinement = self.models.refinement if refinement is None else Refinement.parse(refinement)
         start = time.perf_counter()
         v = torch.randn(int(count), self.models.flow.z_dim, generator=torch.Generator().manual_seed(int(seed)))
+        inside = np.ones((p, p), bool) if inside is None else np.asarray(inside, bool)
+        if inside.shape != (p, p) or not inside.any():
+            raise ValueError(f"inside must be a ({p}, {p}) mask with at least one pixel set (Patch.inside); "
+                             f"got shape {inside.shape}")
         result, device, batch_size = run_with_memory_fallback(
             lambda dev, bs: self._sample(x_hu, v, dev, bs, progress, refinement), self.device, int(batch_size))
+        change = np.abs(result["invariances"] - result["x"])[:, inside].mean(axis=1)
+        output_change = np.abs(result["denoised_invariances"] - result["denoised"])[:, inside].mean(axis=1)
+        result.update(mean_abs_change_hu=change, mean_abs_output_change_hu=output_change,
+                      consistency=float(output_change.mean() / max(change.mean(), 1e-12)))
         if device != self.device:
             self.device = device
             self.models.to(device)
@@ -595,11 +611,7 @@ class InvarianceSampler:
             report("sampling", min(first + batch_size, count), count)
         x_np, y_np = x_hu.copy(), hu(y)[0]
         invariances, denoised_invariances = np.concatenate(samples), np.concatenate(outputs)
-        change = np.abs(invariances - x_np).mean(axis=(1, 2))
-        output_change = np.abs(denoised_invariances - y_np).mean(axis=(1, 2))
         return dict(x=x_np, denoised=y_np, reconstruction=hu(reconstruction)[0],
                     denoised_reconstruction=hu(denoised_reconstruction)[0], invariances=invariances,
                     denoised_invariances=denoised_invariances, std=invariances.std(axis=0),
-                    mean_abs_change_hu=change, mean_abs_output_change_hu=output_change,
-                    consistency=float(output_change.mean() / max(change.mean(), 1e-12)),
                     v=code[0].float().cpu().numpy())
