@@ -716,6 +716,7 @@ def test_sample_command_on_a_real_dicom_slice_near_its_border(model_folder, tmp_
                      "--out", str(out), "--progress", "none"]) == 0
     numbers = json.loads((out / "numbers.json").read_text())
     assert numbers["padded_pixels"] == 32 * 11 and numbers["center_ijk"] == [5, 60, 0]
+    assert numbers["content_pixels"] == 32 * 21  # the figures' pixels: inside the image, and CT_small's all vary
     assert numbers["batch_size"] == 10  # no --batch-size: the sampler's for the CPU
     dicom = read_image(src)
     crop = read_image(out / "input.nrrd")
@@ -775,3 +776,21 @@ def test_bundled_networks_run_channels_last_with_the_same_samples(monkeypatch):
     assert np.abs(a.invariances - b.invariances).max() < 0.01  # HU
     assert np.abs(a.denoised_invariances - b.denoised_invariances).max() < 0.01
     assert np.abs(a.invariances - a.x).mean() > 1  # the samples are not x itself
+
+
+def test_sample_figures_leave_out_the_air_a_scanner_leaves_constant(tmp_path):
+    """The sample CT keeps constant air outside its field of view: near its corner (voxel 100,100)
+    the bundled CNN-10's figures average over the pixels that vary, not over that fill."""
+    from InvarianceExplorerLib.analysis import varying
+    from InvarianceExplorerLib.sample_data import sample_ct_path
+
+    out = tmp_path / "edge"
+    assert main(["sample", "--model", "cnn10", "--input", str(sample_ct_path()), "--center", "100,100,1",
+                 "--count", "2", "--device", "cpu", "--out", str(out), "--progress", "none"]) == 0
+    numbers = json.loads((out / "numbers.json").read_text())
+    x, stack = read_image(out / "input.nrrd").array, read_image(out / "invariances.nrrd").array
+    content = varying(x)
+    assert numbers["padded_pixels"] == 0 and 0.2 < content.mean() < 0.9
+    assert numbers["content_pixels"] == content.sum()
+    change = np.abs(stack - x)[:, content].mean(axis=1)
+    assert np.allclose([s["mean_abs_change_hu"] for s in numbers["samples"]], change, rtol=1e-4)

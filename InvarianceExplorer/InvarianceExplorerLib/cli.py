@@ -633,6 +633,7 @@ def _cmd_sample(args) -> int:
 
     import numpy as np
 
+    from .analysis import varying
     from .figures import LUNG_WINDOW, save_png, std_tile, tile_grid, window
     from .image import CTImage
     from .inference import warn_on_spacing
@@ -670,9 +671,11 @@ def _cmd_sample(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)  # before the work: a folder that cannot be made says so now
     partial = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
     partial.mkdir()
+    # the figures average over image content: not padding, nor air a scanner leaves constant
+    content = patch.inside & varying(patch.array)
     try:
         result = sampler.sample(patch.array, count=args.count, seed=args.seed, batch_size=args.batch_size,
-                                progress=report, refinement=args.refine, inside=patch.inside)
+                                progress=report, refinement=args.refine, inside=content)
         update = progress.stage("writing", len(FILES), f"Writing {out}")
         crop = patch.image
         stack = CTImage(result.invariances, crop.spacing, crop.origin, crop.direction)  # axis 0: sample k
@@ -688,7 +691,8 @@ def _cmd_sample(args) -> int:
             "center_ijk": list(patch.center_ijk), "patch_size": sampler.patch_size,
             "center_lps_mm": [round(float(v), 3) for v in np.asarray(image.origin) + image.direction_matrix
                               @ (np.asarray(patch.center_ijk, dtype=float) * image.spacing)],
-            "padded_pixels": patch.padded_pixels, "count": result.count, "seed": result.seed,
+            "padded_pixels": patch.padded_pixels, "content_pixels": int(content.sum()),
+            "count": result.count, "seed": result.seed,
             "batch_size": result.batch_size, "device": result.device,
             "samples": [{"index": k, "mean_abs_change_hu": float(a), "mean_abs_output_change_hu": float(b)}
                         for k, (a, b) in enumerate(zip(result.mean_abs_change_hu, result.mean_abs_output_change_hu))],
@@ -696,9 +700,9 @@ def _cmd_sample(args) -> int:
             "mean_abs_output_change_hu": float(result.mean_abs_output_change_hu.mean()),
             "consistency": result.consistency,
             "refinement": result.refinement.as_dict(),
-            "reconstruction": {"mean_abs_error_hu": float(np.abs(result.reconstruction - result.x)[patch.inside].mean()),
+            "reconstruction": {"mean_abs_error_hu": float(np.abs(result.reconstruction - result.x)[content].mean()),
                                "mean_abs_output_error_hu": float(np.abs(result.denoised_reconstruction -
-                                                                        result.denoised)[patch.inside].mean())},
+                                                                        result.denoised)[content].mean())},
             "seconds": result.seconds,
             "invariances_stack": "axis 0 of invariances.nrrd and denoised_invariances.nrrd is the sample index k",
         }
