@@ -731,13 +731,18 @@ def test_sample_command_on_a_real_dicom_slice_near_its_border(model_folder, tmp_
     assert np.allclose([s["mean_abs_change_hu"] for s in numbers["samples"]], change, rtol=1e-4)
 
 
-def test_metal_beyond_the_standard_ct_scale_is_flagged(model_folder):
-    """Extended-scale CT keeps metal at up to about 30000 HU, which no training slice held."""
+def test_metal_and_fill_values_beyond_the_standard_ct_scale_are_flagged(model_folder):
+    """Extended-scale CT keeps metal at up to about 30000 HU, and scanners fill what lies
+    outside their field of view with, e.g., -3024 HU: no training slice held either."""
     sampler = InvarianceSampler(model_folder, device="cpu")
     x = np.random.default_rng(0).normal(40, 20, (sampler.patch_size,) * 2).astype(np.float32)
-    x[10:13, 10:13] = 30000.0
-    with pytest.warns(RuntimeWarning, match="9 pixels of the patch lie above 3071 HU \\(up to 30000 HU"):
+    x[10:13, 10:13], x[:2, :] = 30000.0, -3024.0
+    with pytest.warns(RuntimeWarning) as caught:
         sampler.sample(x, count=2, seed=0)
+    messages = [str(w.message) for w in caught]
+    assert any("9 pixels of the patch lie above 3071 HU (up to 30000 HU: metal" in m for m in messages)
+    assert any(f"{2 * sampler.patch_size} pixels of the patch lie below -2000 HU (down to -3024 HU: a fill value"
+               in m for m in messages)
 
 
 def test_the_sample_help_states_the_samplers_batch_sizes(capsys):

@@ -471,7 +471,7 @@ def test_vector_4d_and_corrupt_files(tmp_path):
 
 def test_check_hu_direct():
     check_hu(np.array([[-1000.0, 40.0], [1500.0, 3000.0]]), "ok")
-    check_hu(np.array([[-3024.0, 30000.0]]), "extended scale, fill value outside the field of view")
+    check_hu(np.array([[-33792.0, 30000.0]]), "extended scale; a stored fill of -32768 with its intercept")
     check_hu(np.zeros((4, 4)), "constant water")  # a flat phantom is fine
     check_hu(np.array([[0.0, 200.0]]), "soft tissue crop")  # no air, but no bone either: a patch may be so
     raises(["src", "NaN or infinite"], check_hu, np.array([np.nan, 0.0]), "src")

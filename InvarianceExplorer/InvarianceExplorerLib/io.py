@@ -114,12 +114,13 @@ def list_dicom_series(folder) -> list:
             for uid, files in series.items() for ds in [files[0][1]]]
 
 
-#: HU beyond any CT scale (extended-scale CT with metal reaches about 30000 HU; fill values
-#: outside the field of view go down to -3024 or -32768): such values are not HU.
-HU_SCALE = (-32768.0, 65535.0)
-#: The top of the standard 12-bit CT scale (HU): above it lies metal on extended-scale CT,
-#: which the bundled models never saw.
-STANDARD_HU_MAX = 3071.0
+#: HU beyond any CT scale (extended-scale CT with metal reaches about 30000 HU; the fill
+#: values scanners write outside the field of view, e.g. a stored -32768 with its intercept,
+#: go down to about -34000): such values are not HU.
+HU_SCALE = (-100000.0, 100000.0)
+#: The standard 12-bit CT scale (HU) the bundled models were trained within: above it lies
+#: metal on extended-scale CT; below -2000, fill values outside the field of view.
+STANDARD_HU = (-2000.0, 3071.0)
 
 
 def check_hu(array, source: str, whole_image: bool = False) -> None:

@@ -492,7 +492,7 @@ class InvarianceSampler:
         pixels inside the image (:attr:`Patch.inside`; None: all), over which the per-sample
         figures and C are averaged, so that padding does not dilute them.
         ``progress(stage, done, total)`` reports the stages "encoding" and "sampling"."""
-        from .io import STANDARD_HU_MAX, check_hu
+        from .io import STANDARD_HU, check_hu
 
         x_hu = np.asarray(getattr(x_hu, "array", x_hu), dtype=np.float32)
         p = self.patch_size
@@ -500,11 +500,16 @@ class InvarianceSampler:
             raise ValueError(f"the invariance models work on {p} x {p} patches; got an image of shape {x_hu.shape}: "
                              "cut one with crop_patch / InvarianceSampler.crop")
         check_hu(x_hu, "input patch")
-        beyond = int(np.count_nonzero(x_hu > STANDARD_HU_MAX))
-        if beyond:
-            warnings.warn(f"{beyond} pixels of the patch lie above {STANDARD_HU_MAX:g} HU (up to {x_hu.max():.0f} HU: "
-                          "metal on an extended-scale CT?), beyond the CT the models were trained on; the invariances "
-                          "and their figures are unreliable there", RuntimeWarning)
+        low, high = STANDARD_HU
+        for pixels, bound, extreme, what in (
+                (int(np.count_nonzero(x_hu > high)), f"above {high:g}", f"up to {x_hu.max():.0f}",
+                 "metal on an extended-scale CT?"),
+                (int(np.count_nonzero(x_hu < low)), f"below {low:g}", f"down to {x_hu.min():.0f}",
+                 "a fill value outside the scanner's field of view?")):
+            if pixels:
+                warnings.warn(f"{pixels} pixels of the patch lie {bound} HU ({extreme} HU: {what}), beyond the CT the "
+                              "models were trained on; the invariances and their figures are unreliable there",
+                              RuntimeWarning)
         if batch_size is None:
             batch_size = default_batch_size(self.device)
         if int(count) < 1 or int(batch_size) < 1:
