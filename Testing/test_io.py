@@ -477,8 +477,12 @@ def test_check_hu_direct():
     raises(["src", "NaN or infinite"], check_hu, np.array([np.nan, 0.0]), "src")
     raises(["src", "0..4095", "hu_offset=-1024"], check_hu, np.array([0.0, 4095.0]), "src")
     raises(["src", "-1..1", "normalised"], check_hu, np.array([-1.0, 1.0]), "src")
-    raises(["src", "-1.02..1.27", "normalised or scaled"], check_hu, np.array([-1.02, 0.04, 1.27]), "src")  # HU / 1000
-    raises(["src", "-1.1..3.6", "normalised"], check_hu, np.array([-1.1, 3.6]), "src")  # the paper's normalisation
+    water = np.random.default_rng(0).normal(0.0, 4.0, (64, 64))
+    check_hu(water, "a patch inside a water phantom at full dose")
+    for values in ([-1.02, 0.04, 1.27], [-1.1, 3.6]):  # HU / 1000; the paper's normalisation
+        check_hu(np.array(values) * 1000, "as HU")
+        raises(["src", f"{values[0]:g}..{values[-1]:g}", "normalised or scaled"], check_hu, np.array(values), "src",
+               whole_image=True)
     raises(["src", "3e+38", "beyond any CT scale"], check_hu, np.array([-1000.0, 3e38], np.float32), "src")
     raises(["src", "0..255", "windowed display image"], check_hu, np.array([[0.0, 255.0]]), "src", whole_image=True)
 

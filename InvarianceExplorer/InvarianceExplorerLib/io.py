@@ -126,10 +126,11 @@ STANDARD_HU = (-2000.0, 3071.0)
 def check_hu(array, source: str, whole_image: bool = False) -> None:
     """Raise :class:`CTInputError` naming ``source`` if ``array`` is not plausibly CT in HU:
     NaN or infinite voxels, values beyond any CT scale (:data:`HU_SCALE`), values normalised
-    or scaled to within -20..20, or no value below 0 but values up to bone (stored CT numbers
-    read without their rescale intercept). ``whole_image``: ``array`` is a whole CT image,
-    not a patch, so it must show something below 0 HU (air, lung or fat), as every CT slice
-    does; a windowed display image (0..255) does not."""
+    to -1..1, or no value below 0 but values up to bone (stored CT numbers read without their
+    rescale intercept). ``whole_image``: ``array`` is a whole CT image, not a patch (which may
+    lie inside a water phantom), so it must also span more than -20..20 (HU / 1000 and the
+    paper's normalisation do not) and show something below 0 HU (air, lung or fat), as every
+    CT slice does; a windowed display image (0..255) does not."""
     a = np.asarray(array)
     _check_finite(int(np.count_nonzero(~np.isfinite(a))), a.size, source)
     lo, hi = float(a.min()), float(a.max())
@@ -137,7 +138,7 @@ def check_hu(array, source: str, whole_image: bool = False) -> None:
         raise CTInputError(source, f"values range {lo:g}..{hi:g}, beyond any CT scale ({HU_SCALE[0]:g}.."
                                    f"{HU_SCALE[1]:g} HU), so they are not HU (a fill value or a damaged file?)",
                            "Replace such voxels (e.g. with -1024 HU, air) or convert the image to HU.")
-    if -20 <= lo < hi <= 20:
+    if -1 <= lo < hi <= 1 or (whole_image and -20 <= lo < hi <= 20):  # (a patch of water may span 40 HU)
         raise CTInputError(source, f"values lie in {lo:g}..{hi:g}, so they look normalised or scaled, not HU "
                                    "(CT in HU spans about -1000, air, to over 100, soft tissue and bone)",
                            "Convert the image back to HU before loading it.")
