@@ -484,7 +484,10 @@ def test_check_hu_direct():
         raises(["src", f"{values[0]:g}..{values[-1]:g}", "normalised or scaled"], check_hu, np.array(values), "src",
                whole_image=True)
     raises(["src", "3e+38", "beyond any CT scale"], check_hu, np.array([-1000.0, 3e38], np.float32), "src")
-    raises(["src", "0..255", "windowed display image"], check_hu, np.array([[0.0, 255.0]]), "src", whole_image=True)
+    raises(["src", "0 to 255", "windowed display image"], check_hu, np.array([[0.0, 17.0, 255.0]]), "src",
+           whole_image=True)
+    check_hu(np.array([[19.0, 60.0, 180.0]]), "a full-dose crop of liver", whole_image=True)
+    check_hu(np.array([[0.5, 60.0, 255.0]]), "not grey levels", whole_image=True)
 
 
 def test_implausible_images_are_refused(tmp_path, oblique_volume):

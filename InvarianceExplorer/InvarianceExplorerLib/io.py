@@ -128,9 +128,9 @@ def check_hu(array, source: str, whole_image: bool = False) -> None:
     NaN or infinite voxels, values beyond any CT scale (:data:`HU_SCALE`), values normalised
     to -1..1, or no value below 0 but values up to bone (stored CT numbers read without their
     rescale intercept). ``whole_image``: ``array`` is a whole CT image, not a patch (which may
-    lie inside a water phantom), so it must also span more than -20..20 (HU / 1000 and the
-    paper's normalisation do not) and show something below 0 HU (air, lung or fat), as every
-    CT slice does; a windowed display image (0..255) does not."""
+    lie inside a water phantom), so it must also span more than -10..10 (HU / 1000 and the
+    paper's normalisation do not) and not be 8-bit grey levels 0..255 (a windowed display
+    image); a crop of soft tissue, with nothing below 0 HU, is accepted."""
     a = np.asarray(array)
     _check_finite(int(np.count_nonzero(~np.isfinite(a))), a.size, source)
     lo, hi = float(a.min()), float(a.max())
@@ -138,13 +138,13 @@ def check_hu(array, source: str, whole_image: bool = False) -> None:
         raise CTInputError(source, f"values range {lo:g}..{hi:g}, beyond any CT scale ({HU_SCALE[0]:g}.."
                                    f"{HU_SCALE[1]:g} HU), so they are not HU (a fill value or a damaged file?)",
                            "Replace such voxels (e.g. with -1024 HU, air) or convert the image to HU.")
-    if -1 <= lo < hi <= 1 or (whole_image and -20 <= lo < hi <= 20):  # (a patch of water may span 40 HU)
+    if -1 <= lo < hi <= 1 or (whole_image and -10 <= lo < hi <= 10):  # (a patch of water may span 40 HU)
         raise CTInputError(source, f"values lie in {lo:g}..{hi:g}, so they look normalised or scaled, not HU "
                                    "(CT in HU spans about -1000, air, to over 100, soft tissue and bone)",
                            "Convert the image back to HU before loading it.")
-    if whole_image and 0 <= lo < hi < 900:  # (a constant image is a test object, not a display image)
-        raise CTInputError(source, f"values range {lo:g}..{hi:g} with none below 0: no air, lung or fat, which "
-                                   "every CT image shows, so they do not look like HU (a windowed display image?)",
+    if whole_image and (lo, hi) == (0, 255) and np.array_equal(a, np.round(a)):
+        raise CTInputError(source, "values are whole numbers from 0 to 255 with none below 0, so they look like a "
+                                   "windowed display image (8-bit grey levels), not HU",
                            "Load the original CT in HU (DICOM with its rescale, or a volume saved in HU).")
     if lo >= 0 and hi >= 900:
         raise CTInputError(source, f"values range {lo:g}..{hi:g} with none below 0, so they look like "
@@ -246,6 +246,8 @@ def _check_nifti_data(path: Path, voxels: int) -> None:
                     struct.unpack(order + "q", header[168:176])[0]
             dtype = {16: "f4", 64: "f8", 32: "c8", 1792: "c16"}.get(datatype)
             f.seek(int(offset))
+            if bitpix <= 0:  # a header ITK still reads: the datatype gives the voxel size
+                bitpix = 8 * {2: 1, 4: 2, 8: 4, 16: 4, 64: 8, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8}.get(datatype, 0)
             need, found, bad, rest = voxels * bitpix // 8, 0, 0, b""
             while found < need:  # in pieces: a large volume is not held twice
                 chunk = f.read(min(need - found, 1 << 24))
