@@ -633,7 +633,6 @@ def _cmd_sample(args) -> int:
 
     import numpy as np
 
-    from .analysis import varying
     from .figures import LUNG_WINDOW, save_png, std_tile, tile_grid, window
     from .image import CTImage
     from .inference import warn_on_spacing
@@ -671,11 +670,10 @@ def _cmd_sample(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)  # before the work: a folder that cannot be made says so now
     partial = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
     partial.mkdir()
-    # the figures average over image content: not padding, nor air a scanner leaves constant
-    content = patch.inside & varying(patch.array)
+    content = patch.content  # the figures' pixels: not padding, nor air a scanner leaves constant
     try:
         result = sampler.sample(patch.array, count=args.count, seed=args.seed, batch_size=args.batch_size,
-                                progress=report, refinement=args.refine, inside=content)
+                                progress=report, refinement=args.refine, content=content)
         update = progress.stage("writing", len(FILES), f"Writing {out}")
         crop = patch.image
         stack = CTImage(result.invariances, crop.spacing, crop.origin, crop.direction)  # axis 0: sample k

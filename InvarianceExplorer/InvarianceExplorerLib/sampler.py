@@ -287,8 +287,7 @@ class Patch:
         corner_ij: source column and row of the patch's pixel ``[0, 0]`` (negative when the
             patch reaches over the image's left or top border).
         padded_pixels: pixels of the patch outside the source image, filled with ``fill_hu``.
-        inside: ``(P, P)`` bool, the patch's pixels inside the source image (what
-            :meth:`InvarianceSampler.sample` averages its figures over).
+        inside: ``(P, P)`` bool, the patch's pixels inside the source image.
     """
 
     image: CTImage
@@ -300,6 +299,15 @@ class Patch:
     @property
     def array(self) -> np.ndarray:
         return self.image.array
+
+    @property
+    def content(self) -> np.ndarray:
+        """``(P, P)`` bool, the pixels holding image content: inside the source image and not
+        constant fill (the air a scanner leaves outside its field of view), where
+        :meth:`InvarianceSampler.sample`'s figures are taken (its ``content``)."""
+        from .analysis import varying
+
+        return self.inside & varying(self.array)
 
 
 def _integer(value, name: str) -> int:
@@ -366,7 +374,7 @@ class Invariances:
         refinement: the consistency refinement the samples took (module docstring).
         std: per-pixel standard deviation of x~_k over k ``(P, P)`` (HU, population std).
         mean_abs_change_hu: mean |x~_k - x| per sample ``(count,)`` (HU), over the pixels
-            inside the image (``inside`` of :meth:`InvarianceSampler.sample`; padding aside).
+            holding image content (``content`` of :meth:`InvarianceSampler.sample`).
         mean_abs_output_change_hu: mean |f(x~_k) - f(x)| per sample ``(count,)`` (HU), likewise.
         consistency: C = mean|f(x~) - f(x)| / mean|x~ - x| over all samples (small: f
             barely notices what changed).
@@ -484,13 +492,13 @@ class InvarianceSampler:
         return crop_patch(image, center_ijk, self.patch_size, fill_hu)
 
     def sample(self, x_hu, count: int = 16, seed: int = 0, batch_size: Optional[int] = None,
-               progress: Optional[ProgressCallback] = None, refinement=None, inside=None) -> Invariances:
+               progress: Optional[ProgressCallback] = None, refinement=None, content=None) -> Invariances:
         """``count`` invariances of the patch ``x_hu`` (HU, ``(P, P)`` with P the patch size),
         ``batch_size`` at a time (None: :data:`BATCH_SIZE` of the device), reproducible for
         ``seed`` (see the module docstring), with ``refinement`` (anything
-        :meth:`Refinement.parse` reads; None: the models' setting). ``inside``: the patch's
-        pixels inside the image (:attr:`Patch.inside`; None: all), over which the per-sample
-        figures and C are averaged, so that padding does not dilute them.
+        :meth:`Refinement.parse` reads; None: the models' setting). ``content``: the pixels over
+        which the per-sample figures and C are averaged (:attr:`Patch.content`; None: all), so
+        that padding and constant fill do not dilute them.
         ``progress(stage, done, total)`` reports the stages "encoding" and "sampling"."""
         from .io import STANDARD_HU, check_hu
 
@@ -517,14 +525,14 @@ class InvarianceSampler:
         refinement = self.models.refinement if refinement is None else Refinement.parse(refinement)
         start = time.perf_counter()
         v = torch.randn(int(count), self.models.flow.z_dim, generator=torch.Generator().manual_seed(int(seed)))
-        inside = np.ones((p, p), bool) if inside is None else np.asarray(inside, bool)
-        if inside.shape != (p, p) or not inside.any():
-            raise ValueError(f"inside must be a ({p}, {p}) mask with at least one pixel set (Patch.inside); "
-                             f"got shape {inside.shape}")
+        content = np.ones((p, p), bool) if content is None else np.asarray(content, bool)
+        if content.shape != (p, p) or not content.any():
+            raise ValueError(f"content must be a ({p}, {p}) mask with at least one pixel set (Patch.content); "
+                             f"got shape {content.shape}")
         result, device, batch_size = run_with_memory_fallback(
             lambda dev, bs: self._sample(x_hu, v, dev, bs, progress, refinement), self.device, int(batch_size))
-        change = np.abs(result["invariances"] - result["x"])[:, inside].mean(axis=1)
-        output_change = np.abs(result["denoised_invariances"] - result["denoised"])[:, inside].mean(axis=1)
+        change = np.abs(result["invariances"] - result["x"])[:, content].mean(axis=1)
+        output_change = np.abs(result["denoised_invariances"] - result["denoised"])[:, content].mean(axis=1)
         result.update(mean_abs_change_hu=change, mean_abs_output_change_hu=output_change,
                       consistency=float(output_change.mean() / max(change.mean(), 1e-12)))
         if device != self.device:
