@@ -16,6 +16,7 @@ the nearest-neighbour ones: a periodicity and an axis share near those of noise.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from InvarianceExplorerLib.datasets import open_source
 from InvarianceExplorerLib.denoisers import DENOISERS, bundled_models_dir, read_metadata
@@ -37,10 +38,10 @@ def simulate_held_out(folder):
     return open_source(folder)
 
 
-def suite_fidelity(models, held_out) -> dict:
+def suite_fidelity(models, held_out, device="cpu") -> dict:
     """:func:`~.fidelity.invariance_fidelity` with the suite's settings: 2 patches per slice,
     8 invariances each (``benchmarks/suite_fidelity.py`` prints it for any model folder)."""
-    return invariance_fidelity(models, held_out, split="all", slices=COUNT, per_slice=2, count=8)
+    return invariance_fidelity(models, held_out, split="all", slices=COUNT, per_slice=2, count=8, device=device)
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +109,16 @@ def test_grid_free_models_vary_their_samples_like_noise_not_along_a_grid(arch, f
     periodic, axis_share = f["stripes"]["periodicity"], f["stripes"]["invariances"]["axis_share"]
     assert periodic["8"] < 1.3 and periodic["16"] < 1.3, f"{arch}: periodicity of the samples' std {periodic}"
     assert axis_share < 0.7, f"{arch}: axis share {axis_share:.2f}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", list(DENOISERS))
+def test_on_cuda_the_bundled_models_meet_the_bars_with_the_cpu_figures(arch, figures, request):
+    """On a GPU (convolutions in TF32 there, the cINN + decoder replayed from CUDA graphs)
+    the figures are the CPU's within rounding, refined and not, and meet the same bars."""
+    f = figures(arch, request)
+    g = suite_fidelity(load_invariance_models(arch, device="cuda"), request.getfixturevalue("held_out"), "cuda")
+    for name, cpu, gpu in (("C", f["consistency"], g["consistency"]), ("B", f["noise_baseline"], g["noise_baseline"]),
+                           ("C unrefined", f["alternative"]["consistency"], g["alternative"]["consistency"])):
+        assert abs(gpu - cpu) < 0.02, f"{arch}: {name} {gpu:.4f} on CUDA against {cpu:.4f} on the CPU"
+    assert g["consistency"] <= BARS["consistency"][1] and g["noise_baseline"] <= BARS["noise_baseline"][1]

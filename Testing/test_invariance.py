@@ -533,6 +533,29 @@ def test_cuda_request_falls_back_to_the_cpu(low_dose_slice):
     assert result.device == "cpu" and result.invariances.shape == (2, 32, 32)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_captured_graphs_sample_as_eager_repeatably_and_near_the_cpu(low_dose_slice):
+    """On CUDA the cINN + decoder are replayed from graphs (one per batch size), with the
+    samples of the eager pass, bit-identical for a seed, for every patch (new arguments are
+    copied into the graph's), and within float rounding of the CPU's."""
+    sampler = InvarianceSampler(tiny_models(), device="cuda")
+    patches = [sampler.crop(low_dose_slice, centre).array for centre in ((32, 32, 0), (20, 40, 0))]
+    graphed = [sampler.sample(x, count=7, seed=3, batch_size=5) for x in patches]  # batches of 5 and 2
+    assert sampler.cuda_graphs and sorted(sampler._graphs) == [(2, 16), (5, 16)] and graphed[0].device == "cuda"
+    np.testing.assert_array_equal(sampler.sample(patches[0], count=7, seed=3, batch_size=5).invariances,
+                                  graphed[0].invariances)
+    sampler.cuda_graphs = False
+    cpu = InvarianceSampler(tiny_models(), device="cpu")
+    for x, g in zip(patches, graphed):
+        eager = sampler.sample(x, count=7, seed=3, batch_size=5)
+        gap = np.abs(g.invariances - eager.invariances).max()
+        assert gap < 0.5, f"graph vs eager: up to {gap:.4f} HU"
+        on_cpu = cpu.sample(x, count=7, seed=3)
+        change, gap = np.abs(on_cpu.invariances - x).mean(), np.abs(g.invariances - on_cpu.invariances).mean()
+        assert gap < 0.02 * change, f"CUDA vs CPU: {gap:.4f} HU against a mean change of {change:.3f} HU"
+        assert abs(g.consistency - on_cpu.consistency) < 0.01, (g.consistency, on_cpu.consistency)
+
+
 def test_out_of_memory_halves_the_batch_then_uses_the_cpu():
     """The retry policy, with a job that runs out of CUDA memory above a batch size."""
     calls = []

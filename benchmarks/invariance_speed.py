@@ -7,7 +7,9 @@ weights beside a random-weight denoiser of that architecture, labelled so), on t
 
 * per patch, once: f(x), the encoder, the decoder's conditioning and the flow's embedding;
 * sampler: cINN reverse pass + decoder for the ``--count`` invariances (target: <= 1 s on
-  2 CPU cores, <= 20 ms on one H100);
+  2 CPU cores, <= 20 ms on one H100), as the sampler runs it
+  (:meth:`~InvarianceExplorerLib.sampler.InvarianceSampler.draw`: on CUDA replayed from a
+  captured graph; beside it in brackets, eager);
 * denoiser: f(x~) on the ``--count`` invariances (the consistency check; as fast as torch
   runs that network here);
 * the whole :meth:`~InvarianceExplorerLib.sampler.InvarianceSampler.sample` call, without
@@ -96,6 +98,7 @@ def measure(name: str, device_name: str, threads: int, count: int, batch_size: i
     x_hu = (rng.normal(40.0, 25.0, (p, p))).astype(np.float32)  # soft tissue with quarter-dose-like noise
     v = torch.randn(count, flow.z_dim, generator=torch.Generator().manual_seed(0))
     state = {}
+    whole = InvarianceSampler(models, device=device)
 
     def once():
         with torch.inference_mode():
@@ -108,8 +111,8 @@ def measure(name: str, device_name: str, threads: int, count: int, batch_size: i
         with torch.inference_mode():
             out = []
             for first in range(0, count, batch_size):
-                z = flow.reverse(v[first:first + batch_size].to(device), embedding=state["embedding"])
-                out.append(rep.decode(z, state["y"], state["condition"]))
+                out.append(whole.draw(v[first:first + batch_size].to(device), state["y"], state["condition"],
+                                      state["embedding"]))
             state["x_tilde"] = torch.cat(out)
 
     def denoiser():
@@ -119,8 +122,12 @@ def measure(name: str, device_name: str, threads: int, count: int, batch_size: i
 
     setup_s = _timed(once, device, repeats)
     sampler_s = _timed(sampler, device, repeats)
+    eager_s = None
+    if device.type == "cuda":  # beside: without the captured graphs
+        whole.cuda_graphs = False
+        eager_s = _timed(sampler, device, repeats)
+        whole.cuda_graphs = True
     denoiser_s = _timed(denoiser, device, repeats)
-    whole = InvarianceSampler(models, device=device)
     total_s = _timed(lambda: whole.sample(x_hu, count=count, seed=0, batch_size=batch_size, refinement=(0, 0)),
                      device, repeats)
     refinement = models.refinement or CHECKED_REFINEMENT
@@ -134,7 +141,7 @@ def measure(name: str, device_name: str, threads: int, count: int, batch_size: i
         where = "cpu"
     return {"model": name, "device": where, "threads": threads if device.type == "cpu" else None,
             "patch": p, "count": count, "batch_size": batch_size, "setup_s": setup_s, "sampler_s": sampler_s,
-            "denoiser_s": denoiser_s, "total_s": total_s, "refinement": refinement.as_dict(),
+            "sampler_eager_s": eager_s, "denoiser_s": denoiser_s, "total_s": total_s, "refinement": refinement.as_dict(),
             "refined_s": refined_s, "peak_mb": peak_mb,
             "memory": "CUDA max allocated" if device.type == "cuda" else "process peak RSS"}
 
@@ -168,13 +175,17 @@ def main() -> None:
         print("no bundled model has invariance models yet: benchmarking random-weight models of the default sizes")
     models += [RANDOM + arch for arch in randoms]
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    rows = []
+    rows, failed = [], 0
     for name in models:
         for device in devices:
             command = [sys.executable, __file__, "--one", name, device, "--threads", str(args.threads),
                        "--count", str(args.count), "--batch-size", str(args.batch_size), "--repeats",
                        str(args.repeats)]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                print(f"{name} on {device} failed (exit {done.returncode}):\n{done.stderr}", file=sys.stderr)
+                failed += 1
+                continue
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     m = machine()
     print(f"machine: {m['cpu']}, torch {m['torch']}, Python {m['python']}"
@@ -190,10 +201,14 @@ def main() -> None:
         label = Path(r["model"]).name if not r["model"].startswith(RANDOM) else r["model"] + " (random weights)"
         print(f"| {label} | {r['device']} | {r['threads'] or '–'} | {r['patch']}² | {r['batch_size']} | "
               f"{1000 * r['setup_s']:.1f} | "
-              f"{r['sampler_s']:.3f} | {r['denoiser_s']:.3f} | {r['total_s']:.3f} | "
+              f"{r['sampler_s']:.3f}"
+              + (f" ({r['sampler_eager_s']:.3f} eager)" if r.get("sampler_eager_s") is not None else "")
+              + f" | {r['denoiser_s']:.3f} | {r['total_s']:.3f} | "
               + f"{r['refined_s']:.3f} ({r['refinement']['centre']} + {r['refinement']['sample']} steps)"
               + f" | {r['peak_mb']:.0f} "
               f"({r['memory']}) |")
+    if failed:
+        sys.exit(f"{failed} of {failed + len(rows)} measurements failed (above)")
 
 
 if __name__ == "__main__":

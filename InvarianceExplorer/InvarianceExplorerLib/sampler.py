@@ -482,6 +482,9 @@ class InvarianceSampler:
         if not isinstance(models, InvarianceModels):
             models = load_invariance_models(models, device=self.device)
         self.models = models.to(self.device)
+        #: On CUDA, replay the cINN + decoder from captured graphs (:meth:`draw`); False: eager.
+        self.cuda_graphs = True
+        self._graphs = {}  # batch shape -> devices.CudaGraphCall
 
     @property
     def patch_size(self) -> int:
@@ -490,6 +493,34 @@ class InvarianceSampler:
     def crop(self, image: CTImage, center_ijk: Sequence[int], fill_hu: float = AIR_HU) -> Patch:
         """:func:`crop_patch` with this model's patch size."""
         return crop_patch(image, center_ijk, self.patch_size, fill_hu)
+
+    def draw(self, v: torch.Tensor, y: torch.Tensor, condition, embedding: torch.Tensor) -> torch.Tensor:
+        """Decoded samples ``D(t^-1(v | f(x)), f(x))`` ``(N, 1, P, P)`` (network units) of flow
+        codes ``v`` ``(N, z_dim)``, given ``y`` = f(x), the decoder's ``condition`` and the
+        flow's ``embedding`` of it (each once per patch), under inference mode. On CUDA
+        (with :attr:`cuda_graphs`) the pass is replayed from a CUDA graph captured once per
+        batch size (:class:`~.devices.CudaGraphCall`): eager, its few hundred small kernels are
+        bound by their launches. Where capture fails the sampler stays eager, with a warning."""
+        from .devices import CudaGraphCall
+
+        rep, flow = self.models.representation, self.models.flow
+
+        def run(v, y, condition, embedding):
+            return rep.decode(flow.reverse(v, embedding=embedding), y, condition)
+
+        if v.device.type != "cuda" or not self.cuda_graphs:
+            return run(v, y, condition, embedding)
+        key = tuple(v.shape)
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = CudaGraphCall(run, v, y, condition, embedding)
+            except _out_of_memory_errors():
+                raise  # run_with_memory_fallback halves the batch
+            except Exception as error:  # an operation that cannot be captured
+                warnings.warn(f"sampling without CUDA graphs: capturing one failed ({error})", RuntimeWarning)
+                self.cuda_graphs = False
+                return run(v, y, condition, embedding)
+        return self._graphs[key](v, y, condition, embedding)
 
     def sample(self, x_hu, count: int = 16, seed: int = 0, batch_size: Optional[int] = None,
                progress: Optional[ProgressCallback] = None, refinement=None, content=None) -> Invariances:
@@ -611,8 +642,7 @@ class InvarianceSampler:
         samples, outputs = [], []
         for first in range(0, count, batch_size):
             with torch.inference_mode():
-                z = flow.reverse(v[first:first + batch_size].to(device), embedding=embedding)
-                x_tilde = rep.decode(z, y, condition)
+                x_tilde = self.draw(v[first:first + batch_size].to(device), y, condition, embedding)
                 if refinement.centre:
                     x_tilde = x_tilde + shift
                 if not refinement.sample:
