@@ -41,7 +41,7 @@ def test_app_shows_a_results_folder_with_a_slider_over_the_samples(app, results,
     assert view.sampleSlider.isEnabled() and view.sampleSlider.maximum() == 4
     first = view.imageLabels[1].pixmap().toImage()
     view.sampleSlider.setValue(3)
-    assert view.sampleLabel.text() == "4 / 5" and "mean |f(x~) - f(x)| = 0.30 HU" in view.numbersLabel.text()
+    assert view.sampleLabel.text() == "x~3 (4 / 5)" and "mean |f(x~) - f(x)| = 0.30 HU" in view.numbersLabel.text()
     assert view.imageLabels[1].pixmap().toImage() != first  # another sample is shown
     assert all(not label.pixmap().isNull() for label in view.imageLabels)
     assert window.panel.outputLabels()[0].startswith("denoised:")

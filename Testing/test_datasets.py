@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pydicom
@@ -344,6 +345,24 @@ def test_paired_dicom_mismatched_slices_are_named(mayo_tree):
 
 
 # ----------------------------------------------------------------------------- subsets
+
+
+def test_training_on_an_unfinished_set_warns_and_records_it(simulated, tmp_path):
+    """A `data simulate` stopped before its end leaves a manifest of the pairs written so far
+    (complete: false); a training on it says so, and its metadata records it."""
+    from InvarianceExplorerLib.training import describe_data
+
+    out = tmp_path / "unfinished"
+    shutil.copytree(simulated, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["items"], manifest["complete"] = manifest["items"][:2], False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(RuntimeWarning, match=f"unfinished: 2 of {COUNT} pairs written"):
+        record = describe_data(SimulatedDataset(out), out)
+    assert record["pairs"] == 2 and record["unfinished"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "unfinished" not in describe_data(SimulatedDataset(simulated), simulated)
 
 
 def test_subset_keeps_the_patient_split_and_says_what_it_is(simulated, tmp_path):

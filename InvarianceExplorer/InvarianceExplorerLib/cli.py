@@ -710,7 +710,7 @@ def _cmd_sample(args) -> int:
         shown = result.invariances[:3]
         std, std_label = std_tile(result.std)
         tiles = [[window(a, *LUNG_WINDOW) for a in (result.x, result.denoised, *shown)] + [std]]
-        labels = [["x", "f(x)", *[f"x~{k + 1}" for k in range(len(shown))], std_label]]
+        labels = [["x", "f(x)", *[f"x~{k}" for k in range(len(shown))], std_label]]
         save_png(tile_grid(tiles, labels), partial / FILES["figure"])
         update(len(FILES))
         if out.exists():

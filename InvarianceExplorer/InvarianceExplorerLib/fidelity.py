@@ -449,7 +449,7 @@ def save_figure(results: Sequence, path) -> None:
     top = std_top(results[0].std)  # one scale for all rows
     tiles = [[window(a, *LUNG_WINDOW) for a in (r.x, r.denoised, *r.invariances[:3])] + [std_tile(r.std, top)[0]]
              for r in results]
-    labels = [["x", "f(x)", *[f"x~{k + 1}" for k in range(min(3, results[0].count))], std_tile(results[0].std, top)[1]]]
+    labels = [["x", "f(x)", *[f"x~{k}" for k in range(min(3, results[0].count))], std_tile(results[0].std, top)[1]]]
     save_png(tile_grid(tiles, labels), str(path))
 
 

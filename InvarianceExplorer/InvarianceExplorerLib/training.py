@@ -11,6 +11,7 @@ run resumed from its checkpoint continues exactly as the uninterrupted run would
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -180,6 +181,11 @@ def describe_data(source, path) -> dict:
                   "contrast_fraction": p["contrast_fraction"], "photons": source.manifest.get("photons")}
         if "subset_of" in source.manifest:  # benchmarks/subset_data.py: which items of which set
             record["subset_of"] = source.manifest["subset_of"]
+        elif not source.manifest.get("complete", True):  # `data simulate` stopped before its end
+            record["unfinished"] = True
+            warnings.warn(f"{path}: the simulated data set is unfinished: {len(source)} of "
+                          f"{source.manifest.get('count')} pairs written; training on those. Run the same "
+                          "`data simulate` command again to finish it (it resumes)", RuntimeWarning)
         return record
     first = source[0]
     return {"kind": type(source).__name__, "path": str(path), "slices": len(source),

@@ -196,7 +196,7 @@ class ResultsView(qt.QWidget):
                     f"peak |ΔHU| {scores['peak_abs_hu']:.0f}")
         samples = {s["index"]: s for s in self.result.numbers.get("samples", [])}
         sample = samples.get(index, {})
-        self.sampleLabel.setText(f"{index + 1} / {self.result.count}")
+        self.sampleLabel.setText(f"x~{index} ({index + 1} / {self.result.count})")
         if sample:
             self.numbersLabel.setText(f"mean |x~ - x| = {sample['mean_abs_change_hu']:.1f} HU, "
                                       f"mean |f(x~) - f(x)| = {sample['mean_abs_output_change_hu']:.2f} HU; "
