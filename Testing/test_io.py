@@ -166,6 +166,30 @@ def test_oblique_shuffled_series_sorts_by_position_and_matches_simpleitk(tmp_pat
     assert_same_geometry(sitk.ReadImage(write_nrrd(image, tmp_path / "series.nrrd")), reference)
 
 
+def test_files_without_the_part10_preamble_are_read_as_dicom(tmp_path):
+    """Some archives hold DICOM without the 128-byte preamble and 'DICM' marker: with its file
+    meta group, or as a bare data set (implicit VR little endian, no transfer syntax). Both
+    read as the Part 10 file they came from, alone and as a series; other files stay skipped."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    stored = write_series(tmp_path / "series", n=3, axes=rotation(10, 0))
+    files = sorted((tmp_path / "series").iterdir())
+    expected = read_dicom_series(tmp_path / "series")
+    (tmp_path / "series" / "notes.txt").write_text("not DICOM: skipped")
+    files[0].write_bytes(files[0].read_bytes()[132:])  # file meta, no preamble
+    bare = DicomBytesIO()
+    bare.is_little_endian, bare.is_implicit_VR = True, True
+    write_dataset(bare, pydicom.dcmread(files[1]))  # no file meta at all
+    files[1].write_bytes(bare.getvalue())
+    assert all(f.read_bytes()[128:132] != b"DICM" for f in files[:2])
+    image = read_dicom_series(tmp_path / "series")
+    assert np.array_equal(image.array, expected.array) and np.array_equal(image.array, stored - 1024.0)
+    assert image.direction_matrix == pytest.approx(expected.direction_matrix) and image.origin == expected.origin
+    for f in files[:2]:
+        assert read_image(f).array.shape == expected.array.shape[1:]
+
+
 def test_series_along_minus_normal_starts_at_lowest_projection(tmp_path):
     stored = write_series(tmp_path / "s", n=3, gap=-2.0)  # positions decrease as k grows
     image = read_image(tmp_path / "s")
@@ -314,7 +338,9 @@ def test_missing_path_and_unsupported_type(tmp_path):
     raises(["slice.png", "unsupported file type '.png'", ".nrrd"], read_image, png)
     fake = tmp_path / "fake.dcm"
     fake.write_text("hello")
-    raises(["fake.dcm", "not a DICOM file"], read_image, fake)
+    raises(["fake.dcm", "not a DICOM image file"], read_image, fake)
+    fake.write_bytes(b"\x08\x00" + bytes(300))  # starts like a data set without preamble, but is none
+    raises(["fake.dcm", "not a DICOM image file"], read_image, fake)
 
 
 def test_empty_folder_and_folder_without_dicom(tmp_path):

@@ -75,8 +75,8 @@ def read_image(path, *, series_uid: Optional[str] = None, hu_offset: float = 0.0
     if suffix in DICOM_SUFFIXES or _is_dicom(path):
         ds = _dcmread(path)
         if ds is None:
-            raise CTInputError(path, "is not a DICOM file (no 'DICM' marker at byte 128)",
-                               "Export it again as a standard DICOM Part 10 file.")
+            raise CTInputError(path, "is not a DICOM image file (no 'DICM' marker at byte 128, nor a DICOM image "
+                               "data set without it)", "Export it again as a standard DICOM Part 10 file.")
         if series_uid is not None and ds.get("SeriesInstanceUID") != series_uid:
             raise CTInputError(path, f"belongs to series {ds.get('SeriesInstanceUID')}, not {series_uid}",
                                "Drop series_uid (--series-uid) or pick a file of that series.")
@@ -164,8 +164,12 @@ def _suffix(path: Path) -> str:
 
 
 def _is_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file ('DICM' at byte 128), or possibly one written without the 128-byte
+    preamble and marker, as some older archives hold: its first element is of group 0002 (file
+    meta) or 0008 (identification), little-endian (:func:`_dcmread` decides)."""
     with open(path, "rb") as f:
-        return f.read(132)[128:] == b"DICM"
+        head = f.read(132)
+    return head[128:] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")
 
 
 def last_line(error: BaseException) -> str:
@@ -286,14 +290,33 @@ class _Frame:
 
 
 def _dcmread(path: Path):
-    """The dataset (large values read on access), or None if ``path`` is not DICOM."""
+    """The dataset (large values read on access), or None if ``path`` is not DICOM. A file
+    without the Part 10 preamble is read when it parses as an image data set (SOP class and
+    pixel data); without file meta its transfer syntax is the encoding it was read in."""
     if not _is_dicom(path):
         return None
+    with open(path, "rb") as f:
+        part10 = f.read(132)[128:] == b"DICM"
     try:
-        return pydicom.dcmread(str(path), defer_size="1 KB")
+        ds = pydicom.dcmread(str(path), defer_size="1 KB", force=not part10)
     except Exception as exc:
+        if not part10:
+            return None
         raise CTInputError(path, f"is a DICOM file but cannot be parsed ({exc})",
                            "It may be truncated or corrupt; export it again.") from None
+    if part10:
+        return ds
+    try:
+        if "SOPClassUID" not in ds or "PixelData" not in ds:
+            return None
+    except Exception:  # bytes that only looked like a data set
+        return None
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
+                                          pydicom.uid.ExplicitVRLittleEndian if little else
+                                          pydicom.uid.ExplicitVRBigEndian)
+    return ds
 
 
 def _scan(folder: Path) -> dict:
