@@ -542,6 +542,21 @@ def test_truncated_nifti_is_refused(tmp_path, oblique_volume, suffix):
     raises([cut, "Copy or export the file again"], read_image, cut)
 
 
+def test_truncated_metaimage_says_what_is_missing(tmp_path, oblique_volume):
+    """ITK refuses a truncated or headless MetaImage with a stale 'No such file or directory';
+    the message says what is wrong instead."""
+    image = sitk.GetImageFromArray(oblique_volume.array.astype(np.int16))
+    need = 2 * image.GetNumberOfPixels()
+    for name in ("cut.mha", "cut.mhd"):
+        sitk.WriteImage(image, str(tmp_path / name))
+        data = tmp_path / ("cut.mha" if name.endswith(".mha") else "cut.raw")
+        data.write_bytes(data.read_bytes()[:-100])
+        raises([name, f"holds {need - 100} bytes of voxel data where its header declares {need}"],
+               read_image, tmp_path / name)
+    (tmp_path / "cut.raw").unlink()
+    raises(["cut.mhd", "its voxel data file cut.raw is missing next to it"], read_image, tmp_path / "cut.mhd")
+
+
 def test_jpeg_lossless_dicom_is_decoded(tmp_path):
     """JPEG Lossless (process 14), common in CT archives, decodes through pylibjpeg: a CT built
     from pydicom-data's JPEG-LL.dcm reads as its pixels times the rescale, in HU."""

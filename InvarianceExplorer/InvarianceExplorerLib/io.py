@@ -184,8 +184,43 @@ def read_itk(path) -> "sitk.Image":
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise CTInputError(path, f"cannot be read ({last_line(exc)})",
+        problem = _metaimage_problem(Path(path)) if _suffix(Path(path)) in (".mha", ".mhd") else None
+        raise CTInputError(path, problem or f"cannot be read ({last_line(exc)})",
                            "Check that the file is complete (for .nhdr/.mhd also its data file next to it).") from None
+
+
+#: Bytes per value of MetaImage's ElementType.
+_MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+              "MET_LONG": 8, "MET_ULONG": 8, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _metaimage_problem(path: Path) -> Optional[str]:
+    """What is wrong with the voxel data of an uncompressed MetaImage (.mha / .mhd) that ITK
+    cannot read (its own message then names a stale system error): a missing data file, or
+    fewer bytes than the header declares. None where this cannot be told."""
+    try:
+        with open(path, "rb") as f:
+            header, fields = 0, {}
+            for line in f:
+                header += len(line)
+                key, _, value = line.decode("latin-1").partition("=")
+                fields[key.strip()] = value.strip()
+                if key.strip() == "ElementDataFile":
+                    break
+        data = fields.get("ElementDataFile", "")
+        if fields.get("CompressedData", "False").lower() == "true" or not data or " " in data or data == "LIST":
+            return None
+        need = int(np.prod([int(n) for n in fields["DimSize"].split()])) * \
+            int(fields.get("ElementNumberOfChannels", 1)) * _MET_BYTES[fields["ElementType"]]
+        if data == "LOCAL":
+            found = path.stat().st_size - header
+        elif not (path.parent / data).is_file():
+            return f"its voxel data file {data} is missing next to it"
+        else:
+            found = (path.parent / data).stat().st_size
+    except (OSError, KeyError, ValueError):
+        return None
+    return f"holds {found} bytes of voxel data where its header declares {need}" if found < need else None
 
 
 def read_json_object(path, fix: str) -> dict:
