@@ -535,25 +535,42 @@ def test_cuda_request_falls_back_to_the_cpu(low_dose_slice):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_captured_graphs_sample_as_eager_repeatably_and_near_the_cpu(low_dose_slice):
-    """On CUDA the cINN + decoder are replayed from graphs (one per batch size), with the
-    samples of the eager pass, bit-identical for a seed, for every patch (new arguments are
-    copied into the graph's), and within float rounding of the CPU's."""
+    """On CUDA the cINN + decoder run eagerly the first time a batch shape is met, then from a
+    graph of it, with the eager samples, bit-identical for a seed, for every patch (new
+    arguments are copied into the graph's), dropped when the weights move, and within float
+    rounding of the CPU's."""
     sampler = InvarianceSampler(tiny_models(), device="cuda")
     patches = [sampler.crop(low_dose_slice, centre).array for centre in ((32, 32, 0), (20, 40, 0))]
-    graphed = [sampler.sample(x, count=7, seed=3, batch_size=5) for x in patches]  # batches of 5 and 2
-    assert sampler.cuda_graphs and sorted(sampler._graphs) == [(2, 16), (5, 16)] and graphed[0].device == "cuda"
+    eager = [sampler.sample(x, count=7, seed=3, batch_size=5) for x in patches]  # batches of 5 and 2
+    assert not sampler._graphs and eager[0].device == "cuda"
+    graphed = [sampler.sample(x, count=7, seed=3, batch_size=5) for x in patches]
+    assert sampler.cuda_graphs and sorted(sampler._graphs) == [(2, 16), (5, 16)]
     np.testing.assert_array_equal(sampler.sample(patches[0], count=7, seed=3, batch_size=5).invariances,
                                   graphed[0].invariances)
-    sampler.cuda_graphs = False
+    for e, g in zip(eager, graphed):
+        gap = np.abs(g.invariances - e.invariances).max()
+        assert gap < 0.5, f"graph vs eager: up to {gap:.4f} HU"
+    moved = [p.detach().clone() for p in sampler.models.representation.parameters()]
+    sampler.models.to("cpu").to("cuda")  # new weight memory: the old graphs would read freed memory
+    again = sampler.sample(patches[0], count=7, seed=3, batch_size=5)
+    assert all(torch.equal(a, b) for a, b in zip(moved, sampler.models.representation.parameters()))
+    assert np.abs(again.invariances - eager[0].invariances).max() < 0.5
     cpu = InvarianceSampler(tiny_models(), device="cpu")
     for x, g in zip(patches, graphed):
-        eager = sampler.sample(x, count=7, seed=3, batch_size=5)
-        gap = np.abs(g.invariances - eager.invariances).max()
-        assert gap < 0.5, f"graph vs eager: up to {gap:.4f} HU"
         on_cpu = cpu.sample(x, count=7, seed=3)
         change, gap = np.abs(on_cpu.invariances - x).mean(), np.abs(g.invariances - on_cpu.invariances).mean()
         assert gap < 0.02 * change, f"CUDA vs CPU: {gap:.4f} HU against a mean change of {change:.3f} HU"
         assert abs(g.consistency - on_cpu.consistency) < 0.01, (g.consistency, on_cpu.consistency)
+
+
+def test_cuda_graph_arguments_are_nested_tuples_or_lists_of_tensors():
+    from InvarianceExplorerLib.devices import _map_tensors
+
+    tree = (torch.ones(2), [torch.zeros(1), (torch.ones(3), None)], None)
+    doubled = _map_tensors(lambda t: 2 * t, tree)
+    assert torch.equal(doubled[1][1][0], 2 * torch.ones(3)) and doubled[1][1][1] is None and doubled[2] is None
+    with pytest.raises(TypeError, match="tuples or lists only; got a dict"):
+        _map_tensors(torch.clone, ({"gamma": torch.ones(1)},))
 
 
 def test_out_of_memory_halves_the_batch_then_uses_the_cpu():

@@ -71,7 +71,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(run, device, repeats: int) -> float:
-    run()  # warm-up
+    run()  # warm-up; on CUDA the sampler's first pass of a batch shape is eager,
+    run()  # the second captures its graph
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -124,6 +125,8 @@ def measure(name: str, device_name: str, threads: int, count: int, batch_size: i
     sampler_s = _timed(sampler, device, repeats)
     eager_s = None
     if device.type == "cuda":  # beside: without the captured graphs
+        if not (whole.cuda_graphs and whole._graphs):
+            raise RuntimeError("the sampler captured no CUDA graph (its warning says why)")
         whole.cuda_graphs = False
         eager_s = _timed(sampler, device, repeats)
         whole.cuda_graphs = True

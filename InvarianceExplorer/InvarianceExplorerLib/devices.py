@@ -54,6 +54,8 @@ def _map_tensors(fn, tree):
         return fn(tree)
     if isinstance(tree, (tuple, list)):
         return type(tree)(_map_tensors(fn, item) for item in tree)
+    if isinstance(tree, dict) or hasattr(tree, "_fields"):
+        raise TypeError(f"CUDA graph arguments: tensors in nested tuples or lists only; got a {type(tree).__name__}")
     return tree
 
 
@@ -68,27 +70,36 @@ class CudaGraphCall:
 
     On a GPU a pass of many small kernels is bound by their launches, not their arithmetic;
     a replayed graph launches them all at once. The graph works on static copies of the
-    arguments (tensors in nested tuples / lists, each call's of the first call's shapes):
-    each call copies its arguments in, replays, and returns a copy of the output tensor.
-    Capture fails with an exception for a function that synchronises with the CPU."""
+    arguments (tensors in nested tuples / lists, on one GPU; each call's of the first call's
+    shapes): each call copies its arguments in, replays, and returns a copy of the output
+    tensor. The graph reads the memory of everything ``fn`` uses (network weights): it is
+    stale once those move (the caller's to keep it current). Capture fails with an exception
+    for a function that synchronises with the CPU; the caller's stream is current again then.
+    Run ``fn`` once eagerly before (cuDNN's and the allocator's first-call work); not thread-safe."""
 
     def __init__(self, fn: Callable, *args):
-        self.args = _map_tensors(torch.clone, args)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up off the default stream, as torch.cuda.graph asks
-            for _ in range(2):
+        self.device = _tensors(args)[0].device
+        with torch.cuda.device(self.device):
+            self.args = _map_tensors(torch.clone, args)
+            caller = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(caller)
+            with torch.cuda.stream(side):  # a warm-up off the caller's stream, as torch.cuda.graph asks
                 fn(*self.args)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = fn(*self.args)
+            caller.wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(self.graph):
+                    self.output = fn(*self.args)
+            finally:  # a failed capture leaves its capture stream current
+                torch.cuda.set_stream(caller)
 
     def __call__(self, *args) -> torch.Tensor:
         static, new = _tensors(self.args), _tensors(args)
         if [t.shape for t in static] != [t.shape for t in new]:
             raise ValueError("a captured CUDA graph replays only arguments of the shapes it was captured with")
-        for s, t in zip(static, new):
-            s.copy_(t)
-        self.graph.replay()
-        return self.output.clone()
+        with torch.cuda.device(self.device):
+            for s, t in zip(static, new):
+                s.copy_(t)
+            self.graph.replay()
+            return self.output.clone()

@@ -22,7 +22,9 @@ which also act on how the samples differ from each other.
 Everything that depends on y alone (the decoder's conditioning, the flow's embedding) is
 computed once per patch. The ``v_k`` are drawn on the CPU from a ``torch.Generator`` seeded
 with ``seed``, all at once, so a seed gives the same codes on every device and for every
-batch size; results are bit-identical for the same seed, device and batch size.
+batch size; results are bit-identical for the same seed, device and batch size (on CUDA
+the first pass of a batch shape runs eagerly, later ones replay a CUDA graph of it: the same
+samples within float rounding, :meth:`InvarianceSampler.draw`).
 
 Patches: :func:`crop_patch` cuts the model's patch around a voxel of a slice or volume and
 keeps its geometry, so outputs can be written as NRRD in the right physical place.
@@ -65,6 +67,8 @@ AIR_HU = -1000.0
 #: paragraph), 100 on CUDA (one pass for the benchmark's 100 invariances, replayed from a CUDA
 #: graph, :meth:`InvarianceSampler.draw`: 5 ms on an H200; batches of 10 were bound by kernel launches).
 BATCH_SIZE = {"cpu": 10, "cuda": 100}
+#: CUDA graphs a sampler keeps (one per batch shape, each with its own GPU memory pool).
+GRAPHS_KEPT = 4
 
 
 def default_batch_size(device) -> int:
@@ -484,7 +488,9 @@ class InvarianceSampler:
         self.models = models.to(self.device)
         #: On CUDA, replay the cINN + decoder from captured graphs (:meth:`draw`); False: eager.
         self.cuda_graphs = True
-        self._graphs = {}  # batch shape -> devices.CudaGraphCall
+        self._graphs = {}  # batch shape -> devices.CudaGraphCall, for the weights of _graphs_for
+        self._graphs_for = None
+        self._shapes_seen = set()
 
     @property
     def patch_size(self) -> int:
@@ -497,10 +503,12 @@ class InvarianceSampler:
     def draw(self, v: torch.Tensor, y: torch.Tensor, condition, embedding: torch.Tensor) -> torch.Tensor:
         """Decoded samples ``D(t^-1(v | f(x)), f(x))`` ``(N, 1, P, P)`` (network units) of flow
         codes ``v`` ``(N, z_dim)``, given ``y`` = f(x), the decoder's ``condition`` and the
-        flow's ``embedding`` of it (each once per patch), under inference mode. On CUDA
-        (with :attr:`cuda_graphs`) the pass is replayed from a CUDA graph captured once per
-        batch size (:class:`~.devices.CudaGraphCall`): eager, its few hundred small kernels are
-        bound by their launches. Where capture fails the sampler stays eager, with a warning."""
+        flow's ``embedding`` of it (each once per patch), in inference mode. On CUDA (with
+        :attr:`cuda_graphs`) a batch shape met before is replayed from a CUDA graph
+        (:class:`~.devices.CudaGraphCall`; the first pass of a shape runs eagerly): eager, its
+        few hundred small kernels are bound by their launches. Graphs are dropped when the
+        models' weights move (or out of GPU memory); where capture fails the sampler stays
+        eager, with a warning. Not thread-safe."""
         from .devices import CudaGraphCall
 
         rep, flow = self.models.representation, self.models.flow
@@ -508,20 +516,38 @@ class InvarianceSampler:
         def run(v, y, condition, embedding):
             return rep.decode(flow.reverse(v, embedding=embedding), y, condition)
 
-        if v.device.type != "cuda" or not self.cuda_graphs:
-            return run(v, y, condition, embedding)
-        key = tuple(v.shape)
-        if key not in self._graphs:
-            try:
-                self._graphs[key] = CudaGraphCall(run, v, y, condition, embedding)
-            except _out_of_memory_errors():
-                self._graphs.clear()  # free their memory pools too before run_with_memory_fallback halves the batch
-                raise
-            except Exception as error:  # an operation that cannot be captured
-                warnings.warn(f"sampling without CUDA graphs: capturing one failed ({error})", RuntimeWarning)
-                self.cuda_graphs = False
+        with torch.inference_mode():
+            if v.device.type != "cuda" or not self.cuda_graphs:
                 return run(v, y, condition, embedding)
-        return self._graphs[key](v, y, condition, embedding)
+            weights = (v.device, id(rep), id(flow), *(t.data_ptr() for module in (rep, flow)
+                                                      for t in (*module.parameters(), *module.buffers())))
+            if weights != self._graphs_for:  # a graph reads the weights where they were at capture
+                self.release_graphs()
+                self._graphs_for = weights
+            key = tuple(v.shape)
+            if key not in self._graphs:
+                if key not in self._shapes_seen:  # the eager pass is the capture's warm-up
+                    self._shapes_seen.add(key)
+                    return run(v, y, condition, embedding)
+                if len(self._graphs) >= GRAPHS_KEPT:  # each holds its own memory pool
+                    del self._graphs[next(iter(self._graphs))]
+                try:
+                    self._graphs[key] = CudaGraphCall(run, v, y, condition, embedding)
+                except _out_of_memory_errors():
+                    self.release_graphs()  # run_with_memory_fallback halves the batch
+                    raise
+                except Exception as error:  # an operation that cannot be captured
+                    cause = error.__context__ or error
+                    warnings.warn(f"sampling without CUDA graphs: capturing one failed ({cause})", RuntimeWarning)
+                    self.cuda_graphs = False
+                    self.release_graphs()
+                    return run(v, y, condition, embedding)
+            return self._graphs[key](v, y, condition, embedding)
+
+    def release_graphs(self) -> None:
+        """Drop the captured CUDA graphs and the GPU memory they hold (:meth:`draw`)."""
+        self._graphs.clear()
+        self._graphs_for = None
 
     def sample(self, x_hu, count: int = 16, seed: int = 0, batch_size: Optional[int] = None,
                progress: Optional[ProgressCallback] = None, refinement=None, content=None) -> Invariances:
@@ -561,8 +587,14 @@ class InvarianceSampler:
         if content.shape != (p, p) or not content.any():
             raise ValueError(f"content must be a ({p}, {p}) mask with at least one pixel set (Patch.content); "
                              f"got shape {content.shape}")
-        result, device, batch_size = run_with_memory_fallback(
-            lambda dev, bs: self._sample(x_hu, v, dev, bs, progress, refinement), self.device, int(batch_size))
+        def attempt(dev: torch.device, bs: int) -> dict:
+            try:
+                return self._sample(x_hu, v, dev, bs, progress, refinement)
+            except _out_of_memory_errors():
+                self.release_graphs()  # their memory pools too, before a smaller batch or the CPU
+                raise
+
+        result, device, batch_size = run_with_memory_fallback(attempt, self.device, int(batch_size))
         change = np.abs(result["invariances"] - result["x"])[:, content].mean(axis=1)
         output_change = np.abs(result["denoised_invariances"] - result["denoised"])[:, content].mean(axis=1)
         result.update(mean_abs_change_hu=change, mean_abs_output_change_hu=output_change,
