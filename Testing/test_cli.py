@@ -202,7 +202,10 @@ def test_analyze_refuses_bad_settings_and_finds_a_moved_model_only_when_told(tmp
     assert "refined_samples_note" not in record["method_a"]  # calibrated by the model's noise texture
 
 
-def test_ctrl_c_exits_130_in_one_line_and_leaves_no_partial_folder(tmp_path):
+@pytest.mark.parametrize("stop, code, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_ctrl_c_or_sigterm_exits_in_one_line_and_leaves_no_partial_folder(tmp_path, stop, code, said):
+    """Ctrl-C, and SIGTERM (the panel's Cancel, ``timeout``, a job scheduler), remove the hidden
+    folder the results were being written to."""
     import signal
 
     from InvarianceExplorerLib.sample_data import sample_ct_path
@@ -214,9 +217,9 @@ def test_ctrl_c_exits_130_in_one_line_and_leaves_no_partial_folder(tmp_path):
     for line in process.stdout:  # interrupted while sampling
         if json.loads(line).get("stage") == "sampling":
             break
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, stop))
     rest, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and err.strip().splitlines()[-1] == "invariance-explorer: interrupted"
+    assert process.returncode == code and err.strip().splitlines()[-1] == f"invariance-explorer: {said}"
     assert "Traceback" not in err
     assert json.loads(rest.splitlines()[-1]) == {"event": "error", "message": "interrupted", "kind": "cancelled"}
     assert list(tmp_path.iterdir()) == []

@@ -24,7 +24,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -868,6 +870,15 @@ def _negative_voxels_joined(words: List[str]) -> List[str]:
     return joined
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a job's Cancel, ``timeout``, a scheduler), raised so that partly written
+    outputs are removed as on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``invariance-explorer`` and ``python -m InvarianceExplorerLib``."""
     words = _negative_voxels_joined(sys.argv[1:] if argv is None else list(argv))
@@ -880,6 +891,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     json_progress = getattr(args, "progress", None) == "json"
     shown = warnings.formatwarning
     warnings.formatwarning = lambda message, *rest, **named: f"{WARNING_PREFIX}{message}\n"
+    on_term = None
+    if threading.current_thread() is threading.main_thread():
+        on_term = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
     except (CTInputError, ValueError, OSError) as exc:  # the user's input or files: one clear line, no traceback
@@ -891,12 +905,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             Progress("json").error(message, kind="input")
         print(f"invariance-explorer: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         _finish_bars()
         if json_progress:
             Progress("json").error("interrupted", kind="cancelled")
-        print("invariance-explorer: interrupted", file=sys.stderr)
-        return 130
+        terminated = isinstance(stop, _Terminated)
+        print(f"invariance-explorer: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as exc:  # a bug or a failing machine: programs reading JSON still get told
         _finish_bars()
         if json_progress:
@@ -904,6 +919,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise
     finally:
         warnings.formatwarning = shown
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
 
 
 if __name__ == "__main__":
