@@ -759,3 +759,35 @@ def test_analyze_takes_a_null_file_or_the_folders_noise_only_stack(sample_folder
     record = json.loads((out / ANALYSIS_DIR / "analysis.json").read_text())
     assert record["method_b"]["null_source"] == "cvae posterior"
     assert record["method_b"]["null_note"] == "noise_only.nrrd in the sample folder"
+
+
+def test_analyze_refuses_a_bad_null_and_keeps_the_users_files(sample_folder, tmp_path, capsys):
+    """A null with a NaN, or not in HU (HU / 1000), is refused naming what is wrong (it gave
+    exit 0 and NaN figures); so is a results volume with NaN; and an ``analysis`` folder that
+    holds the user's own files is not replaced (it was, silently)."""
+    import shutil
+
+    from InvarianceExplorerLib.io import write_nrrd
+    from InvarianceExplorerLib.result_folder import read_volume
+
+    out = tmp_path / "run"
+    shutil.copytree(sample_folder[0], out)
+    shutil.rmtree(out / ANALYSIS_DIR, ignore_errors=True)
+    stack = read_volume(out / "invariances.nrrd")
+    for name, array, said in (("nan", np.where(np.arange(stack.array.size).reshape(stack.array.shape) == 7, np.nan,
+                                               stack.array), "NaN or infinite"),
+                              ("scaled", stack.array / 1000, "look normalised or scaled")):
+        null = write_nrrd(stack.with_array(array.astype(np.float32)), tmp_path / f"{name}.nrrd")
+        assert main(["analyze", str(out), "--null", str(null), "--progress", "none"]) == 2
+        assert said in capsys.readouterr().err and not (out / ANALYSIS_DIR).exists()
+    (out / ANALYSIS_DIR).mkdir()
+    (out / ANALYSIS_DIR / "notes.txt").write_text("mine")
+    assert main(["analyze", str(out), "--progress", "none"]) == 2
+    assert "holds files analyze did not write (notes.txt)" in capsys.readouterr().err
+    assert (out / ANALYSIS_DIR / "notes.txt").read_text() == "mine"
+    shutil.rmtree(out / ANALYSIS_DIR)
+    broken = stack.array.copy()
+    broken[0, 3, 3] = np.nan
+    write_nrrd(stack.with_array(broken), out / "invariances.nrrd")
+    assert main(["analyze", str(out), "--progress", "none"]) == 2
+    assert "invariances.nrrd: 1 of" in capsys.readouterr().err

@@ -42,7 +42,7 @@ import numpy as np
 
 from .analysis import ALPHA, FDR, MAX_PASSED_ON, MIN_AREA_MM2, MIN_SHAPE_NULL, ensemble_test, structure_change
 from .image import CTImage
-from .io import read_json_object
+from .io import check_hu, read_json_object
 from .noise import NoiseTexture, noise_summary
 from .result_folder import load_result, read_volume
 
@@ -266,6 +266,21 @@ def _device(denoiser):
     return next(denoiser.network.parameters()).device
 
 
+def check_analysis_target(folder) -> None:
+    """Refuse to analyse ``folder`` when ``folder/analysis`` exists and is not an earlier
+    analysis of ours: each run replaces that folder whole, which must not take the user's files."""
+    out = Path(folder) / ANALYSIS_DIR
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise ValueError(f"{out} exists and is no analysis folder; analyze writes its results there: move it away")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ANALYSIS_FILES.values())
+    if foreign or not (out / ANALYSIS_FILES["numbers"]).is_file():
+        what = f"files analyze did not write ({', '.join(foreign[:4])}{', ...' if len(foreign) > 4 else ''})" \
+            if foreign else "no analysis.json"
+        raise ValueError(f"{out} holds {what}; analyze replaces that folder whole with each run: move them away")
+
+
 def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Optional[str] = None,
                    alpha: float = ALPHA, fdr: float = FDR, sigma_mm: Optional[float] = None,
                    min_area_mm2: float = MIN_AREA_MM2, max_passed_on: float = MAX_PASSED_ON,
@@ -309,6 +324,7 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
             raise ValueError(f"{name} must be {meaning}; got {value}")
     result = load_result(folder)
     folder = result.folder
+    check_analysis_target(folder)
     crop = result.crop
     x = crop.array[0].astype(np.float64)
     stack = result.volumes["invariances"].array.astype(np.float64)
@@ -328,6 +344,9 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         null_source = null_source or "given"
         if null.ndim != 3 or null.shape[1:] != x.shape:
             raise ValueError(f"the noise-only ensemble must be a stack (J, {x.shape[0]}, {x.shape[1]}); got {null.shape}")
+        if not np.isfinite(null).all():
+            raise ValueError("the noise-only ensemble holds NaN or infinite values")
+        check_hu(null, "the noise-only ensemble (new scans of x's anatomy, in HU)")
 
     from .sampler import InvarianceSampler, Refinement
 

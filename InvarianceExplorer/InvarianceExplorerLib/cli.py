@@ -785,10 +785,12 @@ def _run_analysis(folder: Path, progress, args=None) -> tuple:
     """Analyse a sample folder (``analyze``, or ``sample --analyze`` with default settings);
     returns the outputs (name -> path) and a one-line summary for the "done" report."""
     from .analysis import ALPHA, FDR, MAX_PASSED_ON, MIN_AREA_MM2
-    from .analysis_folder import POSTERIOR_NULL, analyze_folder, posterior_null, simulate_null_for_folder
+    from .analysis_folder import (POSTERIOR_NULL, analyze_folder, check_analysis_target, posterior_null,
+                                  simulate_null_for_folder)
     from .io import read_image
     from .result_folder import read_volume
 
+    check_analysis_target(folder)  # before any null is simulated
     null, source = None, None
     if args is not None and args.null is not None:
         null, source = read_volume(args.null).array, "given"

@@ -58,7 +58,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 def read_volume(path) -> CTImage:
     """Read any scalar NRRD as written by the engine, as stored (3D arrays stay 3D, values are
-    not checked as HU: std maps and stacks are read too). Geometry in LPS, as in the file."""
+    not checked as HU: std maps and stacks are read too; NaN or infinite values are refused).
+    Geometry in LPS, as in the file."""
     import SimpleITK as sitk
 
     from .io import read_itk
@@ -67,6 +68,10 @@ def read_volume(path) -> CTImage:
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
         raise ValueError(f"{path}: expected a scalar 2D or 3D image")
     array = sitk.GetArrayFromImage(image).astype(np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:  # the engine writes none: a damaged or foreign file
+        raise ValueError(f"{path}: {bad} of {array.size} values are NaN or infinite; the engine writes none. "
+                         "Write the file again (or run the command that made it again)")
     spacing, origin = image.GetSpacing(), image.GetOrigin()
     direction = np.asarray(image.GetDirection(), dtype=float)
     if image.GetDimension() == 2:
