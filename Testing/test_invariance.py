@@ -734,6 +734,15 @@ def test_sample_command_errors_are_clear_and_write_nothing(model_folder, low_dos
         assert "sampling" not in [e.get("stage") for e in events]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "ld.nrrd", "taken"]
     assert (taken / "old.txt").read_text() == "keep me"
+    air = low_dose_slice.array.copy()
+    air[:, :20] = -1000.0  # the air outside a scanner's field of view, constant
+    write_nrrd(low_dose_slice.with_array(air), tmp_path / "air.nrrd")
+    with pytest.warns(RuntimeWarning, match="reaches over the image's border"):
+        assert main(["sample", "--model", str(model_folder), "--input", str(tmp_path / "air.nrrd"), "--center",
+                     "2,2,0", "--count", "2", "--out", str(tmp_path / "e"), "--progress", "none"]) == 2
+    assert "holds no image content: it is -1000 HU throughout (where it lies in the image)" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+    (tmp_path / "air.nrrd").unlink()
     # an existing empty folder is fine
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -587,6 +587,10 @@ class InvarianceSampler:
         if content.shape != (p, p) or not content.any():
             raise ValueError(f"content must be a ({p}, {p}) mask with at least one pixel set (Patch.content); "
                              f"got shape {content.shape}")
+        if float(np.ptp(x_hu[content])) <= 1e-3:
+            raise ValueError(f"the patch holds no image content: it is {float(x_hu[content][0]):g} HU throughout"
+                             f"{' (where it lies in the image)' if not content.all() else ''}, padding or the air "
+                             "outside the scanner's field of view; centre it on the anatomy")
         def attempt(dev: torch.device, bs: int) -> dict:
             try:
                 return self._sample(x_hu, v, dev, bs, progress, refinement)
