@@ -131,3 +131,34 @@ def test_app_shows_the_analysis_of_a_results_folder(app, tmp_path):
     write_sample_folder(tmp_path / "plain", make_volume((3, 64, 64)), (32, 32, 1), patch=16, count=3)
     window.openResults(tmp_path / "plain")
     assert view.analysisImages[0].isHidden() and view.analysis is None
+
+
+def test_a_damaged_or_foreign_folder_is_said_so_and_the_shown_result_kept(app, results, tmp_path, monkeypatch):
+    """Opening a folder whose numbers.json lacks per-sample figures, or whose analysis/ is of
+    another run, shows the error in the panel and keeps the result on screen (a traceback and
+    a half-replaced view before); a sample without figures says so instead of keeping the last."""
+    import json
+    import shutil
+
+    window = MainWindow(tmp_path / "results")
+    window.openResults(results)
+    shown = window.view.result
+    damaged = tmp_path / "damaged"
+    shutil.copytree(results, damaged)
+    numbers = json.loads((damaged / "numbers.json").read_text())
+    (damaged / "numbers.json").write_text(json.dumps({**numbers, "samples": [{"mean_abs_change_hu": 1.0}]}))
+    monkeypatch.setattr(qt.QFileDialog, "getExistingDirectory", staticmethod(lambda *args: str(damaged)))
+    window.browseOpenResults()
+    assert "lacks a number" in window.panel.errorText() and window.view.result is shown
+    (damaged / "numbers.json").write_text(json.dumps(numbers))
+    analysis = damaged / "analysis"
+    analysis.mkdir()
+    (analysis / "analysis.json").write_text(json.dumps({"count": 3, "samples": []}))
+    window.browseOpenResults()
+    assert "belongs to another run" in window.panel.errorText() and window.view.result is shown
+    shutil.rmtree(analysis)
+    window.browseOpenResults()
+    assert window.view.result.folder == damaged and not window.panel.errorText()
+    window.view.result.numbers["samples"] = window.view.result.numbers["samples"][:2]
+    window.view.showSample(3)
+    assert window.view.numbersLabel.text() == "numbers.json has no figures for this sample"

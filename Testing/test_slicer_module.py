@@ -319,12 +319,24 @@ def test_a_failing_import_leaves_the_scene_unchanged(module, slicer, tmp_path):
     good, _ = results_folder(module, slicer, volume, tmp_path, seed=0)
     logic.importResults(volume, good)
     bad, _ = results_folder(module, slicer, volume, tmp_path, seed=1)
+    before = snapshot(slicer)
+    update_table = slicer.util.updateTableFromArray
+
+    def failing(*args, **named):  # fails after the volumes and sequences were made
+        raise RuntimeError("the table could not be filled")
+
+    slicer.util.updateTableFromArray = failing
+    try:
+        with pytest.raises(RuntimeError, match="table could not be filled"):
+            logic.importResults(volume, bad)
+    finally:
+        slicer.util.updateTableFromArray = update_table
+    assert snapshot(slicer) == before
     numbers = json.loads((bad / FILES["numbers"]).read_text())
     for sample in numbers["samples"]:
-        del sample["mean_abs_output_change_hu"]  # fails after the volumes and sequences were made
+        del sample["mean_abs_output_change_hu"]  # a damaged folder: refused before any node is made
     (bad / FILES["numbers"]).write_text(json.dumps(numbers))
-    before = snapshot(slicer)
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="lacks a number"):
         logic.importResults(volume, bad)
     assert snapshot(slicer) == before
 

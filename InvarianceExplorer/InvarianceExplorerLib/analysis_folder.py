@@ -535,6 +535,13 @@ def load_analysis(folder) -> dict:
     for name, file in ANALYSIS_FILES.items():
         if file.endswith(".nrrd") and (folder / file).is_file():
             loaded[name] = read_volume(folder / file)
+    count, invariances = loaded["numbers"].get("count"), folder.parent / "invariances.nrrd"
+    samples = read_volume(invariances).array.shape[0] if invariances.is_file() else count
+    frames = {name: loaded[name].array.shape[0] for name in ("change_maps", "altered_regions") if name in loaded}
+    if any(n != samples for n in (count, *frames.values())):
+        raise ValueError(f"{folder}: this analysis is of {count} samples ({', '.join(f'{n} in {k}' for k, n in frames.items())}"
+                         f") but its sample folder holds {samples}: it belongs to another run; run invariance-explorer "
+                         f"analyze on {folder.parent} again")
     return loaded
 
 

@@ -165,6 +165,19 @@ class SampleResult:
         return sample_table(self.numbers)
 
 
+def _check_samples(samples, count: int, path: Path) -> None:
+    """numbers.json's per-sample records: one per sample k = 0 .. count - 1, with numbers."""
+    fix = "the sample folder is damaged: sample the patch again"
+    if not isinstance(samples, list) or not all(isinstance(s, dict) for s in samples):
+        raise ValueError(f"{path}: \"samples\" must be a list of per-sample records; {fix}")
+    keys = [key for _, key in TABLE_COLUMNS]
+    for s in samples:
+        if not all(k in s and isinstance(s[k], (int, float)) and not isinstance(s[k], bool) for k in keys):
+            raise ValueError(f"{path}: a per-sample record lacks a number for one of {', '.join(keys)}: {s}; {fix}")
+    if sorted(s["index"] for s in samples) != list(range(count)):
+        raise ValueError(f"{path}: \"samples\" should hold one record per sample 0..{count - 1}; {fix}")
+
+
 def load_result(folder) -> SampleResult:
     """Read a ``sample`` output folder; ``ValueError`` naming what is missing or inconsistent."""
     folder = Path(folder)
@@ -185,10 +198,13 @@ def load_result(folder) -> SampleResult:
         if image.array.shape[1:] != crop.array.shape[1:]:
             raise ValueError(f"{folder / FILES[name]}: in-plane size {image.array.shape[1:]} differs from the "
                              f"crop's {crop.array.shape[1:]}")
+    count = volumes["invariances"].array.shape[0]
     for name in STACK_VOLUMES:
-        if name in volumes and "count" in numbers and volumes[name].array.shape[0] != int(numbers["count"]):
-            raise ValueError(f"{folder / FILES[name]}: {volumes[name].array.shape[0]} samples, numbers.json says "
-                             f"{numbers['count']}")
+        if name in volumes and volumes[name].array.shape[0] != int(numbers.get("count", count)):
+            raise ValueError(f"{folder / FILES[name]}: {volumes[name].array.shape[0]} samples, "
+                             + (f"numbers.json says {numbers['count']}" if "count" in numbers else
+                                f"invariances.nrrd holds {count}"))
+    _check_samples(numbers.get("samples", []), count, folder / FILES["numbers"])
     figure = folder / FILES["figure"]
     return SampleResult(folder, volumes, numbers, figure if figure.is_file() else None)
 

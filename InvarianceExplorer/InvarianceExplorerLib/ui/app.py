@@ -156,6 +156,9 @@ class ResultsView(qt.QWidget):
         volume = self.result.volumes.get(name) if self.result else None
         if volume is None:
             label.clear()
+            if name == "std":  # no scale of another folder's std map
+                view = [n for _, n, _ in VIEWS].index(name)
+                self.captionLabels[view].setText(f"{VIEWS[view][0]}: not in this folder")
             return
         array = volume.array[index]
         if name == "std":  # 0 .. 99th percentile, said in the caption (its scale differs from run to run)
@@ -189,18 +192,18 @@ class ResultsView(qt.QWidget):
         if self.analysis is not None:
             self._showOverlay(0, index)
             scores = {s["index"]: s for s in self.analysis["numbers"].get("samples", [])}.get(index)
-            if scores:
-                self.analysisCaptions[0].setText(
-                    f"x~ with method A's altered regions (red: added, blue: removed): rank {scores['rank']} of "
-                    f"{self.result.count}, {scores['region_count']} regions, {scores['area_mm2']:.1f} mm², "
-                    f"peak |ΔHU| {scores['peak_abs_hu']:.0f}")
+            self.analysisCaptions[0].setText(
+                f"x~ with method A's altered regions (red: added, blue: removed): rank {scores['rank']} of "
+                f"{self.result.count}, {scores['region_count']} regions, {scores['area_mm2']:.1f} mm², "
+                f"peak |ΔHU| {scores['peak_abs_hu']:.0f}" if scores else
+                "x~ with method A's altered regions: analysis.json has no scores for this sample")
         samples = {s["index"]: s for s in self.result.numbers.get("samples", [])}
         sample = samples.get(index, {})
         self.sampleLabel.setText(f"x~{index} ({index + 1} / {self.result.count})")
-        if sample:
-            self.numbersLabel.setText(f"mean |x~ - x| = {sample['mean_abs_change_hu']:.1f} HU, "
-                                      f"mean |f(x~) - f(x)| = {sample['mean_abs_output_change_hu']:.2f} HU; "
-                                      f"consistency {_number(self.result.numbers.get('consistency'))}")
+        self.numbersLabel.setText(f"mean |x~ - x| = {sample['mean_abs_change_hu']:.1f} HU, "
+                                  f"mean |f(x~) - f(x)| = {sample['mean_abs_output_change_hu']:.2f} HU; "
+                                  f"consistency {_number(self.result.numbers.get('consistency'))}" if sample else
+                                  "numbers.json has no figures for this sample")
 
 
 class MainWindow(qt.QMainWindow):
@@ -262,7 +265,10 @@ class MainWindow(qt.QMainWindow):
     def browseOpenResults(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(self, "Open a sample results folder", prop(self.resultsEdit, "text"))
         if folder:
-            self.openResults(folder)
+            try:
+                self.openResults(folder)
+            except (ValueError, OSError) as exc:  # a damaged or foreign folder: say so, keep what is shown
+                self.panel.showError(str(exc))
 
     def setCenter(self, i: int, j: int, k: int) -> None:
         for spin, value in zip(self.centerSpins, (i, j, k)):
@@ -303,6 +309,7 @@ class MainWindow(qt.QMainWindow):
         analysis = load_analysis(result.folder) if (result.folder / ANALYSIS_DIR / ANALYSIS_FILES["numbers"]).is_file() \
             else None
         self.view.setResult(result, analysis)
+        self.panel.clearError()
         items = [(f"{name}: {Path(path).name}", lambda p=path: open_file(p)) for name, path in
                  sorted((n, str(result.folder / f)) for n, f in _present_files(result.folder))]
         if analysis is not None:
