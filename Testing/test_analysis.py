@@ -628,6 +628,12 @@ def test_sample_with_analyze_runs_the_analysis(sample_folder, tmp_path, capsys):
     outputs = events[-1]["outputs"]
     assert set(FILES) <= set(outputs) and "analysis_change_maps" in outputs
     assert (out / ANALYSIS_DIR / "change_maps.nrrd").is_file()
+    import shutil
+
+    shutil.rmtree(out / ANALYSIS_DIR)  # as if stopped during its analysis: the rerun says what to do
+    assert main(["sample", "--model", numbers["model"], "--input", numbers["input"], "--center", "30,34,0",
+                 "--count", "4", "--device", "cpu", "--out", str(out), "--analyze", "--progress", "none"]) == 2
+    assert f"`invariance-explorer analyze {out}` analyses them" in capsys.readouterr().err
 
 
 def test_analyze_refuses_a_full_dose_image_of_other_anatomy_or_off_the_grid(sample_folder, tmp_path, capsys):

@@ -366,7 +366,7 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         if null.shape[0] < MIN_SHAPE_NULL:
             raise ValueError(f"these invariances were sampled with a consistency refinement; its analysis refines the "
                              f"noise-only null the same way and needs at least {MIN_SHAPE_NULL} images of it; got "
-                             f"{null.shape[0]} (--null-count)")
+                             f"{null.shape[0]} ({'more images in the --null file' if null_source == 'given' else '--null-count'})")
         report("refining the null", 0, 1)
         scans = null
         sampler = InvarianceSampler(_model_of(result, model), device="cpu")

@@ -616,13 +616,17 @@ def _center(text: str) -> tuple:
     return values
 
 
-def _check_new_folder(out: Path, command: str) -> None:
-    """``out`` may become the folder ``command`` writes whole: it does not exist, or is an empty folder."""
+def _check_new_folder(out: Path, command: str, analyze: bool = False) -> None:
+    """``out`` may become the folder ``command`` writes whole: it does not exist, or is an empty
+    folder (``analyze``: ``sample --analyze``, whose earlier run may have stopped in its analysis)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; give {command} the path of a new folder (--out)")
     if out.exists() and any(out.iterdir()):
+        done = (out / "numbers.json").is_file() and not (out / "analysis" / "analysis.json").is_file()
         raise ValueError(f"{out}: the output folder already exists and is not empty; choose a new folder "
-                         f"({command} writes it whole) or remove the old one")
+                         f"({command} writes it whole) or remove the old one"
+                         + (f"; it holds samples without their analysis: `invariance-explorer analyze {out}` "
+                            "analyses them" if done and analyze else ""))
     above = next((p for p in out.absolute().parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise ValueError(f"{above} is a file, so the folder {out} cannot be made; give {command} another --out")
@@ -644,7 +648,7 @@ def _cmd_sample(args) -> int:
     from .sampler import InvarianceSampler
 
     out = args.out
-    _check_new_folder(out, "sample")
+    _check_new_folder(out, "sample", getattr(args, "analyze", False))
     center = _center(args.center)
     progress = Progress(args.progress)
     update = progress.stage("loading", 2, "Loading the models and the image")
