@@ -710,6 +710,7 @@ def test_analysis_of_refined_samples_refines_the_null_or_says_it_is_uncalibrated
                      "--null-count", "8", "--progress", "none"]) == 0
     record = json.loads((out / ANALYSIS_DIR / "analysis.json").read_text())
     assert record["settings"]["null_refined"] and "refined_samples_note" not in record["method_a"]
+    assert record["settings"]["model"] == json.loads((out / "numbers.json").read_text())["model_folder"]
     assert "null's noise shape" in record["method_a"]["noise_estimate"] and not record["method_b"]["skipped"]
     assert record["method_a"]["scan_floor"] == "from noise-only scans"
     # no scans, but the model folder knows its training noise's texture: the floor is estimated from x

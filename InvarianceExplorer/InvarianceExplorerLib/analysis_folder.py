@@ -226,6 +226,12 @@ def _model_of(result, model=None, required: bool = True):
     return model
 
 
+def _model_text(result, model=None) -> Optional[str]:
+    """The model folder the analysis of refined samples used (refined null, noise texture), for the record."""
+    named = _model_of(result, model, required=False)
+    return None if named is None else str(named)
+
+
 def posterior_draws(denoiser, representation, x_hu: np.ndarray, count: int = 16, seed: int = 0) -> np.ndarray:
     """``count`` decodings ``D(z_j, f(x))`` of ``z_j ~ q(z | x, f(x))`` for the patch ``x_hu``
     ``(count, P, P)`` HU (see :func:`posterior_null`); the draws are made on the CPU from ``seed``."""
@@ -406,6 +412,7 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         "settings": {"alpha": alpha, "fdr": fdr, "sigma_mm": sigma_mm, "min_area_mm2": min_area_mm2,
                      "max_passed_on": max_passed_on if outputs else None, "null_source": null_source,
                      "refinement": refinement.as_dict(), "null_refined": null_refined,
+                     "model": _model_text(result, model) if refinement else None,
                      **({} if outputs else {"max_passed_on_note": "f(x) or f(x~) is missing from the sample "
                                             "folder: every region counts, including the sampler's own errors"})},
         "noise": noise,
