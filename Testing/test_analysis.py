@@ -793,6 +793,12 @@ def test_analyze_refuses_a_bad_null_and_keeps_the_users_files(sample_folder, tmp
     assert "holds files analyze did not write (notes.txt)" in capsys.readouterr().err
     assert (out / ANALYSIS_DIR / "notes.txt").read_text() == "mine"
     shutil.rmtree(out / ANALYSIS_DIR)
+    from dataclasses import replace
+
+    elsewhere = write_nrrd(replace(stack, origin=(stack.origin[0] + 50.0, *stack.origin[1:])), tmp_path / "far.nrrd")
+    with pytest.warns(RuntimeWarning, match="is not the crop's"):
+        assert main(["analyze", str(out), "--null", str(elsewhere), "--progress", "none"]) == 0
+    shutil.rmtree(out / ANALYSIS_DIR)
     broken = stack.array.copy()
     broken[0, 3, 3] = np.nan
     write_nrrd(stack.with_array(broken), out / "invariances.nrrd")

@@ -785,6 +785,25 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
+def _warn_if_elsewhere(null, folder: Path, path) -> None:
+    """Warn when a --null stack's geometry puts it elsewhere than the sample folder's crop (a
+    stack saved without geometry, origin 0 and 1 mm pixels, is not judged)."""
+    import numpy as np
+
+    from .result_folder import load_result
+
+    crop = load_result(folder).crop
+    if null.origin == (0.0, 0.0, 0.0) and tuple(null.spacing[:2]) == (1.0, 1.0):
+        return
+    shift = np.abs(np.subtract(null.origin, crop.origin)) / np.asarray(crop.spacing)
+    if shift[:2].max() > 0.5 or not np.allclose(null.spacing[:2], crop.spacing[:2], rtol=1e-3) or \
+            not np.allclose(null.direction_matrix, crop.direction_matrix, atol=1e-3):
+        warnings.warn(f"{path}: its geometry (origin {tuple(round(v, 1) for v in null.origin)} mm, pixels "
+                      f"{tuple(round(v, 3) for v in null.spacing[:2])} mm) is not the crop's (origin "
+                      f"{tuple(round(v, 1) for v in crop.origin)} mm, pixels {tuple(round(v, 3) for v in crop.spacing[:2])}"
+                      " mm): is it noise-only images of this patch?", RuntimeWarning)
+
+
 def _run_analysis(folder: Path, progress, args=None) -> tuple:
     """Analyse a sample folder (``analyze``, or ``sample --analyze`` with default settings);
     returns the outputs (name -> path) and a one-line summary for the "done" report."""
@@ -797,7 +816,9 @@ def _run_analysis(folder: Path, progress, args=None) -> tuple:
     check_analysis_target(folder)  # before any null is simulated
     null, source = None, None
     if args is not None and args.null is not None:
-        null, source = read_volume(args.null).array, "given"
+        given = read_volume(args.null)
+        null, source = given.array, "given"
+        _warn_if_elsewhere(given, folder, args.null)
     elif args is not None and args.full_dose is not None:
         update = progress.stage("simulating", 1, f"Simulating {args.null_count} noise-only scans at dose {args.dose:g}")
         null = simulate_null_for_folder(folder, read_image(args.full_dose, hu_offset=args.hu_offset), args.dose,
