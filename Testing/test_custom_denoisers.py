@@ -479,3 +479,11 @@ def test_damaged_or_foreign_model_folders_are_refused(torchscript_fit, pairs, tm
     with pytest.raises(ValueError, match="fit did not make"):
         fit(torchscript_fit / "denoiser.torchscript.pt", pairs, trained,
             normalization=PAPER_NORMALIZATION, **FIT)
+    from InvarianceExplorerLib.denoisers import bundled_models_dir
+
+    copied = shutil.copytree(bundled_models_dir() / "cnn10", tmp_path / "bundled_copy")  # made by another fit
+    assert "fit" in read_metadata(copied)
+    with pytest.raises(ValueError, match="this fit did not make"):
+        fit(torchscript_fit / "denoiser.torchscript.pt", pairs, copied, normalization=PAPER_NORMALIZATION, **FIT)
+    with pytest.raises(ValueError, match="no such file or folder"):
+        fit(tmp_path / "nothing.pt", pairs, tmp_path / "fresh", **FIT)

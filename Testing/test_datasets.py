@@ -347,6 +347,32 @@ def test_paired_dicom_mismatched_slices_are_named(mayo_tree):
 # ----------------------------------------------------------------------------- subsets
 
 
+def test_a_damaged_or_missing_pair_file_is_named_in_one_line(simulated, tmp_path, capsys):
+    """A pair file cut short, missing or of the wrong size stops a training with one line that
+    names it and says how to rewrite it (it was a traceback through MONAI's transform)."""
+    from InvarianceExplorerLib.cli import main
+
+    out = tmp_path / "damaged"
+    shutil.copytree(simulated, out)
+    pair = out / SimulatedDataset(out).items[0]["file"]
+    command = ["train", "denoiser", "--arch", "cnn10", "--data", str(out), "--epochs", "1", "--val-slices", "2",
+               "--steps-per-epoch", "2", "--batch-size", "2", "--patch-size", "32", "--no-progress"]
+    for damage, said in ((lambda: pair.write_bytes(pair.read_bytes()[:3000]), "BadZipFile"),
+                         (pair.unlink, "FileNotFoundError")):
+        damage()
+        for item in range(COUNT):  # every item, whichever split it is in
+            with pytest.raises(ValueError, match="the pair file is missing or damaged") if item == 0 else \
+                    warnings.catch_warnings():
+                SimulatedDataset(out)[item]
+        assert main(command + ["--out", str(tmp_path / f"run_{said}")]) == 2
+        err = capsys.readouterr().err
+        assert f"{pair}: the pair file is missing or damaged ({said}" in err and "Traceback" not in err
+    with np.load(simulated / pair.relative_to(out)) as z:
+        np.savez_compressed(pair, **{**z, "low_dose": z["low_dose"][:32]})
+    with pytest.raises(ValueError, match="not the set's 64 x 64"):
+        SimulatedDataset(out)[0]
+
+
 def test_training_on_an_unfinished_set_warns_and_records_it(simulated, tmp_path):
     """A `data simulate` stopped before its end leaves a manifest of the pairs written so far
     (complete: false); a training on it says so, and its metadata records it."""

@@ -921,9 +921,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     on_term = None
     if threading.current_thread() is threading.main_thread():
         on_term = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return int(args.func(args) or 0)
-    except (CTInputError, ValueError, OSError) as exc:  # the user's input or files: one clear line, no traceback
+    def input_error(exc: BaseException) -> int:  # the user's input or files: one clear line, no traceback
         _finish_bars()
         message = str(exc)
         if isinstance(exc, OSError) and exc.strerror and exc.filename:  # e.g. a folder that cannot be made
@@ -932,6 +930,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             Progress("json").error(message, kind="input")
         print(f"invariance-explorer: error: {message}", file=sys.stderr)
         return 2
+
+    try:
+        return int(args.func(args) or 0)
+    except (CTInputError, ValueError, OSError) as exc:
+        return input_error(exc)
     except KeyboardInterrupt as stop:
         _finish_bars()
         if json_progress:
@@ -940,6 +943,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"invariance-explorer: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
     except Exception as exc:  # a bug or a failing machine: programs reading JSON still get told
+        cause = exc
+        while isinstance(cause, RuntimeError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is not exc and isinstance(cause, (CTInputError, ValueError, OSError)):
+            return input_error(cause)  # ours, wrapped by a library (MONAI's "applying transform ...")
         _finish_bars()
         if json_progress:
             Progress("json").error(f"{type(exc).__name__}: {exc}", kind="internal")

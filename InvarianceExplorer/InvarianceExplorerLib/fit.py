@@ -166,8 +166,20 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
         raise ValueError(f"fidelity_slices must be >= 0 (0: none); got {fidelity_slices}")
     if out.exists() and any(out.iterdir()) and not (out / "metadata.json").is_file():
         raise ValueError(f"{out} exists and is not a model folder; choose a new output folder")
-    if out.exists() and (out / "metadata.json").is_file() and "fit" not in read_metadata(out):
-        raise ValueError(f"{out} holds a model folder that fit did not make; choose a new output folder")
+    if out.exists() and (out / "metadata.json").is_file():
+        made_by = read_metadata(out).get("fit", {}).get("work_folder")
+        if made_by != str(work.resolve()):  # a bundled folder, its copy or another fit's: not ours to replace
+            raise ValueError(f"{out} holds a model folder that this fit did not make (its work folder would be "
+                             f"{work}); choose a new output folder")
+    from .denoisers import DENOISERS, bundled_models_dir
+
+    if not Path(source).exists() and str(source) in DENOISERS:  # a bundled name
+        source = bundled_models_dir() / str(source)
+    if not Path(source).exists():
+        raise ValueError(f"{source}: no such file or folder; give a model folder (train denoiser's OUT/model, or "
+                         "a bundled name's folder) or your denoiser's network file")
+    if (Path(source) / "model" / "metadata.json").is_file() and not (Path(source) / "metadata.json").is_file():
+        raise ValueError(f"{source} is a training run's folder; give its model folder, {Path(source) / 'model'}")
     if work.exists() and any(work.iterdir()) and not resume:
         raise ValueError(f"{work} holds an earlier fit; pass --resume to continue it, or delete it to start over")
     model_folder = (Path(source) / "metadata.json").is_file()
@@ -204,11 +216,17 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
                 raise
             (work / REQUEST_FILE).write_text(json.dumps(request, indent=1))
         dist.barrier()
-        per_step = None
-        if "minutes" in limits:
-            per_step = _broadcast(seconds_per_cvae_step(denoiser_folder, patch_size, batch_size, dist.device,
-                                                        hyperparameters=overrides.get("cvae"))
-                                  if dist.is_main else None, dist)
+        per_step, timing = None, work / "seconds_per_cvae_step.json"
+        if "minutes" in limits:  # measured once: a resumed fit keeps its plan (steps per epoch, ...)
+            def measured() -> float:
+                if timing.is_file():
+                    return float(json.loads(timing.read_text())["seconds"])
+                seconds = seconds_per_cvae_step(denoiser_folder, patch_size, batch_size, dist.device,
+                                                hyperparameters=overrides.get("cvae"))
+                timing.write_text(json.dumps({"seconds": seconds}))
+                return seconds
+
+            per_step = _broadcast(measured() if dist.is_main else None, dist)
         steps = plan(limits, per_step)
         labelled = isinstance(source_data, SimulatedDataset)
         hp = {"feature_steps": steps["feature_steps"], "adv_start": steps["adv_start"], **overrides.get("cvae", {})}

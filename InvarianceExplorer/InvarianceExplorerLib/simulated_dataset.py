@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import time
+import zipfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -276,10 +277,20 @@ class SimulatedDataset(Sequence):
 
     def __getitem__(self, index: int) -> PairedSlice:
         record = self.items[index]
-        with np.load(self.root / record["file"]) as z:
-            return PairedSlice(low_dose=z["low_dose"].astype(np.float32), full_dose=z["full_dose"].astype(np.float32),
-                               patient_id=record["patient_id"], labels=z["labels"], nodule_map=z["nodule_map"],
-                               **self._geometry)
+        path = self.root / record["file"]
+        try:
+            with np.load(path) as z:
+                item = PairedSlice(low_dose=z["low_dose"].astype(np.float32),
+                                   full_dose=z["full_dose"].astype(np.float32), patient_id=record["patient_id"],
+                                   labels=z["labels"], nodule_map=z["nodule_map"], **self._geometry)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{path}: the pair file is missing or damaged ({type(exc).__name__}: {exc}); delete it "
+                             "and run the same `data simulate` command again, which writes the missing pairs") from None
+        size = self.manifest.get("parameters", {}).get("size")
+        if size and {item.low_dose.shape, item.full_dose.shape, item.labels.shape} != {(size, size)}:
+            raise ValueError(f"{path}: its images are {item.low_dose.shape} and {item.full_dose.shape} pixels, not the "
+                             f"set's {size} x {size}; delete it and run the same `data simulate` command again")
+        return item
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -48,7 +48,7 @@ from .training import (CHECKPOINT, TrainingBatches as _TrainingBatches, adam as 
                        data_noise_texture, describe_data, gradient_penalty as _gradient_penalty, load_feature_network,
                        make_generator as _generator, optimizer_step as _step, restore_checkpoint,
                        save_checkpoint as _save_checkpoint,
-                       train_feature_network as _train_feature_network, validation_items as _validation_items)
+                       train_feature_network as _train_feature_network, validation_items as _validation_items, written_whole)
 
 #: Training hyperparameters per architecture, rounded from ldct-benchmark's configs (tuned
 #: there on the Mayo data): Adam learning rate and betas, and the loss weights of each scheme.
@@ -436,8 +436,10 @@ def _export(objective, state, config, source, data, folder: Path, val_slices, no
         training["initialised_from"] = state["initialised_from"]
     extra = {"feature_network": objective.networks["feature_network"]} if "feature_network" in objective.networks \
         else None
-    return save_denoiser(folder, denoiser, config["arch"], config["arguments"], normalization,
-                         {"patch_size": config["patch_size"], "training": training, "held_out": held_out,
-                          "noise_texture": data_noise_texture(source)},
-                         dtype=dtype, extra=extra)
+    with written_whole(folder) as partial:
+        save_denoiser(partial, denoiser, config["arch"], config["arguments"], normalization,
+                      {"patch_size": config["patch_size"], "training": training, "held_out": held_out,
+                       "noise_texture": data_noise_texture(source)},
+                      dtype=dtype, extra=extra)
+    return folder
 

@@ -95,7 +95,7 @@ from .representation import DEFAULT_CHANNELS, Representation, representation_los
 from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_seed, describe_data,
                        gradient_penalty, load_feature_network, make_generator, optimizer_step, restore_checkpoint,
                        save_checkpoint,
-                       setup_distributed, train_feature_network)
+                       setup_distributed, train_feature_network, written_whole)
 
 #: Default hyperparameters. cVAE: Adam, the loss weights of the module docstring, the
 #: critic's size, the representation's arguments, and the feature network's pretraining.
@@ -652,25 +652,27 @@ def train_cvae(denoiser, data, out, *, epochs: int = 10, steps_per_epoch: int = 
             if state["best"] is not None:
                 rep.load_state_dict(state["best"]["weights"])
             rep.eval()
-            copy_model_folder(folder, model)
-            (model / FIDELITY_FIGURE).unlink(missing_ok=True)  # of an earlier cVAE's invariances
-            save_representation(model, rep, {}, dtype=weights_dtype)
-            metadata = read_metadata(model)
-            record = _training_record(state, config, source, data, dist, rep, model, metadata["weights"][CVAE])
-            if state["prepared"]:
-                record["feature_network"] = state["prepared"]
-            record["critic"] = {"class": "WGANCritic", "in_channels": 2 if rep.conditional else 1,
-                                "parameters": int(sum(p.numel() for p in objective.networks["critic"].parameters()))}
-            record["validation_figures"] = sorted(str(p.relative_to(out)) for p in (out / VALIDATION).glob("*.png"))
-            info = metadata["invariance"]
-            info["training"] = {"cvae": record}
-            if fidelity_slices:
-                patches = held_out_patches(source, "test", patch_size, fidelity_slices, 2)
-                if patches:  # the weights as stored (float16 rounds them)
-                    stored = load_representation(model, device=device)[1]
-                    info["completeness"] = {**representation_fidelity(den, stored, patches, device), "split": "test"}
-            write_metadata(model, metadata)
-            _write_card(model)
+            with written_whole(model) as partial:
+                copy_model_folder(folder, partial)
+                (partial / FIDELITY_FIGURE).unlink(missing_ok=True)  # of an earlier cVAE's invariances
+                save_representation(partial, rep, {}, dtype=weights_dtype)
+                metadata = read_metadata(partial)
+                metadata.pop("fit", None)  # the denoiser folder's own fit (of a bundled folder) is not this training
+                record = _training_record(state, config, source, data, dist, rep, partial, metadata["weights"][CVAE])
+                if state["prepared"]:
+                    record["feature_network"] = state["prepared"]
+                record["critic"] = {"class": "WGANCritic", "in_channels": 2 if rep.conditional else 1,
+                                    "parameters": int(sum(p.numel() for p in objective.networks["critic"].parameters()))}
+                record["validation_figures"] = sorted(str(p.relative_to(out)) for p in (out / VALIDATION).glob("*.png"))
+                info = metadata["invariance"]
+                info["training"] = {"cvae": record}
+                if fidelity_slices:
+                    patches = held_out_patches(source, "test", patch_size, fidelity_slices, 2)
+                    if patches:  # the weights as stored (float16 rounds them)
+                        stored = load_representation(partial, device=device)[1]
+                        info["completeness"] = {**representation_fidelity(den, stored, patches, device), "split": "test"}
+                write_metadata(partial, metadata)
+                _write_card(partial)
         dist.barrier()
         return model
     finally:
@@ -780,25 +782,27 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
                 flow.load_state_dict(state["best"]["weights"])
             flow.eval()
             previous = read_metadata(folder).get("invariance", {})
-            copy_model_folder(folder, destination)
-            keep = {**{k: previous[k] for k in ("training", "completeness") if k in previous},
-                    "refinement": refinement.as_dict()}
-            save_invariance_models(destination, rep, flow, keep, dtype=weights_dtype)
-            metadata = read_metadata(destination)
-            record = _training_record(state, config, source, data, dist, flow, destination, metadata["weights"][CINN])
-            record["act_norm"] = state["prepared"]
-            info = metadata["invariance"]
-            info.setdefault("training", {})["cinn"] = record
-            write_metadata(destination, metadata)
-            if fidelity_slices:
-                models = load_invariance_models(destination, device)  # the weights as stored (float16 rounds them)
-                info["fidelity"] = invariance_fidelity(models, source, "test", slices=fidelity_slices,
-                                                       count=fidelity_count, device=device, sample_z=hp["sample_z"],
-                                                       figure=destination / FIDELITY_FIGURE)
-                info["fidelity"]["measured_on"]["data"] = str(data)
-                info["fidelity"]["figure"] = FIDELITY_FIGURE
-                write_metadata(destination, metadata)
-            _write_card(destination)
+            with written_whole(destination) as partial:
+                copy_model_folder(folder, partial)
+                keep = {**{k: previous[k] for k in ("training", "completeness") if k in previous},
+                        "refinement": refinement.as_dict()}
+                save_invariance_models(partial, rep, flow, keep, dtype=weights_dtype)
+                metadata = read_metadata(partial)
+                metadata.pop("fit", None)  # the denoiser folder's own fit (of a bundled folder) is not this training
+                record = _training_record(state, config, source, data, dist, flow, partial, metadata["weights"][CINN])
+                record["act_norm"] = state["prepared"]
+                info = metadata["invariance"]
+                info.setdefault("training", {})["cinn"] = record
+                write_metadata(partial, metadata)
+                if fidelity_slices:
+                    models = load_invariance_models(partial, device)  # the weights as stored (float16 rounds them)
+                    info["fidelity"] = invariance_fidelity(models, source, "test", slices=fidelity_slices,
+                                                           count=fidelity_count, device=device, sample_z=hp["sample_z"],
+                                                           figure=partial / FIDELITY_FIGURE)
+                    info["fidelity"]["measured_on"]["data"] = str(data)
+                    info["fidelity"]["figure"] = FIDELITY_FIGURE
+                    write_metadata(partial, metadata)
+                _write_card(partial)
         dist.barrier()
         return destination
     finally:
