@@ -169,8 +169,14 @@ def test_resumed_run_continues_exactly_as_the_uninterrupted_one(pairs, runs, tmp
     train(arch, pairs, out, epochs=1)
     with pytest.raises(ValueError, match="already holds a training run"):
         train(arch, pairs, out, epochs=2)
-    with pytest.raises(ValueError, match="other settings.*batch_size"):
+    with pytest.raises(ValueError, match=r"other settings \(batch_size: \d+ then, 2 now\)"):
         train(arch, pairs, out, epochs=2, resume=True, batch_size=2)
+    last = out / "checkpoints" / "last.pt"
+    kept = last.read_bytes()
+    last.write_bytes(kept[:5000])  # cut short
+    with pytest.raises(ValueError, match="last.pt: the checkpoint is damaged .*delete it to train from the start"):
+        train(arch, pairs, out, epochs=2, resume=True)
+    last.write_bytes(kept)
     train(arch, pairs, out, epochs=2, resume=True)
     resumed = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     straight = torch.load(runs[arch] / "checkpoints" / "last.pt", weights_only=True)
@@ -413,3 +419,18 @@ def test_spacing_warning_looks_at_both_pixel_sides():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_on_spacing(denoiser, CTImage(np.zeros((8, 8), np.float32), (0.75, 0.65, 1.0)))
+
+
+def test_bad_settings_are_refused_before_any_folder_is_made(pairs, tmp_path):
+    """Values of the wrong kind or range (a traceback or a silently diverging run before), and
+    patches larger than the slices (a traceback and a checkpoint that blocked the rerun)."""
+    import re
+
+    for changes, said in ((dict(lr=None, hyperparameters={"lr": "abc"}), "lr='abc': must be a number"),
+                          (dict(lr=float("inf")), "lr=inf (--lr): must be a positive number"),
+                          (dict(hyperparameters={"lr_decay": -0.5}), "must be a factor in (0, 1]"),
+                          (dict(hyperparameters={"betas": 0.5}), "betas=0.5: must be 2 numbers in [0, 1)"),
+                          (dict(patch_size=1000), "patch size 1000 (--patch-size) is larger than the slices")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            train("cnn10", pairs, tmp_path / "run", epochs=1, **changes)
+        assert not (tmp_path / "run").exists()

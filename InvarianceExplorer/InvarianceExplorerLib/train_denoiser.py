@@ -243,6 +243,25 @@ def evaluate(network: nn.Module, items, normalization: HUNormalization, device) 
     return {k: {m: float(np.mean([s[m] for s in v])) for m in v[0]} if v else {} for k, v in scores.items()}
 
 
+def _check_hyperparameters(arch: str, hp: dict) -> None:
+    """``ValueError`` naming a hyperparameter of the wrong kind or range (``--lr``, ``--set``)."""
+    for name, default in HYPERPARAMETERS[arch].items():
+        value = hp.get(name)
+        if isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{name}={value!r}: must be a number, like its default {default}")
+        if isinstance(default, tuple) and not (isinstance(value, (list, tuple)) and len(value) == len(default) and
+                                               all(isinstance(v, (int, float)) and 0 <= v < 1 for v in value)):
+            raise ValueError(f"{name}={value!r}: must be {len(default)} numbers in [0, 1), like its default "
+                             f"{list(default)}")
+    lr, decay, start = hp["lr"], hp.get("lr_decay"), hp.get("lr_decay_start", 1)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr!r} (--lr): must be a positive number, e.g. {HYPERPARAMETERS[arch]['lr']:g}")
+    if decay is not None and not (isinstance(decay, (int, float)) and 0 < decay <= 1):
+        raise ValueError(f"lr_decay={decay!r} (--lr-decay): must be a factor in (0, 1], e.g. 0.85 per epoch")
+    if not (isinstance(start, int) and start >= 1):
+        raise ValueError(f"lr_decay_start={start!r} (--lr-decay-start): must be an epoch number >= 1")
+
+
 def learning_rate(hp: dict, epoch: int) -> float:
     """Adam learning rate of ``epoch`` (1-based): ``hp["lr"]``, times ``hp["lr_decay"]`` per
     epoch from epoch ``hp["lr_decay_start"]`` on (``lr * decay ** (epoch - start + 1)``);
@@ -327,6 +346,11 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
               "normalization": normalization.to_dict(),
               "initial_weights": None if initial_weights is None else str(initial_weights)}
     config = json.loads(json.dumps(config))  # tuples -> lists, as stored
+    _check_hyperparameters(arch, hp)
+    side = min(source[0].low_dose.shape)
+    if patch_size > side:  # before any folder is made
+        raise ValueError(f"patch size {patch_size} (--patch-size) is larger than the slices ({side} pixels); "
+                         f"choose at most {side}")
     out = Path(out)
     checkpoint_path = out / "checkpoints" / CHECKPOINT
     if checkpoint_path.exists() and not resume:

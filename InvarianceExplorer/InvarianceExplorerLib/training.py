@@ -231,16 +231,33 @@ def restore_checkpoint(path: Path, config: dict, objective, state: dict) -> dict
     """Load the checkpoint ``path`` into ``objective``'s networks and optimisers and return the
     run state it saved (keys of ``state``, defaults from ``state``); ``ValueError`` naming the
     settings that differ when it was trained with another ``config``."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            raise ValueError("not a checkpoint of this engine")
+    except Exception as exc:  # cut short, overwritten, or another program's file
+        raise ValueError(f"{path}: the checkpoint is damaged ({' '.join(str(exc).split())[:200]}); delete it to "
+                         "train from the start, or restore it") from None
     differences = sorted(k for k in set(config) | set(saved["config"]) if saved["config"].get(k) != config.get(k))
     if differences:
-        raise ValueError(f"{path} was trained with other settings ({', '.join(differences)}); "
+        raise ValueError(f"{path} was trained with other settings ({_differences(saved['config'], config)}); "
                          "resume with the same settings or train into another folder")
     for name, network in objective.networks.items():
         network.load_state_dict(saved["networks"][name])
     for name, optimizer in objective.optimizers.items():
         optimizer.load_state_dict(saved["optimizers"][name])
     return {k: saved.get(k, state[k]) for k in state}
+
+
+def _differences(then: dict, now: dict) -> str:
+    """The settings that differ, ``name: old then, new now`` (a dict's entries one by one)."""
+    parts = []
+    for key in sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k)):
+        a, b = then.get(key), now.get(key)
+        pairs = [(f"{key}.{n}", a.get(n), b.get(n)) for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)] \
+            if isinstance(a, dict) and isinstance(b, dict) else [(key, a, b)]
+        parts += [f"{name}: {str(x)[:60]!s} then, {str(y)[:60]!s} now" for name, x, y in pairs]
+    return "; ".join(parts)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
