@@ -161,6 +161,10 @@ def test_fit_refuses_bad_settings_and_denoisers_before_it_writes(torchscript_fil
     for argv, message in (([*common, "--set", "cvae.no_such=1"], "not a cvae hyperparameter: no_such"),
                           ([*common, "--set", "cvae.z_dim=abc"], "cvae.z_dim='abc': must be a whole number"),
                           ([*common, "--set", "cinn.n_flows=2.5"], "cinn.n_flows=2.5: must be a whole number"),
+                          ([*common, "--set", "cinn.n_flows=0"], "cinn.n_flows=0: must be a whole number >= 1"),
+                          ([*common, "--set", "cvae.n_critic=0"], "cvae.n_critic=0: must be a whole number >= 1"),
+                          ([*common, "--set", "cvae.lam_cons=-1"], "cvae.lam_cons=-1: must be a finite number >= 0"),
+                          ([*common, "--set", "cvae.channels=[]"], "must be a non-empty list of whole numbers"),
                           ([*common, "--patch-size", "8"], "patch_size at least 24 pixels"),
                           ([*common, "--denoiser", str(nan)], "NaN or infinite")):
         assert main([*argv, "--out", str(tmp_path / "out")]) == 2, argv

@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -112,6 +113,9 @@ HYPERPARAMETERS = {
     "cinn": dict(lr=1e-4, betas=(0.9, 0.999), clip_grad=10.0, sample_z=True, init_batches=4, n_flows=12, hidden=128,
                  embedding_dim=64, embedding_channels=(16, 32, 64, 64), clamp=2.0),
 }
+#: Whole-number hyperparameters that must be at least 1 (sizes and counts of steps or parts).
+COUNTS = ("n_critic", "z_dim", "critic_hidden", "local_mean_pixels", "nps_sectors", "feature_steps", "n_flows",
+          "hidden", "embedding_dim", "init_batches")
 #: Representation / flow constructor arguments among the hyperparameters.
 CVAE_ARGUMENTS = ("z_dim", "channels", "conditional", "full_resolution_subunits", "z_modulation",
                   "preimage_layers", "z_preimage", "upsample", "padding")
@@ -561,7 +565,32 @@ def _hyperparameters(kind: str, lr, overrides) -> dict:
                 if not isinstance(value, allowed) or (of is not bool and isinstance(value, bool)):
                     raise ValueError(f"{kind}.{name}={value!r}: must be {meaning}, like its default {default!r}")
                 break
+        problem = _out_of_range(name, default, value)
+        if problem:
+            raise ValueError(f"{kind}.{name}={value!r}: must be {problem}")
     return {**HYPERPARAMETERS[kind], **(overrides or {}), **({"lr": float(lr)} if lr is not None else {})}
+
+
+def _out_of_range(name: str, default, value) -> Optional[str]:
+    """What a hyperparameter of the right kind must be and is not (None: in range): the
+    :data:`COUNTS` >= 1, other whole numbers >= 0, rates and weights finite and > 0 (rates) or >= 0,
+    Adam's betas in [0, 1), layer widths a non-empty list of counts >= 1."""
+    if isinstance(default, bool) or isinstance(value, (bool, str)) or value is None:
+        return None
+    if isinstance(default, int):
+        least = 1 if name in COUNTS else 0
+        return None if value >= least else f"a whole number >= {least}"
+    if isinstance(default, float):
+        positive = name in ("lr", "feature_lr", "clamp", "clip_grad")
+        ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+        return None if ok else ("a finite number > 0" if positive else "a finite number >= 0")
+    if isinstance(default, tuple) and name == "betas":
+        ok = len(value) == 2 and all(isinstance(v, (int, float)) and 0 <= v < 1 for v in value)
+        return None if ok else "two numbers in [0, 1)"
+    if isinstance(default, tuple):
+        ok = len(value) > 0 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+        return None if ok else "a non-empty list of whole numbers >= 1"
+    return None
 
 
 # ----------------------------------------------------------------------------- the representation
