@@ -31,9 +31,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -42,7 +39,7 @@ import numpy as np
 
 from .analysis import ALPHA, FDR, MAX_PASSED_ON, MIN_AREA_MM2, MIN_SHAPE_NULL, ensemble_test, structure_change
 from .image import CTImage
-from .io import check_hu, read_json_object
+from .io import check_hu, read_json_object, written_whole
 from .noise import NoiseTexture, noise_summary
 from .result_folder import load_result, read_volume
 
@@ -426,20 +423,8 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
     written = [name for name in ANALYSIS_FILES if test is not None or name not in METHOD_B_FILES]
     record["files"] = {name: ANALYSIS_FILES[name] for name in written}
     report("writing", 0, len(written))
-    partial = folder / f".{ANALYSIS_DIR}.{uuid.uuid4().hex[:8]}.partial"
-    partial.mkdir()
-    try:
+    with written_whole(out) as partial:
         _write(partial, crop, result, change, test, record, samples, lambda n: report("writing", n, len(written)))
-        old = None
-        if out.exists():
-            old = folder / f".{ANALYSIS_DIR}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(out, old)
-        os.replace(partial, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial)
     return out, record
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import struct
 import uuid
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -526,6 +528,29 @@ def _round(*vectors) -> tuple:
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+@contextmanager
+def written_whole(folder: Path):
+    """Yield a hidden sibling folder to write the folder ``folder`` in; when the block ends
+    it replaces ``folder`` (an earlier export) at once, and when it fails (or is interrupted)
+    it is removed: a model folder appears whole or not at all."""
+    folder = Path(folder)
+    partial = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.partial")
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(folder, old)
+        os.replace(partial, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+
 
 
 def write_nrrd(image: CTImage, path, *, array: Optional[np.ndarray] = None, compress: bool = True) -> str:

@@ -43,12 +43,13 @@ from .denoisers import (DENOISERS, FeatureNetwork, UNetDiscriminator, WGANCritic
 from .devices import machine
 from .inference import METRIC_HU_RANGE, apply_network, image_quality
 from .normalization import PAPER_NORMALIZATION, HUNormalization
+from .io import written_whole
 from .training import (CHECKPOINT, TrainingBatches as _TrainingBatches, adam as _adam, autocast as _autocast,
                        derive_seed as _seed,
                        data_noise_texture, describe_data, gradient_penalty as _gradient_penalty, load_feature_network,
                        make_generator as _generator, optimizer_step as _step, restore_checkpoint,
                        save_checkpoint as _save_checkpoint,
-                       train_feature_network as _train_feature_network, validation_items as _validation_items, written_whole)
+                       train_feature_network as _train_feature_network, validation_items as _validation_items)
 
 #: Training hyperparameters per architecture, rounded from ldct-benchmark's configs (tuned
 #: there on the Mayo data): Adam learning rate and betas, and the loss weights of each scheme.

@@ -93,10 +93,11 @@ from .devices import machine
 from .invariance_losses import local_mean_loss, noise_spectrum_loss, sample_texture_loss, spread_loss
 from .invariance_flow import InvarianceFlow, nll_per_dimension
 from .representation import DEFAULT_CHANNELS, Representation, representation_loss
+from .io import written_whole
 from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_seed, describe_data,
                        gradient_penalty, load_feature_network, make_generator, optimizer_step, restore_checkpoint,
                        save_checkpoint,
-                       setup_distributed, train_feature_network, written_whole)
+                       setup_distributed, train_feature_network)
 
 #: Default hyperparameters. cVAE: Adam, the loss weights of the module docstring, the
 #: critic's size, the representation's arguments, and the feature network's pretraining.

@@ -11,10 +11,7 @@ run resumed from its checkpoint continues exactly as the uninterrupted run would
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -343,25 +340,3 @@ def setup_distributed(device) -> Distributed:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     return Distributed(rank, world, device, initialized)
-
-
-@contextmanager
-def written_whole(folder: Path):
-    """Yield a hidden sibling folder to write the folder ``folder`` in; when the block ends
-    it replaces ``folder`` (an earlier export) at once, and when it fails (or is interrupted)
-    it is removed: a model folder appears whole or not at all."""
-    folder = Path(folder)
-    partial = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.partial")
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(folder, old)
-        os.replace(partial, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
