@@ -135,6 +135,8 @@ def test_refuses_a_folder_built_with_other_parameters(simulated, tmp_path):
         build(out, COUNT, dose=0.5)
     with pytest.raises(DatasetMismatchError, match="seed"):
         build(out, COUNT, seed=SEED + 1)
+    with pytest.raises(ValueError, match=f"holds a data set of {COUNT} pairs; --count 2 would drop {COUNT - 2}"):
+        build(out, 2)  # it silently shrank the set, leaving its other pairs behind
     assert (out / "manifest.json").read_bytes() == manifest
 
 

@@ -434,3 +434,14 @@ def test_bad_settings_are_refused_before_any_folder_is_made(pairs, tmp_path):
         with pytest.raises(ValueError, match=re.escape(said)):
             train("cnn10", pairs, tmp_path / "run", epochs=1, **changes)
         assert not (tmp_path / "run").exists()
+
+
+def test_a_run_does_not_mix_its_files_into_another_folder(pairs, tmp_path):
+    """A data set's or model folder's place is refused as a run folder (checkpoints, history
+    and a model/ were added to it)."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds files a training run does not write \(manifest.json\)"):
+        train("cnn10", pairs, taken, epochs=1)
+    assert sorted(p.name for p in taken.iterdir()) == ["manifest.json"]

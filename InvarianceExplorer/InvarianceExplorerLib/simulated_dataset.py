@@ -63,7 +63,8 @@ def build_simulated_dataset(out_dir, count: int, size: int = 256, spacing: Optio
     (:func:`item_seeds`; items are scanned in blocks of :data:`BLOCK`), so a rerun writes
     only missing items, with the same values, and a larger ``count`` extends the set. Items
     and the manifest are written whole or not at all. A folder holding a data set with other
-    parameters raises :class:`DatasetMismatchError` instead of mixing the two.
+    parameters raises :class:`DatasetMismatchError` instead of mixing the two; a smaller
+    ``count`` than the folder's is refused (it would change the patient split).
     """
     from tqdm import tqdm
 
@@ -86,6 +87,10 @@ def build_simulated_dataset(out_dir, count: int, size: int = 256, spacing: Optio
     pairs.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
     manifest = _open_manifest(manifest_path, parameters)
+    if count < int(manifest.get("count", 0)):  # it would drop pairs and change the patient split
+        raise ValueError(f"{out} holds a data set of {manifest['count']} pairs; --count {count} would drop "
+                         f"{int(manifest['count']) - count} of them and change its patient split: give a count of at "
+                         "least that, or another folder")
     for stale in pairs.glob(".pair_*.tmp"):  # left by an interrupted run
         stale.unlink()
     records = {r["index"]: r for r in manifest["items"] if r["index"] < count and (out / r["file"]).is_file()}

@@ -44,12 +44,12 @@ from .devices import machine
 from .inference import METRIC_HU_RANGE, apply_network, image_quality
 from .normalization import PAPER_NORMALIZATION, HUNormalization
 from .io import written_whole
-from .training import (CHECKPOINT, TrainingBatches as _TrainingBatches, adam as _adam, autocast as _autocast,
+from .training import (TrainingBatches as _TrainingBatches, adam as _adam, autocast as _autocast,
                        derive_seed as _seed,
                        data_noise_texture, describe_data, gradient_penalty as _gradient_penalty, load_feature_network,
                        make_generator as _generator, optimizer_step as _step, restore_checkpoint,
                        save_checkpoint as _save_checkpoint,
-                       train_feature_network as _train_feature_network, validation_items as _validation_items)
+                       train_feature_network as _train_feature_network, validation_items as _validation_items, run_checkpoint)
 
 #: Training hyperparameters per architecture, rounded from ldct-benchmark's configs (tuned
 #: there on the Mayo data): Adam learning rate and betas, and the loss weights of each scheme.
@@ -353,10 +353,7 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
         raise ValueError(f"patch size {patch_size} (--patch-size) is larger than the slices ({side} pixels); "
                          f"choose at most {side}")
     out = Path(out)
-    checkpoint_path = out / "checkpoints" / CHECKPOINT
-    if checkpoint_path.exists() and not resume:
-        raise ValueError(f"{out} already holds a training run ({checkpoint_path}); pass resume=True (--resume) "
-                         "to continue it or choose another output folder")
+    checkpoint_path = run_checkpoint(out, resume)
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(_seed(seed, 0))

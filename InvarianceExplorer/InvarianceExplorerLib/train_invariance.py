@@ -94,10 +94,10 @@ from .invariance_losses import local_mean_loss, noise_spectrum_loss, sample_text
 from .invariance_flow import InvarianceFlow, nll_per_dimension
 from .representation import DEFAULT_CHANNELS, Representation, representation_loss
 from .io import written_whole
-from .training import (CHECKPOINT, Distributed, TrainingBatches, adam, derive_seed, describe_data,
+from .training import (Distributed, TrainingBatches, adam, derive_seed, describe_data,
                        gradient_penalty, load_feature_network, make_generator, optimizer_step, restore_checkpoint,
                        save_checkpoint,
-                       setup_distributed, train_feature_network)
+                       setup_distributed, train_feature_network, run_checkpoint)
 
 #: Default hyperparameters. cVAE: Adam, the loss weights of the module docstring, the
 #: critic's size, the representation's arguments, and the feature network's pretraining.
@@ -432,11 +432,8 @@ def _run(kind: str, objective: _Objective, config: dict, out: Path, *, epochs: i
     from tqdm.auto import tqdm
 
     device = dist.device
-    checkpoint_path = out / "checkpoints" / CHECKPOINT
+    checkpoint_path = run_checkpoint(out, config["resume"])
     resuming = checkpoint_path.exists()
-    if resuming and not config["resume"]:
-        raise ValueError(f"{out} already holds a training run ({checkpoint_path}); pass resume=True (--resume) "
-                         "to continue it or choose another output folder")
     dist.barrier()  # every process has looked before rank 0 writes
     config = {k: v for k, v in config.items() if k != "resume"}
     if dist.is_main:

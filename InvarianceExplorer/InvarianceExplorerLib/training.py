@@ -224,6 +224,30 @@ def data_noise_texture(source, split: str = "train", slices: int = 16, patch_siz
                                                 f"{squares[0].shape[0]} px from {len(squares) // 4} {split} slices"}
 
 
+#: What a training run writes into its folder.
+RUN_ENTRIES = ("checkpoints", "history.json", "validation", "model")
+
+
+def run_checkpoint(out: Path, resume: bool) -> Path:
+    """The checkpoint path of the training run folder ``out``; ``ValueError`` when it holds a
+    run and ``resume`` is not asked, or holds files a run does not write (a data set, a model
+    folder: a run must not mix its files in)."""
+    out = Path(out)
+    checkpoint = out / "checkpoints" / CHECKPOINT
+    if checkpoint.exists() and not resume:
+        raise ValueError(f"{out} already holds a training run ({checkpoint}); pass --resume to continue it or "
+                         "choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give the training run a folder")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith(".")) \
+        if out.is_dir() else []
+    if foreign:
+        raise ValueError(f"{out} holds files a training run does not write ({', '.join(foreign[:4])}"
+                         f"{', ...' if len(foreign) > 4 else ''}); choose a new output folder (a run writes "
+                         f"{', '.join(RUN_ENTRIES)} there)")
+    return checkpoint
+
+
 def restore_checkpoint(path: Path, config: dict, objective, state: dict) -> dict:
     """Load the checkpoint ``path`` into ``objective``'s networks and optimisers and return the
     run state it saved (keys of ``state``, defaults from ``state``); ``ValueError`` naming the
