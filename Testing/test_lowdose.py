@@ -151,6 +151,11 @@ def test_cuda_request_falls_back_to_cpu_without_gpu():
         with pytest.warns(RuntimeWarning, match="CPU"):
             sim = LowDoseSimulator(64, 5.0, device="cuda")
         assert sim.device.type == "cpu"
+    if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):  # it failed in a generator
+        with pytest.warns(RuntimeWarning, match="no Apple GPU"):
+            assert LowDoseSimulator(64, 5.0, device="mps").device.type == "cpu"
+    with pytest.raises(ValueError, match="unknown device 'foo'"):
+        LowDoseSimulator(64, 5.0, device="foo")
 
 
 def _soft_tissue_noise(hu, spacing):

@@ -20,6 +20,10 @@ def resolve_device(device="auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         warnings.warn(f"device {device!r} requested but no CUDA GPU is available; using the CPU", RuntimeWarning)
         return torch.device("cpu")
+    if name.startswith("mps") and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        warnings.warn(f"device {device!r} requested but this torch has no Apple GPU (MPS); using the CPU",
+                      RuntimeWarning)
+        return torch.device("cpu")
     try:
         return torch.device(name)
     except RuntimeError as exc:
