@@ -134,7 +134,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     of ``train denoiser``, is taken as it is and they are ignored), fit its invariance
     models on ``data`` (simulated set, paired or low-dose-only DICOM folder:
     :func:`~.datasets.open_source`; ``dicom``: "auto", "paired" or "low-dose") within ``budget``, and write the
-    model folder ``out`` whole (replacing it only when it is the output of an earlier fit).
+    model folder ``out`` whole (replacing it only when it is this fit's earlier output: the same work folder).
     ``work`` (default ``<out>.work``) keeps the runs; ``resume`` continues them.
     ``hyperparameters``: ``{"cvae": {...}, "cinn": {...}}`` overrides of
     :data:`~.train_invariance.HYPERPARAMETERS` (e.g. a smaller model). ``refinement``: the
