@@ -427,9 +427,10 @@ def test_bad_settings_are_refused_before_any_folder_is_made(pairs, tmp_path):
     import re
 
     for changes, said in ((dict(lr=None, hyperparameters={"lr": "abc"}), "lr='abc': must be a number"),
-                          (dict(lr=float("inf")), "lr=inf (--lr): must be a positive number"),
+                          (dict(lr=float("inf")), "lr=inf: must be a finite number > 0"),
                           (dict(hyperparameters={"lr_decay": -0.5}), "must be a factor in (0, 1]"),
-                          (dict(hyperparameters={"betas": 0.5}), "betas=0.5: must be 2 numbers in [0, 1)"),
+                          (dict(hyperparameters={"betas": 0.5}), "betas=0.5: must be a list"),
+                          (dict(hyperparameters={"betas": [0.5, 1.5]}), "betas=[0.5, 1.5]: must be two numbers in [0, 1)"),
                           (dict(patch_size=1000), "patch size 1000 (--patch-size) is larger than the slices")):
         with pytest.raises(ValueError, match=re.escape(said)):
             train("cnn10", pairs, tmp_path / "run", epochs=1, **changes)

@@ -41,7 +41,7 @@ from .analysis import ALPHA, FDR, MAX_PASSED_ON, MIN_AREA_MM2, MIN_SHAPE_NULL, e
 from .image import CTImage
 from .io import check_hu, read_json_object, written_whole
 from .noise import NoiseTexture, noise_summary
-from .result_folder import load_result, read_volume
+from .result_folder import FILES, load_result, read_volume
 
 #: Sub-folder of a sample folder that holds the analysis.
 ANALYSIS_DIR = "analysis"
@@ -223,12 +223,6 @@ def _model_of(result, model=None, required: bool = True):
     return model
 
 
-def _model_text(result, model=None) -> Optional[str]:
-    """The model folder the analysis of refined samples used (refined null, noise texture), for the record."""
-    named = _model_of(result, model, required=False)
-    return None if named is None else str(named)
-
-
 def posterior_draws(denoiser, representation, x_hu: np.ndarray, count: int = 16, seed: int = 0) -> np.ndarray:
     """``count`` decodings ``D(z_j, f(x))`` of ``z_j ~ q(z | x, f(x))`` for the patch ``x_hu``
     ``(count, P, P)`` HU (see :func:`posterior_null`); the draws are made on the CPU from ``seed``."""
@@ -347,9 +341,7 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         null_source = null_source or "given"
         if null.ndim != 3 or null.shape[1:] != x.shape:
             raise ValueError(f"the noise-only ensemble must be a stack (J, {x.shape[0]}, {x.shape[1]}); got {null.shape}")
-        if not np.isfinite(null).all():
-            raise ValueError("the noise-only ensemble holds NaN or infinite values")
-        check_hu(null, "the noise-only ensemble (new scans of x's anatomy, in HU)")
+        check_hu(null, "the noise-only ensemble (new scans of x's anatomy, in HU)")  # NaN, Inf, units
 
     from .sampler import InvarianceSampler, Refinement
 
@@ -401,6 +393,7 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
     if refinement and not null_refined and texture is None:
         uncalibrated = REFINED_SAMPLES_NOTE.format(what=f"no noise-only null of scans is at hand and {texture_note}")
         warnings.warn(uncalibrated, RuntimeWarning)
+    used = _model_of(result, model, required=False) if refinement else None  # refined null, noise texture
     record = {
         "version": 1,
         "sample_folder": str(folder),
@@ -409,7 +402,7 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
         "settings": {"alpha": alpha, "fdr": fdr, "sigma_mm": sigma_mm, "min_area_mm2": min_area_mm2,
                      "max_passed_on": max_passed_on if outputs else None, "null_source": null_source,
                      "refinement": refinement.as_dict(), "null_refined": null_refined,
-                     "model": _model_text(result, model) if refinement else None,
+                     "model": None if used is None else str(used),
                      **({} if outputs else {"max_passed_on_note": "f(x) or f(x~) is missing from the sample "
                                             "folder: every region counts, including the sampler's own errors"})},
         "noise": noise,
@@ -527,8 +520,12 @@ def load_analysis(folder) -> dict:
     for name, file in ANALYSIS_FILES.items():
         if file.endswith(".nrrd") and (folder / file).is_file():
             loaded[name] = read_volume(folder / file)
-    count, invariances = loaded["numbers"].get("count"), folder.parent / "invariances.nrrd"
-    samples = read_volume(invariances).array.shape[0] if invariances.is_file() else count
+    count, sample_numbers = loaded["numbers"].get("count"), folder.parent / FILES["numbers"]
+    samples = read_json_object(sample_numbers, "the sample folder is damaged").get("count") \
+        if sample_numbers.is_file() else None
+    if samples is None:  # an old sample folder without its count: the stack says it
+        invariances = folder.parent / FILES["invariances"]
+        samples = read_volume(invariances).array.shape[0] if invariances.is_file() else count
     frames = {name: loaded[name].array.shape[0] for name in ("change_maps", "altered_regions") if name in loaded}
     if any(n != samples for n in (count, *frames.values())):
         raise ValueError(f"{folder}: this analysis is of {count} samples ({', '.join(f'{n} in {k}' for k, n in frames.items())}"

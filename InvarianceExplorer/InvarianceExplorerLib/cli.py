@@ -790,9 +790,9 @@ def _warn_if_elsewhere(null, folder: Path, path) -> None:
     stack saved without geometry, origin 0 and 1 mm pixels, is not judged)."""
     import numpy as np
 
-    from .result_folder import load_result
+    from .result_folder import FILES, read_volume
 
-    crop = load_result(folder).crop
+    crop = read_volume(folder / FILES["input"])
     if null.origin == (0.0, 0.0, 0.0) and tuple(null.spacing[:2]) == (1.0, 1.0):
         return
     shift = np.abs(np.subtract(null.origin, crop.origin)) / np.asarray(crop.spacing)
@@ -921,6 +921,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     on_term = None
     if threading.current_thread() is threading.main_thread():
         on_term = signal.signal(signal.SIGTERM, _terminate)
+
     def input_error(exc: BaseException) -> int:  # the user's input or files: one clear line, no traceback
         _finish_bars()
         message = str(exc)

@@ -143,7 +143,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     from .custom_denoisers import import_denoiser
     from .datasets import open_source
     from .simulated_dataset import SimulatedDataset
-    from .denoisers import copy_model_folder, read_metadata, write_metadata
+    from .denoisers import DENOISERS, bundled_models_dir, copy_model_folder, read_metadata, write_metadata
     from .devices import machine
     from .sampler import Refinement
     from .train_invariance import _check, _hyperparameters, _write_card, train_cinn, train_cvae
@@ -171,8 +171,6 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
         if made_by != str(work.resolve()):  # a bundled folder, its copy or another fit's: not ours to replace
             raise ValueError(f"{out} holds a model folder that this fit did not make (its work folder would be "
                              f"{work}); choose a new output folder")
-    from .denoisers import DENOISERS, bundled_models_dir
-
     if not Path(source).exists() and str(source) in DENOISERS:  # a bundled name
         source = bundled_models_dir() / str(source)
     if not Path(source).exists():

@@ -74,7 +74,7 @@ def read_image(path, *, series_uid: Optional[str] = None, hu_offset: float = 0.0
     suffix = _suffix(path)
     if suffix in ITK_SUFFIXES:
         return _read_itk(path, hu_offset)
-    if suffix in DICOM_SUFFIXES or _is_dicom(path):
+    if suffix in DICOM_SUFFIXES or _dicom_kind(path):
         ds = _dcmread(path)
         if ds is None:
             raise CTInputError(path, "is not a DICOM image file (no 'DICM' marker at byte 128, nor a DICOM image "
@@ -165,13 +165,14 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-def _is_dicom(path: Path) -> bool:
-    """A DICOM Part 10 file ('DICM' at byte 128), or possibly one written without the 128-byte
-    preamble and marker, as some older archives hold: its first element is of group 0002 (file
-    meta) or 0008 (identification), little-endian (:func:`_dcmread` decides)."""
+def _dicom_kind(path: Path) -> Optional[str]:
+    """"part10" for a DICOM Part 10 file ('DICM' at byte 128), "bare" for possibly one written
+    without the 128-byte preamble and marker, as some older archives hold (its first element is
+    of group 0002, file meta, or 0008, identification, little-endian: :func:`_dcmread` decides),
+    None otherwise."""
     with open(path, "rb") as f:
         head = f.read(132)
-    return head[128:] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00")
+    return "part10" if head[128:] == b"DICM" else "bare" if head[:2] in (b"\x02\x00", b"\x08\x00") else None
 
 
 def last_line(error: BaseException) -> str:
@@ -330,10 +331,10 @@ def _dcmread(path: Path):
     """The dataset (large values read on access), or None if ``path`` is not DICOM. A file
     without the Part 10 preamble is read when it parses as an image data set (SOP class and
     pixel data); without file meta its transfer syntax is the encoding it was read in."""
-    if not _is_dicom(path):
+    kind = _dicom_kind(path)
+    if kind is None:
         return None
-    with open(path, "rb") as f:
-        part10 = f.read(132)[128:] == b"DICM"
+    part10 = kind == "part10"
     try:
         ds = pydicom.dcmread(str(path), defer_size="1 KB", force=not part10)
     except Exception as exc:
@@ -550,7 +551,6 @@ def written_whole(folder: Path):
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
-
 
 
 def write_nrrd(image: CTImage, path, *, array: Optional[np.ndarray] = None, compress: bool = True) -> str:

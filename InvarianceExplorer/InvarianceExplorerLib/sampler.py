@@ -591,6 +591,7 @@ class InvarianceSampler:
             raise ValueError(f"the patch holds no image content: it is {float(x_hu[content][0]):g} HU throughout"
                              f"{' (where it lies in the image)' if not content.all() else ''}, padding or the air "
                              "outside the scanner's field of view; centre it on the anatomy")
+
         def attempt(dev: torch.device, bs: int) -> dict:
             try:
                 return self._sample(x_hu, v, dev, bs, progress, refinement)

@@ -45,11 +45,11 @@ from .inference import METRIC_HU_RANGE, apply_network, image_quality
 from .normalization import PAPER_NORMALIZATION, HUNormalization
 from .io import written_whole
 from .training import (TrainingBatches as _TrainingBatches, adam as _adam, autocast as _autocast,
-                       derive_seed as _seed,
+                       check_hyperparameters as _check_kinds, derive_seed as _seed,
                        data_noise_texture, describe_data, gradient_penalty as _gradient_penalty, load_feature_network,
-                       make_generator as _generator, optimizer_step as _step, restore_checkpoint,
+                       make_generator as _generator, optimizer_step as _step, restore_checkpoint, run_checkpoint,
                        save_checkpoint as _save_checkpoint,
-                       train_feature_network as _train_feature_network, validation_items as _validation_items, run_checkpoint)
+                       train_feature_network as _train_feature_network, validation_items as _validation_items)
 
 #: Training hyperparameters per architecture, rounded from ldct-benchmark's configs (tuned
 #: there on the Mayo data): Adam learning rate and betas, and the loss weights of each scheme.
@@ -245,18 +245,10 @@ def evaluate(network: nn.Module, items, normalization: HUNormalization, device) 
 
 
 def _check_hyperparameters(arch: str, hp: dict) -> None:
-    """``ValueError`` naming a hyperparameter of the wrong kind or range (``--lr``, ``--set``)."""
-    for name, default in HYPERPARAMETERS[arch].items():
-        value = hp.get(name)
-        if isinstance(default, (int, float)) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValueError(f"{name}={value!r}: must be a number, like its default {default}")
-        if isinstance(default, tuple) and not (isinstance(value, (list, tuple)) and len(value) == len(default) and
-                                               all(isinstance(v, (int, float)) and 0 <= v < 1 for v in value)):
-            raise ValueError(f"{name}={value!r}: must be {len(default)} numbers in [0, 1), like its default "
-                             f"{list(default)}")
-    lr, decay, start = hp["lr"], hp.get("lr_decay"), hp.get("lr_decay_start", 1)
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr={lr!r} (--lr): must be a positive number, e.g. {HYPERPARAMETERS[arch]['lr']:g}")
+    """``ValueError`` naming a hyperparameter of the wrong kind or range (``--lr``, ``--set``;
+    :func:`~.training.check_hyperparameters`), or a learning-rate decay outside (0, 1]."""
+    _check_kinds(HYPERPARAMETERS[arch], {k: v for k, v in hp.items() if k in HYPERPARAMETERS[arch]})
+    decay, start = hp.get("lr_decay"), hp.get("lr_decay_start", 1)
     if decay is not None and not (isinstance(decay, (int, float)) and 0 < decay <= 1):
         raise ValueError(f"lr_decay={decay!r} (--lr-decay): must be a factor in (0, 1], e.g. 0.85 per epoch")
     if not (isinstance(start, int) and start >= 1):

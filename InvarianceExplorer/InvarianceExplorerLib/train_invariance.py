@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -97,7 +96,7 @@ from .io import written_whole
 from .training import (Distributed, TrainingBatches, adam, derive_seed, describe_data,
                        gradient_penalty, load_feature_network, make_generator, optimizer_step, restore_checkpoint,
                        save_checkpoint,
-                       setup_distributed, train_feature_network, run_checkpoint)
+                       setup_distributed, train_feature_network, run_checkpoint, check_hyperparameters)
 
 #: Default hyperparameters. cVAE: Adam, the loss weights of the module docstring, the
 #: critic's size, the representation's arguments, and the feature network's pretraining.
@@ -114,9 +113,6 @@ HYPERPARAMETERS = {
     "cinn": dict(lr=1e-4, betas=(0.9, 0.999), clip_grad=10.0, sample_z=True, init_batches=4, n_flows=12, hidden=128,
                  embedding_dim=64, embedding_channels=(16, 32, 64, 64), clamp=2.0),
 }
-#: Whole-number hyperparameters that must be at least 1 (sizes and counts of steps or parts).
-COUNTS = ("n_critic", "z_dim", "critic_hidden", "local_mean_pixels", "nps_sectors", "feature_steps", "n_flows",
-          "hidden", "embedding_dim", "init_batches")
 #: Representation / flow constructor arguments among the hyperparameters.
 CVAE_ARGUMENTS = ("z_dim", "channels", "conditional", "full_resolution_subunits", "z_modulation",
                   "preimage_layers", "z_preimage", "upsample", "padding")
@@ -548,47 +544,14 @@ def _check(epochs, steps_per_epoch, batch_size, patch_size, val_patches) -> None
 
 
 def _hyperparameters(kind: str, lr, overrides) -> dict:
-    """The defaults of stage ``kind`` with ``overrides``, each checked for its name and for the
-    kind of value its default has (a whole number, a number, yes/no, text, a list)."""
+    """The defaults of stage ``kind`` with ``overrides``, each checked for its name, the kind of
+    value its default has and its range (:func:`~.training.check_hyperparameters`)."""
     unknown = sorted(set(overrides or {}) - set(HYPERPARAMETERS[kind]) - {"feature_network"})
     if unknown:
         raise ValueError(f"not a {kind} hyperparameter: {', '.join(unknown)}; known: "
                          f"{', '.join(sorted(HYPERPARAMETERS[kind]))}")
-    kinds = ((bool, (bool,), "true or false"), (int, (int,), "a whole number"), (float, (int, float), "a number"),
-             (str, (str,), "text"), (tuple, (list, tuple), "a list"))
-    for name, value in (overrides or {}).items():
-        default = HYPERPARAMETERS[kind].get(name)
-        for of, allowed, meaning in kinds:
-            if isinstance(default, of):
-                if not isinstance(value, allowed) or (of is not bool and isinstance(value, bool)):
-                    raise ValueError(f"{kind}.{name}={value!r}: must be {meaning}, like its default {default!r}")
-                break
-        problem = _out_of_range(name, default, value)
-        if problem:
-            raise ValueError(f"{kind}.{name}={value!r}: must be {problem}")
+    check_hyperparameters(HYPERPARAMETERS[kind], overrides or {}, f"{kind}.")
     return {**HYPERPARAMETERS[kind], **(overrides or {}), **({"lr": float(lr)} if lr is not None else {})}
-
-
-def _out_of_range(name: str, default, value) -> Optional[str]:
-    """What a hyperparameter of the right kind must be and is not (None: in range): the
-    :data:`COUNTS` >= 1, other whole numbers >= 0, rates and weights finite and > 0 (rates) or >= 0,
-    Adam's betas in [0, 1), layer widths a non-empty list of counts >= 1."""
-    if isinstance(default, bool) or isinstance(value, (bool, str)) or value is None:
-        return None
-    if isinstance(default, int):
-        least = 1 if name in COUNTS else 0
-        return None if value >= least else f"a whole number >= {least}"
-    if isinstance(default, float):
-        positive = name in ("lr", "feature_lr", "clamp", "clip_grad")
-        ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
-        return None if ok else ("a finite number > 0" if positive else "a finite number >= 0")
-    if isinstance(default, tuple) and name == "betas":
-        ok = len(value) == 2 and all(isinstance(v, (int, float)) and 0 <= v < 1 for v in value)
-        return None if ok else "two numbers in [0, 1)"
-    if isinstance(default, tuple):
-        ok = len(value) > 0 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
-        return None if ok else "a non-empty list of whole numbers >= 1"
-    return None
 
 
 # ----------------------------------------------------------------------------- the representation

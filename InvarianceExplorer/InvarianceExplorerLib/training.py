@@ -10,6 +10,7 @@ run resumed from its checkpoint continues exactly as the uninterrupted run would
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -222,6 +223,48 @@ def data_noise_texture(source, split: str = "train", slices: int = 16, patch_siz
     texture = noise_texture(np.stack(squares), spacing)
     return {**texture.to_dict(), "measured_on": f"low- minus full-dose differences, {len(squares)} squares of "
                                                 f"{squares[0].shape[0]} px from {len(squares) // 4} {split} slices"}
+
+
+#: Whole-number hyperparameters that must be at least 1 (sizes and counts of steps or parts).
+COUNTS = ("n_critic", "z_dim", "critic_hidden", "local_mean_pixels", "nps_sectors", "feature_steps", "n_flows",
+          "hidden", "embedding_dim", "init_batches", "n_d_train", "disc_levels", "disc_channels")
+#: Number hyperparameters that must be above 0 (rates, bounds); other numbers (weights) may be 0.
+POSITIVE = ("lr", "feature_lr", "clamp", "clip_grad")
+
+
+def check_hyperparameters(defaults: dict, values: dict, prefix: str = "") -> None:
+    """``ValueError`` (``<prefix><name>=<value>: must be ...``) for a value in ``values`` of
+    another kind than its default in ``defaults`` (a whole number, a number, yes/no, text, a
+    list) or out of range: the :data:`COUNTS` >= 1, other whole numbers >= 0, numbers finite
+    and > 0 (:data:`POSITIVE`) or >= 0, Adam's betas two numbers in [0, 1), layer widths a
+    non-empty list of whole numbers >= 1. Names without a default are not checked here."""
+    kinds = ((bool, (bool,), "true or false"), (int, (int,), "a whole number"), (float, (int, float), "a number"),
+             (str, (str,), "text"), (tuple, (list, tuple), "a list"))
+    for name, value in values.items():
+        default = defaults.get(name)
+        for of, allowed, meaning in kinds:
+            if isinstance(default, of):
+                if not isinstance(value, allowed) or (of is not bool and isinstance(value, bool)):
+                    raise ValueError(f"{prefix}{name}={value!r}: must be {meaning}, like its default {default!r}")
+                break
+        problem = None
+        if isinstance(default, bool) or isinstance(value, (bool, str)) or value is None:
+            pass
+        elif isinstance(default, int):
+            least = 1 if name in COUNTS else 0
+            problem = None if value >= least else f"a whole number >= {least}"
+        elif isinstance(default, float):
+            positive = name in POSITIVE
+            ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+            problem = None if ok else ("a finite number > 0" if positive else "a finite number >= 0")
+        elif isinstance(default, tuple) and name == "betas":
+            ok = len(value) == 2 and all(isinstance(v, (int, float)) and 0 <= v < 1 for v in value)
+            problem = None if ok else "two numbers in [0, 1)"
+        elif isinstance(default, tuple):
+            ok = len(value) > 0 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+            problem = None if ok else "a non-empty list of whole numbers >= 1"
+        if problem:
+            raise ValueError(f"{prefix}{name}={value!r}: must be {problem}")
 
 
 #: What a training run writes into its folder.
