@@ -209,7 +209,8 @@ def test_a_model_folder_of_train_denoiser_fits_as_it_is(pairs, tmp_path, capsys)
 
     trained = copy_model_folder(resolve_model_folder("cnn10"), tmp_path / "trained")
     assert main(["fit", "--denoiser", str(trained), "--check"]) == 0
-    out = fit(trained, pairs, tmp_path / "model", **{**FIT, "budget": "40steps", "fidelity_slices": 0})
+    with pytest.warns(UserWarning, match="budget 42steps: the cVAE trains 40 steps, 4 epochs of 10"):
+        out = fit(trained, pairs, tmp_path / "model", **{**FIT, "budget": "42steps", "fidelity_slices": 0})
     metadata = read_metadata(out)
     assert metadata["architecture"]["name"] == "cnn10" and metadata["fit"]["plan"]["cvae_steps"] == 40
     assert "## Fit" in (out / "MODEL_CARD.md").read_text()

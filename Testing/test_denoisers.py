@@ -437,6 +437,18 @@ def test_bad_settings_are_refused_before_any_folder_is_made(pairs, tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+def test_a_diverging_run_stops_and_exports_nothing(pairs, tmp_path):
+    """NaN losses (a learning rate far too high) stop the run with the epoch named; before,
+    it went on and exported NaN weights with exit status 0."""
+    from InvarianceExplorerLib.training import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"cnn10 denoiser training diverged in epoch 1: training mse is nan; "
+                                               r"nothing was exported \(no epoch finished\)"):
+        train("cnn10", pairs, tmp_path / "run", epochs=2, lr=1e6)
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "history.json").exists()
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 0
+
+
 def test_a_run_does_not_mix_its_files_into_another_folder(pairs, tmp_path):
     """A data set's or model folder's place is refused as a run folder (checkpoints, history
     and a model/ were added to it)."""

@@ -357,6 +357,29 @@ def test_cinn_resumes_exactly(pairs, cvae_run, cinn_run, tmp_path):
     _same_networks(_checkpoint(out)["networks"], _checkpoint(cinn_run)["networks"])
 
 
+def test_a_diverging_cinn_stops_keeping_the_last_finite_epoch(pairs, cvae_run, tmp_path):
+    """The cINN's likelihood loss turns NaN or infinite at a huge learning rate: the run stops
+    in that epoch, its checkpoint keeps the epoch before and no model folder is written."""
+    import re
+
+    from InvarianceExplorerLib.training import TrainingDiverged, stop_if_diverged
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged) as stop:
+        train_cinn(cvae_run / "model", pairs, out, epochs=4, **{**CINN_RUN, "lr": 1e8, "fidelity_slices": 0})
+    said = re.match(r"the cinn training diverged in epoch (\d): (training|validation) \w+ is (nan|inf|-inf); "
+                    r"nothing was exported \(([^)]*)\)", str(stop.value))
+    assert said, stop.value
+    epoch = int(said.group(1))
+    assert said.group(4) == (f"{out / 'checkpoints' / 'last.pt'} keeps epoch {epoch - 1}" if epoch > 1
+                             else "no epoch finished")
+    assert _checkpoint(out)["epoch"] == epoch - 1 and not (out / "model").exists()
+    with pytest.raises(TrainingDiverged, match=r"diverged in epoch 3: validation nll is inf; nothing was exported "
+                                               r"\(.*last.pt keeps epoch 2\)"):
+        stop_if_diverged("cinn", 3, {"training nll": 1.5, "validation nll": float("inf"), "note": "text"},
+                         out / "checkpoints" / "last.pt")
+
+
 def test_a_patch_pool_trains_and_resumes_exactly(pairs, denoiser_folder, cvae_run, tmp_path):
     """--pool: f(x) and the encoder's posterior computed once for a fixed pool of patches."""
     run = dict(CINN_RUN, fidelity_slices=0, pool_patches=20)

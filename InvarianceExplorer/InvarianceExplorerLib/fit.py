@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -226,6 +227,9 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
 
             per_step = _broadcast(measured() if dist.is_main else None, dist)
         steps = plan(limits, per_step)
+        if dist.is_main and limits.get("steps", steps["cvae_steps"]) != steps["cvae_steps"]:
+            warnings.warn(f"budget {budget}: the cVAE trains {steps['cvae_steps']} steps, {EPOCHS} epochs of "
+                          f"{steps['cvae_steps_per_epoch']} (a multiple of {EPOCHS})")
         labelled = isinstance(source_data, SimulatedDataset)
         hp = {"feature_steps": steps["feature_steps"], "adv_start": steps["adv_start"], **overrides.get("cvae", {})}
         if not labelled:

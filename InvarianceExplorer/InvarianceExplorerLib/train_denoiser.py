@@ -48,7 +48,7 @@ from .training import (TrainingBatches as _TrainingBatches, adam as _adam, autoc
                        check_hyperparameters as _check_kinds, derive_seed as _seed,
                        data_noise_texture, describe_data, gradient_penalty as _gradient_penalty, load_feature_network,
                        make_generator as _generator, optimizer_step as _step, restore_checkpoint, run_checkpoint,
-                       save_checkpoint as _save_checkpoint,
+                       save_checkpoint as _save_checkpoint, stop_if_diverged as _stop_if_diverged,
                        train_feature_network as _train_feature_network, validation_items as _validation_items)
 
 #: Training hyperparameters per architecture, rounded from ldct-benchmark's configs (tuned
@@ -402,6 +402,9 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
         state["history"].append({"epoch": epoch, "train": {n: t / steps_per_epoch for n, t in sums.items()},
                                  "val": scores["denoised"], "val_low_dose": scores["low_dose"],
                                  "seconds": round(state["seconds"], 3)})
+        _stop_if_diverged(f"{arch} denoiser", epoch, {
+            **{f"training {n}": t / steps_per_epoch for n, t in sums.items()},
+            **{f"validation {n}": v for n, v in scores["denoised"].items()}}, checkpoint_path)
         best = state["best"]
         if best is None or scores["denoised"]["rmse_hu"] < best["val"]["rmse_hu"]:
             state["best"] = {"epoch": epoch, "val": scores["denoised"],

@@ -96,7 +96,7 @@ from .io import written_whole
 from .training import (Distributed, TrainingBatches, adam, derive_seed, describe_data,
                        gradient_penalty, load_feature_network, make_generator, optimizer_step, restore_checkpoint,
                        save_checkpoint,
-                       setup_distributed, train_feature_network, run_checkpoint, check_hyperparameters)
+                       setup_distributed, train_feature_network, run_checkpoint, check_hyperparameters, stop_if_diverged)
 
 #: Default hyperparameters. cVAE: Adam, the loss weights of the module docstring, the
 #: critic's size, the representation's arguments, and the feature network's pretraining.
@@ -479,6 +479,8 @@ def _run(kind: str, objective: _Objective, config: dict, out: Path, *, epochs: i
         state["epoch"] = epoch
         state["history"].append({"epoch": epoch, "train": {n: t / steps_per_epoch for n, t in sums.items()},
                                  "val": scores, "seconds": round(state["seconds"], 3)})
+        stop_if_diverged(kind, epoch, {**{f"training {n}": t / steps_per_epoch for n, t in sums.items()},
+                                       **{f"validation {n}": v for n, v in scores.items()}}, checkpoint_path, dist)
         best = state["best"]
         eligible = objective.selectable(epoch * steps_per_epoch, epochs * steps_per_epoch)
         if dist.is_main and eligible and (best is None or scores[criterion] < best["val"][criterion]):

@@ -313,6 +313,34 @@ def restore_checkpoint(path: Path, config: dict, objective, state: dict) -> dict
     return {k: saved.get(k, state[k]) for k in state}
 
 
+class TrainingDiverged(ValueError):
+    """A training's losses or validation figures became NaN or infinite (learning rate too
+    high for the data, or bfloat16 overflow): the run stops instead of exporting it."""
+
+
+def stop_if_diverged(run: str, epoch: int, figures: dict, checkpoint: Path, dist=None) -> None:
+    """Raise :class:`TrainingDiverged` when a number in ``figures`` (name -> value: the epoch's
+    mean losses and validation figures) is NaN or infinite. Called before the epoch is
+    checkpointed, so ``checkpoint`` keeps the epoch before; every process of a distributed
+    run (``dist``) stops together."""
+    bad = [(name, value) for name, value in figures.items()
+           if isinstance(value, (int, float)) and not math.isfinite(value)]
+    if dist is not None and dist.enabled:
+        import torch.distributed as torch_dist
+
+        flag = torch.tensor([float(bool(bad))], device=dist.device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        if flag.item() and not bad:
+            bad = [("another process's loss", float("nan"))]
+    if bad:
+        name, value = bad[0]
+        kept = f"{checkpoint} keeps epoch {epoch - 1}" if epoch > 1 else "no epoch finished"
+        raise TrainingDiverged(
+            f"the {run} training diverged in epoch {epoch}: {name} is {value}; nothing was exported ({kept}). "
+            f"Train again with a lower learning rate (--lr), or in float32 if it ran in bfloat16, into a new "
+            f"folder or after deleting {checkpoint.parent.parent}")
+
+
 def _differences(then: dict, now: dict) -> str:
     """The settings that differ, ``name: old then, new now`` (a dict's entries one by one)."""
     parts = []
