@@ -423,7 +423,8 @@ def test_spacing_warning_looks_at_both_pixel_sides():
 
 def test_bad_settings_are_refused_before_any_folder_is_made(pairs, tmp_path):
     """Values of the wrong kind or range (a traceback or a silently diverging run before), and
-    patches larger than the slices (a traceback and a checkpoint that blocked the rerun)."""
+    patches larger than the slices (a traceback and a checkpoint that blocked the rerun) or
+    too small for a network."""
     import re
 
     for changes, said in ((dict(lr=None, hyperparameters={"lr": "abc"}), "lr='abc': must be a number"),
@@ -434,6 +435,12 @@ def test_bad_settings_are_refused_before_any_folder_is_made(pairs, tmp_path):
                           (dict(patch_size=1000), "patch size 1000 (--patch-size) is larger than the slices")):
         with pytest.raises(ValueError, match=re.escape(said)):
             train("cnn10", pairs, tmp_path / "run", epochs=1, **changes)
+        assert not (tmp_path / "run").exists()
+    for arch, size, network, hp in (("redcnn", 7, "denoiser", {}),  # tracebacks before
+                                    ("dugan", 30, "image discriminator", {"disc_levels": 6})):
+        with pytest.raises(ValueError, match=f"patch size {size} \\(--patch-size\\) is too small for {arch}'s {network} "
+                                             r"\(Calculated padded input size .*\); choose a larger patch, e.g. 64"):
+            train(arch, pairs, tmp_path / "run", epochs=1, patch_size=size, hyperparameters=hp)
         assert not (tmp_path / "run").exists()
 
 

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .denoisers import (DENOISERS, FeatureNetwork, UNetDiscriminator, WGANCritic, build_denoiser, load_weights,
-                        read_metadata, resolve_model_folder, save_denoiser)
+                        read_metadata, receptive_field, resolve_model_folder, save_denoiser)
 from .devices import machine
 from .inference import METRIC_HU_RANGE, apply_network, image_quality
 from .normalization import PAPER_NORMALIZATION, HUNormalization
@@ -255,6 +255,22 @@ def _check_hyperparameters(arch: str, hp: dict) -> None:
         raise ValueError(f"lr_decay_start={start!r} (--lr-decay-start): must be an epoch number >= 1")
 
 
+def _check_patch_size(objective: _Objective, arch: str, patch_size: int) -> None:
+    """``ValueError`` when a network of the training (the denoiser, a critic or discriminator)
+    cannot take ``patch_size``² patches, e.g. RED-CNN's unpadded convolutions below 21 pixels."""
+    for name, network in objective.networks.items():
+        mode = network.training
+        try:
+            with torch.no_grad():
+                network.eval()(torch.zeros(2, 1, patch_size, patch_size))
+        except RuntimeError as exc:
+            raise ValueError(f"patch size {patch_size} (--patch-size) is too small for {arch}'s {name.replace('_', ' ')} "
+                             f"({str(exc).splitlines()[0][:200]}); choose a larger patch, e.g. "
+                             f"{max(64, receptive_field(objective.networks['denoiser']))}") from None
+        finally:
+            network.train(mode)
+
+
 def learning_rate(hp: dict, epoch: int) -> float:
     """Adam learning rate of ``epoch`` (1-based): ``hp["lr"]``, times ``hp["lr_decay"]`` per
     epoch from epoch ``hp["lr_decay_start"]`` on (``lr * decay ** (epoch - start + 1)``);
@@ -344,16 +360,17 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
     if patch_size > side:  # before any folder is made
         raise ValueError(f"patch size {patch_size} (--patch-size) is larger than the slices ({side} pixels); "
                          f"choose at most {side}")
-    out = Path(out)
-    checkpoint_path = run_checkpoint(out, resume)
-    checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-
     torch.manual_seed(_seed(seed, 0))
     scheme = hp.get("scheme", SCHEME[arch])
     if scheme not in OBJECTIVES:
         raise ValueError(f"unknown training scheme {scheme!r}; choose one of {', '.join(OBJECTIVES)}")
-    objective = OBJECTIVES[scheme](build_denoiser(arch, **config["arguments"]), hp, patch_size).to(device)
+    objective = OBJECTIVES[scheme](build_denoiser(arch, **config["arguments"]), hp, patch_size)
+    _check_patch_size(objective, arch, patch_size)
+    objective.to(device)
     denoiser = objective.networks["denoiser"]
+    out = Path(out)
+    checkpoint_path = run_checkpoint(out, resume)
+    checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
     batches = _TrainingBatches(source, patch_size, batch_size, seed, normalization, num_workers, device)
     validation = _validation_items(source, "val", val_slices, normalization)
     if len(validation) == 0:
