@@ -7,6 +7,7 @@ receptive fields."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -177,6 +178,14 @@ def test_resumed_run_continues_exactly_as_the_uninterrupted_one(pairs, runs, tmp
     with pytest.raises(ValueError, match="last.pt: the checkpoint is damaged .*delete it to train from the start"):
         train(arch, pairs, out, epochs=2, resume=True)
     last.write_bytes(kept)
+    other = shutil.copytree(pairs, tmp_path / "other data")  # the same pairs elsewhere: not the run's data
+    for data, changes, said in ((pairs, {"val_slices": 1}, "val_slices: 32 then, 1 now"),
+                                (other, {}, f"data: {pairs} then, {other} now")):
+        with pytest.raises(ValueError, match=re.escape(f"other settings ({said})")):
+            train(arch, data, out, epochs=2, resume=True, **changes)
+    older = torch.load(last, weights_only=True)  # a checkpoint of a version that recorded neither
+    del older["config"]["data"], older["config"]["val_slices"]
+    torch.save(older, last)
     train(arch, pairs, out, epochs=2, resume=True)
     resumed = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     straight = torch.load(runs[arch] / "checkpoints" / "last.pt", weights_only=True)
@@ -425,7 +434,6 @@ def test_bad_settings_are_refused_before_any_folder_is_made(pairs, tmp_path):
     """Values of the wrong kind or range (a traceback or a silently diverging run before), and
     patches larger than the slices (a traceback and a checkpoint that blocked the rerun) or
     too small for a network."""
-    import re
 
     for changes, said in ((dict(lr=None, hyperparameters={"lr": "abc"}), "lr='abc': must be a number"),
                           (dict(lr=float("inf")), "lr=inf: must be a finite number > 0"),

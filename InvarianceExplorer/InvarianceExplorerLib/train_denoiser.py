@@ -353,7 +353,8 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
     config = {"arch": arch, "arguments": dict(arguments or {}), "hyperparameters": hp, "patch_size": patch_size,
               "batch_size": batch_size, "steps_per_epoch": steps_per_epoch, "seed": seed, "precision": precision,
               "normalization": normalization.to_dict(),
-              "initial_weights": None if initial_weights is None else str(initial_weights)}
+              "initial_weights": None if initial_weights is None else str(initial_weights),
+              "data": str(Path(data).resolve()), "val_slices": int(val_slices)}
     config = json.loads(json.dumps(config))  # tuples -> lists, as stored
     _check_hyperparameters(arch, hp)
     side = min(source[0].low_dose.shape)
@@ -378,7 +379,7 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
 
     state = {"epoch": 0, "history": [], "seconds": 0.0, "best": None, "prepared": None, "initialised_from": None}
     if resume and checkpoint_path.exists():
-        state = restore_checkpoint(checkpoint_path, config, objective, state)
+        state = restore_checkpoint(checkpoint_path, config, objective, state, added=("data", "val_slices"))
     else:
         started = time.perf_counter()
         if initial_weights is not None:

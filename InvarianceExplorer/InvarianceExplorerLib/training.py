@@ -291,10 +291,11 @@ def run_checkpoint(out: Path, resume: bool) -> Path:
     return checkpoint
 
 
-def restore_checkpoint(path: Path, config: dict, objective, state: dict) -> dict:
+def restore_checkpoint(path: Path, config: dict, objective, state: dict, added: tuple = ()) -> dict:
     """Load the checkpoint ``path`` into ``objective``'s networks and optimisers and return the
     run state it saved (keys of ``state``, defaults from ``state``); ``ValueError`` naming the
-    settings that differ when it was trained with another ``config``."""
+    settings that differ when it was trained with another ``config`` (keys in ``added``,
+    recorded by later versions, are compared only where the checkpoint has them)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
@@ -302,9 +303,9 @@ def restore_checkpoint(path: Path, config: dict, objective, state: dict) -> dict
     except Exception as exc:  # cut short, overwritten, or another program's file
         raise ValueError(f"{path}: the checkpoint is damaged ({' '.join(str(exc).split())[:200]}); delete it to "
                          "train from the start, or restore it") from None
-    differences = sorted(k for k in set(config) | set(saved["config"]) if saved["config"].get(k) != config.get(k))
-    if differences:
-        raise ValueError(f"{path} was trained with other settings ({_differences(saved['config'], config)}); "
+    then = {**{k: config[k] for k in added if k not in saved["config"]}, **saved["config"]}
+    if any(then.get(k) != config.get(k) for k in set(config) | set(then)):
+        raise ValueError(f"{path} was trained with other settings ({_differences(then, config)}); "
                          "resume with the same settings or train into another folder")
     for name, network in objective.networks.items():
         network.load_state_dict(saved["networks"][name])
@@ -348,7 +349,7 @@ def _differences(then: dict, now: dict) -> str:
         a, b = then.get(key), now.get(key)
         pairs = [(f"{key}.{n}", a.get(n), b.get(n)) for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)] \
             if isinstance(a, dict) and isinstance(b, dict) else [(key, a, b)]
-        parts += [f"{name}: {str(x)[:60]!s} then, {str(y)[:60]!s} now" for name, x, y in pairs]
+        parts += [f"{name}: {str(x)[:200]!s} then, {str(y)[:200]!s} now" for name, x, y in pairs]
     return "; ".join(parts)
 
 
