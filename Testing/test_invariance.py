@@ -751,6 +751,14 @@ def test_sample_command_errors_are_clear_and_write_nothing(model_folder, low_dos
         assert main(["sample", "--model", str(model_folder), "--input", ct, "--center", "32,32", "--count", "1",
                      "--out", str(empty), "--progress", "none"]) == 0
     assert (empty / "figure.png").is_file()
+    # a link to an empty folder, or to one yet to be made, is followed (it failed after sampling)
+    (tmp_path / "linked").mkdir()
+    for target in (tmp_path / "linked", tmp_path / "not yet"):
+        link = tmp_path / f"link to {target.name}"
+        link.symlink_to(target)
+        assert main(["sample", "--model", str(model_folder), "--input", ct, "--center", "32,32", "--count", "1",
+                     "--out", str(link), "--progress", "none"]) == 0
+        assert link.is_symlink() and (target / "figure.png").is_file()
 
 
 def test_sample_command_on_a_real_dicom_slice_near_its_border(model_folder, tmp_path):

@@ -633,17 +633,14 @@ def _check_new_folder(out: Path, command: str, analyze: bool = False) -> None:
 
 
 def _cmd_sample(args) -> int:
-    """``sample``: crop, sample, write DIR whole (a temporary sibling folder, then renamed)."""
-    import shutil
-    import uuid
-
+    """``sample``: crop, sample, write DIR whole (:func:`~.io.written_whole`)."""
     import numpy as np
 
     from .figures import LUNG_WINDOW, save_png, std_tile, tile_grid, window
     from .image import CTImage
     from .inference import warn_on_spacing
     from .result_folder import FILES
-    from .io import read_image, write_nrrd
+    from .io import read_image, write_nrrd, written_whole
     from .progress import Progress
     from .sampler import InvarianceSampler
 
@@ -674,10 +671,8 @@ def _cmd_sample(args) -> int:
         current["update"](done)
 
     out.parent.mkdir(parents=True, exist_ok=True)  # before the work: a folder that cannot be made says so now
-    partial = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
-    partial.mkdir()
     content = patch.content  # the figures' pixels: not padding, nor air a scanner leaves constant
-    try:
+    with written_whole(out) as partial:
         result = sampler.sample(patch.array, count=args.count, seed=args.seed, batch_size=args.batch_size,
                                 progress=report, refinement=args.refine, content=content)
         update = progress.stage("writing", len(FILES), f"Writing {out}")
@@ -719,12 +714,6 @@ def _cmd_sample(args) -> int:
         labels = [["x", "f(x)", *[f"x~{k}" for k in range(len(shown))], std_label]]
         save_png(tile_grid(tiles, labels), partial / FILES["figure"])
         update(len(FILES))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(partial, out)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial)
     outputs = {name: out / file for name, file in FILES.items()}
     message = (f"{result.count} invariances of {sampler.models.denoiser.arch} around voxel "
                f"{tuple(patch.center_ijk)} (consistency {result.consistency:.3f}, {result.seconds:.1f} s on "

@@ -18,7 +18,6 @@ the perceptual term, which needs a feature network trained on labels.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -146,6 +145,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     from .simulated_dataset import SimulatedDataset
     from .denoisers import DENOISERS, bundled_models_dir, copy_model_folder, read_metadata, write_metadata
     from .devices import machine
+    from .io import written_whole
     from .sampler import Refinement
     from .train_invariance import _check, _hyperparameters, _write_card, train_cinn, train_cvae
     from .training import data_noise_texture, setup_distributed
@@ -245,11 +245,8 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
                            resume=resume and cinn_run.exists(), pool_patches=1024, val_patches=32,
                            hyperparameters=overrides.get("cinn"), refinement=refinement, **common)
         if dist.is_main:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            temporary = out.parent / f".{out.name}.partial"
-            shutil.rmtree(temporary, ignore_errors=True)
-            try:
-                shutil.copytree(model, temporary)
+            with written_whole(out) as temporary:
+                shutil.copytree(model, temporary, dirs_exist_ok=True)
                 metadata = read_metadata(temporary)
                 metadata["fit"] = {
                     "budget": budget, "plan": steps, "wall_time_s": round(time.perf_counter() - started, 1),
@@ -264,11 +261,6 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
                         metadata["noise_texture"] = texture
                 write_metadata(temporary, metadata)
                 _write_card(temporary)
-                if out.exists():
-                    shutil.rmtree(out)
-                os.replace(temporary, out)
-            finally:
-                shutil.rmtree(temporary, ignore_errors=True)
         dist.barrier()
         return out
     finally:

@@ -535,8 +535,11 @@ def _round(*vectors) -> tuple:
 def written_whole(folder: Path):
     """Yield a hidden sibling folder to write the folder ``folder`` in; when the block ends
     it replaces ``folder`` (an earlier export) at once, and when it fails (or is interrupted)
-    it is removed: a model folder appears whole or not at all."""
+    it is removed: a model folder appears whole or not at all. A symbolic link ``folder`` is
+    followed: its target is written (the link stays)."""
     folder = Path(folder)
+    if folder.is_symlink():
+        folder = folder.resolve()
     partial = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.partial")
     partial.mkdir(parents=True)
     try:
