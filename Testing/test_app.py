@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-pytest.importorskip("PySide6")
-pytest.importorskip("Qt")
 
 from InvarianceExplorerLib.cli import main as cli_main  # noqa: E402
 from InvarianceExplorerLib.io import write_nrrd  # noqa: E402
@@ -60,10 +58,11 @@ def test_app_builds_the_sample_command_and_shows_engine_errors(app, tmp_path):
     assert args[:2] == ["sample", "--model"] and args[args.index("--center") + 1] == "20,21,1"
     assert args[args.index("--count") + 1] == "4" and args[args.index("--out") + 1] == str(window.outDir)
     assert window.outDir.name == "ld_20-21-1_seed0_n4" and args[-2:] == ["--progress", "json"]
-    # a real engine process: it refuses (an unknown model folder, or no `sample` command yet)
+    # a real engine process: it refuses the unknown model folder, and the panel shows why
     assert window.panel.start()
     wait_until(lambda: not window.panel.running)
-    assert window.panel.errorText() and window.panel.runButton.text() == RUN_TEXT
+    assert "no-model: neither a model folder nor a bundled denoiser name" in window.panel.errorText()
+    assert window.panel.lastEvent["kind"] == "input" and window.panel.runButton.text() == RUN_TEXT
     assert not window.outDir.exists()
     (tmp_path / "results" / "x").mkdir()
     assert unique_folder(tmp_path / "results", "x").name == "x-2"

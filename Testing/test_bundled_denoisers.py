@@ -22,8 +22,6 @@ from InvarianceExplorerLib.io import read_image
 from InvarianceExplorerLib.simulated_dataset import item_seeds
 from realdata import pydicom_test_file
 
-#: Denoisers that are shipped, so a missing folder is a failure, not a skip.
-SHIPPED = {"cnn10", "redcnn", "wganvgg", "dugan"}
 #: Phantom seeds of the held-out test slices (disjoint from the training items' seeds).
 SEEDS = (10_000, 10_001, 10_002)
 SIZE, SPACING, DOSE = 512, 0.7, 0.25
@@ -32,11 +30,9 @@ MIN_RMSE_REDUCTION = 0.30
 
 
 def bundled(arch: str):
-    """The loaded bundled denoiser ``arch``, or a skip (a failure for shipped ones)."""
+    """The loaded bundled denoiser ``arch`` (all four are shipped: a missing one fails)."""
     if not (bundled_models_dir() / arch / "metadata.json").is_file():
-        if arch in SHIPPED:
-            pytest.fail(f"{arch} is shipped but Resources/Models/{arch}/ is missing")
-        pytest.skip(f"{arch} is not bundled yet (no trained weights meet the bar so far)")
+        pytest.fail(f"{arch} is shipped but Resources/Models/{arch}/ is missing")
     return load_denoiser(arch)
 
 

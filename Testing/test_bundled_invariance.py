@@ -24,8 +24,6 @@ from InvarianceExplorerLib.fidelity import BARS, invariance_fidelity
 from InvarianceExplorerLib.sampler import CHECKED_REFINEMENT, has_invariance_models, load_invariance_models
 from InvarianceExplorerLib.simulated_dataset import build_simulated_dataset, item_seeds
 
-#: Denoisers whose invariance models are shipped, so a missing one is a failure, not a skip.
-SHIPPED = {"cnn10", "redcnn", "wganvgg", "dugan"}
 #: Denoisers whose bundled decoder lets z scale the pre-image features (no grid, README).
 GRID_FREE = {"cnn10", "redcnn", "wganvgg", "dugan"}
 #: Base seed of the held-out slices (its phantom seeds are checked against training's).
@@ -53,9 +51,7 @@ def held_out(tmp_path_factory):
 def bundled(arch: str):
     folder = bundled_models_dir() / arch
     if not (folder / "metadata.json").is_file() or not has_invariance_models(folder):
-        if arch in SHIPPED:
-            pytest.fail(f"the invariance models of {arch} are shipped but missing from {folder}")
-        pytest.skip(f"{arch} has no bundled invariance models yet")
+        pytest.fail(f"the invariance models of {arch} are shipped but missing from {folder}")
     return load_invariance_models(arch)
 
 

@@ -288,13 +288,17 @@ def test_save_load_round_trip_fp16_and_checksum_refusal(tmp_path):
         load_denoiser(tmp_path)
 
 
-def test_unknown_names_and_missing_bundled_weights_are_explained():
+def test_unknown_names_and_missing_bundled_weights_are_explained(tmp_path, monkeypatch):
+    from InvarianceExplorerLib import denoisers
+
     with pytest.raises(ValueError, match="neither a model folder nor a bundled denoiser name"):
         load_denoiser("no-such-model")
-    missing = [a for a in DENOISERS if not (bundled_models_dir() / a / "metadata.json").is_file()]
-    for arch in missing:
-        with pytest.raises(ValueError, match=f"no bundled weights for {arch} yet; train them with"):
-            load_denoiser(arch)
+    shutil.copytree(bundled_models_dir() / "cnn10", tmp_path / "cnn10")  # an extension copied without RED-CNN's
+    monkeypatch.setattr(denoisers, "bundled_models_dir", lambda: tmp_path)
+    assert load_denoiser("cnn10").arch == "cnn10"
+    with pytest.raises(ValueError, match=re.escape(f"the bundled weights of redcnn are missing from {tmp_path / 'redcnn'}"
+                                                   " (an incomplete copy of the extension")):
+        load_denoiser("redcnn")
 
 
 # ----------------------------------------------------------------------------- inference

@@ -26,9 +26,8 @@ from InvarianceExplorerLib.io import (  # noqa: E402
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 CT_SMALL = TEST_FILES / "CT_small.dcm"
 CT5N = TEST_FILES / "dicomdirtests" / "98892001" / "CT5N"
-_store = importlib.util.find_spec("data_store")
-DATA_STORE = Path(_store.origin).parent / "data" if _store else None
-needs_store = pytest.mark.skipif(DATA_STORE is None, reason="pydicom-data is not installed")
+#: pydicom-data's files (the dev extra installs it; the tests need it).
+DATA_STORE = Path(importlib.util.find_spec("data_store").origin).parent / "data"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -205,7 +204,6 @@ def test_one_slice_series_is_2d(tmp_path):
     assert image.is_slice and image.spacing == pytest.approx((0.8, 0.5, 5.0))
 
 
-@needs_store
 def test_693_head_ct():
     path = DATA_STORE / "693_UNCI.dcm"
     ds = pydicom.dcmread(path)
@@ -218,7 +216,6 @@ def test_693_head_ct():
     assert image.direction == pytest.approx(reference.GetDirection())
 
 
-@needs_store
 def test_enhanced_multiframe_ct_frames_are_slices():
     path = DATA_STORE / "eCT_Supplemental.dcm"
     ds = pydicom.dcmread(path)
@@ -362,8 +359,6 @@ def test_not_ct(name, modality):
         path = named = TEST_FILES / name
         modality = "MR"
     else:
-        if DATA_STORE is None:
-            pytest.skip("pydicom-data is not installed")
         path = named = DATA_STORE / name
     raises([named, f"modality is {modality}", "not CT"], read_image, path)
 
@@ -377,12 +372,7 @@ def test_non_ct_slice_in_ct_series(tmp_path):
 @pytest.mark.parametrize("source, photometric", [("SC_rgb.dcm", "RGB"), ("SC_ybr_full_uncompressed.dcm", "YBR_FULL"),
                                                  ("CT_small.dcm", "PALETTE COLOR")])
 def test_colour(tmp_path, source, photometric):
-    if source == "CT_small.dcm":
-        path = CT_SMALL
-    elif DATA_STORE is None:
-        pytest.skip("pydicom-data is not installed")
-    else:
-        path = DATA_STORE / source
+    path = CT_SMALL if source == "CT_small.dcm" else DATA_STORE / source
 
     def make_ct(ds):
         ds.Modality = "CT"
@@ -560,8 +550,6 @@ def test_truncated_metaimage_says_what_is_missing(tmp_path, oblique_volume):
 def test_jpeg_lossless_dicom_is_decoded(tmp_path):
     """JPEG Lossless (process 14), common in CT archives, decodes through pylibjpeg: a CT built
     from pydicom-data's JPEG-LL.dcm reads as its pixels times the rescale, in HU."""
-    if DATA_STORE is None:
-        pytest.skip("pydicom-data is not installed")
     ds = pydicom.dcmread(DATA_STORE / "JPEG-LL.dcm")
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLosslessSV1
     ds.Modality, ds.RescaleSlope, ds.RescaleIntercept = "CT", 1, -1024

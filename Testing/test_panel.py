@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-pytest.importorskip("PySide6")
-pytest.importorskip("Qt")
 
 from InvarianceExplorerLib.io import write_nrrd  # noqa: E402
 from InvarianceExplorerLib.ui.panel import (ANALYSIS_STAGE_SPANS, CANCEL_TEXT, CUSTOM_MODEL,  # noqa: E402

@@ -2,7 +2,7 @@
 standalone app and by the Slicer layer (under the SLICER STAND-IN), with a tiny randomly
 initialised denoiser + cVAE + cINN folder (fast); and the README's screenshots (docs/gui.png,
 docs/panel.png), from a run of the REAL bundled CNN-10 invariance models on the bundled sample
-CT (a few seconds). Skipped while the engine's sampler is absent."""
+CT (a few seconds)."""
 
 from __future__ import annotations
 
@@ -15,18 +15,12 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-pytest.importorskip("PySide6")
-pytest.importorskip("vtk")
-sampler = pytest.importorskip("InvarianceExplorerLib.sampler")
 
 import slicer_standin  # noqa: E402
-from InvarianceExplorerLib.cli import build_parser  # noqa: E402
+from InvarianceExplorerLib import sampler  # noqa: E402
 from InvarianceExplorerLib.io import write_nrrd  # noqa: E402
 from InvarianceExplorerLib.ui.qtshim import application  # noqa: E402
 from ui_helpers import make_model, make_volume, screenshot_path, wait_until  # noqa: E402
-
-if "sample" not in build_parser()._subparsers._group_actions[0].choices:  # noqa: SLF001
-    pytest.skip("the engine has no `sample` command yet", allow_module_level=True)
 
 #: The README's screenshots: the bundled denoiser, its voxel of the sample CT (a lung nodule, as
 #: ``make demo``), count and seed.
@@ -76,8 +70,6 @@ def test_app_runs_sample_and_shows_the_samples(model, tmp_path):
     window.close()
 
 
-@pytest.mark.skipif(not sampler.has_invariance_models(SCREENSHOT_RUN["model"]),
-                    reason="the bundled CNN-10 has no invariance models (cVAE + cINN)")
 def test_screenshots_of_the_app_after_a_run_of_the_bundled_models(tmp_path, monkeypatch):
     """docs/gui.png and docs/panel.png (``INVARIANCE_EXPLORER_SCREENSHOTS=docs``; else tmp_path):
     the standalone app after sampling 16 invariances of the bundled CNN-10 with its bundled cVAE

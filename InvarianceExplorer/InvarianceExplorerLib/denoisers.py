@@ -375,8 +375,9 @@ def resolve_model_folder(folder_or_name) -> Path:
         bundled = bundled_models_dir() / name
         if (bundled / METADATA).is_file():
             return bundled
-        raise ValueError(f"no bundled weights for {name} yet; train them with `invariance-explorer train denoiser "
-                         f"--arch {name} --data DIR --out OUT` and copy OUT/model to {bundled}")
+        raise ValueError(f"the bundled weights of {name} are missing from {bundled} (an incomplete copy of the "
+                         f"extension: reinstall it or restore that folder), or give a model folder of your own "
+                         f"(`invariance-explorer train denoiser --arch {name} --data DIR --out OUT` writes OUT/model)")
     raise ValueError(f"{name}: neither a model folder nor a bundled denoiser name ({', '.join(DENOISERS)})")
 
 
