@@ -746,7 +746,9 @@ def simulate_noise_only(full_dose_hu, dose: float, count: int, seed: int = 0, *,
     """``count`` low-dose realisations ``(count, H, W)`` (HU) of a full-dose slice at ``dose``
     with the scan simulator (:class:`~.lowdose.LowDoseSimulator`, made for the slice's size
     and ``spacing`` mm unless given): the noise-only null of method B when the full-dose
-    image is at hand. Realisation j uses the noise seed ``seed + j`` (batches of ``batch``)."""
+    image is at hand. The realisations of a batch (``batch`` at a time) share one noise seed,
+    ``seed`` + the index of its first: calls whose seeds differ by less than ``count`` repeat
+    realisations, so give independent nulls seeds far apart."""
     from .lowdose import LowDoseSimulator
 
     full = _image(full_dose_hu, "full-dose image").astype(np.float32)

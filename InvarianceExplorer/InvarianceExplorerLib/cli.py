@@ -131,7 +131,12 @@ def _add_data(data) -> None:
     _add_scan_options(sim)
     sim.set_defaults(func=_cmd_data_simulate)
 
-    low = data_sub.add_parser("lowdose", help="simulate a low-dose scan of a full-dose CT (slice by slice)")
+    low = data_sub.add_parser("lowdose", help="simulate a low-dose scan of a full-dose CT (slice by slice)",
+                              description="Add to each slice of a full-dose CT the extra noise of a scan at --dose of "
+                                          "its dose (projection-domain noise insertion: Poisson quanta thinned to "
+                                          "the dose fraction, electronic noise, log, FBP), keeping the slice's "
+                                          "resolution and its own noise. --photons is the full-dose scan's quanta "
+                                          "per ray: it sets the level of the noise added.")
     low.add_argument("--input", type=Path, required=True, help="full-dose CT: NRRD/NIfTI/MHA file, DICOM file or series folder")
     low.add_argument("--output", type=Path, required=True, help="low-dose CT to write (.nrrd)")
     low.add_argument("--series-uid", default=None, help="SeriesInstanceUID when the folder holds several series")
@@ -524,7 +529,10 @@ def _cmd_data_lowdose(args) -> int:
     stack = image.array[None] if image.is_slice else image.array
     out = np.empty_like(stack)
     for k in tqdm(range(stack.shape[0]), desc="simulating low dose", unit="slice", disable=args.no_progress):
-        out[k] = sim.simulate(stack[k], dose=args.dose, seed=args.seed + k).low_dose
+        # noise insertion: the extra noise of keeping a dose fraction of the full-dose scan's quanta
+        # (the two scans share them), added to the slice, whose resolution and own noise stay
+        pair = sim.simulate(stack[k], dose=args.dose, seed=args.seed + k, noiseless=False)
+        out[k] = stack[k] + (pair.low_dose - pair.full_dose)
     write_nrrd(image.with_array(out[0] if image.is_slice else out), args.output)
     print(f"low-dose CT (dose {args.dose:g}) written to {args.output}")
     return 0
