@@ -156,8 +156,16 @@ def test_a_damaged_or_foreign_folder_is_said_so_and_the_shown_result_kept(app, r
     window.browseOpenResults()
     assert "belongs to another run" in window.panel.errorText() and window.view.result is shown
     shutil.rmtree(analysis)
+    window.panel.seedSpin.setValue(7)
+    window.panel.countSpin.setValue(9)
+    window.panel.setDenoiser("redcnn")
     window.browseOpenResults()
     assert window.view.result.folder == damaged and not window.panel.errorText()
+    # the run's settings are recalled, to sample it again (e.g. with another seed)
+    recalled = window.panel.settings()
+    assert (recalled["model"], recalled["count"], recalled["seed"]) == (numbers["model"], numbers["count"],
+                                                                          numbers["seed"])
+    assert list(window.center()) == numbers["center_ijk"]
     window.view.result.numbers["samples"] = window.view.result.numbers["samples"][:2]
     window.view.showSample(3)
     assert window.view.numbersLabel.text() == "numbers.json has no figures for this sample"

@@ -269,6 +269,24 @@ class MainWindow(qt.QMainWindow):
                 self.openResults(folder)
             except (ValueError, OSError) as exc:  # a damaged or foreign folder: say so, keep what is shown
                 self.panel.showError(str(exc))
+            else:
+                self.recallSettings(self.view.result.numbers)
+
+    def recallSettings(self, numbers: dict) -> None:
+        """Set the inputs to those of an opened run (numbers.json: its CT where that still
+        exists, centre voxel, denoiser, count and seed), so that it can be sampled again,
+        e.g. with another seed."""
+        source = Path(str(numbers.get("input", "")))
+        if numbers.get("input") and source.exists():
+            self.inputEdit.setText(os.fspath(source))
+        centre = numbers.get("center_ijk")
+        if isinstance(centre, list) and len(centre) == 3:
+            self.setCenter(*centre)
+        if numbers.get("model"):
+            self.panel.setDenoiser(str(numbers["model"]))
+        for spin, key in ((self.panel.countSpin, "count"), (self.panel.seedSpin, "seed")):
+            if isinstance(numbers.get(key), int):
+                spin.setValue(numbers[key])
 
     def setCenter(self, i: int, j: int, k: int) -> None:
         for spin, value in zip(self.centerSpins, (i, j, k)):
