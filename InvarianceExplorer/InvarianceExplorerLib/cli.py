@@ -913,8 +913,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .progress import WARNING_PREFIX, Progress
 
     json_progress = getattr(args, "progress", None) == "json"
-    shown = warnings.formatwarning
+    shown = warnings.formatwarning, warnings.showwarning
     warnings.formatwarning = lambda message, *rest, **named: f"{WARNING_PREFIX}{message}\n"
+
+    def show_warning(message, *rest, **named):  # a line of its own, not after a progress bar's
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"{WARNING_PREFIX}{message}", file=sys.stderr)
+
+    if sys.stderr.isatty():  # where bars are drawn; elsewhere warnings stay recordable (catch_warnings)
+        warnings.showwarning = show_warning
     on_term = None
     if threading.current_thread() is threading.main_thread():
         on_term = signal.signal(signal.SIGTERM, _terminate)
@@ -951,7 +959,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             Progress("json").error(f"{type(exc).__name__}: {exc}", kind="internal")
         raise
     finally:
-        warnings.formatwarning = shown
+        warnings.formatwarning, warnings.showwarning = shown
         if on_term is not None:
             signal.signal(signal.SIGTERM, on_term)
 
