@@ -173,10 +173,21 @@ def test_fit_refuses_bad_settings_and_denoisers_before_it_writes(torchscript_fil
                           ([*common, "--set", "cvae.lam_cons=-1"], "cvae.lam_cons=-1: must be a finite number >= 0"),
                           ([*common, "--set", "cvae.channels=[]"], "must be a non-empty list of whole numbers"),
                           ([*common, "--patch-size", "8"], "patch_size at least 24 pixels"),
-                          ([*common, "--denoiser", str(nan)], "NaN or infinite")):
+                          ([*common, "--denoiser", str(nan), "--patch-size", "32"], "NaN or infinite"),
+                          ([*common, "--patch-size", "128"], "patch size 128 (--patch-size) is larger than the slices")):
         assert main([*argv, "--out", str(tmp_path / "out")]) == 2, argv
         assert message in capsys.readouterr().err
         assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt"]
+    # a data set too small to split (found after the training before, which was then lost)
+    few = tmp_path / "few"
+    build_simulated_dataset(few, 4, size=32, seed=3, photons=1e4, progress=False)
+    assert main([*common, "--data", str(few), "--patch-size", "32", "--out", str(tmp_path / "out")]) == 2
+    assert (f"{few}: the test split holds no slice: its 4 patients are split 70/20/10 % by patient; give a data set "
+            "of more patients; or measure no fidelity figures on it (--fidelity-slices 0)") in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["few", "nan.pt"]
+    # a bundled name is its folder (it asked for a normalisation)
+    assert main(["fit", "--denoiser", "cnn10", "--check"]) == 0
+    assert f"{resolve_model_folder('cnn10')}: passes the checks" in capsys.readouterr().out
 
 
 def _fit_worker(rank: int, world: int, port: int, source, pairs, out) -> None:

@@ -340,8 +340,10 @@ def _add_fit(p) -> None:
 
 def _cmd_fit(args) -> int:
     from .custom_denoisers import check_denoiser, read_declaration, read_network
+    from .fit import denoiser_source
     from .normalization import HUNormalization
 
+    args.denoiser = denoiser_source(args.denoiser)  # a bundled name (cnn10, ...) is its folder
     declared = read_declaration(args.declaration) if args.declaration else {}
     spec = args.normalization or declared.get("normalization")
     model_folder = (args.denoiser / "metadata.json").is_file()  # carries its own normalisation

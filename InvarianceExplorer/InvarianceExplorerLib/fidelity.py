@@ -355,7 +355,8 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
     source = data if hasattr(data, "patient_ids") else open_source(data)
     patches = held_out_patches(source, split, models.patch_size, slices, per_slice, seed)
     if not patches:
-        raise ValueError(f"{data}: the {split} split is empty")
+        raise ValueError(f"{getattr(source, 'root', 'the data set') if source is data else data}: the {split} split "
+                         "is empty")
     sampler = InvarianceSampler(models, device=device)
     f = _denoiser_fn(models.denoiser, sampler.device)
     norm = models.denoiser.normalization

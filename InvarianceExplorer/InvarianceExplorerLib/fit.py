@@ -98,6 +98,23 @@ def plan(budget: dict, seconds_per_step: Optional[float] = None) -> dict:
             "seconds_per_cvae_step": seconds_per_step}
 
 
+def denoiser_source(source) -> Path:
+    """The file or folder of a fit's denoiser: ``source`` itself, or the folder of a bundled
+    name (cnn10, ...); ``ValueError`` saying what to give when it does not exist or is a
+    training run's folder instead of its model folder."""
+    from .denoisers import DENOISERS, bundled_models_dir
+
+    if not Path(source).exists() and str(source) in DENOISERS:  # a bundled name
+        source = bundled_models_dir() / str(source)
+    source = Path(source)
+    if not source.exists():
+        raise ValueError(f"{source}: no such file or folder; give a model folder (train denoiser's OUT/model, or "
+                         f"a bundled name: {', '.join(DENOISERS)}) or your denoiser's network file")
+    if (source / "model" / "metadata.json").is_file() and not (source / "metadata.json").is_file():
+        raise ValueError(f"{source} is a training run's folder; give its model folder, {source / 'model'}")
+    return source
+
+
 def _broadcast(value, dist):
     """Rank 0's ``value`` on every process."""
     if not dist.enabled:
@@ -143,12 +160,12 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     from .custom_denoisers import import_denoiser
     from .datasets import open_source
     from .simulated_dataset import SimulatedDataset
-    from .denoisers import DENOISERS, bundled_models_dir, copy_model_folder, read_metadata, write_metadata
+    from .denoisers import copy_model_folder, read_metadata, write_metadata
     from .devices import machine
     from .io import written_whole
     from .sampler import Refinement
     from .train_invariance import _check, _hyperparameters, _write_card, train_cinn, train_cvae
-    from .training import data_noise_texture, setup_distributed
+    from .training import check_data, data_noise_texture, setup_distributed
 
     refinement = Refinement.parse(refinement)  # a bad setting fails now, not after the cVAE's training
 
@@ -172,13 +189,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
         if made_by != str(work.resolve()):  # a bundled folder, its copy or another fit's: not ours to replace
             raise ValueError(f"{out} holds a model folder that this fit did not make (its work folder would be "
                              f"{work}); choose a new output folder")
-    if not Path(source).exists() and str(source) in DENOISERS:  # a bundled name
-        source = bundled_models_dir() / str(source)
-    if not Path(source).exists():
-        raise ValueError(f"{source}: no such file or folder; give a model folder (train denoiser's OUT/model, or "
-                         "a bundled name's folder) or your denoiser's network file")
-    if (Path(source) / "model" / "metadata.json").is_file() and not (Path(source) / "metadata.json").is_file():
-        raise ValueError(f"{source} is a training run's folder; give its model folder, {Path(source) / 'model'}")
+    source = denoiser_source(source)
     if work.exists() and any(work.iterdir()) and not resume:
         raise ValueError(f"{work} holds an earlier fit; pass --resume to continue it, or delete it to start over")
     model_folder = (Path(source) / "metadata.json").is_file()
@@ -195,6 +206,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
             raise ValueError(f"{work} holds a fit of another denoiser or setting ({was}); resume it with the same "
                              "denoiser and settings, or give a new --out")
     source_data = open_source(data, dicom=dicom)
+    check_data(source_data, data, patch_size, ("train", "val") + (("test",) if fidelity_slices else ()))
     dist = setup_distributed(device)
     try:
         denoiser_folder = work / "denoiser"

@@ -45,7 +45,7 @@ from .inference import METRIC_HU_RANGE, apply_network, image_quality
 from .normalization import PAPER_NORMALIZATION, HUNormalization
 from .io import written_whole
 from .training import (TrainingBatches as _TrainingBatches, adam as _adam, autocast as _autocast,
-                       check_hyperparameters as _check_kinds, derive_seed as _seed,
+                       check_data as _check_data, check_hyperparameters as _check_kinds, derive_seed as _seed,
                        data_noise_texture, describe_data, gradient_penalty as _gradient_penalty, load_feature_network,
                        make_generator as _generator, optimizer_step as _step, restore_checkpoint, run_checkpoint,
                        save_checkpoint as _save_checkpoint, stop_if_diverged as _stop_if_diverged,
@@ -357,10 +357,7 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
               "data": str(Path(data).resolve()), "val_slices": int(val_slices)}
     config = json.loads(json.dumps(config))  # tuples -> lists, as stored
     _check_hyperparameters(arch, hp)
-    side = min(source[0].low_dose.shape)
-    if patch_size > side:  # before any folder is made
-        raise ValueError(f"patch size {patch_size} (--patch-size) is larger than the slices ({side} pixels); "
-                         f"choose at most {side}")
+    _check_data(source, data, patch_size)  # before any folder is made
     torch.manual_seed(_seed(seed, 0))
     scheme = hp.get("scheme", SCHEME[arch])
     if scheme not in OBJECTIVES:
@@ -374,8 +371,6 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
     batches = _TrainingBatches(source, patch_size, batch_size, seed, normalization, num_workers, device)
     validation = _validation_items(source, "val", val_slices, normalization)
-    if len(validation) == 0:
-        raise ValueError(f"{data}: the validation split is empty; the data set needs at least 2 patients")
 
     state = {"epoch": 0, "history": [], "seconds": 0.0, "best": None, "prepared": None, "initialised_from": None}
     if resume and checkpoint_path.exists():

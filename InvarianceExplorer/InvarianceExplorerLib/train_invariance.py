@@ -96,7 +96,8 @@ from .io import written_whole
 from .training import (Distributed, TrainingBatches, adam, derive_seed, describe_data,
                        gradient_penalty, load_feature_network, make_generator, optimizer_step, restore_checkpoint,
                        save_checkpoint,
-                       setup_distributed, train_feature_network, run_checkpoint, check_hyperparameters, stop_if_diverged)
+                       setup_distributed, train_feature_network, run_checkpoint, check_data, check_hyperparameters,
+                       stop_if_diverged)
 
 #: Default hyperparameters. cVAE: Adam, the loss weights of the module docstring, the
 #: critic's size, the representation's arguments, and the feature network's pretraining.
@@ -601,6 +602,7 @@ def train_cvae(denoiser, data, out, *, epochs: int = 10, steps_per_epoch: int = 
     try:
         folder = resolve_model_folder(denoiser)
         source = open_source(data)
+        check_data(source, data, patch_size, ("train", "val") + (("test",) if fidelity_slices else ()))
         out = Path(out)
         config = _config("cvae", hp, folder, patch_size=patch_size, batch_size=batch_size,
                          steps_per_epoch=steps_per_epoch, seed=seed, resume=resume, dist=dist, data=data)
@@ -729,6 +731,7 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
         patch_size = rep.patch_size
         _check(epochs, steps_per_epoch, batch_size, patch_size, val_patches)
         source = open_source(data)
+        check_data(source, data, patch_size, ("train", "val") + (("test",) if fidelity_slices else ()))
         out = Path(out)
         config = _config("cinn", hp, folder, patch_size=patch_size, batch_size=batch_size,
                          steps_per_epoch=steps_per_epoch, seed=seed, resume=resume, dist=dist, data=data)

@@ -194,6 +194,25 @@ def describe_data(source, path) -> dict:
             "images": "low- and full-dose" if getattr(source, "has_full_dose", True) else "low-dose only"}
 
 
+def check_data(source, data, patch_size: int, splits: Iterable[str] = ("train", "val")) -> None:
+    """``ValueError`` before a run starts (and before it makes a folder) when a split it uses
+    holds no slice, or the slices are smaller than its patches (``data``: the name to show)."""
+    from .datasets import PAPER_FRACTIONS, split_indices
+
+    empty = [s for s in splits if not split_indices(source, s, 1)]
+    if empty:
+        patients = len(set(getattr(source, "split_ids", source.patient_ids)))
+        hint = "; or measure no fidelity figures on it (--fidelity-slices 0)" if empty == ["test"] else ""
+        raise ValueError(f"{data}: the {' and '.join(empty)} split{'s hold' if len(empty) > 1 else ' holds'} no "
+                         f"slice: its {patients} patients are split "
+                         f"{'/'.join(str(round(100 * f)) for f in PAPER_FRACTIONS)} % by patient; give a data set "
+                         f"of more patients{hint}")
+    side = min(source[0].low_dose.shape)
+    if patch_size > side:
+        raise ValueError(f"patch size {patch_size} (--patch-size) is larger than the slices ({side} pixels); "
+                         f"choose at most {side}")
+
+
 def data_noise_texture(source, split: str = "train", slices: int = 16, patch_size: int = 128) -> Optional[dict]:
     """The :class:`~.noise.NoiseTexture` of a paired data set's noise, for the model metadata
     (``metadata["noise_texture"]``): the NPS of the low- minus full-dose differences of up to
