@@ -185,6 +185,23 @@ def test_fit_refuses_bad_settings_and_denoisers_before_it_writes(torchscript_fil
     assert (f"{few}: the test split holds no slice: its 4 patients are split 70/20/10 % by patient; give a data set "
             "of more patients; or measure no fidelity figures on it (--fidelity-slices 0)") in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["few", "nan.pt"]
+    # --resume with a --work folder that is not a fit's: its files were deleted
+    mine = tmp_path / "mine"
+    (mine / "denoiser").mkdir(parents=True)
+    (mine / "denoiser" / "thesis.txt").write_text("keep me")
+    assert main([*common, "--patch-size", "32", "--work", str(mine), "--resume", "--out", str(tmp_path / "out")]) == 2
+    assert f"{mine} is not the work folder of a fit" in capsys.readouterr().err
+    assert (mine / "denoiser" / "thesis.txt").read_text() == "keep me"
+    # a model folder is copied with its own files only: a link's target was copied in
+    from InvarianceExplorerLib.denoisers import copy_model_folder
+
+    linked = copy_model_folder(resolve_model_folder("cnn10"), tmp_path / "linked")
+    (linked / "notes.txt").symlink_to(mine / "denoiser" / "thesis.txt")
+    with pytest.raises(ValueError, match="notes.txt: a symbolic link in the model folder"):
+        copy_model_folder(linked, tmp_path / "copy")
+    with pytest.raises(ValueError, match="holds files but no model folder"):
+        copy_model_folder(resolve_model_folder("cnn10"), mine / "denoiser")
+    assert (mine / "denoiser" / "thesis.txt").read_text() == "keep me" and not (tmp_path / "copy").exists()
     # a bundled name is its folder (it asked for a normalisation)
     assert main(["fit", "--denoiser", "cnn10", "--check"]) == 0
     assert f"{resolve_model_folder('cnn10')}: passes the checks" in capsys.readouterr().out

@@ -288,6 +288,34 @@ def test_save_load_round_trip_fp16_and_checksum_refusal(tmp_path):
         load_denoiser(tmp_path)
 
 
+def test_a_model_folder_keeps_its_own_files_and_a_bundled_name_is_the_bundled_folder(tmp_path, monkeypatch):
+    """Records of metadata.json pointing outside the folder (an absolute path, '..', a link)
+    loaded, and hashed, what they named; a folder named like a bundled denoiser in the working
+    folder took the bundled name's place; a record without its checksum gave a KeyError."""
+    from InvarianceExplorerLib.denoisers import copy_model_folder, write_metadata
+
+    folder = copy_model_folder(bundled_models_dir() / "cnn10", tmp_path / "model")
+    weights = folder / read_metadata(folder)["weights"]["denoiser"]["file"]
+    outside = shutil.copy2(weights, tmp_path / "elsewhere.safetensors")
+    (folder / "linked.safetensors").symlink_to(outside)
+    for name in (str(outside), "../elsewhere.safetensors", "linked.safetensors"):
+        metadata = read_metadata(folder)
+        metadata["weights"]["denoiser"]["file"] = name
+        write_metadata(folder, metadata)
+        with pytest.raises(ValueError, match=re.escape(f"the file {name!r} does not lie inside the model folder")):
+            load_denoiser(folder)
+    metadata = read_metadata(folder)
+    metadata["weights"]["denoiser"] = {"file": weights.name}
+    write_metadata(folder, metadata)
+    with pytest.raises(ValueError, match="a file record lacks its 'file' or 'sha256'"):
+        load_denoiser(folder)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").rename(tmp_path / "cnn10")  # a (broken) folder named cnn10 where the engine runs
+    assert load_denoiser("cnn10").arch == "cnn10"  # the bundled one
+    with pytest.raises(ValueError, match="a file record lacks"):
+        load_denoiser("./cnn10")
+
+
 def test_unknown_names_and_missing_bundled_weights_are_explained(tmp_path, monkeypatch):
     from InvarianceExplorerLib import denoisers
 
@@ -477,3 +505,8 @@ def test_a_run_does_not_mix_its_files_into_another_folder(pairs, tmp_path):
     with pytest.raises(ValueError, match=r"holds files a training run does not write \(manifest.json\)"):
         train("cnn10", pairs, taken, epochs=1)
     assert sorted(p.name for p in taken.iterdir()) == ["manifest.json"]
+    held = tmp_path / "held"  # a model folder in the run's place (its export would have replaced it)
+    shutil.copytree(bundled_models_dir() / "cnn10", held / "model")
+    with pytest.raises(ValueError, match=r"holds a model folder but no training run"):
+        train("cnn10", pairs, held, epochs=1)
+    assert sorted(p.name for p in held.iterdir()) == ["model"]

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .denoisers import CUSTOM, MODEL_FORMAT, MODEL_VERSION, save_weights, sha256, verify_weights, write_metadata
+from .denoisers import (CUSTOM, MODEL_FORMAT, MODEL_VERSION, folder_file, save_weights, sha256, verify_weights,
+                        write_metadata)
 from .io import last_line, read_json_object
 from .normalization import HUNormalization
 
@@ -294,12 +295,12 @@ def build_custom_network(folder, metadata: dict) -> nn.Module:
         network = torch.jit.load(str(verify_weights(folder, weights)), map_location="cpu")
     elif kind == "python":
         files = architecture.get("files", {})
-        network_file = folder / files["network"]["file"] if "network" in files else None
+        network_file = folder_file(folder, files["network"]) if "network" in files else None
         cls = _python_class(architecture["class"], network_file)
         network = _load_into(_construct(cls, architecture["class"], architecture.get("arguments", {})),
                              load_state_dict(verify_weights(folder, weights)), str(folder))
     elif kind == "monai-bundle":
-        config = folder / architecture["files"]["config"]["file"]
+        config = folder_file(folder, architecture["files"]["config"])
         network = _load_into(_bundle_network(config, config.parent),
                              load_state_dict(verify_weights(folder, weights)), str(folder))
     else:

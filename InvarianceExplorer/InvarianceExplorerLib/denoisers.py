@@ -366,11 +366,12 @@ def bundled_models_dir() -> Path:
 
 def resolve_model_folder(folder_or_name) -> Path:
     """The model folder for a path or for the name of a bundled denoiser (a key of
-    :data:`DENOISERS`, found in ``Resources/Models/<name>/``)."""
-    path = Path(folder_or_name)
-    if path.is_dir():
-        return path
+    :data:`DENOISERS`, found in ``Resources/Models/<name>/``). A bundled name is always the
+    bundled folder, whatever the working folder holds (a folder of that name is ``./cnn10``)."""
     name = str(folder_or_name)
+    path = Path(folder_or_name)
+    if path.is_dir() and name not in DENOISERS:
+        return path.absolute()  # resolved again (read_metadata), it stays this folder
     if name in DENOISERS:
         bundled = bundled_models_dir() / name
         if (bundled / METADATA).is_file():
@@ -406,10 +407,27 @@ def save_weights(module: nn.Module, path, dtype: str = "float32") -> dict:
     return {"file": path.name, "dtype": dtype, "sha256": sha256(path)}
 
 
+def folder_file(folder, record) -> Path:
+    """The file a record of ``metadata.json`` names (``{"file": ..., "sha256": ...}``), which
+    must lie inside ``folder`` (a relative path without ``..``, not a symbolic link);
+    ``ValueError`` otherwise, or when the record lacks a field."""
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str) or \
+            not isinstance(record.get("sha256"), str):
+        raise ValueError(f"{Path(folder) / METADATA}: a file record lacks its 'file' or 'sha256' ({record!r:.80}); "
+                         "the model folder is damaged: copy it again from where it was made")
+    name = Path(record["file"])
+    path = Path(folder) / name
+    if name.is_absolute() or ".." in name.parts or not name.parts or any(
+            (Path(folder).joinpath(*name.parts[:k + 1])).is_symlink() for k in range(len(name.parts))):
+        raise ValueError(f"{Path(folder) / METADATA}: the file {record['file']!r} does not lie inside the model "
+                         "folder (an absolute path, '..' or a symbolic link); a model folder keeps its own files")
+    return path
+
+
 def verify_weights(folder, record: dict) -> Path:
     """The weight file of ``record`` (from :func:`save_weights`) in ``folder``, after checking
     that it exists and matches its SHA-256; ``ValueError`` naming the file otherwise."""
-    path = Path(folder) / record["file"]
+    path = folder_file(folder, record)
     if not path.is_file():
         raise ValueError(f"{path}: weight file listed in {METADATA} is missing; restore the model folder")
     actual = sha256(path)
@@ -430,8 +448,16 @@ def load_weights(module: nn.Module, folder, record: dict) -> nn.Module:
 
 def copy_model_folder(source: Path, destination: Path) -> Path:
     """Copy a model folder (weights, metadata, card, an imported denoiser's ``bundle/``) to
-    ``destination``, replacing what is there (a folder copied onto itself is left as it is);
-    hidden files are left out. Returns ``destination``."""
+    ``destination``, replacing the model folder there (a folder copied onto itself is left as
+    it is); hidden files are left out. ``ValueError`` when the source holds a symbolic link
+    (its target would be copied in) or the destination holds files but no model folder.
+    Returns ``destination``."""
+    links = [p for p in Path(source).rglob("*") if p.is_symlink()]
+    if links:
+        raise ValueError(f"{links[0]}: a symbolic link in the model folder {source}; a model folder is copied with "
+                         "its own files only: replace the link by the file")
+    if destination.is_dir() and any(destination.iterdir()) and not (destination / METADATA).is_file():
+        raise ValueError(f"{destination} holds files but no model folder; choose an empty or new folder")
     destination.mkdir(parents=True, exist_ok=True)
     if source.resolve() != destination.resolve():
         for old in destination.iterdir():

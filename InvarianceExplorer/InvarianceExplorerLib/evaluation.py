@@ -24,7 +24,7 @@ import numpy as np
 
 from .devices import cpu_words, machine
 from .denoisers import (CUSTOM, METADATA, Denoiser, copy_model_folder, load_denoiser, read_metadata,
-                        resolve_model_folder, save_denoiser, write_metadata)
+                        resolve_model_folder, save_denoiser, verify_weights, write_metadata)
 from .inference import METRIC_HU_RANGE, denoise, image_quality
 
 MODEL_CARD = "MODEL_CARD.md"
@@ -173,7 +173,7 @@ def ship_denoiser(trained, destination, data, tolerance_hu: float = 0.1, limit: 
         carried = {k: v for k, v in metadata["weights"].items() if k not in ("denoiser", *extra)}
         if carried:  # invariance models (cVAE, cINN) trained for this denoiser go along unchanged
             for entry in carried.values():
-                shutil.copy2(trained / entry["file"], fp16 / entry["file"])
+                shutil.copy2(verify_weights(trained, entry), fp16 / entry["file"])
             record = read_metadata(fp16)
             record["weights"].update(carried)
             write_metadata(fp16, record)

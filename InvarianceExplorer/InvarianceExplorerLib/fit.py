@@ -104,7 +104,7 @@ def denoiser_source(source) -> Path:
     training run's folder instead of its model folder."""
     from .denoisers import DENOISERS, bundled_models_dir
 
-    if not Path(source).exists() and str(source) in DENOISERS:  # a bundled name
+    if str(source) in DENOISERS:  # a bundled name is the bundled folder (a folder of that name: ./cnn10)
         source = bundled_models_dir() / str(source)
     source = Path(source)
     if not source.exists():
@@ -192,6 +192,9 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     source = denoiser_source(source)
     if work.exists() and any(work.iterdir()) and not resume:
         raise ValueError(f"{work} holds an earlier fit; pass --resume to continue it, or delete it to start over")
+    if work.exists() and any(work.iterdir()) and not (work / REQUEST_FILE).is_file():
+        raise ValueError(f"{work} is not the work folder of a fit (it has no {REQUEST_FILE}); give a new --work, "
+                         "or none (OUT.work)")
     model_folder = (Path(source) / "metadata.json").is_file()
     if normalization is None and not model_folder:
         raise ValueError(f"{source}: declare the denoiser's input normalisation (HUNormalization.parse)")

@@ -87,7 +87,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .denoisers import (FeatureNetwork, WGANCritic, copy_model_folder, read_metadata, resolve_model_folder, sha256,
-                        write_metadata)
+                        verify_weights, write_metadata)
 from .devices import machine
 from .invariance_losses import local_mean_loss, noise_spectrum_loss, sample_texture_loss, spread_loss
 from .invariance_flow import InvarianceFlow, nll_per_dimension
@@ -736,7 +736,7 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
         config = _config("cinn", hp, folder, patch_size=patch_size, batch_size=batch_size,
                          steps_per_epoch=steps_per_epoch, seed=seed, resume=resume, dist=dist, data=data)
         config["pool_patches"] = int(pool_patches)
-        config["cvae_sha256"] = sha256(folder / read_metadata(folder)["weights"]["cvae"]["file"])
+        config["cvae_sha256"] = sha256(verify_weights(folder, read_metadata(folder)["weights"]["cvae"]))
         hp = config["hyperparameters"]
         device = dist.device
         _, f = _frozen_denoiser(folder, device)

@@ -301,6 +301,9 @@ def run_checkpoint(out: Path, resume: bool) -> Path:
                          "choose another output folder")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; give the training run a folder")
+    if (out / "model").exists() and not checkpoint.exists():  # a model folder no run here wrote
+        raise ValueError(f"{out} holds a model folder but no training run ({out / 'model'} would be replaced); "
+                         "choose a new output folder")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith(".")) \
         if out.is_dir() else []
     if foreign:
