@@ -12,6 +12,8 @@ they change the image).
 from __future__ import annotations
 
 import json
+import os
+import re
 import textwrap
 
 import pytest
@@ -30,6 +32,7 @@ from InvarianceExplorerLib.normalization import PAPER_NORMALIZATION, HUNormaliza
 from InvarianceExplorerLib.sample_data import sample_ct_path
 from InvarianceExplorerLib.sampler import load_invariance_models
 from InvarianceExplorerLib.simulated_dataset import build_simulated_dataset
+from imported_denoiser import changed_copy, imported_folder
 from tiny_fit import FIT, MAX_CONSISTENCY, MIN_NPS_CORRELATION, TINY, one_thread
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
@@ -253,6 +256,34 @@ def test_a_model_folder_of_train_denoiser_fits_as_it_is(pairs, tmp_path, capsys)
 
 
 # ----------------------------------------------------------------------------- import forms
+
+
+def test_a_model_folder_runs_its_code_only_where_it_is_trusted(tmp_path, capsys):
+    """Loading a model folder ran the code it carries (network.py, a bundle config, TorchScript)
+    whoever made it. Importing your own denoiser trusts its code (by content: a copy loads);
+    a folder whose code was changed, with checksums to match, is refused before it runs, until
+    `invariance-explorer trust FOLDER`."""
+    from InvarianceExplorerLib.denoisers import copy_model_folder
+    from InvarianceExplorerLib.trusted_code import UntrustedCodeError, trust_file
+
+    mine = imported_folder(tmp_path)
+    assert str(trust_file()) == os.environ["INVARIANCE_EXPLORER_TRUST"]  # the test session's, not the user's
+    assert load_denoiser(copy_model_folder(mine, tmp_path / "copy")).arch == "custom"  # the same code, elsewhere
+    marker = tmp_path / "ran"
+    theirs = changed_copy(mine, tmp_path / "theirs", marker)
+    with pytest.raises(UntrustedCodeError, match=re.escape(f"{theirs} holds code that runs when it loads (python: "
+                                                           "network.py), and this machine has not been told")):
+        load_denoiser(theirs)
+    assert not marker.exists()
+    assert main(["denoise", "--model", str(theirs), "--input", str(sample_ct_path()), "--output",
+                 str(tmp_path / "out.nrrd")]) == 2
+    assert f"`invariance-explorer trust {theirs}`" in capsys.readouterr().err and not marker.exists()
+    assert main(["trust", str(theirs)]) == 0
+    assert "its code (python: network.py) may now run on this machine" in capsys.readouterr().out
+    load_denoiser(theirs)
+    assert marker.exists()
+    assert main(["trust", str(resolve_model_folder("cnn10"))]) == 0
+    assert "holds weights only and runs no code" in capsys.readouterr().out
 
 
 def test_a_class_file_and_state_dict_import_and_load_without_the_source(cnn10, tmp_path):

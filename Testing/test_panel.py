@@ -218,6 +218,27 @@ def test_engine_errors_are_shown_and_the_panel_is_ready_again(app, model, ct, tm
     assert panel.runButton.text() == RUN_TEXT
 
 
+def test_a_model_folder_whose_code_is_not_trusted_is_asked_about_then_trusted_and_run(app, ct, tmp_path):
+    """The engine refuses a model folder whose code this machine does not trust (kind
+    "untrusted"); the panel asks, and on yes has the engine trust it and runs again."""
+    from imported_denoiser import changed_copy, imported_folder
+
+    marker = tmp_path / "ran"
+    theirs = changed_copy(imported_folder(tmp_path), tmp_path / "theirs", marker)
+    panel, asked = SamplingPanel(), []
+    panel.prepareJob = lambda s: denoise_job(theirs, ct, tmp_path / "o.nrrd", None)
+    panel.confirmTrust = lambda message: asked.append(message) or False  # the user says no
+    panel.start()
+    wait_until(lambda: not panel.running, timeout=60)
+    assert panel.lastEvent["kind"] == "untrusted" and panel.lastEvent["folder"] == str(theirs)
+    assert len(asked) == 1 and f"{theirs} holds code that runs when it loads" in asked[0]
+    assert asked[0] in panel.errorText() and not marker.exists() and not (tmp_path / "o.nrrd").exists()
+    panel.confirmTrust = lambda message: asked.append(message) or True  # ... and now yes
+    panel.start()
+    wait_until(lambda: not panel.running and panel.lastEvent["event"] == "done", timeout=120)
+    assert len(asked) == 2 and marker.exists() and (tmp_path / "o.nrrd").is_file() and not panel.errorText()
+
+
 def test_engine_warnings_are_shown_as_notes(app, model, ct, tmp_path):
     import torch
 

@@ -12,6 +12,7 @@ Commands:
     denoise         denoise a CT image or volume with a bundled or trained denoiser
     sample          sample the invariances of a denoiser for a patch around a voxel
     analyze         find the invariances that change anatomy in a sample output folder
+    trust           let the code of an imported denoiser's model folder run on this machine
 
 Errors in the user's input or files (unreadable, unwritable) are reported in one line (what was
 wrong and what to do) with exit status 2; nothing is written in that case. Warnings print as one
@@ -598,6 +599,32 @@ def _cmd_denoise(args) -> int:
     return 0
 
 
+def _add_trust(trust) -> None:
+    """``trust``: let the code of an imported denoiser's model folder run here."""
+    trust.add_argument("folder", type=Path, help="model folder of an imported denoiser (fit, or made elsewhere)")
+    trust.set_defaults(func=_cmd_trust)
+
+
+def _cmd_trust(args) -> int:
+    from .denoisers import CUSTOM, read_metadata, verify_weights
+    from .trusted_code import code_files, trust
+
+    if not args.folder.is_dir():
+        raise ValueError(f"{args.folder}: no such model folder")
+    metadata = read_metadata(args.folder.absolute())
+    if metadata["architecture"]["name"] != CUSTOM:
+        print(f"{args.folder}: a {metadata['architecture']['name']} folder holds weights only and runs no code; "
+              "there is nothing to trust")
+        return 0
+    files = code_files(metadata)
+    for record in files.values():  # the files as recorded, unchanged
+        verify_weights(args.folder, record)
+    trust(args.folder, metadata)
+    what = ", ".join(r["file"] for r in files.values()) or f"the module of {metadata['architecture'].get('class')}"
+    print(f"{args.folder}: its code ({metadata['architecture']['kind']}: {what}) may now run on this machine")
+    return 0
+
+
 def _add_gui(gui) -> None:
     """``gui``: the sampling panel as a standalone app (needs the "gui" extra: Qt.py, PySide6)."""
     gui.add_argument("--input", type=Path, default=None, help="CT to start with (file or DICOM folder)")
@@ -872,6 +899,8 @@ COMMANDS = {
     "analyze": ("find the invariances that change anatomy (noise analysis, method A per invariance, method B "
                 "against a noise-only null); write RESULTS_DIR/analysis/", _add_analyze),
     "gui": ("open the sampling panel as a standalone app (Qt)", _add_gui),
+    "trust": ("let the code of an imported denoiser's model folder (TorchScript, MONAI bundle, Python class) run "
+              "on this machine", _add_trust),
 }
 
 
@@ -935,7 +964,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if isinstance(exc, OSError) and exc.strerror and exc.filename:  # e.g. a folder that cannot be made
             message = f"{exc.filename}: {exc.strerror}; check the path and that it may be read (or written) there"
         if json_progress:
-            Progress("json").error(message, kind="input")
+            from .trusted_code import UntrustedCodeError
+
+            untrusted = isinstance(exc, UntrustedCodeError)  # a panel asks, and trusts the folder
+            Progress("json").error(message, kind="untrusted" if untrusted else "input",
+                                   **({"folder": str(exc.folder)} if untrusted else {}))
         print(f"invariance-explorer: error: {message}", file=sys.stderr)
         return 2
 

@@ -19,6 +19,7 @@ State dicts are read with ``torch.load(weights_only=True)`` or safetensors. The 
 the input normalisation (:meth:`~.normalization.HUNormalization.parse`) and the use:
 ``patch`` (a local network; large slices are tiled) or ``full-image`` (applied to whole
 slices only). The receptive field is measured (gradient support of a centre pixel).
+A folder's code runs only where it is trusted (:mod:`.trusted_code`): importing trusts it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Optional, Tuple
@@ -41,6 +43,7 @@ from .denoisers import (CUSTOM, MODEL_FORMAT, MODEL_VERSION, folder_file, save_w
                         write_metadata)
 from .io import last_line, read_json_object
 from .normalization import HUNormalization
+from .trusted_code import require_trust, trust
 
 KINDS = ("torchscript", "monai-bundle", "python")
 USES = ("patch", "full-image")
@@ -290,6 +293,7 @@ def build_custom_network(folder, metadata: dict) -> nn.Module:
     kind = architecture.get("kind")
     for record in architecture.get("files", {}).values():
         verify_weights(folder, record)
+    require_trust(folder, metadata)  # before any of its code runs
     weights = metadata["weights"]["denoiser"]
     if kind == "torchscript":
         network = torch.jit.load(str(verify_weights(folder, weights)), map_location="cpu")
@@ -496,4 +500,9 @@ def import_denoiser(source, out, *, normalization: HUNormalization, use: str = "
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    try:  # the user's own code, imported on purpose: it may run when the folder loads
+        trust(out, record)
+    except OSError as error:
+        warnings.warn(f"could not record that {out}'s code may run here ({error}); run `invariance-explorer trust "
+                      f"{out}` before using it", RuntimeWarning)
     return out

@@ -16,8 +16,10 @@ every one with ``"event"``:
 * ``{"event": "done", "outputs": {"denoised": "/path/out.nrrd"}, "message": "..."}`` — the
   job finished and wrote ``outputs`` (names -> paths);
 * ``{"event": "error", "message": "...", "kind": "input"}`` — the job failed (``kind``:
-  ``"input"`` for the user's input, settings or files, ``"cancelled"`` when interrupted
-  (SIGINT), ``"internal"`` otherwise); the process then exits with a non-zero status.
+  ``"input"`` for the user's input, settings or files, ``"untrusted"`` (with ``"folder"``)
+  for a model folder whose code this machine does not trust (:mod:`.trusted_code`),
+  ``"cancelled"`` when interrupted (SIGINT), ``"internal"`` otherwise); the process then
+  exits with a non-zero status.
 
 In JSON mode nothing else is written to stdout; human-readable text goes to stderr, where
 each warning is one line starting with :data:`WARNING_PREFIX` (the panel shows them as notes).
@@ -93,8 +95,9 @@ class Progress:
         if message:
             print(message, file=sys.stderr if self.mode == "json" else sys.stdout)
 
-    def error(self, message: str, kind: str = "input") -> None:
-        """The job failed: ``message`` says what went wrong and what to do."""
+    def error(self, message: str, kind: str = "input", **fields) -> None:
+        """The job failed: ``message`` says what went wrong and what to do (``fields``: more
+        for the reader, e.g. the ``folder`` of an "untrusted" model folder)."""
         self.close()
         if self.mode == "json":
-            self._emit({"event": "error", "message": message, "kind": kind})
+            self._emit({"event": "error", "message": message, "kind": kind, **fields})

@@ -88,6 +88,8 @@ class SamplingPanel(qt.QWidget):
         self.collectResults: Optional[Callable[[dict, EngineJob], Sequence]] = None
         self.onCancelled: Optional[Callable[[], None]] = None
         self.onRunningChanged: Optional[Callable[[bool], None]] = None
+        #: Asked (with the engine's message) whether to trust a model folder's code; default: a dialog.
+        self.confirmTrust: Callable[[str], bool] = self._askTrust
         self.runner = ProcessRunner()
         self.job: Optional[EngineJob] = None
         self.lastEvent: Optional[dict] = None
@@ -347,6 +349,33 @@ class SamplingPanel(qt.QWidget):
         self._setRunning(False)
         self.statusLabel.setText("Failed")
         self.showError(event.get("message", "The engine failed"))
+        if event.get("kind") == "untrusted" and event.get("folder") and job is not None:
+            self._trustAndRestart(job, event)
+
+    def _askTrust(self, message: str) -> bool:
+        answer = qt.QMessageBox.question(self, "Trust this denoiser's code?",
+                                         f"{message}\n\nTrust its code and sample again?",
+                                         qt.QMessageBox.Yes | qt.QMessageBox.No, qt.QMessageBox.No)
+        return answer == qt.QMessageBox.Yes
+
+    def _trustAndRestart(self, job: EngineJob, event: dict) -> None:
+        """The user's answer to an untrusted model folder: if yes, the engine records the trust
+        (``trust FOLDER``, with the job's interpreter and environment) and sampling starts again."""
+        import subprocess
+
+        if not self.confirmTrust(event["message"]):
+            return
+        command = job.command[:job.command.index("InvarianceExplorerLib") + 1] + ["trust", event["folder"]]
+        try:
+            done = subprocess.run(command, env=job.env, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.showError(f"Could not trust {event['folder']}: {exc}")
+            return
+        if done.returncode != 0:
+            self.showError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else
+                           f"Could not trust {event['folder']} (exit status {done.returncode})")
+            return
+        self.start()
 
     def _onCancelled(self, event: dict) -> None:
         self.job = None

@@ -68,11 +68,12 @@ def engine_command(args: Sequence[str], python: Optional[str] = None) -> List[st
 
 def engine_environment(base: Optional[dict] = None) -> Dict[str, str]:
     """The child's environment: ``base`` (default ``os.environ``) with the engine package
-    first on ``PYTHONPATH`` and unbuffered output."""
+    first on ``PYTHONPATH``, unbuffered output, and no imports from the working folder."""
     env = dict(os.environ if base is None else base)
     paths = [PACKAGE_PARENT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != PACKAGE_PARENT]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONSAFEPATH"] = "1"  # Python >= 3.11: modules in the working folder do not shadow installed ones
     return env
 
 
