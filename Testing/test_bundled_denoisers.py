@@ -102,3 +102,10 @@ def test_bundled_denoiser_on_real_ct(arch):
     before, after = image.array[window].std(), out.array[window].std()
     assert after < 0.8 * before, f"{arch}: std {after:.1f} HU after vs {before:.1f} HU before"
     assert abs(out.array[window].mean() - image.array[window].mean()) < 15.0  # no HU shift
+
+
+def test_the_bundled_models_stay_within_their_60_mb():
+    """All four denoisers with their cVAE and cINN, cards and figures: at most 60 MB in all
+    (the project's budget for Resources/Models; 46.6 MB in December 2026)."""
+    size = sum(p.stat().st_size for p in bundled_models_dir().rglob("*") if p.is_file())
+    assert 30e6 < size <= 60e6, f"Resources/Models holds {size / 1e6:.1f} MB"

@@ -231,7 +231,10 @@ def test_ctrl_c_or_sigterm_exits_in_one_line_and_leaves_no_partial_folder(tmp_pa
     command = [sys.executable, "-m", "InvarianceExplorerLib", "sample", "--model", "redcnn", "--input",
                str(sample_ct_path()), "--center", "368,283,1", "--count", "400", "--out", str(tmp_path / "run"),
                "--device", "cpu", "--progress", "json"]  # a minute of work: still sampling when interrupted
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a suite started in the background by a non-interactive shell inherits
+    # SIGINT ignored (POSIX), and Python then leaves it ignored
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stdout:  # interrupted while sampling
         if json.loads(line).get("stage") == "sampling":
             break

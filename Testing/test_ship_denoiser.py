@@ -41,3 +41,13 @@ def test_shipping_keeps_the_invariance_models_and_their_checksums(trained, tmp_p
     size = models.patch_size
     result = InvarianceSampler(models).sample(np.random.default_rng(0).normal(-700.0, 20.0, (size, size)).astype(np.float32), count=2, seed=0)
     assert result.invariances.shape == (2, size, size)
+    # a denoiser without invariance models shipped over this folder: they go, and it is said
+    plain = copy_model_folder(folder, tmp_path / "plain")
+    record = read_metadata(plain)
+    for name in ("cvae", "cinn"):
+        (plain / record["weights"].pop(name)["file"]).unlink()
+    write_metadata(plain, record)
+    with pytest.warns(RuntimeWarning, match="2.80 mm pixels"), \
+            pytest.warns(RuntimeWarning, match="its cinn, cvae weights, trained for the denoiser shipped there before"):
+        ship_denoiser(plain, tmp_path / "cnn10", data, limit=2)
+    assert set(read_metadata(tmp_path / "cnn10")["weights"]) == {"denoiser"}

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -183,6 +184,12 @@ def ship_denoiser(trained, destination, data, tolerance_hu: float = 0.1, limit: 
         rmse = {d: result["figures"][f"{name} {d}"]["rmse_hu"] for d in ("float32", "float16")}
         dtype = "float16" if abs(rmse["float16"] - rmse["float32"]) <= tolerance_hu else "float32"
         source = Path(tmp) / "fp16" if dtype == "float16" else trained
+        replaced = set(read_metadata(destination)["weights"]) - set(metadata["weights"]) \
+            if (Path(destination) / METADATA).is_file() else set()
+        if replaced:  # trained for the denoiser being replaced: they do not describe the new one
+            warnings.warn(f"{destination}: its {', '.join(sorted(replaced))} weights, trained for the denoiser "
+                          "shipped there before, are replaced with it; train them again for the new denoiser "
+                          "(train cvae, then train cinn)", RuntimeWarning)
         destination = copy_model_folder(source, Path(destination))
     figures = result["figures"]
     chosen = figures.pop(f"{name} {dtype}")
