@@ -607,7 +607,7 @@ def _add_trust(trust) -> None:
 
 def _cmd_trust(args) -> int:
     from .denoisers import CUSTOM, read_metadata, verify_weights
-    from .trusted_code import code_files, trust
+    from .trusted_code import code_files, describe_code, trust
 
     if not args.folder.is_dir():
         raise ValueError(f"{args.folder}: no such model folder")
@@ -616,12 +616,10 @@ def _cmd_trust(args) -> int:
         print(f"{args.folder}: a {metadata['architecture']['name']} folder holds weights only and runs no code; "
               "there is nothing to trust")
         return 0
-    files = code_files(metadata)
-    for record in files.values():  # the files as recorded, unchanged
+    for record in code_files(metadata).values():  # the files as recorded, unchanged
         verify_weights(args.folder, record)
     trust(args.folder, metadata)
-    what = ", ".join(r["file"] for r in files.values()) or f"the module of {metadata['architecture'].get('class')}"
-    print(f"{args.folder}: its code ({metadata['architecture']['kind']}: {what}) may now run on this machine")
+    print(f"{args.folder}: its code ({describe_code(metadata)}) may now run on this machine")
     return 0
 
 

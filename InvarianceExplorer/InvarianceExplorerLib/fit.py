@@ -102,11 +102,9 @@ def denoiser_source(source) -> Path:
     """The file or folder of a fit's denoiser: ``source`` itself, or the folder of a bundled
     name (cnn10, ...); ``ValueError`` saying what to give when it does not exist or is a
     training run's folder instead of its model folder."""
-    from .denoisers import DENOISERS, bundled_models_dir
+    from .denoisers import DENOISERS, resolve_model_folder
 
-    if str(source) in DENOISERS:  # a bundled name is the bundled folder (a folder of that name: ./cnn10)
-        source = bundled_models_dir() / str(source)
-    source = Path(source)
+    source = resolve_model_folder(source) if str(source) in DENOISERS else Path(source)
     if not source.exists():
         raise ValueError(f"{source}: no such file or folder; give a model folder (train denoiser's OUT/model, or "
                          f"a bundled name: {', '.join(DENOISERS)}) or your denoiser's network file")
@@ -209,7 +207,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
             raise ValueError(f"{work} holds a fit of another denoiser or setting ({was}); resume it with the same "
                              "denoiser and settings, or give a new --out")
     source_data = open_source(data, dicom=dicom)
-    check_data(source_data, data, patch_size, ("train", "val") + (("test",) if fidelity_slices else ()))
+    check_data(source_data, data, patch_size, test=bool(fidelity_slices))
     dist = setup_distributed(device)
     try:
         denoiser_folder = work / "denoiser"

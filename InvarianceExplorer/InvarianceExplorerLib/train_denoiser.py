@@ -412,12 +412,10 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
         scores = evaluate(denoiser, validation, normalization, device)
         state["seconds"] += time.perf_counter() - started
         state["epoch"] = epoch
-        state["history"].append({"epoch": epoch, "train": {n: t / steps_per_epoch for n, t in sums.items()},
-                                 "val": scores["denoised"], "val_low_dose": scores["low_dose"],
-                                 "seconds": round(state["seconds"], 3)})
-        _stop_if_diverged(f"{arch} denoiser", epoch, {
-            **{f"training {n}": t / steps_per_epoch for n, t in sums.items()},
-            **{f"validation {n}": v for n, v in scores["denoised"].items()}}, checkpoint_path)
+        means = {n: t / steps_per_epoch for n, t in sums.items()}
+        state["history"].append({"epoch": epoch, "train": means, "val": scores["denoised"],
+                                 "val_low_dose": scores["low_dose"], "seconds": round(state["seconds"], 3)})
+        _stop_if_diverged(f"{arch} denoiser", epoch, means, scores["denoised"], checkpoint_path)
         best = state["best"]
         if best is None or scores["denoised"]["rmse_hu"] < best["val"]["rmse_hu"]:
             state["best"] = {"epoch": epoch, "val": scores["denoised"],

@@ -352,12 +352,11 @@ def _frozen_denoiser(folder: Path, device):
 
 def _held_out_tensors(source, split: str, patch_size: int, count: int, normalization, device):
     """Fixed held-out patches (:func:`~.fidelity.held_out_patches`, 2 per slice) as normalised
-    tensors ``(N, 1, P, P)`` (low dose) with the patches themselves."""
+    tensors ``(N, 1, P, P)`` (low dose) with the patches themselves (the split holds slices:
+    :func:`~.training.check_data`)."""
     from .fidelity import held_out_patches
 
     patches = held_out_patches(source, split, patch_size, slices=max(1, (count + 1) // 2), per_slice=2)[:count]
-    if not patches:
-        raise ValueError(f"the {split} split is empty; the data set needs at least 2 patients")
     x = normalization.normalize(torch.from_numpy(np.stack([p.low_dose for p in patches]))[:, None]).to(device)
     return x, patches
 
@@ -478,10 +477,9 @@ def _run(kind: str, objective: _Objective, config: dict, out: Path, *, epochs: i
         scores = validate(epoch) if dist.is_main else {}
         state["seconds"] += time.perf_counter() - started
         state["epoch"] = epoch
-        state["history"].append({"epoch": epoch, "train": {n: t / steps_per_epoch for n, t in sums.items()},
-                                 "val": scores, "seconds": round(state["seconds"], 3)})
-        stop_if_diverged(kind, epoch, {**{f"training {n}": t / steps_per_epoch for n, t in sums.items()},
-                                       **{f"validation {n}": v for n, v in scores.items()}}, checkpoint_path, dist)
+        means = {n: t / steps_per_epoch for n, t in sums.items()}
+        state["history"].append({"epoch": epoch, "train": means, "val": scores, "seconds": round(state["seconds"], 3)})
+        stop_if_diverged(kind, epoch, means, scores, checkpoint_path, dist)
         best = state["best"]
         eligible = objective.selectable(epoch * steps_per_epoch, epochs * steps_per_epoch)
         if dist.is_main and eligible and (best is None or scores[criterion] < best["val"][criterion]):
@@ -602,7 +600,7 @@ def train_cvae(denoiser, data, out, *, epochs: int = 10, steps_per_epoch: int = 
     try:
         folder = resolve_model_folder(denoiser)
         source = open_source(data)
-        check_data(source, data, patch_size, ("train", "val") + (("test",) if fidelity_slices else ()))
+        check_data(source, data, patch_size, test=bool(fidelity_slices))
         out = Path(out)
         config = _config("cvae", hp, folder, patch_size=patch_size, batch_size=batch_size,
                          steps_per_epoch=steps_per_epoch, seed=seed, resume=resume, dist=dist, data=data)
@@ -731,7 +729,7 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
         patch_size = rep.patch_size
         _check(epochs, steps_per_epoch, batch_size, patch_size, val_patches)
         source = open_source(data)
-        check_data(source, data, patch_size, ("train", "val") + (("test",) if fidelity_slices else ()))
+        check_data(source, data, patch_size, test=bool(fidelity_slices))
         out = Path(out)
         config = _config("cinn", hp, folder, patch_size=patch_size, batch_size=batch_size,
                          steps_per_epoch=steps_per_epoch, seed=seed, resume=resume, dist=dist, data=data)

@@ -194,12 +194,13 @@ def describe_data(source, path) -> dict:
             "images": "low- and full-dose" if getattr(source, "has_full_dose", True) else "low-dose only"}
 
 
-def check_data(source, data, patch_size: int, splits: Iterable[str] = ("train", "val")) -> None:
+def check_data(source, data, patch_size: int, test: bool = False) -> None:
     """``ValueError`` before a run starts (and before it makes a folder) when a split it uses
-    holds no slice, or the slices are smaller than its patches (``data``: the name to show)."""
+    (train and val, and test with ``test``: the fidelity figures) holds no slice, or the
+    slices are smaller than its patches (``data``: the name to show)."""
     from .datasets import PAPER_FRACTIONS, split_indices
 
-    empty = [s for s in splits if not split_indices(source, s, 1)]
+    empty = [s for s in ("train", "val", "test")[:3 if test else 2] if not split_indices(source, s, 1)]
     if empty:
         patients = len(set(getattr(source, "split_ids", source.patient_ids)))
         hint = "; or measure no fidelity figures on it (--fidelity-slices 0)" if empty == ["test"] else ""
@@ -341,11 +342,13 @@ class TrainingDiverged(ValueError):
     high for the data, or bfloat16 overflow): the run stops instead of exporting it."""
 
 
-def stop_if_diverged(run: str, epoch: int, figures: dict, checkpoint: Path, dist=None) -> None:
-    """Raise :class:`TrainingDiverged` when a number in ``figures`` (name -> value: the epoch's
-    mean losses and validation figures) is NaN or infinite. Called before the epoch is
+def stop_if_diverged(run: str, epoch: int, training: dict, validation: dict, checkpoint: Path, dist=None) -> None:
+    """Raise :class:`TrainingDiverged` when a number of ``training`` (the epoch's mean losses)
+    or ``validation`` (its validation figures) is NaN or infinite. Called before the epoch is
     checkpointed, so ``checkpoint`` keeps the epoch before; every process of a distributed
     run (``dist``) stops together."""
+    figures = {**{f"training {n}": v for n, v in training.items()},
+               **{f"validation {n}": v for n, v in validation.items()}}
     bad = [(name, value) for name, value in figures.items()
            if isinstance(value, (int, float)) and not math.isfinite(value)]
     if dist is not None and dist.enabled:

@@ -51,6 +51,13 @@ def code_files(metadata: dict) -> dict:
     return files
 
 
+def describe_code(metadata: dict) -> str:
+    """What a folder runs, for messages: ``kind: its code files`` (or the module of its class)."""
+    architecture = metadata["architecture"]
+    runs = ", ".join(r["file"] for r in code_files(metadata).values()) or f"the module of {architecture.get('class')}"
+    return f"{architecture.get('kind')}: {runs}"
+
+
 def code_key(metadata: dict) -> str:
     """SHA-256 naming what an imported denoiser's folder runs: its kind, its class (a Python
     import path) and the SHA-256 of each code file (:func:`code_files`)."""
@@ -97,9 +104,7 @@ def require_trust(folder, metadata: dict) -> None:
     """:class:`UntrustedCodeError` unless the code of ``folder`` is trusted here."""
     if is_trusted(metadata):
         return
-    architecture = metadata["architecture"]
-    runs = ", ".join(r["file"] for r in code_files(metadata).values()) or f"the module of {architecture.get('class')}"
     raise UntrustedCodeError(
-        f"{folder} holds code that runs when it loads ({architecture.get('kind')}: {runs}), and this machine has "
+        f"{folder} holds code that runs when it loads ({describe_code(metadata)}), and this machine has "
         f"not been told to trust it. Load it only if you trust who made it: read those files, then run "
         f"`invariance-explorer trust {folder}` (or import the denoiser yourself with `fit`)", folder)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from .process import EngineJob, ProcessRunner
+from .process import EngineJob, ProcessRunner, engine_command
 from .qtshim import prop, qt
 
 #: The bundled denoisers: (CLI name, label).
@@ -365,7 +365,7 @@ class SamplingPanel(qt.QWidget):
 
         if not self.confirmTrust(event["message"]):
             return
-        command = job.command[:job.command.index("InvarianceExplorerLib") + 1] + ["trust", event["folder"]]
+        command = engine_command(["trust", event["folder"]], python=job.command[0])  # the job's interpreter
         try:
             done = subprocess.run(command, env=job.env, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as exc:
