@@ -569,3 +569,42 @@ def test_malformed_header_value_names_the_file(tmp_path):
     (tmp_path / "bad.dcm").write_bytes(data.replace(element + b"11", element + b"1A"))
     with pytest.warns(UserWarning, match="Invalid value for VR IS"):  # pydicom's own
         raises(["bad.dcm", "malformed NumberOfFrames", "1A"], read_image, tmp_path / "bad.dcm")
+
+
+def test_a_folder_is_written_whole_or_the_earlier_one_stays(tmp_path, monkeypatch):
+    """written_whole: the new folder replaces an earlier one at once; a failing block, or an
+    interruption between moving the earlier folder aside and moving the new one in (Ctrl-C
+    arrives between two Python statements), leaves the earlier folder as it was and no hidden
+    folders beside it."""
+    import os
+
+    from InvarianceExplorerLib import io
+
+    out = tmp_path / "results"
+    with io.written_whole(out) as partial:
+        (partial / "a.txt").write_text("first")
+    assert (out / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        with io.written_whole(out) as partial:
+            (partial / "a.txt").write_text("second")
+            raise RuntimeError("sampling failed")
+    assert (out / "a.txt").read_text() == "first" and sorted(os.listdir(tmp_path)) == ["results"]
+
+    moves = []
+
+    def interrupted_second_move(source, destination):
+        moves.append(Path(source).name)
+        if len(moves) == 2:
+            raise KeyboardInterrupt
+        os.rename(source, destination)
+
+    monkeypatch.setattr(io.os, "replace", interrupted_second_move)
+    with pytest.raises(KeyboardInterrupt):
+        with io.written_whole(out) as partial:
+            (partial / "a.txt").write_text("third")
+    monkeypatch.undo()
+    assert moves[0] == "results" and moves[1].endswith(".partial")
+    assert (out / "a.txt").read_text() == "first" and sorted(os.listdir(tmp_path)) == ["results"]
+    with io.written_whole(out) as partial:
+        (partial / "b.txt").write_text("fourth")
+    assert sorted(os.listdir(out)) == ["b.txt"] and sorted(os.listdir(tmp_path)) == ["results"]

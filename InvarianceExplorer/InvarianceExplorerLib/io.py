@@ -536,24 +536,25 @@ def written_whole(folder: Path):
     """Yield a hidden sibling folder to write the folder ``folder`` in; when the block ends
     it replaces ``folder`` (an earlier export) at once, and when it fails (or is interrupted)
     it is removed: a model folder appears whole or not at all. A symbolic link ``folder`` is
-    followed: its target is written (the link stays)."""
+    followed: its target is written (the link stays). Interrupted between moving the earlier
+    folder aside and moving the new one in, the earlier folder is put back."""
     folder = Path(folder)
     if folder.is_symlink():
         folder = folder.resolve()
-    partial = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.partial")
+    token = uuid.uuid4().hex[:8]
+    partial, old = (folder.with_name(f".{folder.name}.{token}.{end}") for end in ("partial", "old"))
     partial.mkdir(parents=True)
     try:
         yield partial
-        old = None
         if folder.exists():
-            old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.old")
             os.replace(folder, old)
         os.replace(partial, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     finally:
-        if partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
+        if old.exists() and not folder.exists():
+            os.replace(old, folder)
+        for left in (old, partial):
+            if left.exists():
+                shutil.rmtree(left, ignore_errors=True)
 
 
 def write_nrrd(image: CTImage, path, *, array: Optional[np.ndarray] = None, compress: bool = True) -> str:
