@@ -20,7 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from InvarianceExplorerLib.cli import main
 from InvarianceExplorerLib.result_folder import FILES as SAMPLE_OUTPUTS
 from InvarianceExplorerLib.result_folder import read_volume
-from InvarianceExplorerLib.denoisers import Denoiser, build_denoiser, read_metadata, save_denoiser, write_metadata
+from InvarianceExplorerLib.denoisers import (Denoiser, build_denoiser, read_metadata, resolve_model_folder, save_denoiser,
+                                             write_metadata)
 from InvarianceExplorerLib.image import CTImage
 from InvarianceExplorerLib.inference import apply_network
 from InvarianceExplorerLib.invariance_flow import InvarianceFlow, nll_per_dimension
@@ -860,3 +861,29 @@ def test_sample_figures_leave_out_the_air_a_scanner_leaves_constant(tmp_path):
     assert numbers["content_pixels"] == content.sum()
     change = np.abs(stack - x)[:, content].mean(axis=1)
     assert np.allclose([s["mean_abs_change_hu"] for s in numbers["samples"]], change, rtol=1e-4)
+
+
+@pytest.mark.parametrize("where, change, said", [
+    ("architecture", {"channels": 4096}, "do not fit the network metadata.json describes"),
+    ("architecture", {"colour": 1}, "do not build the network of denoiser.safetensors"),
+    ("cvae", {"channels": [4096, 24, 48, 96, 128, 64]}, "cvae.safetensors: its tensors do not fit"),
+    ("cinn", {"hidden": 4096}, "cinn.safetensors: its tensors do not fit"),
+    ("cinn", {"n_flows": "twelve"}, "do not build the network of cinn.safetensors"),
+])
+def test_metadata_that_builds_another_network_than_its_weights_is_refused_first(tmp_path, where, change, said):
+    """metadata.json's constructor arguments are checked against the weight files' tensors
+    before a network is built (metadata.json carries no checksum: an altered one could ask
+    for any size), with the file and what to do."""
+    import shutil
+
+    from InvarianceExplorerLib.sampler import load_invariance_models
+
+    folder = tmp_path / "redcnn"
+    shutil.copytree(resolve_model_folder("redcnn"), folder)
+    metadata = read_metadata(folder)
+    arguments = metadata["architecture"]["arguments"] if where == "architecture" else metadata["invariance"][where]
+    arguments.update(change)
+    write_metadata(folder, metadata)
+    with pytest.raises(ValueError, match=said) as error:
+        load_invariance_models(folder)
+    assert "the model folder is damaged: copy it again from where it was made" in str(error.value)

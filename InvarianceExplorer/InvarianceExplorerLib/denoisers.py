@@ -31,8 +31,9 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -446,6 +447,38 @@ def load_weights(module: nn.Module, folder, record: dict) -> nn.Module:
     return module
 
 
+def load_network(build: Callable[..., nn.Module], arguments, folder, record: dict) -> nn.Module:
+    """``build(**arguments)`` (constructor arguments from ``metadata.json``) with the weights
+    of the checked safetensors file of ``record``. The network is first built without memory
+    (torch's meta device) and its tensors' names and shapes compared with the file's, so
+    arguments that do not build it, or build another network than the file holds (a damaged
+    or altered folder: any size would be allocated), raise ``ValueError`` first."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = verify_weights(folder, record)
+    damaged = "the model folder is damaged: copy it again from where it was made"
+    try:
+        if not isinstance(arguments, dict):
+            raise TypeError(f"a JSON object is needed, not {type(arguments).__name__}")
+        with torch.device("meta"):
+            wanted = {k: tuple(v.shape) for k, v in build(**arguments).state_dict().items()}
+    except (TypeError, ValueError, KeyError, IndexError, AssertionError) as exc:
+        raise ValueError(f"{Path(folder) / METADATA}: the arguments {json.dumps(arguments)[:120]} do not build "
+                         f"the network of {path.name} ({' '.join(str(exc).split())[:160]}); {damaged}") from None
+    with safe_open(str(path), "pt") as stored_file:
+        stored = {k: tuple(stored_file.get_slice(k).get_shape()) for k in stored_file.keys()}
+    if stored != wanted:
+        name = sorted(set(stored) ^ set(wanted)) or sorted(k for k in stored if stored[k] != wanted[k])
+        k = name[0]
+        raise ValueError(f"{path}: its tensors do not fit the network {METADATA} describes ({len(name)} differ, "
+                         f"e.g. {k}: {stored.get(k, 'absent')} in the file, {wanted.get(k, 'absent')} built); "
+                         f"{damaged}")
+    network = build(**arguments)
+    network.load_state_dict(load_file(str(path)))
+    return network
+
+
 def copy_model_folder(source: Path, destination: Path) -> Path:
     """Copy a model folder (weights, metadata, card, an imported denoiser's ``bundle/``) to
     ``destination``, replacing the model folder there (a folder copied onto itself is left as
@@ -543,7 +576,7 @@ def load_denoiser(folder_or_name: Union[str, os.PathLike], device="cpu") -> Deno
 
         network = build_custom_network(folder, metadata)
     else:
-        network = load_weights(build_denoiser(architecture["name"], **architecture.get("arguments", {})), folder,
-                               metadata["weights"]["denoiser"])
+        network = load_network(partial(build_denoiser, architecture["name"]), architecture.get("arguments", {}),
+                               folder, metadata["weights"]["denoiser"])
     network.eval().requires_grad_(False).to(resolve_device(device))
     return Denoiser(network, HUNormalization.from_dict(metadata["normalization"]), metadata, folder)

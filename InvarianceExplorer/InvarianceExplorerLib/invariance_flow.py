@@ -103,7 +103,7 @@ class InvarianceFlow(nn.Module):
                              subnet_constructor=_subnet(hidden), clamp=clamp)
             self.flow.append(Fm.PermuteRandom)
             permute = self.flow[-1]  # FrEIA draws it from numpy's global state: replace it by our own
-            order = torch.randperm(z_dim, generator=generator)
+            order = torch.randperm(z_dim, generator=generator, device="cpu")  # the generator's device
             permute.perm.data.copy_(order)
             permute.perm_inv.data.copy_(torch.argsort(order))
         for module in self.flow:

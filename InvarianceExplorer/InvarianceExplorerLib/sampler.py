@@ -48,7 +48,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .denoisers import (Denoiser, load_denoiser, load_weights, read_metadata, resolve_model_folder, save_weights,
+from .denoisers import (Denoiser, load_denoiser, load_network, read_metadata, resolve_model_folder, save_weights,
                         write_metadata)
 from .image import CTImage
 from .invariance_flow import InvarianceFlow, build_invariance_flow
@@ -232,7 +232,7 @@ def load_representation(folder_or_name, device="cpu") -> Tuple[Denoiser, Represe
                          f"{metadata['architecture']['name']}; train one first (invariance-explorer train cvae)")
     device = resolve_device(device)
     denoiser = load_denoiser(folder, device=device)
-    representation = load_weights(build_representation(**info[CVAE]), folder, metadata["weights"][CVAE])
+    representation = load_network(build_representation, info[CVAE], folder, metadata["weights"][CVAE])
     representation.eval().requires_grad_(False).to(device)
     return denoiser, representation
 
@@ -268,8 +268,8 @@ def load_invariance_models(folder_or_name, device="cpu") -> InvarianceModels:
                          f"reads version {INVARIANCE_VERSION} and older: update InvarianceExplorer")
     device = resolve_device(device)
     denoiser = load_denoiser(folder, device=device)  # checks every weight file's checksum
-    representation = load_weights(build_representation(**info[CVAE]), folder, metadata["weights"][CVAE])
-    flow = load_weights(build_invariance_flow(**info[CINN]), folder, metadata["weights"][CINN])
+    representation = load_network(build_representation, info[CVAE], folder, metadata["weights"][CVAE])
+    flow = load_network(build_invariance_flow, info[CINN], folder, metadata["weights"][CINN])
     for module in (representation, flow):
         module.eval().requires_grad_(False)
     return InvarianceModels(denoiser, representation, flow, folder, info.get("refinement")).to(device)
