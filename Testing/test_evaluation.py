@@ -48,7 +48,8 @@ def test_model_card_says_only_what_a_training_record_holds():
     record["training"] = {"scheme": "fine-tune on nodule-erased targets", "data": {"kind": "simulated",
                           "path": "data/erased", "pixel_spacing_mm": 0.7}, "steps": 1500, "batch_size": 16,
                           "lr": 3e-4, "wall_time_s": 3104.2, "machine": {"cpu": "AMD EPYC", "cpu_threads": 2,
-                                                                         "torch": "2.13.0", "python": "3.11.7"}}
+                                                                         "torch": "2.13.0", "python": "3.11.7",
+                                                                         "engine": "0.1.0, commit 1a2b3c4"}}
     card = model_card(record)
     training = card[card.index("## Training"):card.index("## Held-out figures")]
     assert "None" not in training
@@ -56,5 +57,25 @@ def test_model_card_says_only_what_a_training_record_holds():
     assert f"- 1500 steps, batch 16 patches of {record['patch_size']}² px, random flips/rotations\n" in training
     assert '- other training settings: `{"lr": 0.0003}`' in training
     assert "- optimiser" not in training and "- best epoch (lowest" not in training
+    assert "- wall time 3104.2 s (AMD EPYC, 2 threads, torch 2.13.0, Python 3.11.7, engine 0.1.0, commit 1a2b3c4)" \
+        in training
     full = model_card(read_metadata(resolve_model_folder("redcnn")))
     assert "split by patient" in full and "None" not in full
+
+
+def test_a_figure_names_the_engine_commit_that_made_it():
+    """Model cards and benchmark tables record the engine's version and, from a git checkout
+    (an editable install, as `make setup` makes), its commit, marked when its files differ."""
+    import subprocess
+    from pathlib import Path
+
+    from InvarianceExplorerLib import __version__
+    from InvarianceExplorerLib.devices import engine_version, machine
+
+    engine = Path(engine_version.__code__.co_filename).parent
+    head = subprocess.run(["git", "-C", str(engine), "rev-parse", "--short=7", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    changed = subprocess.run(["git", "-C", str(engine), "status", "--porcelain", "--untracked-files=no", "--",
+                              str(engine.parent)], capture_output=True, text=True, check=True).stdout.strip()
+    assert engine_version() == f"{__version__}, commit {head}" + (" + changes" if changed else "")
+    assert machine()["engine"] == engine_version()

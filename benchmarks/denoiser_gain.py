@@ -64,7 +64,7 @@ def main(argv=None) -> None:
 
     info = machine()
     print(f"{len(patches)} test patches of 128² of {args.data}, changes of {args.amplitude:g} HU mean |d|, "
-          f"{args.repeats} per patch and band; {info['cpu']}, {info['cpu_threads']} threads, torch {info['torch']}")
+          f"{args.repeats} per patch and band; {info['cpu']}, {info['cpu_threads']} threads, torch {info['torch']}, engine {info['engine']}")
     print("| f | " + " | ".join(f"{lo:g}–{hi:g}" for lo, hi in BANDS) + " | C' (fresh noise) |")
     print("|---" * (len(BANDS) + 2) + "|")
     for name in args.denoisers.split(","):

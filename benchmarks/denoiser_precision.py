@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     m = machine()
     print(f"machine: {m['cpu']} ({args.threads} threads; bfloat16 in oneDNN: {'yes' if bf16 else 'no'}), "
-          f"torch {m['torch']}")
+          f"torch {m['torch']}, engine {m['engine']}")
     print("command: " + " ".join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)]))
     print(f"{len(centers)} patches of the sample CT, {args.count} invariances each, f in batches of {batch}")
     print()

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
           f"({result['patients']} patients); HU clipped to {result['metric_hu_range']} for RMSE/PSNR/SSIM; "
           f"noise std in eroded uniform phantom regions.\n")
     print(quality_table(result))
-    print(f"\nmachine: {m['cpu']}, {m['cpu_threads']} threads, torch {m['torch']}, Python {m['python']}; "
+    print(f"\nmachine: {m['cpu']}, {m['cpu_threads']} threads, torch {m['torch']}, Python {m['python']}, engine {m['engine']}; "
           f"{time.perf_counter() - started:.0f} s")
     print(f"command: {command}")
     if skipped:

@@ -75,7 +75,7 @@ def main(argv=None) -> None:
 
     info = machine()
     print(f"f = {args.denoiser}, lam_cons {args.lam_cons:g}, {len(patches)} test patches of 128², {info['cpu']}, "
-          f"{info['cpu_threads']} threads, torch {info['torch']}")
+          f"{info['cpu_threads']} threads, torch {info['torch']}, engine {info['engine']}")
     print("| x~ | mean\\|x~ - x\\| (HU) | mean\\|f(x~) - f(x)\\| (HU) | ratio | NPS correlation / noise std ratio "
           "| training time |\n|---|---|---|---|---|---|")
     with torch.no_grad():

@@ -91,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     m = machine()
-    print(f"machine: {m['cpu']}, {args.threads} threads, torch {m['torch']}")
+    print(f"machine: {m['cpu']}, {args.threads} threads, torch {m['torch']}, engine {m['engine']}")
     print("per patch: (images with altered regions, mean altered area mm^2, regions seen by f)")
     source = open_source(args.data)
     for model in args.models:

@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     m = machine()
-    print(f"machine: {m['cpu']}, {args.threads} threads, torch {m['torch']}")
+    print(f"machine: {m['cpu']}, {args.threads} threads, torch {m['torch']}, engine {m['engine']}")
     source = open_source(args.data)
     texture = NoiseTexture.from_dict(data_noise_texture(source))
     patches = held_out_patches(source, "test", args.patch, slices=args.slices, per_slice=2)

@@ -34,9 +34,11 @@ def main() -> None:
         build_simulated_dataset(out, args.count, size=args.size, seed=0, device=args.device, progress=False)
         seconds = time.perf_counter() - start
     per_pair = seconds / args.count
+    m = machine()
+    print(f"engine {m['engine']}")
     print("| machine | device | threads | size | pairs | s per pair | 2000 pairs (min) |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| {machine()['cpu']} | {args.device} | {args.threads} | {args.size} | {args.count} | "
+    print(f"| {m['cpu']} | {args.device} | {args.threads} | {args.size} | {args.count} | "
           f"{per_pair:.3f} | {per_pair * 2000 / 60:.1f} |")
 
 

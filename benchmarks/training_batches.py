@@ -54,7 +54,7 @@ def main() -> None:
         print(f"| {name} | {seconds:.3f} |")
     m = machine(torch.device("cpu"))
     print(f"\n{args.batches} batches of {args.batch_size} patches of {args.patch_size}² from {args.data} "
-          f"({len(source)} slices); machine: {m['cpu']}, {args.threads} threads, torch {m['torch']}")
+          f"({len(source)} slices); machine: {m['cpu']}, {args.threads} threads, torch {m['torch']}, engine {m['engine']}")
     print("command: python benchmarks/training_batches.py " + " ".join(sys.argv[1:]))
 
 

@@ -59,7 +59,7 @@ def main() -> None:
         print(f"| {arch} | {fp32:.2f} | {bf16:.2f} | {fp32 / bf16:.1f}x |", flush=True)
     m = machine(torch.device(args.device))
     print(f"\nbatch {args.batch_size} patches of {args.patch_size}²; median of {args.steps} steps; machine: {m['cpu']}, "
-          f"{args.threads} threads, torch {m['torch']}, device {args.device}")
+          f"{args.threads} threads, torch {m['torch']}, device {args.device}, engine {m['engine']}")
     print("command: python benchmarks/training_precision.py " + " ".join(sys.argv[1:]))
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import platform
+import subprocess
 import warnings
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -32,7 +34,8 @@ def resolve_device(device="auto") -> torch.device:
 
 def machine(device: Optional[torch.device] = None) -> dict:
     """The hardware and software of this run (CPU model from ``/proc/cpuinfo``, threads,
-    versions; the GPU name when ``device`` is CUDA), for model cards and benchmark tables."""
+    versions, :func:`engine_version`; the GPU name when ``device`` is CUDA), for model cards
+    and benchmark tables."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -40,16 +43,41 @@ def machine(device: Optional[torch.device] = None) -> dict:
     except OSError:
         pass
     info = {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "engine": engine_version()}
     if device is not None:
         info["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return info
 
 
-def cpu_words(info: dict) -> str:
-    """"<CPU model>, <n> thread(s)" of a :func:`machine` record, for model cards."""
+def engine_version() -> str:
+    """This engine's version and, run from a git checkout, its commit ("0.1.0, commit 1a2b3c4",
+    "+ changes" when the engine's files differ from it), so that a figure names the code that
+    made it."""
+    from . import __version__
+
+    here = Path(__file__).resolve().parent
+    try:
+        def git(*args):
+            return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+
+        if not git("ls-files", "--", "__init__.py"):  # installed into a folder a git checkout ignores
+            return __version__
+        commit = git("rev-parse", "--short=7", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", str(here.parent))
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__}, commit {commit}{' + changes' if changed else ''}"
+
+
+def machine_words(info: dict) -> str:
+    """"<CPU model>, <n> thread(s), torch <version>, Python <version>, engine <version,
+    commit>" of a :func:`machine` record, for model cards (a field the record lacks, as
+    records made before the engine was recorded do, is left out)."""
     n = info.get("cpu_threads")
-    return f"{info.get('cpu')}, {n} thread{'' if n == 1 else 's'}"
+    return ", ".join([f"{info.get('cpu')}, {n} thread{'' if n == 1 else 's'}",
+                      *(f"{word} {info[key]}" for word, key in (("torch", "torch"), ("Python", "python"),
+                                                                ("engine", "engine")) if info.get(key))])
 
 
 def _map_tensors(fn, tree):

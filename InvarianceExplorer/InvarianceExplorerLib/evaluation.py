@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .devices import cpu_words, machine
+from .devices import machine_words, machine
 from .denoisers import (CUSTOM, METADATA, Denoiser, copy_model_folder, load_denoiser, read_metadata,
                         resolve_model_folder, save_denoiser, verify_weights, write_metadata)
 from .inference import METRIC_HU_RANGE, denoise, image_quality
@@ -257,7 +257,7 @@ def _fit_lines(metadata: dict) -> List[str]:
                   + f"critic from step {p['adv_start']}), cINN {p['cinn_steps']} steps"
                   + (f"; {p['seconds_per_cvae_step']:.2f} s per cVAE step measured"
                      if p.get("seconds_per_cvae_step") else "")
-                  + f". Spent {fit['wall_time_s']} s on {m.get('device')} ({cpu_words(m)}, {fit.get('world_size')} process(es))"
+                  + f". Spent {fit['wall_time_s']} s on {m.get('device')} ({machine_words(m)}, {fit.get('world_size')} process(es))"
                   + (" in its last session (it resumed an earlier one; the stages' wall times count every session)"
                      if fit.get("resumed") else "")
                   + f". Perceptual term: {fit.get('perceptual_term')}."]
@@ -308,8 +308,7 @@ def _training_lines(t: dict, patch_size) -> list:
     if t.get("wall_time_s") is not None:
         lines.append(f"- wall time {t['wall_time_s']} s"
                      + _phrase(" on {}", m.get("device"))
-                     + f" ({cpu_words(m)}, torch {m.get('torch')}, "
-                       f"Python {m.get('python')})")
+                     + f" ({machine_words(m)})")
     other = {k: v for k, v in t.items() if k not in _TRAINING_KNOWN}
     if other:
         lines.append(f"- other training settings: `{json.dumps(other)}`")

@@ -526,7 +526,7 @@ def fidelity_table(figures: dict) -> str:
 def invariance_card(metadata: dict) -> List[str]:
     """Model-card lines (Markdown) of ``metadata["invariance"]``: the representation and
     invariance flow, how they were trained, and their fidelity figures. Empty without one."""
-    from .devices import cpu_words
+    from .devices import machine_words
 
     info = metadata.get("invariance")
     if not info:
@@ -566,7 +566,7 @@ def invariance_card(metadata: dict) -> List[str]:
                   f"- best epoch {t.get('best_epoch')} (validation "
                   + ", ".join(f"{k} {v:.4g}" for k, v in (t.get("validation") or {}).items()
                               if isinstance(v, (int, float))) + ")",
-                  f"- wall time {t.get('wall_time_s')} s on {m.get('device')} ({cpu_words(m)}, torch {m.get('torch')})"]
+                  f"- wall time {t.get('wall_time_s')} s on {m.get('device')} ({machine_words(m)})"]
         features = t.get("feature_network")
         if features and features.get("used") is False:
             lines.append(f"- no perceptual term: {features.get('reason')}")
