@@ -41,7 +41,7 @@ import argparse
 import numpy as np
 import torch
 
-from InvarianceExplorerLib.analysis import ensemble_test, structure_change
+from InvarianceExplorerLib.analysis import MIN_SHAPE_NULL, ensemble_test, structure_change
 from InvarianceExplorerLib.analysis_folder import model_noise_texture, posterior_draws
 from InvarianceExplorerLib.datasets import open_source
 from InvarianceExplorerLib.devices import machine
@@ -89,6 +89,9 @@ def main() -> None:
                         help="with --noise-only: also judge them in the shape of a refined cVAE-posterior null")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.null < MIN_SHAPE_NULL or args.count < 3 or 0 < args.noise_only < 3:
+        parser.error(f"--null must be at least {MIN_SHAPE_NULL} (the null's shape), --count at least 3 and "
+                     "--noise-only 0 or at least 3 (method B)")
     torch.set_num_threads(args.threads)
     m = machine()
     print(f"machine: {m['cpu']}, {args.threads} threads, torch {m['torch']}, engine {m['engine']}")
