@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -214,7 +215,7 @@ def test_method_a_finds_no_region_in_pure_noise():
         rng = np.random.default_rng(100 + seed)
         x = 40.0 + gaussian_noise(rng, 1, 20.0, 0.7)[0]
         invariances = 40.0 + gaussian_noise(rng, 16, 20.0, 0.7)
-        change = structure_change(x, invariances, SPACING)
+        change = structure_change(x, invariances, SPACING, refined=False)
         false_regions += sum(s["region_count"] for s in change.samples)
         assert change.labels.dtype == np.uint8 and change.change_map.shape == (16,) + SHAPE
         assert abs(np.std(change.change_map) - 1.0) < 0.1  # z-scores in units of the noise-only fluctuation
@@ -232,7 +233,7 @@ def test_method_a_is_not_misled_by_padding():
         invariances = 40.0 + gaussian_noise(rng, 16, 20.0, 0.7)
         x[:, :54] = -1000.0
         invariances[:, :, :54] = -1000.0 + gaussian_noise(rng, 16, 0.7, 2.0)[:, :, :54]
-        change = structure_change(x, invariances, SPACING)
+        change = structure_change(x, invariances, SPACING, refined=False)
         false_regions += sum(s["region_count"] for s in change.samples)
         thresholds.append(change.threshold_z)
         assert not change.labels[:, :, :53].any()
@@ -246,7 +247,7 @@ def test_method_a_does_not_count_a_noise_amplitude_change():
     rng = np.random.default_rng(300)
     x = 40.0 + gaussian_noise(rng, 1, 20.0, 0.7)[0]
     scales = np.linspace(0.5, 2.0, 16)[:, None, None]
-    change = structure_change(x, 40.0 + gaussian_noise(rng, 16, 20.0, 0.7) * scales, SPACING)
+    change = structure_change(x, 40.0 + gaussian_noise(rng, 16, 20.0, 0.7) * scales, SPACING, refined=False)
     assert sum(s["region_count"] for s in change.samples) <= 2
     sigmas = [s["noise_sigma_hu"] for s in change.samples]
     assert sigmas[-1] > 1.5 * sigmas[0]  # the louder difference, the larger its noise-only std
@@ -259,7 +260,7 @@ def test_method_a_finds_no_region_in_real_ct_noise(ct_scans):
     16 (alpha = 0.05 each); at most 3 (Poisson probability of more: 1 %)."""
     scans, spacing = ct_scans
     x, invariances, null = scans[0], scans[1:17], scans[17:]
-    change = structure_change(x, invariances, spacing, null=null)
+    change = structure_change(x, invariances, spacing, null=null, refined=False)
     assert sum(s["region_count"] for s in change.samples) <= 3
     assert change.calibration["null_count"] == 16 and change.calibration["false_regions"] <= 3
 
@@ -283,7 +284,7 @@ def test_method_a_takes_the_noise_shape_of_refined_samples_from_a_refined_null()
     own, shaped = 0, 0
     for seed in range(4):
         invariances = x + refined_like_noise(np.random.default_rng(710 + seed), 16)
-        own += sum(s["region_count"] for s in structure_change(x, invariances, SPACING).samples)
+        own += sum(s["region_count"] for s in structure_change(x, invariances, SPACING, refined=False).samples)
         shaped += sum(s["region_count"] for s in structure_change(x, invariances, SPACING, null=null,
                                                                   null_shape=True).samples)
     assert own > 4 * ALPHA * 4 * 16 and shaped <= 2 * ALPHA * 4 * 16, (own, shaped)
@@ -317,7 +318,7 @@ def test_method_a_on_refined_samples_without_scans_uses_a_rescan_floor_estimated
     own, floored = 0, 0
     for seed in range(4):
         invariances = x + refined_like_noise(np.random.default_rng(750 + seed), 16)
-        own += sum(s["region_count"] for s in structure_change(x, invariances, SPACING).samples)
+        own += sum(s["region_count"] for s in structure_change(x, invariances, SPACING, refined=False).samples)
         floored += sum(s["region_count"] for s in structure_change(x, invariances, SPACING,
                                                                    noise_texture=texture).samples)
     assert own > 4 * ALPHA * 4 * 16 and floored <= 2 * ALPHA * 4 * 16, (own, floored)
@@ -327,6 +328,15 @@ def test_method_a_on_refined_samples_without_scans_uses_a_rescan_floor_estimated
     change = structure_change(x, faint, SPACING, noise_texture=texture)
     assert change.labels[2][40, 80] == 0 and change.labels[6][88, 80] == BRIGHTER
     assert change.scan_floor == FLOOR_ESTIMATED and "training data's noise texture" in change.summary()["noise_estimate"]
+    # the caller says whether they are refined: refined ones without a floor are refused, and
+    # without a word (and no floor) method A warns that it judges them as unrefined
+    with pytest.raises(ValueError, match="refined invariances need a rescan floor: pass scans= .* or noise_texture="):
+        structure_change(x, faint, SPACING, refined=True)
+    with pytest.warns(RuntimeWarning, match="method A judges these invariances as unrefined"):
+        assert structure_change(x, faint, SPACING).labels.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not structure_change(x, faint, SPACING, refined=True, noise_texture=texture).labels[2].any()
 
 
 def test_the_estimated_rescan_floor_matches_the_one_rescans_give(ct_scans):
@@ -369,7 +379,7 @@ def test_method_a_finds_an_added_and_a_removed_disc_with_their_area():
     0.93-1.11), so 15 % is three standard deviations — and these two invariances ranked
     first; the others have no region."""
     x, invariances, shape = added_and_removed_disc()
-    change = structure_change(x, invariances, SPACING)
+    change = structure_change(x, invariances, SPACING, refined=False)
     true_area = shape.sum() * SPACING[0] * SPACING[1]
     for k, label in ((3, BRIGHTER), (9, DARKER)):
         sample = change.samples[k]
@@ -409,24 +419,25 @@ def test_method_a_counts_only_what_f_ignores():
     def region_blind(images):
         return smoother(np.where(blind, 40.0, images))
 
-    seen = structure_change(x, invariances, SPACING, denoised=smoother(x), denoised_invariances=smoother(invariances))
+    seen = structure_change(x, invariances, SPACING, denoised=smoother(x), denoised_invariances=smoother(invariances),
+                            refined=False)
     assert seen.max_passed_on == 0.5 and seen.summary()["regions_seen_by_f"] >= 2
     for k in (3, 9):
         assert seen.samples[k]["region_count"] == 0 and not seen.labels[k].any()
         assert [r["passed_on"] > 0.8 for r in seen.samples[k]["seen_by_f"]] == [True]
     ignored = structure_change(x, invariances, SPACING, denoised=region_blind(x),
-                               denoised_invariances=region_blind(invariances))
+                               denoised_invariances=region_blind(invariances), refined=False)
     for k, label in ((3, BRIGHTER), (9, DARKER)):
         sample = ignored.samples[k]
         assert sample["region_count"] == 1 and sample["seen_by_f"] == []
         assert sample["regions"][0]["passed_on"] < 0.3 and (ignored.labels[k] == label)[50, 70]
-    ungated = structure_change(x, invariances, SPACING)  # without f's outputs every region counts
+    ungated = structure_change(x, invariances, SPACING, refined=False)  # without f's outputs every region counts
     assert ungated.max_passed_on is None and ungated.samples[3]["regions"][0]["passed_on"] is None
     assert np.array_equal(ungated.labels, structure_change(x, invariances, SPACING, denoised=smoother(x),
                                                            denoised_invariances=smoother(invariances),
-                                                           max_passed_on=1e9).labels)
+                                                           max_passed_on=1e9, refined=False).labels)
     with pytest.raises(ValueError, match="or neither"):
-        structure_change(x, invariances, SPACING, denoised=smoother(x))
+        structure_change(x, invariances, SPACING, denoised=smoother(x), refined=False)
 
 
 def test_benjamini_hochberg_matches_the_definition():
@@ -804,3 +815,37 @@ def test_analyze_refuses_a_bad_null_and_keeps_the_users_files(sample_folder, tmp
     write_nrrd(stack.with_array(broken), out / "invariances.nrrd")
     assert main(["analyze", str(out), "--progress", "none"]) == 2
     assert "invariances.nrrd: 1 of" in capsys.readouterr().err
+
+
+def test_the_readme_python_example_runs_as_written(capsys):
+    """README's "From Python" block, run verbatim: the bundled CNN-10's refined invariances of
+    the sample CT's nodule, method A with the estimated rescan floor (no false anatomy)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### From Python\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(block, "README.md (From Python)", "exec"), {})
+    shape, altered = capsys.readouterr().out.splitlines()
+    assert shape.startswith("(16, 128, 128) C = 0.") and float(shape.split("= ")[1]) <= 0.35
+    assert altered == "0 of 16 invariances change anatomy"
+
+
+def test_nan_images_and_a_scalar_pixel_size():
+    """NaN in x, the invariances or the null is refused by name (it gave 'cannot convert float
+    NaN to integer', or a pixel treated as noise-free); one number is taken as a square
+    pixel's size."""
+    rng = np.random.default_rng(5)
+    x = 40.0 + gaussian_noise(rng, 1, 20.0, 0.7)[0]
+    invariances, null = x + gaussian_noise(rng, 4, 20.0, 0.7), x + gaussian_noise(rng, 4, 20.0, 0.7)
+    square = structure_change(x, invariances, 0.7, refined=False)
+    assert np.array_equal(square.change_map, structure_change(x, invariances, (0.7, 0.7), refined=False).change_map)
+    bad = x.copy()
+    bad[3, 4] = np.nan
+    with pytest.raises(ValueError, match="x: 1 of .* values are NaN or infinite"):
+        structure_change(bad, invariances, SPACING, refined=False)
+    null[1, 2, 2] = np.inf
+    with pytest.raises(ValueError, match="null: 1 of .* values are NaN or infinite"):
+        ensemble_test(invariances, null, SPACING)
+    with pytest.raises(ValueError, match="spacing: the pixel size"):
+        structure_change(x, invariances, (0.7, 0.0), refined=False)

@@ -887,3 +887,67 @@ def test_metadata_that_builds_another_network_than_its_weights_is_refused_first(
     with pytest.raises(ValueError, match=said) as error:
         load_invariance_models(folder)
     assert "the model folder is damaged: copy it again from where it was made" in str(error.value)
+
+
+def test_sample_takes_what_a_pytorch_user_passes_and_refuses_the_rest(low_dose_slice):
+    """A Patch's content mask is used (padding does not dilute the figures); a tensor, even
+    one that requires grad, is read; counts and seeds must be whole numbers; a patch that is
+    not in HU (HU / 1000, the paper's normalisation, HU + 1024) is refused with a fix that
+    sample() can take; torch's default dtype does not matter."""
+    sampler = InvarianceSampler(tiny_models(), device="cpu")
+    padded = sampler.crop(low_dose_slice, (60, 32, 0))  # reaches over the right border
+    assert padded.padded_pixels > 0
+    as_patch = sampler.sample(padded, count=3, seed=1)
+    assert as_patch.consistency == sampler.sample(padded.array, count=3, seed=1, content=padded.content).consistency
+    assert as_patch.consistency != sampler.sample(padded.array, count=3, seed=1).consistency
+    x = sampler.crop(low_dose_slice, (32, 32, 0)).array
+    tensor = torch.tensor(x, requires_grad=True)
+    np.testing.assert_array_equal(sampler.sample(tensor, count=2).invariances, sampler.sample(x, count=2).invariances)
+    for bad, said in ((dict(count=1.5), "count must be a whole number from 1 up; got 1.5"),
+                      (dict(count=True), "count must be a whole number"), (dict(count="4"), "count must be"),
+                      (dict(seed=None), "seed must be a whole number from 0 to"), (dict(seed=2 ** 64), "seed must"),
+                      (dict(batch_size=2.5), "batch_size must be a whole number")):
+        with pytest.raises(ValueError, match=said):
+            sampler.sample(x, **{"count": 2, **bad})
+    for scaled, said in ((x / 1000, "look normalised or scaled"), (PAPER_NORMALIZATION.normalize(x), "normalised"),
+                         (x + 1024, "subtract 1024")):
+        with pytest.raises(ValueError, match=said):
+            sampler.sample(scaled.astype(np.float32), count=2)
+    from InvarianceExplorerLib.sample_data import sample_ct_path
+
+    bundled = InvarianceSampler("cnn10", device="cpu")
+    patch = bundled.crop(read_image(sample_ct_path()), (368, 283, 1))
+    expected = (sampler.sample(x, count=2, seed=4).invariances, bundled.sample(patch, count=2, seed=4).invariances)
+    before = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        np.testing.assert_array_equal(sampler.sample(x, count=2, seed=4).invariances, expected[0])
+        np.testing.assert_array_equal(InvarianceSampler("cnn10", device="cpu").sample(patch, count=2, seed=4).invariances,
+                                      expected[1])  # a folder loaded under it too
+    finally:
+        torch.set_default_dtype(before)
+
+
+def test_loading_models_leaves_the_callers_random_numbers_and_devices_are_checked(low_dose_slice):
+    """Loading a model folder does not advance torch's or numpy's global random state (its
+    networks are built with random weights, then loaded); device names torch would not run
+    on, or a GPU index the machine lacks, are refused before any model moves."""
+    from InvarianceExplorerLib.devices import resolve_device
+    from InvarianceExplorerLib.sampler import load_invariance_models
+
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    load_invariance_models("cnn10")
+    assert torch.equal(torch_state, torch.get_rng_state()) and np.array_equal(numpy_state, np.random.get_state()[1])
+    models = tiny_models()
+    for device in ("meta", "xla", "cuda:abc", "gpu", "cpu:1", True):
+        with pytest.raises(ValueError, match="unknown device .*: use 'auto', 'cpu', 'cuda' \\(or 'cuda:N'\\) or 'mps'"):
+            InvarianceSampler(models, device=device)
+    assert next(models.representation.parameters()).device.type == "cpu"
+    assert resolve_device(None) == resolve_device("") == resolve_device("auto")
+    if torch.cuda.is_available():
+        assert resolve_device(0) == torch.device("cuda:0")
+        with pytest.raises(ValueError, match="CUDA GPU\\(s\\), numbered from 0"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.warns(RuntimeWarning, match="no CUDA GPU is available; using the CPU"):
+            assert resolve_device(0) == torch.device("cpu")

@@ -55,7 +55,8 @@ def _flags(x, stack, spacing, y=None, outputs=None, null=None, scanned=None, tex
     floor estimated from x and the noise ``texture``): (images with altered regions, mean
     altered area mm^2, regions seen by f)."""
     a = structure_change(x, stack, spacing, denoised=y, denoised_invariances=outputs, null=null,
-                         null_shape=null is not None, scans=scanned, noise_texture=texture)
+                         null_shape=null is not None, scans=scanned, noise_texture=texture,
+                         refined=scanned is not None or texture is not None)  # without a floor: judged as unrefined
     return (sum(s["region_count"] > 0 for s in a.samples), float(np.mean([s["area_mm2"] for s in a.samples])),
             sum(len(s["seen_by_f"]) for s in a.samples))
 

@@ -105,6 +105,7 @@ reach of the filter.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -149,7 +150,7 @@ def _stack(images, name: str) -> np.ndarray:
         a = a[None]
     if a.ndim != 3:
         raise ValueError(f"{name}: expected a stack (K, H, W) of images; got shape {a.shape}")
-    return a
+    return _finite(a, name)
 
 
 def _image(image, name: str) -> np.ndarray:
@@ -158,7 +159,24 @@ def _image(image, name: str) -> np.ndarray:
         a = a[0]
     if a.ndim != 2:
         raise ValueError(f"{name}: expected one 2D image (H, W); got shape {a.shape}")
+    return _finite(a, name)
+
+
+def _finite(a: np.ndarray, name: str) -> np.ndarray:
+    bad = int(np.count_nonzero(~np.isfinite(a)))
+    if bad:
+        raise ValueError(f"{name}: {bad} of {a.size} values are NaN or infinite; replace them (HU) first")
     return a
+
+
+def _spacing(spacing) -> Tuple[float, float]:
+    """Pixel size ``(x, y)`` in mm from a pair (or longer: the first two) or one number."""
+    values = np.atleast_1d(np.asarray(spacing, dtype=np.float64)).ravel()
+    if values.size == 1:
+        values = np.repeat(values, 2)
+    if values.size < 2 or not np.all(np.isfinite(values[:2])) or np.any(values[:2] <= 0):
+        raise ValueError(f"spacing: the pixel size (x, y) in mm, two positive numbers (or one); got {spacing!r}")
+    return float(values[0]), float(values[1])
 
 
 def pixel_area_mm2(spacing) -> float:
@@ -480,8 +498,8 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
                      null=None, sigma_px: Optional[float] = None, alpha: float = ALPHA,
                      threshold_z: Optional[float] = None, min_area_mm2: float = MIN_AREA_MM2,
                      extent_z: float = EXTENT_Z, max_passed_on: float = MAX_PASSED_ON,
-                     null_shape: bool = False, scans=None, noise_texture: Optional[NoiseTexture] = None
-                     ) -> StructureChange:
+                     null_shape: bool = False, scans=None, noise_texture: Optional[NoiseTexture] = None,
+                     refined: Optional[bool] = None) -> StructureChange:
     """Method A: per-invariance structure change (see the module docstring).
 
     Args:
@@ -510,13 +528,19 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
             (:func:`scan_floor`; the refinement leaves far less noise than a scan holds, so a
             change of a few HU can be significant against it and still be one a rescan makes).
         noise_texture: without scans, that floor estimated from x's own noise and this
-            texture (:func:`estimated_scan_floor`; the model folder's training noise).
+            texture (:func:`estimated_scan_floor`; the model folder's training noise,
+            :func:`~.analysis_folder.model_noise_texture`).
+        refined: whether the invariances were sampled with the consistency refinement
+            (``Invariances.refinement``; the bundled models' default). Refined ones need
+            ``scans`` or ``noise_texture`` (``ValueError`` otherwise): judged by their own
+            noise alone, their pure noise is flagged. ``False`` judges them as unrefined;
+            ``None`` (not said) without either warns.
     """
     x = _image(x, "x")
     stack = _stack(invariances, "invariances")
     if stack.shape[1:] != x.shape:
         raise ValueError(f"invariances of in-plane shape {stack.shape[1:]} differ from x's {x.shape}")
-    spacing = tuple(float(v) for v in spacing)[:2]
+    spacing = _spacing(spacing)
     sigma_px = float(sigma_px or reference_sigma_px(stack - x[None], spacing))
     noisy = varying(x)
     difference = reference_filter(stack - x[None], sigma_px)
@@ -537,6 +561,15 @@ def structure_change(x, invariances, spacing=(1.0, 1.0), *, denoised=None, denoi
         floor, floor_kind = scan_floor(scans, x, sigma_px), FLOOR_FROM_SCANS
     elif noise_texture is not None:
         floor, floor_kind = estimated_scan_floor(x, sigma_px, spacing, noise_texture), FLOOR_ESTIMATED
+    if floor is None and refined:
+        raise ValueError("refined invariances need a rescan floor: pass scans= (noise-only scans of x's anatomy) "
+                         "or noise_texture= (analysis_folder.model_noise_texture(model)[0]); judged by their own "
+                         "noise, their pure noise is flagged as anatomy change")
+    if floor is None and refined is None and not null_shape:
+        warnings.warn("method A judges these invariances as unrefined (no rescan floor given): if they were sampled "
+                      "with the consistency refinement (Invariances.refinement; the bundled models' default), pass "
+                      "refined=True with noise_texture= or scans=, or their noise is flagged; refined=False says "
+                      "they are unrefined", RuntimeWarning)
     # the noise-only std's spatial shape: the filter's gain at the reflected border, or the null's
     dof = None
     if null_shape:
@@ -691,7 +724,7 @@ def ensemble_test(invariances, null, spacing=(1.0, 1.0), *, sigma_px: Optional[f
         raise ValueError(f"invariances {stack.shape[1:]} and null {null.shape[1:]} differ in size")
     if not 0.0 < fdr < 1.0:
         raise ValueError(f"the FDR level must be in (0, 1); got {fdr}")
-    spacing = tuple(float(v) for v in spacing)[:2]
+    spacing = _spacing(spacing)
     sigma_px = float(sigma_px or reference_sigma_px(null - null.mean(axis=0), spacing))
     filtered, filtered_null = reference_filter(stack, sigma_px), reference_filter(null, sigma_px)
     p, ratio, scale, measured = _variance_ratio_p(filtered, filtered_null, noise_scaling)

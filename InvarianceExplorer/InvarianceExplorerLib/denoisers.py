@@ -26,6 +26,7 @@ SHA-256 in the metadata; :func:`load_denoiser` checks them and never unpickles a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -461,7 +463,7 @@ def load_network(build: Callable[..., nn.Module], arguments, folder, record: dic
     try:
         if not isinstance(arguments, dict):
             raise TypeError(f"a JSON object is needed, not {type(arguments).__name__}")
-        with torch.device("meta"):
+        with torch.device("meta"), _rng_kept():
             wanted = {k: tuple(v.shape) for k, v in build(**arguments).state_dict().items()}
     except (TypeError, ValueError, KeyError, IndexError, AssertionError) as exc:
         raise ValueError(f"{Path(folder) / METADATA}: the arguments {json.dumps(arguments)[:120]} do not build "
@@ -474,9 +476,21 @@ def load_network(build: Callable[..., nn.Module], arguments, folder, record: dic
         raise ValueError(f"{path}: its tensors do not fit the network {METADATA} describes ({len(name)} differ, "
                          f"e.g. {k}: {stored.get(k, 'absent')} in the file, {wanted.get(k, 'absent')} built); "
                          f"{damaged}")
-    network = build(**arguments)
+    with _rng_kept():  # a network's random initialisation, replaced by the file's weights
+        network = build(**arguments).float()  # float32 whatever torch's default dtype
     network.load_state_dict(load_file(str(path)))
     return network
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """Leave torch's and numpy's global random state as it was (building a network draws
+    its initial weights, FrEIA's permutations draw from numpy): loading a model must not
+    change the random numbers of the caller's program."""
+    state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    np.random.set_state(state)
 
 
 def copy_model_folder(source: Path, destination: Path) -> Path:

@@ -12,24 +12,33 @@ import torch
 
 
 def resolve_device(device="auto") -> torch.device:
-    """``"auto"`` picks CUDA when present, else the CPU; an explicit ``"cuda"`` on a machine
-    without a usable GPU falls back to the CPU with a warning instead of failing."""
-    if isinstance(device, torch.device):
-        device = str(device)
-    name = str(device or "auto").lower()
+    """``"auto"`` (or None, "") picks CUDA when present, else the CPU; ``"cpu"``, ``"cuda"``,
+    ``"cuda:N"`` (or the GPU index N, as torch reads an int), ``"mps"`` or a torch.device.
+    A GPU asked for on a machine without one falls back to the CPU with a warning instead of
+    failing; ``ValueError`` for anything else (a GPU index the machine lacks, other device
+    types)."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}"
+    name = str(device if device not in (None, "") else "auto").lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        chosen = torch.device(name)
+    except RuntimeError:
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda", "mps") or (chosen.type == "cpu" and chosen.index):
+        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' (or 'cuda:N') or 'mps'")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
         warnings.warn(f"device {device!r} requested but no CUDA GPU is available; using the CPU", RuntimeWarning)
         return torch.device("cpu")
-    if name.startswith("mps") and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered "
+                         "from 0")
+    if chosen.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         warnings.warn(f"device {device!r} requested but this torch has no Apple GPU (MPS); using the CPU",
                       RuntimeWarning)
         return torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda'") from exc
+    return chosen
 
 
 def machine(device: Optional[torch.device] = None) -> dict:

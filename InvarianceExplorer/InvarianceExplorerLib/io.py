@@ -132,7 +132,9 @@ def check_hu(array, source: str, whole_image: bool = False) -> None:
     rescale intercept). ``whole_image``: ``array`` is a whole CT image, not a patch (which may
     lie inside a water phantom), so it must also span more than -10..10 (HU / 1000 and the
     paper's normalisation do not) and not be 8-bit grey levels 0..255 (a windowed display
-    image); a crop of soft tissue, with nothing below 0 HU, is accepted."""
+    image); a crop of soft tissue, with nothing below 0 HU, is accepted. A patch must span
+    10 HU or more where it lies within -10..10 (CT noise alone spans tens of HU; HU / 1000 and
+    the paper's normalisation span a few units)."""
     a = np.asarray(array)
     _check_finite(int(np.count_nonzero(~np.isfinite(a))), a.size, source)
     lo, hi = float(a.min()), float(a.max())
@@ -140,7 +142,7 @@ def check_hu(array, source: str, whole_image: bool = False) -> None:
         raise CTInputError(source, f"values range {lo:g}..{hi:g}, beyond any CT scale ({HU_SCALE[0]:g}.."
                                    f"{HU_SCALE[1]:g} HU), so they are not HU (a fill value or a damaged file?)",
                            "Replace such voxels (e.g. with -1024 HU, air) or convert the image to HU.")
-    if -1 <= lo < hi <= 1 or (whole_image and -10 <= lo < hi <= 10):  # (a patch of water may span 40 HU)
+    if -1 <= lo < hi <= 1 or (-10 <= lo < hi <= 10 and (whole_image or hi - lo < 10)):  # (water: 40 HU of noise)
         raise CTInputError(source, f"values lie in {lo:g}..{hi:g}, so they look normalised or scaled, not HU "
                                    "(CT in HU spans about -1000, air, to over 100, soft tissue and bone)",
                            "Convert the image back to HU before loading it.")
@@ -151,7 +153,8 @@ def check_hu(array, source: str, whole_image: bool = False) -> None:
     if lo >= 0 and hi >= 900:
         raise CTInputError(source, f"values range {lo:g}..{hi:g} with none below 0, so they look like "
                                    "stored CT numbers without the rescale intercept, not HU (air is about -1000 HU)",
-                           f"If they are stored values HU + 1024, {_HU_OFFSET_FIX}.")
+                           f"If they are stored values HU + 1024, "
+                           f"{_HU_OFFSET_FIX if whole_image else 'subtract 1024 (or read the image with hu_offset=-1024)'}.")
 
 
 def _check_finite(bad: int, size: int, source) -> None:

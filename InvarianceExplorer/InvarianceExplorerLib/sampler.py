@@ -278,6 +278,16 @@ def load_invariance_models(folder_or_name, device="cpu") -> InvarianceModels:
 # ----------------------------------------------------------------------------- patches
 
 
+def _whole_number(name: str, value, minimum: int, maximum: Optional[int] = None) -> int:
+    """``value`` as an int; ``ValueError`` naming ``name`` unless it is a whole number (not a
+    bool, float or string) within ``minimum``..``maximum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum or \
+            (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be a whole number from {minimum}{f' to {maximum}' if maximum else ' up'}; "
+                         f"got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Patch:
     """A square patch cut from a CT slice or volume (see :func:`crop_patch`).
@@ -555,12 +565,20 @@ class InvarianceSampler:
         ``batch_size`` at a time (None: :data:`BATCH_SIZE` of the device), reproducible for
         ``seed`` (see the module docstring), with ``refinement`` (anything
         :meth:`Refinement.parse` reads; None: the models' setting). ``content``: the pixels over
-        which the per-sample figures and C are averaged (:attr:`Patch.content`; None: all), so
-        that padding and constant fill do not dilute them.
+        which the per-sample figures and C are averaged (:attr:`Patch.content`; None: all, or
+        the content of a :class:`Patch` given as ``x_hu``), so that padding and constant fill
+        do not dilute them. ``x_hu`` may be an array, a tensor, a 2D CTImage or a Patch.
         ``progress(stage, done, total)`` reports the stages "encoding" and "sampling"."""
         from .io import STANDARD_HU, check_hu
 
+        if isinstance(x_hu, Patch) and content is None:
+            content = x_hu.content
+        if isinstance(x_hu, torch.Tensor):
+            x_hu = x_hu.detach().cpu()
         x_hu = np.asarray(getattr(x_hu, "array", x_hu), dtype=np.float32)
+        count, seed = _whole_number("count", count, 1), _whole_number("seed", seed, 0, 2 ** 63 - 1)
+        if batch_size is not None:
+            batch_size = _whole_number("batch_size", batch_size, 1)
         p = self.patch_size
         if x_hu.shape != (p, p):
             raise ValueError(f"the invariance models work on {p} x {p} patches; got an image of shape {x_hu.shape}: "
@@ -578,11 +596,10 @@ class InvarianceSampler:
                               RuntimeWarning)
         if batch_size is None:
             batch_size = default_batch_size(self.device)
-        if int(count) < 1 or int(batch_size) < 1:
-            raise ValueError(f"count and batch_size must be positive; got {count} and {batch_size}")
         refinement = self.models.refinement if refinement is None else Refinement.parse(refinement)
         start = time.perf_counter()
-        v = torch.randn(int(count), self.models.flow.z_dim, generator=torch.Generator().manual_seed(int(seed)))
+        v = torch.randn(count, self.models.flow.z_dim, generator=torch.Generator().manual_seed(seed),
+                        dtype=torch.float32)
         content = np.ones((p, p), bool) if content is None else np.asarray(content, bool)
         if content.shape != (p, p) or not content.any():
             raise ValueError(f"content must be a ({p}, {p}) mask with at least one pixel set (Patch.content); "
@@ -671,7 +688,7 @@ class InvarianceSampler:
             code, _ = flow(mean, embedding=embedding)
             denoised_reconstruction = f(reconstruction)
             if refinement.centre:  # the flow's centre v = 0, decoded
-                centre = rep.decode(flow.reverse(torch.zeros(1, flow.z_dim, device=device), embedding=embedding), y,
+                centre = rep.decode(flow.reverse(torch.zeros(1, flow.z_dim, device=device, dtype=torch.float32), embedding=embedding), y,
                                     condition)
         if refinement.centre:  # what every sample gets added
             shift = refine_invariances(f, centre, y, refinement.centre)[0] - centre

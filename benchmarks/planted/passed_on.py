@@ -28,13 +28,13 @@ def passed_on(folder, make_patches, seed: int, count: int, spacing: float):
     """Yield ``(n, slice, altered invariances, ratios over the altered pixels)`` for each
     patch of ``make_patches(patch size of the model)``."""
     from InvarianceExplorerLib.analysis import BRIGHTER, DARKER, reference_filter, structure_change
-    from InvarianceExplorerLib.sampler import InvarianceSampler, load_invariance_models
+    from InvarianceExplorerLib.sampler import InvarianceSampler, Refinement, load_invariance_models
 
     models = load_invariance_models(folder, device="cpu")
     sampler = InvarianceSampler(models, device="cpu")
     for n, patch in enumerate(make_patches(models.patch_size)):
-        result = sampler.sample(patch.low_dose, count=count, seed=seed + n)
-        a = structure_change(patch.low_dose, result.invariances, (spacing, spacing))
+        result = sampler.sample(patch.low_dose, count=count, seed=seed + n, refinement=Refinement())  # as measured
+        a = structure_change(patch.low_dose, result.invariances, (spacing, spacing), refined=False)
         output_change = reference_filter(result.denoised_invariances - result.denoised[None], a.sigma_px)
         ratios = []
         for k in range(count):

@@ -180,7 +180,7 @@ def evaluate(folder, source, truth: Optional[Callable[[int], np.ndarray]], *, sl
         a = structure_change(patch.low_dose, result.invariances, (spacing, spacing), denoised=result.denoised,
                              denoised_invariances=result.denoised_invariances, null=null if shaped else None,
                              null_shape=shaped, scans=scanned if shaped else None,
-                             noise_texture=noise_texture if refined else None)
+                             noise_texture=noise_texture if refined else None, refined=refined)
         b = ensemble_test(result.invariances, null, (spacing, spacing), x=patch.low_dose, null_source="simulator")
         altered = sum(1 for s in a.samples if s["region_count"] > 0)
         a_scores.append(np.abs(a.change_map).mean(axis=0))
