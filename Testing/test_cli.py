@@ -81,7 +81,7 @@ def test_errors_are_one_clear_line_with_status_2(tmp_path, capsys):
     assert main(["data", "lowdose", "--input", mr, "--output", str(tmp_path / "o.nrrd")]) == 2
     assert "not CT" in capsys.readouterr().err
     assert not (tmp_path / "o.nrrd").exists()
-    write_nrrd(CTImage(np.zeros((8, 12), np.float32) - 500), tmp_path / "rect.nrrd")
+    write_nrrd(CTImage(np.random.default_rng(0).normal(-500, 20, (8, 12)).astype(np.float32)), tmp_path / "rect.nrrd")
     assert main(["data", "lowdose", "--input", str(tmp_path / "rect.nrrd"), "--output", str(tmp_path / "o.nrrd")]) == 2
     assert "square" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
@@ -130,16 +130,28 @@ def test_demo_keeps_a_folder_of_other_files_and_replaces_an_earlier_demo(tmp_pat
     assert "not empty" in capsys.readouterr().err
     assert (taken / "low_dose.nrrd").read_text() == "the user's own file" and len(list(taken.iterdir())) == 1
     earlier = tmp_path / "demo"
-    for seed in ("0", "1"):  # a second run replaces the first demo's files
+    for seed in ("0", "1"):  # a second run replaces the first demo's folder whole
         assert main(["demo", "--out", str(earlier), "--size", "64", "--seed", seed, "--no-progress"]) == 0
     assert "phantom seed 1" in capsys.readouterr().out
+    record = json.loads((earlier / "demo.json").read_text())
+    assert record["files"]["low_dose"] == str(earlier / "low_dose.nrrd") and sorted(os.listdir(tmp_path)) == \
+        ["demo", "taken"]  # no hidden folder left beside it
+    # a data set is not written into a folder of the user's files, nor a demo of a constant image read
+    assert main(["data", "simulate", "--count", "1", "--size", "32", "--out", str(taken)]) == 2
+    assert "holds files that are not a simulated data set (low_dose.nrrd); choose an empty or new folder" in \
+        capsys.readouterr().err and sorted(os.listdir(taken)) == ["low_dose.nrrd"]
+    write_nrrd(CTImage(np.zeros((64, 64), np.float32)), tmp_path / "blank.nrrd")
+    assert main(["data", "lowdose", "--input", str(tmp_path / "blank.nrrd"), "--output", str(tmp_path / "o.nrrd")]) == 2
+    assert "every voxel is 0, so the image holds no anatomy" in capsys.readouterr().err
+    assert main(["trust", "cnn10"]) == 2
+    assert "no such model folder; a bundled model holds weights only and needs no trust" in capsys.readouterr().err
 
 
 def test_bad_numbers_and_file_system_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["sample", "--model", "cnn10", "--input", "x.nrrd", "--center", "1,1,0", "--count", "many", "--out", "o"])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and "--count: must be a positive whole number; got 'many'" in err and "_positive" not in err
+    assert exc.value.code == 2 and "--count: must be a positive whole number up to 10000; got 'many'" in err and "_positive" not in err
     with pytest.raises(SystemExit):
         main(["data", "simulate", "--count", "2", "--dose", "quarter", "--out", str(tmp_path / "s")])
     assert "dose is a fraction of full dose in (0, 1]" in capsys.readouterr().err
@@ -205,10 +217,13 @@ def test_analyze_refuses_bad_settings_and_finds_a_moved_model_only_when_told(tmp
     numbers = json.loads((tmp_path / "run" / "numbers.json").read_text())
     assert numbers["model"] == "model" and numbers["model_folder"] == str((tmp_path / "model").resolve())
     for option, message in ((["--fdr", "2"], "fdr must be in (0, 1)"),
-                            (["--min-area=-5"], "min_area_mm2 must be >= 0"),
-                            (["--sigma-mm", "0"], "sigma_mm must be > 0 mm")):
+                            (["--min-area=-5"], "min_area_mm2 must be >= 0")):
         assert main(["analyze", "run", *option, "--progress", "none"]) == 2
         assert message in capsys.readouterr().err
+    for width in ("0", "1e9"):  # a width of a billion mm ran out of memory in a traceback
+        with pytest.raises(SystemExit):
+            main(["analyze", "run", "--sigma-mm", width, "--progress", "none"])
+        assert f"--sigma-mm: must be a positive finite number up to 50; got '{width}'" in capsys.readouterr().err
     assert not (tmp_path / "run" / "analysis").exists()
     (tmp_path / "model").rename(tmp_path / "moved")
     assert main(["analyze", "run", "--progress", "none"]) == 2

@@ -192,8 +192,11 @@ def test_fit_refuses_bad_settings_and_denoisers_before_it_writes(torchscript_fil
     mine = tmp_path / "mine"
     (mine / "denoiser").mkdir(parents=True)
     (mine / "denoiser" / "thesis.txt").write_text("keep me")
-    assert main([*common, "--patch-size", "32", "--work", str(mine), "--resume", "--out", str(tmp_path / "out")]) == 2
-    assert f"{mine} is not the work folder of a fit" in capsys.readouterr().err
+    for resume in (["--resume"], []):  # without --resume it said to delete the folder to start over
+        assert main([*common, "--patch-size", "32", "--work", str(mine), *resume, "--out", str(tmp_path / "out")]) == 2
+        assert f"{mine} is not the work folder of a fit" in capsys.readouterr().err
+    assert main([*common, "--patch-size", "32", "--work", str(tmp_path / "same"), "--out", str(tmp_path / "same")]) == 2
+    assert "--work and --out are one folder" in capsys.readouterr().err
     assert (mine / "denoiser" / "thesis.txt").read_text() == "keep me"
     # a model folder is copied with its own files only: a link's target was copied in
     from InvarianceExplorerLib.denoisers import copy_model_folder

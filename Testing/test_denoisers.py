@@ -397,14 +397,19 @@ def test_cli_denoise_writes_the_denoised_volume(runs, tmp_path, capsys):
     np.testing.assert_allclose(written.spacing + written.origin, volume.spacing + volume.origin, rtol=1e-6)
     capsys.readouterr()
     assert main(["denoise", "--model", str(model), "--input", source, "--output", str(tmp_path / "x.png")]) == 2
-    assert main(["denoise", "--model", str(tmp_path), "--input", source, "--output", str(out)]) == 2
+    assert main(["denoise", "--model", str(tmp_path), "--input", source, "--output", str(tmp_path / "new.nrrd")]) == 2
+    before = out.read_bytes()
+    assert main(["denoise", "--model", str(model), "--input", source, "--output", str(out)]) == 2
+    assert main(["denoise", "--model", str(model), "--input", source, "--output", str(tmp_path)]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and "must be a .nrrd file" in errors[0] and "not a denoiser model folder" in errors[1]
+    assert len(errors) == 4 and "must be a .nrrd file" in errors[0] and "not a denoiser model folder" in errors[1]
+    assert "output already exists (it is not replaced). Write the denoised CT to a new file" in errors[2]
+    assert "must be a .nrrd file" in errors[3] and out.read_bytes() == before
 
 
 def test_cli_denoise_streams_the_json_progress_protocol(runs, tmp_path, capsys):
     model = runs["cnn10"] / "model"
-    volume = CTImage(np.full((3, 40, 40), 40.0, np.float32), (0.7, 0.7, 2.0))
+    volume = CTImage(np.random.default_rng(1).normal(40.0, 10.0, (3, 40, 40)).astype(np.float32), (0.7, 0.7, 2.0))
     source, out = write_nrrd(volume, tmp_path / "ld.nrrd"), tmp_path / "out.nrrd"
     capsys.readouterr()
     with pytest.warns(RuntimeWarning, match="0.70 mm pixels but cnn10 was trained on 5.60 mm"):  # a tiny run's data
@@ -415,8 +420,8 @@ def test_cli_denoise_streams_the_json_progress_protocol(runs, tmp_path, capsys):
     assert lines[0]["stage"] == "denoising" and lines[0]["total"] == 3
     assert [(e["done"], e["fraction"]) for e in lines[1:3]] == [(2, 0.6667), (3, 1.0)]
     assert lines[-1]["outputs"] == {"denoised": str(out)} and out.is_file()
-    assert main(["denoise", "--model", str(tmp_path), "--input", source, "--output", str(out), "--progress",
-                 "json"]) == 2
+    assert main(["denoise", "--model", str(tmp_path), "--input", source, "--output", str(tmp_path / "new.nrrd"),
+                 "--progress", "json"]) == 2
     (error,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert error["event"] == "error" and error["kind"] == "input" and "not a denoiser model folder" in error["message"]
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -265,8 +266,12 @@ def _device(denoiser):
 
 def check_analysis_target(folder) -> None:
     """Refuse to analyse ``folder`` when ``folder/analysis`` exists and is not an earlier
-    analysis of ours: each run replaces that folder whole, which must not take the user's files."""
+    analysis of ours: each run replaces that folder whole, which must not take the user's files;
+    or when ``folder`` cannot be written (checked before the work, not after it)."""
     out = Path(folder) / ANALYSIS_DIR
+    if Path(folder).is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{folder}: the results folder is read-only, and analyze writes its {ANALYSIS_DIR}/ folder "
+                         "there: copy the results folder somewhere you can write, and analyse the copy")
     if not (out.exists() or out.is_symlink()):
         return
     if out.is_symlink() or not out.is_dir():

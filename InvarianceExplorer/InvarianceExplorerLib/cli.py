@@ -35,19 +35,40 @@ from typing import List, Optional
 from . import __version__
 
 
-def _whole_number(text: str, minimum: int = 0) -> int:
+def _whole_number(text: str, minimum: int = 0, maximum: Optional[int] = None) -> int:
     try:
         value = int(text)
     except ValueError:
         value = minimum - 1
-    if value < minimum:
+    if value < minimum or (maximum is not None and value > maximum):
         meaning = "a positive whole number" if minimum == 1 else f"a whole number >= {minimum}"
-        raise argparse.ArgumentTypeError(f"must be {meaning}; got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be {meaning}{f' up to {maximum}' if maximum else ''}; got {text!r}")
     return value
 
 
 def _positive_int(text: str) -> int:
     return _whole_number(text, 1)
+
+
+def _at_most(maximum: int, minimum: int = 1):
+    """An argparse type: a whole number from ``minimum`` to ``maximum`` (a bound that keeps
+    a mistyped value from filling the memory)."""
+    return lambda text: _whole_number(text, minimum, maximum)
+
+
+def _seed(text: str) -> int:
+    return _whole_number(text, 0, 2 ** 63 - 1)
+
+
+def _positive_number(text: str, maximum: float = math.inf) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= maximum):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number{f' up to {maximum:g}' if maximum < math.inf else ''}"
+                                         f"; got {text!r}")
+    return value
 
 
 def _hyperparameter(text: str) -> tuple:
@@ -87,7 +108,7 @@ def _add_scan_options(p: argparse.ArgumentParser) -> None:
     from .lowdose import FILTERS
 
     p.add_argument("--dose", type=_dose, default=0.25, help="dose fraction of full dose (default 0.25: quarter dose)")
-    p.add_argument("--photons", type=float, default=None, help="full-dose incident quanta per ray (default: simulator's)")
+    p.add_argument("--photons", type=_positive_number, default=None, help="full-dose incident quanta per ray (default: simulator's)")
     p.add_argument("--filter", choices=FILTERS, default="hann", help="FBP apodisation filter (default hann)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default cpu)")
 
@@ -110,8 +131,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 def _add_demo(demo) -> None:
     demo.add_argument("--out", type=Path, default=Path("results/phantom-demo"),
                       help="output folder: new, empty, or an earlier demo's (default results/phantom-demo)")
-    demo.add_argument("--seed", type=int, default=0, help="phantom and noise seed (default 0)")
-    demo.add_argument("--size", type=_positive_int, default=512, help="slice size in pixels (default 512)")
+    demo.add_argument("--seed", type=_seed, default=0, help="phantom and noise seed (default 0)")
+    demo.add_argument("--size", type=_at_most(4096), default=512, help="slice size in pixels (default 512)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_scan_options(demo)
     demo.set_defaults(func=_cmd_demo)
@@ -121,11 +142,11 @@ def _add_data(data) -> None:
     data_sub = data.add_subparsers(dest="data_command", required=True)
 
     sim = data_sub.add_parser("simulate", help="write N paired LD/FD simulated chest slices with labels and a manifest")
-    sim.add_argument("--count", type=_positive_int, required=True, help="number of pairs (one phantom 'patient' each)")
-    sim.add_argument("--size", type=_positive_int, default=256, help="slice size in pixels (default 256)")
-    sim.add_argument("--spacing", type=float, default=None,
+    sim.add_argument("--count", type=_at_most(1_000_000), required=True, help="number of pairs (one phantom 'patient' each)")
+    sim.add_argument("--size", type=_at_most(4096), default=256, help="slice size in pixels (default 256)")
+    sim.add_argument("--spacing", type=_positive_number, default=None,
                      help="pixel size in mm (default: 0.7 * 512 / size, a 358 mm field of view)")
-    sim.add_argument("--seed", type=int, default=0, help="base seed; item i depends only on it and i (default 0)")
+    sim.add_argument("--seed", type=_seed, default=0, help="base seed; item i depends only on it and i (default 0)")
     sim.add_argument("--contrast-fraction", type=float, default=0.0, help="fraction of phantoms with contrast-enhanced blood")
     sim.add_argument("--out", type=Path, required=True, help="output folder (resumes a partial set with the same parameters)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -142,7 +163,7 @@ def _add_data(data) -> None:
     low.add_argument("--output", type=Path, required=True, help="low-dose CT to write (.nrrd)")
     low.add_argument("--series-uid", default=None, help="SeriesInstanceUID when the folder holds several series")
     low.add_argument("--hu-offset", type=float, default=0.0, help="add to the stored values to get HU (e.g. -1024)")
-    low.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    low.add_argument("--seed", type=_seed, default=0, help="noise seed (default 0)")
     low.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_scan_options(low)
     low.set_defaults(func=_cmd_data_lowdose)
@@ -159,17 +180,17 @@ def _add_train(train) -> None:
     den.add_argument("--out", type=Path, required=True, help="run folder (checkpoints/, history.json, model/)")
     den.add_argument("--epochs", type=_positive_int, default=10, help="total epochs (default 10)")
     den.add_argument("--steps-per-epoch", type=_positive_int, default=500, help="batches per epoch (default 500)")
-    den.add_argument("--batch-size", type=_positive_int, default=16, help="patches per batch (default 16)")
+    den.add_argument("--batch-size", type=_at_most(4096), default=16, help="patches per batch (default 16)")
     den.add_argument("--patch-size", type=_positive_int, default=128, help="patch side in pixels (default 128)")
-    den.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the architecture's)")
+    den.add_argument("--lr", type=_positive_number, default=None, help="Adam learning rate (default: the architecture's)")
     den.add_argument("--lr-decay", type=float, default=None,
                      help="multiply the learning rate by this factor every epoch from --lr-decay-start on (default: constant)")
     den.add_argument("--lr-decay-start", type=_positive_int, default=1,
                      help="first epoch with a decayed learning rate (default 1)")
-    den.add_argument("--seed", type=int, default=0, help="seed of weights, patches and every random draw (default 0)")
+    den.add_argument("--seed", type=_seed, default=0, help="seed of weights, patches and every random draw (default 0)")
     den.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     den.add_argument("--device", default="auto", help="torch device: auto, cpu or cuda (default auto)")
-    den.add_argument("--num-workers", type=int, default=0, help="data loader processes (default 0)")
+    den.add_argument("--num-workers", type=_whole_number, default=0, help="data loader processes (default 0)")
     den.add_argument("--val-slices", type=_positive_int, default=32, help="validation slices per epoch (default 32)")
     den.add_argument("--weights-dtype", choices=list(WEIGHT_DTYPES), default="float32",
                      help="storage of the exported weights (default float32)")
@@ -213,7 +234,7 @@ def _add_train_invariance(train_sub) -> None:
         p.add_argument("--epochs", type=_positive_int, default=10, help="total epochs (default 10)")
         p.add_argument("--steps-per-epoch", type=_positive_int, default=500,
                        help="batches per epoch and process (default 500)")
-        p.add_argument("--batch-size", type=_positive_int, default=8 if kind == "cvae" else 32,
+        p.add_argument("--batch-size", type=_at_most(4096), default=8 if kind == "cvae" else 32,
                        help=f"patches per batch and process (default {8 if kind == 'cvae' else 32})")
         if kind == "cvae":
             p.add_argument("--patch-size", type=_positive_int, default=128,
@@ -221,14 +242,14 @@ def _add_train_invariance(train_sub) -> None:
             p.add_argument("--feature-network", type=Path, default=None,
                            help="model folder whose feature network gives the perceptual term (default: the "
                                 "denoiser's own if it ships one, else one is trained on tissue labels)")
-        p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: see train_invariance)")
-        p.add_argument("--seed", type=int, default=0, help="seed of weights, patches and every random draw (default 0)")
+        p.add_argument("--lr", type=_positive_number, default=None, help="Adam learning rate (default: see train_invariance)")
+        p.add_argument("--seed", type=_seed, default=0, help="seed of weights, patches and every random draw (default 0)")
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
         p.add_argument("--device", default="auto", help="torch device: auto, cpu or cuda (default auto)")
-        p.add_argument("--num-workers", type=int, default=0, help="data loader processes (default 0)")
+        p.add_argument("--num-workers", type=_whole_number, default=0, help="data loader processes (default 0)")
         p.add_argument("--val-patches", type=_positive_int, default=32 if kind == "cvae" else 64,
                        help=f"held-out validation patches per epoch (default {32 if kind == 'cvae' else 64})")
-        p.add_argument("--pool", type=int, default=0, metavar="N", dest="pool_patches",
+        p.add_argument("--pool", type=_whole_number, default=0, metavar="N", dest="pool_patches",
                        help="draw batches from a fixed pool of N training patches per process whose f(x)"
                             + (" and encoder codes are" if kind == "cinn" else " is")
                             + " computed once (fast when f is slow, e.g. RED-CNN on a CPU; default 0: fresh "
@@ -324,8 +345,8 @@ def _add_fit(p) -> None:
     p.add_argument("--work", type=Path, default=None, help="run folder with checkpoints (default OUT.work)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fit from its work folder")
     p.add_argument("--device", default="auto", help="torch device: auto, cpu or cuda (default auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, patches and every random draw (default 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="cVAE patches per batch (default 8)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of weights, patches and every random draw (default 0)")
+    p.add_argument("--batch-size", type=_at_most(4096), default=8, help="cVAE patches per batch (default 8)")
     p.add_argument("--patch-size", type=_positive_int, default=128, help="patch side in pixels (default 128)")
     p.add_argument("--fidelity-slices", type=_whole_number, default=4,
                    help="test slices for the fidelity figures (default 4; 0: none)")
@@ -430,8 +451,8 @@ def _add_sample(sam) -> None:
     sam.add_argument("--input", type=Path, required=True, help="CT: NRRD/NIfTI/MHA file, DICOM file or series folder")
     sam.add_argument("--center", required=True, metavar="I,J,K",
                      help="voxel the patch is centred on: column i, row j, slice k (0-based; i,j for a 2D slice)")
-    sam.add_argument("--count", type=_positive_int, default=64, help="number of invariances to sample (default 64)")
-    sam.add_argument("--seed", type=int, default=0, help="seed of the sampled codes (default 0)")
+    sam.add_argument("--count", type=_at_most(10_000), default=64, help="number of invariances to sample (default 64)")
+    sam.add_argument("--seed", type=_seed, default=0, help="seed of the sampled codes (default 0)")
     sam.add_argument("--batch-size", type=_positive_int, default=None,
                      help="invariances per forward pass (default: 10 on the CPU, 100 on CUDA)")
     _add_refinement(sam, "(default: the model folder's setting)")
@@ -452,12 +473,12 @@ def _cmd_demo(args) -> int:
     from tqdm.auto import tqdm
 
     from .figures import LUNG_WINDOW, SOFT_TISSUE_WINDOW, save_png, tile_grid, window
-    from .io import write_nrrd
+    from .io import write_nrrd, written_whole
     from .lowdose import LowDoseSimulator
     from .phantom import Label, chest_phantom
 
     out = args.out
-    if not (out / "demo.json").is_file():  # a new folder, or an earlier demo's whose files are replaced
+    if not (out / "demo.json").is_file():  # a new folder, or an earlier demo's, which is replaced whole
         _check_new_folder(out, "demo")
     spacing = 0.7 * 512 / args.size
     steps = tqdm(total=3, desc="demo", disable=args.no_progress)
@@ -466,18 +487,13 @@ def _cmd_demo(args) -> int:
     sim = LowDoseSimulator(args.size, spacing, photons=args.photons, filter=args.filter, device=args.device)
     pair = sim.simulate(phantom.hu, dose=args.dose, seed=args.seed)
     steps.update()
-    out.mkdir(parents=True, exist_ok=True)
     image = phantom.to_ctimage()
-    files = {
-        "low_dose": write_nrrd(image.with_array(pair.low_dose), out / "low_dose.nrrd"),
-        "full_dose": write_nrrd(image.with_array(pair.full_dose), out / "full_dose.nrrd"),
-        "labels": write_nrrd(image, out / "labels.nrrd", array=phantom.labels),
-    }
     tiles = [[window(a, *w) for a in (pair.low_dose, pair.full_dose, pair.low_dose - pair.full_dose + w[0])]
              for w in (LUNG_WINDOW, SOFT_TISSUE_WINDOW)]
     labels = [[f"{n}, {wname} window" for n in (f"LD x{args.dose:g}", "FD", "LD-FD")] for wname in ("lung", "soft-tissue")]
-    files["figure"] = save_png(tile_grid(tiles, labels), out / "low_dose_pair.png")
     soft = phantom.labels == Label.SOFT_TISSUE
+    names = {"low_dose": "low_dose.nrrd", "full_dose": "full_dose.nrrd", "labels": "labels.nrrd",
+             "figure": "low_dose_pair.png"}
     noise = {
         "noise_std_soft_tissue_hu": {
             "low_dose": float(np.std((pair.low_dose - pair.noiseless)[soft])),
@@ -485,10 +501,15 @@ def _cmd_demo(args) -> int:
         },
         "dose": args.dose,
         "simulator": sim.describe(),
-        "files": {k: os.fspath(v) for k, v in files.items()},
+        "files": {k: os.fspath(out / name) for k, name in names.items()},
     }
-    with open(out / "demo.json", "w") as f:
-        json.dump(noise, f, indent=2)
+    with written_whole(out) as partial:  # whole or not at all (Ctrl-C, a full disk)
+        write_nrrd(image.with_array(pair.low_dose), partial / names["low_dose"])
+        write_nrrd(image.with_array(pair.full_dose), partial / names["full_dose"])
+        write_nrrd(image, partial / names["labels"], array=phantom.labels)
+        save_png(tile_grid(tiles, labels), partial / names["figure"])
+        with open(partial / "demo.json", "w") as f:
+            json.dump(noise, f, indent=2)
     steps.update()
     steps.close()
     ns = noise["noise_std_soft_tissue_hu"]
@@ -517,10 +538,7 @@ def _cmd_data_lowdose(args) -> int:
     from .lowdose import LowDoseSimulator
 
     image = read_image(args.input, series_uid=args.series_uid, hu_offset=args.hu_offset)
-    if args.output.suffix.lower() != ".nrrd":
-        raise CTInputError(args.output, "output must be a .nrrd file", "Choose a file name ending in .nrrd.")
-    if args.input.exists() and args.output.exists() and args.input.resolve() == args.output.resolve():
-        raise CTInputError(args.output, "output is the input file", "Write the low-dose CT to a new file.")
+    _check_output_file(args.output, args.input, "low-dose CT")
     ny, nx = image.array.shape[-2:]
     sx, sy = image.pixel_spacing
     if ny != nx or abs(sx - sy) > 1e-3 * sx:
@@ -575,16 +593,33 @@ def _cmd_train_denoiser(args) -> int:
     return 0
 
 
+def _check_output_file(output: Path, source: Path, what: str) -> None:
+    """Before the work: ``output`` (of denoise, data lowdose) is a new .nrrd file, not the
+    input, in a folder that can be written; ``CTInputError`` saying what to do otherwise."""
+    from .io import CTInputError
+
+    if output.suffix.lower() != ".nrrd":
+        raise CTInputError(output, "output must be a .nrrd file", "Choose a file name ending in .nrrd.")
+    if source.exists() and output.exists() and source.resolve() == output.resolve():
+        raise CTInputError(output, "output is the input file", f"Write the {what} to a new file.")
+    if output.is_dir():
+        raise CTInputError(output, "output is a folder", "Give a file name ending in .nrrd.")
+    if output.exists() or output.is_symlink():
+        raise CTInputError(output, "output already exists (it is not replaced)",
+                           f"Write the {what} to a new file, or delete that one first.")
+    folder = next(p for p in output.absolute().parents if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise CTInputError(output, f"cannot be written: {folder} is not a folder you can write to",
+                           "Choose another output folder.")
+
+
 def _cmd_denoise(args) -> int:
     from .denoisers import load_denoiser
     from .inference import denoise
-    from .io import CTInputError, read_image, write_nrrd
+    from .io import read_image, write_nrrd
     from .progress import Progress
 
-    if args.output.suffix.lower() != ".nrrd":
-        raise CTInputError(args.output, "output must be a .nrrd file", "Choose a file name ending in .nrrd.")
-    if args.input.exists() and args.output.exists() and args.input.resolve() == args.output.resolve():
-        raise CTInputError(args.output, "output is the input file", "Write the denoised CT to a new file.")
+    _check_output_file(args.output, args.input, "denoised CT")
     progress = Progress(args.progress)
     denoiser = load_denoiser(args.model, device=args.device)
     image = read_image(args.input, series_uid=args.series_uid, hu_offset=args.hu_offset)
@@ -610,7 +645,11 @@ def _cmd_trust(args) -> int:
     from .trusted_code import code_files, describe_code, trust
 
     if not args.folder.is_dir():
-        raise ValueError(f"{args.folder}: no such model folder")
+        from .denoisers import DENOISERS
+
+        raise ValueError(f"{args.folder}: no such model folder"
+                         + ("; a bundled model holds weights only and needs no trust" if str(args.folder) in DENOISERS
+                            else ""))
     metadata = read_metadata(args.folder.absolute())
     if metadata["architecture"]["name"] != CUSTOM:
         print(f"{args.folder}: a {metadata['architecture']['name']} folder holds weights only and runs no code; "
@@ -637,6 +676,10 @@ def _cmd_gui(args) -> int:
     except ImportError as exc:
         raise ValueError(f"the GUI needs Qt.py and PySide6 ({exc}); install them with "
                          "`pip install 'invariance-explorer[gui]'`") from None
+    import signal
+
+    for stop in (signal.SIGINT, signal.SIGTERM):  # Qt's event loop runs no Python handler: stop as a program does
+        signal.signal(stop, signal.SIG_DFL)
     return app_main(results_dir=args.results, open_folder=args.open_folder, input_path=args.input)
 
 
@@ -665,6 +708,9 @@ def _check_new_folder(out: Path, command: str, analyze: bool = False) -> None:
     above = next((p for p in out.absolute().parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise ValueError(f"{above} is a file, so the folder {out} cannot be made; give {command} another --out")
+    if above is not None and not os.access(above, os.W_OK | os.X_OK):  # the folder is written beside, then moved in
+        raise ValueError(f"{above} is not a folder you can write to, so {command} cannot make {out} there; give "
+                         "another --out")
 
 
 def _cmd_sample(args) -> int:
@@ -774,7 +820,7 @@ def _add_analyze(ana) -> None:
     ana.add_argument("--max-passed-on", type=float, default=MAX_PASSED_ON, metavar="FRACTION",
                      help="method A: a region counts only where f passes on at most this fraction of its change "
                           f"to f(x~) (default {MAX_PASSED_ON}; 1e9 counts every region)")
-    ana.add_argument("--sigma-mm", type=float, default=None,
+    ana.add_argument("--sigma-mm", type=lambda text: _positive_number(text, 50.0), default=None,
                      help="reference filter width (Gaussian sigma) in mm (default: the noise correlation length)")
     ana.add_argument("--model", default=None, metavar="FOLDER_OR_NAME",
                      help="the model folder (or bundled name) that sampled, for refined invariances (default: the "
@@ -788,11 +834,11 @@ def _add_analyze(ana) -> None:
                       help="no full-dose image: draw the variants from the cVAE posterior of x (the model folder in "
                            "numbers.json; a weaker null, recorded as such)")
     null.add_argument("--dose", type=_dose, default=0.25, help="dose fraction of the input (default 0.25)")
-    null.add_argument("--photons", type=float, default=None, help="full-dose quanta per ray (default: simulator's)")
+    null.add_argument("--photons", type=_positive_number, default=None, help="full-dose quanta per ray (default: simulator's)")
     null.add_argument("--filter", choices=FILTERS, default="hann", help="FBP apodisation filter (default hann)")
-    null.add_argument("--null-count", type=_positive_int, default=16,
+    null.add_argument("--null-count", type=_at_most(1000), default=16,
                       help="simulated or posterior realisations (default 16)")
-    null.add_argument("--seed", type=int, default=0, help="noise seed of the simulated realisations (default 0)")
+    null.add_argument("--seed", type=_seed, default=0, help="noise seed of the simulated realisations (default 0)")
     null.add_argument("--hu-offset", type=float, default=0.0, help="add to the full-dose file's values to get HU")
     _add_progress(ana)
     ana.set_defaults(func=_cmd_analyze)

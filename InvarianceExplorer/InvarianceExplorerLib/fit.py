@@ -188,11 +188,14 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
             raise ValueError(f"{out} holds a model folder that this fit did not make (its work folder would be "
                              f"{work}); choose a new output folder")
     source = denoiser_source(source)
-    if work.exists() and any(work.iterdir()) and not resume:
-        raise ValueError(f"{work} holds an earlier fit; pass --resume to continue it, or delete it to start over")
+    if work.resolve() == out.resolve():
+        raise ValueError(f"--work and --out are one folder ({out}); the model folder would replace the work folder: "
+                         "give another --work, or none (OUT.work)")
     if work.exists() and any(work.iterdir()) and not (work / REQUEST_FILE).is_file():
         raise ValueError(f"{work} is not the work folder of a fit (it has no {REQUEST_FILE}); give a new --work, "
                          "or none (OUT.work)")
+    if work.exists() and any(work.iterdir()) and not resume:
+        raise ValueError(f"{work} holds an earlier fit; pass --resume to continue it, or delete it to start over")
     model_folder = (Path(source) / "metadata.json").is_file()
     if normalization is None and not model_folder:
         raise ValueError(f"{source}: declare the denoiser's input normalisation (HUNormalization.parse)")

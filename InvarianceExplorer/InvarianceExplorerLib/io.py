@@ -142,6 +142,9 @@ def check_hu(array, source: str, whole_image: bool = False) -> None:
         raise CTInputError(source, f"values range {lo:g}..{hi:g}, beyond any CT scale ({HU_SCALE[0]:g}.."
                                    f"{HU_SCALE[1]:g} HU), so they are not HU (a fill value or a damaged file?)",
                            "Replace such voxels (e.g. with -1024 HU, air) or convert the image to HU.")
+    if whole_image and lo == hi:
+        raise CTInputError(source, f"every voxel is {lo:g}, so the image holds no anatomy (an empty or blanked file?)",
+                           "Load the CT image itself.")
     if -1 <= lo < hi <= 1 or (-10 <= lo < hi <= 10 and (whole_image or hi - lo < 10)):  # (water: 40 HU of noise)
         raise CTInputError(source, f"values lie in {lo:g}..{hi:g}, so they look normalised or scaled, not HU "
                                    "(CT in HU spans about -1000, air, to over 100, soft tissue and bone)",

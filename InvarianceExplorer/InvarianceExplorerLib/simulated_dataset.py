@@ -84,6 +84,11 @@ def build_simulated_dataset(out_dir, count: int, size: int = 256, spacing: Optio
         simulator=simulator.describe()))
     out = Path(out_dir)
     pairs = out / "pairs"
+    if out.is_dir() and not (out / MANIFEST).exists():
+        foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != "pairs")
+        if foreign:
+            raise ValueError(f"{out} holds files that are not a simulated data set ({', '.join(foreign[:4])}"
+                             f"{', ...' if len(foreign) > 4 else ''}); choose an empty or new folder")
     pairs.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
     manifest = _open_manifest(manifest_path, parameters)
