@@ -229,6 +229,8 @@ def test_analyze_refuses_bad_settings_and_finds_a_moved_model_only_when_told(tmp
     assert main(["analyze", "run", "--progress", "none"]) == 2
     err = capsys.readouterr().err
     assert "the model folder that sampled these invariances cannot be read" in err and "--model" in err
+    assert main(["analyze", "run", "--model", "redcnn", "--progress", "none"]) == 2  # ran, calibrated for RED-CNN
+    assert "holds a redcnn denoiser, but run was sampled with cnn10" in capsys.readouterr().err
     assert not (tmp_path / "run" / "analysis").exists()
     assert main(["analyze", "run", "--model", "moved", "--progress", "none"]) == 0
     record = json.loads((tmp_path / "run" / "analysis" / "analysis.json").read_text())

@@ -217,7 +217,16 @@ def simulate_null_for_folder(folder, full_dose: CTImage, dose: float, count: int
 
 def _model_of(result, model=None, required: bool = True):
     """The model folder that sampled a sample folder: ``model``, else the one its numbers.json
-    names; without either, a ValueError (or None when not ``required``)."""
+    names; without either, a ValueError (or None when not ``required``). A given ``model``
+    must hold the denoiser numbers.json names (another one would calibrate the analysis for
+    the wrong network)."""
+    if model and result.numbers.get("denoiser"):
+        from .denoisers import read_metadata
+
+        arch = read_metadata(model)["architecture"]["name"]
+        if arch != result.numbers["denoiser"]:
+            raise ValueError(f"{model} holds a {arch} denoiser, but {result.folder} was sampled with "
+                             f"{result.numbers['denoiser']}; give the model folder that sampled it (--model)")
     model = model or result.numbers.get("model_folder") or result.numbers.get("model")
     if not model and required:
         raise ValueError(f"{result.folder}: numbers.json names no model folder; give the model")
