@@ -20,8 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from InvarianceExplorerLib.cli import main
 from InvarianceExplorerLib.result_folder import FILES as SAMPLE_OUTPUTS
 from InvarianceExplorerLib.result_folder import read_volume
-from InvarianceExplorerLib.denoisers import (Denoiser, build_denoiser, read_metadata, resolve_model_folder, save_denoiser,
-                                             write_metadata)
+from InvarianceExplorerLib.denoisers import (Denoiser, build_denoiser, read_metadata, resolve_model_folder,
+                                             save_denoiser, write_metadata)
 from InvarianceExplorerLib.image import CTImage
 from InvarianceExplorerLib.inference import apply_network
 from InvarianceExplorerLib.invariance_flow import InvarianceFlow, nll_per_dimension
@@ -922,8 +922,8 @@ def test_sample_takes_what_a_pytorch_user_passes_and_refuses_the_rest(low_dose_s
     try:
         torch.set_default_dtype(torch.float64)
         np.testing.assert_array_equal(sampler.sample(x, count=2, seed=4).invariances, expected[0])
-        np.testing.assert_array_equal(InvarianceSampler("cnn10", device="cpu").sample(patch, count=2, seed=4).invariances,
-                                      expected[1])  # a folder loaded under it too
+        loaded = InvarianceSampler("cnn10", device="cpu")  # a folder loaded under it too
+        np.testing.assert_array_equal(loaded.sample(patch, count=2, seed=4).invariances, expected[1])
     finally:
         torch.set_default_dtype(before)
 

@@ -378,7 +378,8 @@ def test_a_diverging_cinn_stops_keeping_the_last_finite_epoch(pairs, cvae_run, t
     assert _checkpoint(out)["epoch"] == epoch - 1 and not (out / "model").exists()
     with pytest.raises(TrainingDiverged, match=r"diverged in epoch 3: validation nll is inf; nothing was exported "
                                                r"\(.*last.pt keeps epoch 2\)"):
-        stop_if_diverged("cinn", 3, {"nll": 1.5}, {"nll": float("inf"), "note": "text"}, out / "checkpoints" / "last.pt")
+        stop_if_diverged("cinn", 3, {"nll": 1.5}, {"nll": float("inf"), "note": "text"},
+                         out / "checkpoints" / "last.pt")
 
 
 def test_a_patch_pool_trains_and_resumes_exactly(pairs, denoiser_folder, cvae_run, tmp_path):

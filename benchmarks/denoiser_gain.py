@@ -39,7 +39,7 @@ def band_limited_noise(shape, band, generator: torch.Generator) -> torch.Tensor:
 def main(argv=None) -> None:
     from InvarianceExplorerLib.datasets import open_source
     from InvarianceExplorerLib.denoisers import load_denoiser
-    from InvarianceExplorerLib.devices import machine
+    from InvarianceExplorerLib.devices import machine, machine_words
     from InvarianceExplorerLib.fidelity import another_realisation, held_out_patches, realisation_seed
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -64,7 +64,7 @@ def main(argv=None) -> None:
 
     info = machine()
     print(f"{len(patches)} test patches of 128² of {args.data}, changes of {args.amplitude:g} HU mean |d|, "
-          f"{args.repeats} per patch and band; {info['cpu']}, {info['cpu_threads']} threads, torch {info['torch']}, engine {info['engine']}")
+          f"{args.repeats} per patch and band; {machine_words(info)}")
     print("| f | " + " | ".join(f"{lo:g}–{hi:g}" for lo, hi in BANDS) + " | C' (fresh noise) |")
     print("|---" * (len(BANDS) + 2) + "|")
     for name in args.denoisers.split(","):

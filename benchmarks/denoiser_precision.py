@@ -27,7 +27,7 @@ import torch
 
 
 def main(argv=None) -> None:
-    from InvarianceExplorerLib.devices import machine
+    from InvarianceExplorerLib.devices import machine, machine_words
     from InvarianceExplorerLib.io import read_image
     from InvarianceExplorerLib.sample_data import sample_ct_path
     from InvarianceExplorerLib.sampler import BATCH_SIZE, InvarianceSampler
@@ -47,8 +47,7 @@ def main(argv=None) -> None:
     batch = BATCH_SIZE["cpu"]
     bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     m = machine()
-    print(f"machine: {m['cpu']} ({args.threads} threads; bfloat16 in oneDNN: {'yes' if bf16 else 'no'}), "
-          f"torch {m['torch']}, engine {m['engine']}")
+    print(f"machine: {machine_words(m)}; bfloat16 in oneDNN: {'yes' if bf16 else 'no'}")
     print("command: " + " ".join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)]))
     print(f"{len(centers)} patches of the sample CT, {args.count} invariances each, f in batches of {batch}")
     print()

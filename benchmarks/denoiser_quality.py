@@ -60,7 +60,7 @@ def training_commands(metadata: dict, data: str, out: str, simulate: bool = True
 
 def main(argv=None) -> int:
     from InvarianceExplorerLib.denoisers import DENOISERS, bundled_models_dir, load_denoiser, read_metadata
-    from InvarianceExplorerLib.devices import machine
+    from InvarianceExplorerLib.devices import machine, machine_words
     from InvarianceExplorerLib.evaluation import held_out_quality, quality_table, ship_denoiser, write_held_out
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
           f"({result['patients']} patients); HU clipped to {result['metric_hu_range']} for RMSE/PSNR/SSIM; "
           f"noise std in eroded uniform phantom regions.\n")
     print(quality_table(result))
-    print(f"\nmachine: {m['cpu']}, {m['cpu_threads']} threads, torch {m['torch']}, Python {m['python']}, engine {m['engine']}; "
+    print(f"\nmachine: {machine_words(m)}; "
           f"{time.perf_counter() - started:.0f} s")
     print(f"command: {command}")
     if skipped:

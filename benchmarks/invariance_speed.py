@@ -191,7 +191,7 @@ def main() -> None:
                 continue
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     m = machine()
-    print(f"machine: {m['cpu']}, torch {m['torch']}, Python {m['python']}, engine {m['engine']}"
+    print(f"machine: {m['cpu']}, torch {m['torch']}, Python {m['python']}, engine {m['engine']}"  # threads per row
           + (f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
     print("command: " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
     print(f"{args.count} invariances of one patch, median of {args.repeats} runs")

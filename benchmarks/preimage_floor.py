@@ -29,7 +29,7 @@ import torch
 def main(argv=None) -> None:
     from InvarianceExplorerLib.datasets import open_source
     from InvarianceExplorerLib.denoisers import load_denoiser
-    from InvarianceExplorerLib.devices import machine
+    from InvarianceExplorerLib.devices import machine, machine_words
     from InvarianceExplorerLib.fidelity import held_out_patches, noise_texture
     from InvarianceExplorerLib.representation import preimage_branch
     from InvarianceExplorerLib.training import TrainingBatches
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
 
     info = machine()
     print(f"f = {args.denoiser}, lam_cons {args.lam_cons:g}, {len(patches)} test patches of 128², {info['cpu']}, "
-          f"{info['cpu_threads']} threads, torch {info['torch']}, engine {info['engine']}")
+          f"{machine_words(info)}")
     print("| x~ | mean\\|x~ - x\\| (HU) | mean\\|f(x~) - f(x)\\| (HU) | ratio | NPS correlation / noise std ratio "
           "| training time |\n|---|---|---|---|---|---|")
     with torch.no_grad():

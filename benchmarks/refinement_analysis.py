@@ -44,7 +44,7 @@ import torch
 from InvarianceExplorerLib.analysis import MIN_SHAPE_NULL, ensemble_test, structure_change
 from InvarianceExplorerLib.analysis_folder import model_noise_texture, posterior_draws
 from InvarianceExplorerLib.datasets import open_source
-from InvarianceExplorerLib.devices import machine
+from InvarianceExplorerLib.devices import machine, machine_words
 from InvarianceExplorerLib.fidelity import another_realisation, held_out_patches
 from InvarianceExplorerLib.sampler import CHECKED_REFINEMENT, InvarianceSampler, Refinement
 
@@ -95,7 +95,7 @@ def main() -> None:
                      "--noise-only 0 or at least 3 (method B)")
     torch.set_num_threads(args.threads)
     m = machine()
-    print(f"machine: {m['cpu']}, {args.threads} threads, torch {m['torch']}, engine {m['engine']}")
+    print(f"machine: {machine_words(m)}")
     print("per patch: (images with altered regions, mean altered area mm^2, regions seen by f)")
     source = open_source(args.data)
     for model in args.models:

@@ -25,7 +25,7 @@ import torch
 
 from InvarianceExplorerLib.analysis import estimated_scan_floor, reference_sigma_px, scan_floor
 from InvarianceExplorerLib.datasets import open_source
-from InvarianceExplorerLib.devices import machine
+from InvarianceExplorerLib.devices import machine, machine_words
 from InvarianceExplorerLib.fidelity import another_realisation, held_out_patches
 from InvarianceExplorerLib.noise import NoiseTexture
 from InvarianceExplorerLib.training import data_noise_texture
@@ -42,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     m = machine()
-    print(f"machine: {m['cpu']}, {args.threads} threads, torch {m['torch']}, engine {m['engine']}")
+    print(f"machine: {machine_words(m)}")
     source = open_source(args.data)
     texture = NoiseTexture.from_dict(data_noise_texture(source))
     patches = held_out_patches(source, "test", args.patch, slices=args.slices, per_slice=2)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from InvarianceExplorerLib.devices import machine
+from InvarianceExplorerLib.devices import machine, machine_words
 from InvarianceExplorerLib.simulated_dataset import build_simulated_dataset
 
 
@@ -35,7 +35,7 @@ def main() -> None:
         seconds = time.perf_counter() - start
     per_pair = seconds / args.count
     m = machine()
-    print(f"engine {m['engine']}")
+    print(f"machine: {machine_words(m)}")
     print("| machine | device | threads | size | pairs | s per pair | 2000 pairs (min) |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {m['cpu']} | {args.device} | {args.threads} | {args.size} | {args.count} | "

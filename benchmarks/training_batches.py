@@ -30,7 +30,7 @@ def seconds_per_batch(batches, count: int, key: int) -> float:
 
 def main() -> None:
     from InvarianceExplorerLib.datasets import ItemCache, open_source
-    from InvarianceExplorerLib.devices import machine
+    from InvarianceExplorerLib.devices import machine, machine_words
     from InvarianceExplorerLib.normalization import HUNormalization
     from InvarianceExplorerLib.training import TrainingBatches
 
@@ -54,7 +54,7 @@ def main() -> None:
         print(f"| {name} | {seconds:.3f} |")
     m = machine(torch.device("cpu"))
     print(f"\n{args.batches} batches of {args.batch_size} patches of {args.patch_size}² from {args.data} "
-          f"({len(source)} slices); machine: {m['cpu']}, {args.threads} threads, torch {m['torch']}, engine {m['engine']}")
+          f"({len(source)} slices); machine: {machine_words(m)}")
     print("command: python benchmarks/training_batches.py " + " ".join(sys.argv[1:]))
 
 

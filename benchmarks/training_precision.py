@@ -41,7 +41,7 @@ def step_seconds(arch: str, precision: str, batch: int, patch: int, steps: int, 
 
 def main() -> None:
     from InvarianceExplorerLib.denoisers import DENOISERS
-    from InvarianceExplorerLib.devices import machine
+    from InvarianceExplorerLib.devices import machine, machine_words
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", nargs="+", choices=list(DENOISERS), default=["cnn10", "redcnn"])
@@ -58,8 +58,8 @@ def main() -> None:
                       for p in ("float32", "bfloat16"))
         print(f"| {arch} | {fp32:.2f} | {bf16:.2f} | {fp32 / bf16:.1f}x |", flush=True)
     m = machine(torch.device(args.device))
-    print(f"\nbatch {args.batch_size} patches of {args.patch_size}²; median of {args.steps} steps; machine: {m['cpu']}, "
-          f"{args.threads} threads, torch {m['torch']}, device {args.device}, engine {m['engine']}")
+    print(f"\nbatch {args.batch_size} patches of {args.patch_size}²; median of {args.steps} steps; machine: "
+          f"{machine_words(m)}, device {args.device}")
     print("command: python benchmarks/training_precision.py " + " ".join(sys.argv[1:]))
 
 

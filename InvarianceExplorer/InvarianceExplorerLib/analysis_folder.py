@@ -388,8 +388,8 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
                    "denoised_invariances": result.volumes["denoised_invariances"].array.astype(np.float64)}
     change = structure_change(x, stack, spacing, null=null, sigma_px=sigma_px, alpha=alpha,
                               min_area_mm2=min_area_mm2, max_passed_on=max_passed_on, null_shape=null_refined,
-                              scans=scans, noise_texture=texture, **outputs,
-                              refined=bool(refinement) and (scans is not None or texture is not None))  # else: warned below
+                              scans=scans, noise_texture=texture, **outputs,  # refined without a floor: warned below
+                              refined=bool(refinement) and (scans is not None or texture is not None))
     report("method A", 1, 1)
 
     test = None

@@ -66,8 +66,8 @@ def _positive_number(text: str, maximum: float = math.inf) -> float:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and 0 < value <= maximum):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number{f' up to {maximum:g}' if maximum < math.inf else ''}"
-                                         f"; got {text!r}")
+        bound = f" up to {maximum:g}" if maximum < math.inf else ""
+        raise argparse.ArgumentTypeError(f"must be a positive finite number{bound}; got {text!r}")
     return value
 
 
@@ -108,7 +108,8 @@ def _add_scan_options(p: argparse.ArgumentParser) -> None:
     from .lowdose import FILTERS
 
     p.add_argument("--dose", type=_dose, default=0.25, help="dose fraction of full dose (default 0.25: quarter dose)")
-    p.add_argument("--photons", type=_positive_number, default=None, help="full-dose incident quanta per ray (default: simulator's)")
+    p.add_argument("--photons", type=_positive_number, default=None,
+                   help="full-dose incident quanta per ray (default: simulator's)")
     p.add_argument("--filter", choices=FILTERS, default="hann", help="FBP apodisation filter (default hann)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or auto (default cpu)")
 
@@ -142,7 +143,8 @@ def _add_data(data) -> None:
     data_sub = data.add_subparsers(dest="data_command", required=True)
 
     sim = data_sub.add_parser("simulate", help="write N paired LD/FD simulated chest slices with labels and a manifest")
-    sim.add_argument("--count", type=_at_most(1_000_000), required=True, help="number of pairs (one phantom 'patient' each)")
+    sim.add_argument("--count", type=_at_most(1_000_000), required=True,
+                     help="number of pairs (one phantom 'patient' each)")
     sim.add_argument("--size", type=_at_most(4096), default=256, help="slice size in pixels (default 256)")
     sim.add_argument("--spacing", type=_positive_number, default=None,
                      help="pixel size in mm (default: 0.7 * 512 / size, a 358 mm field of view)")
@@ -182,7 +184,8 @@ def _add_train(train) -> None:
     den.add_argument("--steps-per-epoch", type=_positive_int, default=500, help="batches per epoch (default 500)")
     den.add_argument("--batch-size", type=_at_most(4096), default=16, help="patches per batch (default 16)")
     den.add_argument("--patch-size", type=_positive_int, default=128, help="patch side in pixels (default 128)")
-    den.add_argument("--lr", type=_positive_number, default=None, help="Adam learning rate (default: the architecture's)")
+    den.add_argument("--lr", type=_positive_number, default=None,
+                     help="Adam learning rate (default: the architecture's)")
     den.add_argument("--lr-decay", type=float, default=None,
                      help="multiply the learning rate by this factor every epoch from --lr-decay-start on (default: constant)")
     den.add_argument("--lr-decay-start", type=_positive_int, default=1,
@@ -242,8 +245,10 @@ def _add_train_invariance(train_sub) -> None:
             p.add_argument("--feature-network", type=Path, default=None,
                            help="model folder whose feature network gives the perceptual term (default: the "
                                 "denoiser's own if it ships one, else one is trained on tissue labels)")
-        p.add_argument("--lr", type=_positive_number, default=None, help="Adam learning rate (default: see train_invariance)")
-        p.add_argument("--seed", type=_seed, default=0, help="seed of weights, patches and every random draw (default 0)")
+        p.add_argument("--lr", type=_positive_number, default=None,
+                       help="Adam learning rate (default: see train_invariance)")
+        p.add_argument("--seed", type=_seed, default=0,
+                       help="seed of weights, patches and every random draw (default 0)")
         p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
         p.add_argument("--device", default="auto", help="torch device: auto, cpu or cuda (default auto)")
         p.add_argument("--num-workers", type=_whole_number, default=0, help="data loader processes (default 0)")
@@ -593,6 +598,11 @@ def _cmd_train_denoiser(args) -> int:
     return 0
 
 
+def _existing_above(path: Path) -> Path:
+    """The nearest existing folder above ``path`` (where it would be made: the filesystem root at most)."""
+    return next(p for p in path.absolute().parents if p.exists())
+
+
 def _check_output_file(output: Path, source: Path, what: str) -> None:
     """Before the work: ``output`` (of denoise, data lowdose) is a new .nrrd file, not the
     input, in a folder that can be written; ``CTInputError`` saying what to do otherwise."""
@@ -607,7 +617,7 @@ def _check_output_file(output: Path, source: Path, what: str) -> None:
     if output.exists() or output.is_symlink():
         raise CTInputError(output, "output already exists (it is not replaced)",
                            f"Write the {what} to a new file, or delete that one first.")
-    folder = next(p for p in output.absolute().parents if p.exists())
+    folder = _existing_above(output)
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise CTInputError(output, f"cannot be written: {folder} is not a folder you can write to",
                            "Choose another output folder.")
@@ -705,10 +715,10 @@ def _check_new_folder(out: Path, command: str, analyze: bool = False) -> None:
                          f"({command} writes it whole) or remove the old one"
                          + (f"; it holds samples without their analysis: `invariance-explorer analyze {out}` "
                             "analyses them" if done and analyze else ""))
-    above = next((p for p in out.absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():
+    above = _existing_above(out)
+    if not above.is_dir():
         raise ValueError(f"{above} is a file, so the folder {out} cannot be made; give {command} another --out")
-    if above is not None and not os.access(above, os.W_OK | os.X_OK):  # the folder is written beside, then moved in
+    if not os.access(above, os.W_OK | os.X_OK):  # the folder is written beside, then moved in
         raise ValueError(f"{above} is not a folder you can write to, so {command} cannot make {out} there; give "
                          "another --out")
 
@@ -834,7 +844,8 @@ def _add_analyze(ana) -> None:
                       help="no full-dose image: draw the variants from the cVAE posterior of x (the model folder in "
                            "numbers.json; a weaker null, recorded as such)")
     null.add_argument("--dose", type=_dose, default=0.25, help="dose fraction of the input (default 0.25)")
-    null.add_argument("--photons", type=_positive_number, default=None, help="full-dose quanta per ray (default: simulator's)")
+    null.add_argument("--photons", type=_positive_number, default=None,
+                      help="full-dose quanta per ray (default: simulator's)")
     null.add_argument("--filter", choices=FILTERS, default="hann", help="FBP apodisation filter (default hann)")
     null.add_argument("--null-count", type=_at_most(1000), default=16,
                       help="simulated or posterior realisations (default 16)")

@@ -257,7 +257,8 @@ def _fit_lines(metadata: dict) -> List[str]:
                   + f"critic from step {p['adv_start']}), cINN {p['cinn_steps']} steps"
                   + (f"; {p['seconds_per_cvae_step']:.2f} s per cVAE step measured"
                      if p.get("seconds_per_cvae_step") else "")
-                  + f". Spent {fit['wall_time_s']} s on {m.get('device')} ({machine_words(m)}, {fit.get('world_size')} process(es))"
+                  + f". Spent {fit['wall_time_s']} s on {m.get('device')} ({machine_words(m)}, "
+                    f"{fit.get('world_size')} process(es))"
                   + (" in its last session (it resumed an earlier one; the stages' wall times count every session)"
                      if fit.get("resumed") else "")
                   + f". Perceptual term: {fit.get('perceptual_term')}."]

@@ -154,10 +154,10 @@ def check_hu(array, source: str, whole_image: bool = False) -> None:
                                    "windowed display image (8-bit grey levels), not HU",
                            "Load the original CT in HU (DICOM with its rescale, or a volume saved in HU).")
     if lo >= 0 and hi >= 900:
+        fix = _HU_OFFSET_FIX if whole_image else "subtract 1024 (or read the image with hu_offset=-1024)"
         raise CTInputError(source, f"values range {lo:g}..{hi:g} with none below 0, so they look like "
                                    "stored CT numbers without the rescale intercept, not HU (air is about -1000 HU)",
-                           f"If they are stored values HU + 1024, "
-                           f"{_HU_OFFSET_FIX if whole_image else 'subtract 1024 (or read the image with hu_offset=-1024)'}.")
+                           f"If they are stored values HU + 1024, {fix}.")
 
 
 def _check_finite(bad: int, size: int, source) -> None:

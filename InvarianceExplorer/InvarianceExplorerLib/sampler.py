@@ -275,9 +275,6 @@ def load_invariance_models(folder_or_name, device="cpu") -> InvarianceModels:
     return InvarianceModels(denoiser, representation, flow, folder, info.get("refinement")).to(device)
 
 
-# ----------------------------------------------------------------------------- patches
-
-
 def _whole_number(name: str, value, minimum: int, maximum: Optional[int] = None) -> int:
     """``value`` as an int; ``ValueError`` naming ``name`` unless it is a whole number (not a
     bool, float or string) within ``minimum``..``maximum``."""
@@ -286,6 +283,9 @@ def _whole_number(name: str, value, minimum: int, maximum: Optional[int] = None)
         raise ValueError(f"{name} must be a whole number from {minimum}{f' to {maximum}' if maximum else ' up'}; "
                          f"got {value!r}")
     return int(value)
+
+
+# ----------------------------------------------------------------------------- patches
 
 
 @dataclass(frozen=True)
@@ -688,8 +688,8 @@ class InvarianceSampler:
             code, _ = flow(mean, embedding=embedding)
             denoised_reconstruction = f(reconstruction)
             if refinement.centre:  # the flow's centre v = 0, decoded
-                centre = rep.decode(flow.reverse(torch.zeros(1, flow.z_dim, device=device, dtype=torch.float32), embedding=embedding), y,
-                                    condition)
+                origin = torch.zeros(1, flow.z_dim, device=device, dtype=torch.float32)
+                centre = rep.decode(flow.reverse(origin, embedding=embedding), y, condition)
         if refinement.centre:  # what every sample gets added
             shift = refine_invariances(f, centre, y, refinement.centre)[0] - centre
         report("encoding", 1, 1)

@@ -326,7 +326,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     from InvarianceExplorerLib.datasets import open_source
     from InvarianceExplorerLib.denoisers import read_metadata
-    from InvarianceExplorerLib.devices import machine
+    from InvarianceExplorerLib.devices import machine, machine_words
     from InvarianceExplorerLib.sampler import Refinement
 
     started = time.perf_counter()
@@ -388,7 +388,7 @@ def main(argv=None) -> None:
     if args.write_readme:
         m = results["machine"]
         write_readme(Path("README.md"), f"{text}\n\nMeasured by `{results['command']}` on {m['cpu']} "
-                     f"({m['cpu_threads']} threads, torch {m['torch']}, engine {m['engine']}) in {results['wall_time_s'] / 60:.0f} min: "
+                     f"({machine_words(m)}) in {results['wall_time_s'] / 60:.0f} min: "
                      "test patches: " + ", ".join(f"{name} {len(run['records'])}" for name, run in runs.items())
                      + f"; {args.count} invariances each, "
                      f"{args.null_count} noise-only scans per slice. Figure: `{args.figure}`.",
