@@ -817,6 +817,34 @@ def test_analyze_refuses_a_bad_null_and_keeps_the_users_files(sample_folder, tmp
     assert "invariances.nrrd: 1 of" in capsys.readouterr().err
 
 
+def test_analyze_refuses_null_settings_it_would_not_use(sample_folder, tmp_path, capsys):
+    """Options of a null that is not made were ignored without a word; a null method B could not
+    use was simulated first (2 invariances) and then skipped."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(sample_folder[0], out)
+    shutil.rmtree(out / ANALYSIS_DIR, ignore_errors=True)
+    for options, said in ((["--dose", "0.5"], "--dose has no effect here: it is used only to simulate the null from "
+                                              "--full-dose; leave it out"),
+                          (["--posterior", "--photons", "1e4", "--filter", "cosine"],
+                           "--photons, --filter have no effect here"),
+                          (["--null-count", "8"], "--null-count has no effect here: it is used only to simulate the "
+                                                  "null from --full-dose or draw it with --posterior"),
+                          (["--posterior", "--null-count", "2"], "--null-count 2: method B needs at least 3")):
+        assert main(["analyze", str(out), *options, "--progress", "none"]) == 2
+        assert said in capsys.readouterr().err and not (out / ANALYSIS_DIR).exists()
+    numbers = json.loads((out / "numbers.json").read_text())
+    two = tmp_path / "two"
+    assert main(["sample", "--model", numbers["model"], "--input", numbers["input"], "--center", "30,34,0",
+                 "--count", "2", "--device", "cpu", "--out", str(two), "--progress", "none"]) == 0
+    capsys.readouterr()
+    assert main(["analyze", str(two), "--full-dose", sample_folder[1], "--progress", "json"]) == 2
+    captured = capsys.readouterr()
+    assert "holds 2 invariances, and method B, the only user of --full-dose's null, needs at least 3" in captured.err
+    assert "simulating" not in captured.out  # refused before the scans were simulated
+
+
 def test_the_readme_python_example_runs_as_written(capsys):
     """README's "From Python" block, run verbatim: the bundled CNN-10's refined invariances of
     the sample CT's nodule, method A with the estimated rescan floor (no false anatomy)."""

@@ -193,7 +193,8 @@ def test_damaged_model_and_results_files_are_named_with_what_to_do(tmp_path, cap
         err = capsys.readouterr().err
         assert f"{model / 'metadata.json'}: {problem}" in err and "copy it again" in err and "Traceback" not in err
     assert not (tmp_path / "again").exists()
-    for name, text, problem in (("invariances.nrrd", "garbage", "cannot be read"),
+    for name, text, problem in (("invariances.nrrd", "garbage", "is named .nrrd but its content is not that format"),
+                                ("input.nrrd", "NRRD0004\ngarbage", "cannot be read"),
                                 ("numbers.json", "{'count': 3}", "not valid JSON")):
         damaged = shutil.copytree(tmp_path / "run", tmp_path / f"damaged {name}")
         (damaged / name).write_text(text)

@@ -481,12 +481,17 @@ def test_bad_settings_are_refused_before_any_folder_is_made(pairs, tmp_path):
         with pytest.raises(ValueError, match=re.escape(said)):
             train("cnn10", pairs, tmp_path / "run", epochs=1, **changes)
         assert not (tmp_path / "run").exists()
-    for arch, size, network, hp in (("redcnn", 7, "denoiser", {}),  # tracebacks before
-                                    ("dugan", 30, "image discriminator", {"disc_levels": 6})):
-        with pytest.raises(ValueError, match=f"patch size {size} \\(--patch-size\\) is too small for {arch}'s {network} "
-                                             r"\(Calculated padded input size .*\); choose a larger patch, e.g. 64"):
-            train(arch, pairs, tmp_path / "run", epochs=1, patch_size=size, hyperparameters=hp)
-        assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=re.escape("patch size 7 (--patch-size) is less than half redcnn's receptive "
+                                                   "field (41 pixels): each output pixel would see more padding than "
+                                                   "CT; choose 64 or more")):  # a traceback before
+        train("redcnn", pairs, tmp_path / "run", epochs=1, patch_size=7)
+    with pytest.raises(ValueError, match=re.escape("less than half cnn10's receptive field (15 pixels)")):
+        train("cnn10", pairs, tmp_path / "run", epochs=1, patch_size=1)  # trained on 1 pixel before
+    with pytest.raises(ValueError, match=r"patch size 30 \(--patch-size\) is too small for dugan's image "
+                                         r"discriminator \(Calculated padded input size .*\); choose a larger patch, "
+                                         r"e.g. 64"):  # a traceback before
+        train("dugan", pairs, tmp_path / "run", epochs=1, patch_size=30, hyperparameters={"disc_levels": 6})
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_diverging_run_stops_and_exports_nothing(pairs, tmp_path):

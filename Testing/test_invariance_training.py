@@ -499,6 +499,18 @@ def test_cli_trains_cvae_then_cinn(pairs, denoiser_folder, tmp_path, capsys):
                  "--patch-size", "32", *common, "--set", "no_such=1"]) == 2
     assert main(["train", "cinn", "--denoiser", str(denoiser_folder), "--out", str(tmp_path / "bad2"),
                  *common]) == 2  # no cVAE in that folder
+    capsys.readouterr()  # a feature network a recipe without perceptual term would not use (ignored before)
+    assert main(["train", "cvae", "--denoiser", str(denoiser_folder), "--out", str(tmp_path / "bad4"),
+                 "--patch-size", "32", "--feature-network", str(denoiser_folder), *common, "--set", "lam_perc=0"]) == 2
+    assert "lam_perc is 0: this recipe has no perceptual term to use it" in capsys.readouterr().err
+    assert not (tmp_path / "bad4").exists()
+
+
+def test_resume_without_a_run_says_a_new_one_starts(tmp_path):
+    from InvarianceExplorerLib.training import run_checkpoint
+
+    with pytest.warns(RuntimeWarning, match="holds no training run to resume .*: starting a new one"):
+        assert run_checkpoint(tmp_path / "run", resume=True) == tmp_path / "run" / "checkpoints" / "last.pt"
 
 
 # ----------------------------------------------------------------------------- fidelity figures

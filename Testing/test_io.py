@@ -485,6 +485,30 @@ def test_vector_4d_and_corrupt_files(tmp_path):
     raises(["broken.nrrd", "cannot be read", "endian"], read_image, tmp_path / "broken.nrrd")
 
 
+def test_files_whose_content_is_not_their_format_or_nothing_are_named_as_such(tmp_path, oblique_volume):
+    """An NRRD that is text, a NIfTI that is an NRRD, an empty file, a folder named .nrrd (ITK
+    said "cannot be read" and the fix "check that the file is complete"; HDF5 printed pages of
+    diagnostics for a folder), and a series UID given with a one-image file (ignored before)."""
+    from InvarianceExplorerLib.result_folder import read_volume
+
+    write_nrrd(oblique_volume, tmp_path / "ok.nrrd")
+    (tmp_path / "notes.nrrd").write_text("patient 7, lung window\n")
+    raises(["notes.nrrd", "is named .nrrd but its content is not that format (it looks like text)",
+            "true extension"], read_image, tmp_path / "notes.nrrd")
+    (tmp_path / "renamed.nii").write_bytes((tmp_path / "ok.nrrd").read_bytes())
+    raises(["renamed.nii", "is named .nii", "looks like an NRRD file"], read_image, tmp_path / "renamed.nii")
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    raises(["empty.nii.gz", "is empty (0 bytes)", "copy or export it again"], read_image, tmp_path / "empty.nii.gz")
+    (tmp_path / "stack.nrrd").mkdir()
+    raises(["stack.nrrd", "is a folder, not an image file"], read_volume, tmp_path / "stack.nrrd")
+    raises(["ok.nrrd", "a series UID was given", "drop series_uid"], read_image, tmp_path / "ok.nrrd",
+           series_uid="1.2.3")
+    assert read_image(tmp_path / "ok.nrrd").array.shape == oblique_volume.array.shape  # the check passes real files
+    for suffix in (".nii", ".nii.gz", ".mha"):
+        sitk.WriteImage(sitk.ReadImage(str(tmp_path / "ok.nrrd")), str(tmp_path / f"ok{suffix}"))
+        assert read_image(tmp_path / f"ok{suffix}").array.shape == oblique_volume.array.shape
+
+
 def test_check_hu_direct():
     check_hu(np.array([[-1000.0, 40.0], [1500.0, 3000.0]]), "ok")
     check_hu(np.array([[-33792.0, 30000.0]]), "extended scale; a stored fill of -32768 with its intercept")

@@ -267,6 +267,20 @@ def test_the_cli_fit_reads_dicom_the_way_it_is_told(torchscript_file, paired_tre
     assert not (tmp_path / "model").exists()
 
 
+def test_fit_told_to_read_mixed_dicom_as_low_dose_trains_on_it(torchscript_file, paired_tree, tmp_path):
+    """The fix the mixed-data error suggests works: the cVAE and cINN trainings read the data
+    as fit was told (they opened it as "auto" and refused the mix, after the denoiser check)."""
+    half = tmp_path / "half"
+    shutil.copytree(paired_tree, half)
+    shutil.rmtree(half / "P05" / "study-1" / "Full Dose Images")
+    out = fit(torchscript_file, half, tmp_path / "model", normalization=PAPER_NORMALIZATION, dicom="low-dose",
+              **{**FIT, "budget": "8steps"})
+    training = read_metadata(out)["invariance"]["training"]
+    for stage in ("cvae", "cinn"):
+        assert training[stage]["data"]["kind"] == "LowDoseDicomDataset"
+        assert training[stage]["data"]["patients"] == PATIENTS
+
+
 def test_what_needs_full_dose_says_so_on_low_dose_only_data(low_dose_tree, tmp_path):
     from InvarianceExplorerLib.evaluation import held_out_quality
     from InvarianceExplorerLib.train_denoiser import train_denoiser

@@ -217,6 +217,7 @@ def _add_train(train) -> None:
 def _add_train_invariance(train_sub) -> None:
     """``train cvae`` and ``train cinn``: the invariance models of a frozen denoiser."""
     from .denoisers import WEIGHT_DTYPES
+    from .dicom_dataset import DICOM_KINDS
 
     for kind, helptext in (("cvae", "train the representation (cVAE) of a frozen denoiser; checkpoints every epoch"),
                            ("cinn", "train the invariance flow (cINN) on the codes of a trained cVAE; checkpoints "
@@ -230,7 +231,11 @@ def _add_train_invariance(train_sub) -> None:
         else:
             p.add_argument("--denoiser", required=True, metavar="FOLDER",
                            help="model folder holding the denoiser and its cVAE (OUT/model of train cvae)")
-        p.add_argument("--data", type=Path, required=True, help="simulated data set folder or paired DICOM folder")
+        p.add_argument("--data", type=Path, required=True,
+                       help="simulated data set folder, or DICOM folder with one folder per patient (paired or "
+                            "low-dose only)")
+        p.add_argument("--dicom", choices=DICOM_KINDS, default="auto",
+                       help="how to read a DICOM --data folder: auto, paired, or low-dose (as for fit)")
         p.add_argument("--out", type=Path, required=True,
                        help="run folder: checkpoints/, history.json, validation/ and model/ (a copy of the "
                             "denoiser's folder with the new weights and model card)")
@@ -280,7 +285,7 @@ def _cmd_train_cvae(args) -> int:
                         resume=args.resume, device=args.device, num_workers=args.num_workers,
                         val_patches=args.val_patches, weights_dtype=args.weights_dtype,
                         hyperparameters=dict(args.set), feature_network=args.feature_network,
-                        fidelity_slices=args.fidelity_slices, pool_patches=args.pool_patches,
+                        fidelity_slices=args.fidelity_slices, pool_patches=args.pool_patches, dicom=args.dicom,
                         progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":
         with open(folder / "metadata.json") as f:
@@ -300,7 +305,7 @@ def _cmd_train_cinn(args) -> int:
                         device=args.device, num_workers=args.num_workers, val_patches=args.val_patches,
                         weights_dtype=args.weights_dtype, hyperparameters=dict(args.set),
                         fidelity_slices=args.fidelity_slices, pool_patches=args.pool_patches,
-                        refinement=args.refine, progress=not args.no_progress)
+                        refinement=args.refine, dicom=args.dicom, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":
         with open(folder / "metadata.json") as f:
             info = json.load(f)["invariance"]
@@ -860,6 +865,11 @@ def _cmd_analyze(args) -> int:
 
     if (args.null is not None) + (args.full_dose is not None) + bool(args.posterior) > 1:
         raise ValueError("give one of --null, --full-dose and --posterior")
+    if args.full_dose is None:
+        _refuse_unused(args, ("dose", "photons", "filter", "hu_offset"), "to simulate the null from --full-dose")
+        if not args.posterior:
+            _refuse_unused(args, ("null_count", "seed"), "to simulate the null from --full-dose or draw it with "
+                                                         "--posterior")
     progress = Progress(args.progress)
     outputs, text = _run_analysis(args.results, progress, args)
     progress.done(outputs, text)
@@ -885,6 +895,28 @@ def _warn_if_elsewhere(null, folder: Path, path) -> None:
                       " mm): is it noise-only images of this patch?", RuntimeWarning)
 
 
+def _check_null_settings(folder: Path, args) -> None:
+    """Before a null is read, simulated or drawn: ``ValueError`` when method B could not use it
+    (fewer than 3 invariances) or when refined invariances need a larger one than asked for."""
+    from .analysis import MIN_SHAPE_NULL
+    from .result_folder import load_result
+    from .sampler import Refinement
+
+    result = load_result(folder)
+    given = "--null" if args.null is not None else "--full-dose" if args.full_dose is not None else "--posterior"
+    if result.count < 3:
+        raise ValueError(f"{folder} holds {result.count} invariance{'s' if result.count != 1 else ''}, and method B, "
+                         f"the only user of {given}'s null, needs at least 3: sample again with --count 3 or more, "
+                         f"or analyse without {given}")
+    if args.null is None and args.null_count < 3:
+        raise ValueError(f"--null-count {args.null_count}: method B needs at least 3 noise-only images")
+    refined = Refinement.parse(result.numbers.get("refinement"))
+    if refined and args.full_dose is not None and args.null_count < MIN_SHAPE_NULL:
+        raise ValueError(f"--null-count {args.null_count}: these invariances were sampled with a consistency "
+                         f"refinement; the analysis refines the null the same way and needs at least "
+                         f"{MIN_SHAPE_NULL} scans (--null-count {MIN_SHAPE_NULL} or more)")
+
+
 def _run_analysis(folder: Path, progress, args=None) -> tuple:
     """Analyse a sample folder (``analyze``, or ``sample --analyze`` with default settings);
     returns the outputs (name -> path) and a one-line summary for the "done" report."""
@@ -895,6 +927,8 @@ def _run_analysis(folder: Path, progress, args=None) -> tuple:
     from .result_folder import read_volume
 
     check_analysis_target(folder)  # before any null is simulated
+    if args is not None and (args.null is not None or args.full_dose is not None or args.posterior):
+        _check_null_settings(folder, args)
     null, source = None, None
     if args is not None and args.null is not None:
         given = read_volume(args.null)
@@ -968,6 +1002,30 @@ def _finish_bars() -> None:
         bar.close()
 
 
+def _given_options(command: str, words: List[str]) -> set:
+    """The destinations of the options written in ``words`` (those not left at their defaults):
+    the same parser with every default suppressed keeps only what was given."""
+    parser = build_parser(command)
+    parsers = [parser]
+    for p in parsers:
+        for action in p._actions:  # argparse keeps a parser's actions there; subcommands' parsers in choices
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            elif action.dest != "help":
+                action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(words))) - {"func"}
+
+
+def _refuse_unused(args, options, needs: str) -> None:
+    """``ValueError`` when any of ``options`` (destinations) was given although the run will not
+    use it (``needs`` says what would): a setting silently ignored misleads."""
+    unused = [f"--{name.replace('_', '-')}" for name in options if name in getattr(args, "given", ())]
+    if unused:
+        raise ValueError(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect here: "
+                         f"{'it is' if len(unused) == 1 else 'they are'} used only {needs}; leave "
+                         f"{'it' if len(unused) == 1 else 'them'} out")
+
+
 def _negative_voxels_joined(words: List[str]) -> List[str]:
     """``--center -5,10,1`` as ``--center=-5,10,1``: argparse would take the value for an
     option; joined, it reaches the centre's own check (which says where the image lies)."""
@@ -994,6 +1052,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     words = _negative_voxels_joined(sys.argv[1:] if argv is None else list(argv))
     command = next((w for w in words if not w.startswith("-")), "")
     args = build_parser(command if command in COMMANDS else "").parse_args(words)
+    args.given = _given_options(command, words)
 
     from .io import CTInputError
     from .progress import WARNING_PREFIX, Progress

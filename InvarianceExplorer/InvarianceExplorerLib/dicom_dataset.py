@@ -128,7 +128,9 @@ class _DicomPatients(Sequence):
                                                f"(series found: {patient.listing()})",
                                f"Set the {kind.split('-')[0]}_dose pattern (a regular expression searched in the "
                                "series folder path below the patient folder and in the SeriesDescription) "
-                               "so that it matches exactly one series." + self._hints.get(kind, ""))
+                               "so that it matches exactly one series; the command line uses the default patterns, "
+                               "so there rename the series folders instead (e.g. 'Low Dose Images' and 'Full Dose "
+                               "Images', or 'quarter_1mm' and 'full_1mm')." + self._hints.get(kind, ""))
         return hits[0]
 
     #: Added to the fix of a failed choice, by kind of series.

@@ -200,6 +200,8 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     if normalization is None and not model_folder:
         raise ValueError(f"{source}: declare the denoiser's input normalisation (HUNormalization.parse)")
     request = _denoiser_request(source, normalization, use, class_path, arguments)
+    if resume and not (work / REQUEST_FILE).is_file():
+        warnings.warn(f"{work} holds no fit to resume: starting a new one", RuntimeWarning)
     if resume and (work / REQUEST_FILE).is_file():
         earlier = json.loads((work / REQUEST_FILE).read_text())
         moved = request["source_sha256"] is not None and request["source_sha256"] == earlier.get("source_sha256")
@@ -251,7 +253,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
         if not labelled:
             hp["lam_perc"] = 0.0
         common = dict(seed=seed, device=dist.device, weights_dtype=weights_dtype, progress=progress,
-                      fidelity_slices=fidelity_slices)
+                      fidelity_slices=fidelity_slices, dicom=dicom)
         cvae_run, cinn_run = work / "cvae", work / "cinn"
         cvae_model = train_cvae(denoiser_folder, data, cvae_run, epochs=EPOCHS,
                                 steps_per_epoch=steps["cvae_steps_per_epoch"], batch_size=batch_size,

@@ -73,6 +73,9 @@ def read_image(path, *, series_uid: Optional[str] = None, hu_offset: float = 0.0
         return read_dicom_series(path, series_uid=series_uid, hu_offset=hu_offset)
     suffix = _suffix(path)
     if suffix in ITK_SUFFIXES:
+        if series_uid is not None:
+            raise CTInputError(path, f"is a {suffix} file, which holds one image, and a series UID was given",
+                               "Series UIDs choose among DICOM series: drop series_uid (--series-uid).")
         return _read_itk(path, hu_offset)
     if suffix in DICOM_SUFFIXES or _dicom_kind(path):
         ds = _dcmread(path)
@@ -189,13 +192,52 @@ def last_line(error: BaseException) -> str:
 
 
 def read_itk(path) -> "sitk.Image":
-    """``sitk.ReadImage``, with a :class:`CTInputError` naming the file when it cannot be read."""
+    """``sitk.ReadImage``, with a :class:`CTInputError` naming the file when it cannot be read:
+    a folder, a file that may not be read, one whose content is not the format its name says,
+    or one cut short."""
+    path = Path(path)
+    if not path.exists():
+        raise CTInputError(path, "does not exist", "Check the path.")
+    if path.is_dir():  # ITK would try each of its readers on it (HDF5's print pages of diagnostics)
+        raise CTInputError(path, "is a folder, not an image file", f"Give one of the files {', '.join(ITK_SUFFIXES)}.")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(352)
+    except OSError as exc:
+        raise CTInputError(path, f"cannot be opened ({exc.strerror or exc})",
+                           "Check that the file may be read (its permissions), or copy it somewhere "
+                           "readable.") from None
+    if not head:
+        raise CTInputError(path, "is empty (0 bytes)", "It was cut short or never written: copy or export it again.")
+    problem = _format_problem(path, head)
+    if problem:
+        raise CTInputError(path, problem, "Give the file its true extension, or export the image again.")
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        problem = _metaimage_problem(Path(path)) if _suffix(Path(path)) in (".mha", ".mhd") else None
+        problem = _metaimage_problem(path) if _suffix(path) in (".mha", ".mhd") else None
         raise CTInputError(path, problem or f"cannot be read ({last_line(exc)})",
                            "Check that the file is complete (for .nhdr/.mhd also its data file next to it).") from None
+
+
+def _format_problem(path: Path, head: bytes) -> Optional[str]:
+    """How the first bytes ``head`` of ``path`` contradict the format its extension names (an NRRD
+    without its "NRRD" magic, a NIfTI without "n+1"/"ni1"/"n+2" or gzip's 1f 8b, a
+    MetaImage without its "Key = value" header), saying what the file looks like instead; None if they fit."""
+    suffix = _suffix(path)
+    nifti = head[344:348] in (b"n+1\0", b"ni1\0") or head[4:8] in (b"n+2\0", b"ni2\0")
+    metaimage = b"=" in head.split(b"\n", 1)[0] and head[:1].isalpha()  # "Key = value" lines
+    fits = {".nrrd": head.startswith(b"NRRD"), ".nhdr": head.startswith(b"NRRD"), ".nii": nifti,
+            ".nii.gz": head.startswith(b"\x1f\x8b"), ".mha": metaimage, ".mhd": metaimage}
+    if fits.get(suffix, True):
+        return None
+    looks = ("an NRRD file" if head.startswith(b"NRRD") else "a NIfTI file" if nifti else
+             "gzip-compressed data" if head.startswith(b"\x1f\x8b") else
+             "a DICOM file" if head[128:132] == b"DICM" else
+             "a MetaImage file" if metaimage else
+             "a PNG image" if head.startswith(b"\x89PNG") else
+             "text" if all(32 <= c < 127 or c in b"\t\r\n" for c in head[:64]) else "data of another kind")
+    return f"is named {suffix} but its content is not that format (it looks like {looks})"
 
 
 #: Bytes per value of MetaImage's ElementType.

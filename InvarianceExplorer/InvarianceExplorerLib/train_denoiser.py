@@ -257,7 +257,13 @@ def _check_hyperparameters(arch: str, hp: dict) -> None:
 
 def _check_patch_size(objective: _Objective, arch: str, patch_size: int) -> None:
     """``ValueError`` when a network of the training (the denoiser, a critic or discriminator)
-    cannot take ``patch_size``² patches, e.g. RED-CNN's unpadded convolutions below 21 pixels."""
+    cannot take ``patch_size``² patches, e.g. RED-CNN's unpadded convolutions below 21 pixels,
+    or when the patch is less than half the denoiser's receptive field (every output pixel would
+    see more padding than CT)."""
+    field = receptive_field(objective.networks["denoiser"])
+    if 2 * patch_size < field:
+        raise ValueError(f"patch size {patch_size} (--patch-size) is less than half {arch}'s receptive field ({field} "
+                         f"pixels): each output pixel would see more padding than CT; choose {max(64, field)} or more")
     for name, network in objective.networks.items():
         mode = network.training
         try:
@@ -266,7 +272,7 @@ def _check_patch_size(objective: _Objective, arch: str, patch_size: int) -> None
         except RuntimeError as exc:
             raise ValueError(f"patch size {patch_size} (--patch-size) is too small for {arch}'s {name.replace('_', ' ')} "
                              f"({str(exc).splitlines()[0][:200]}); choose a larger patch, e.g. "
-                             f"{max(64, receptive_field(objective.networks['denoiser']))}") from None
+                             f"{max(64, field)}") from None
         finally:
             network.train(mode)
 
@@ -363,6 +369,9 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
     if scheme not in OBJECTIVES:
         raise ValueError(f"unknown training scheme {scheme!r}; choose one of {', '.join(OBJECTIVES)}")
     objective = OBJECTIVES[scheme](build_denoiser(arch, **config["arguments"]), hp, patch_size)
+    if feature_network is not None and "feature_network" not in objective.networks:
+        raise ValueError(f"a feature network (--feature-network) was given, but {arch}'s training ({scheme}) has no "
+                         "perceptual term to use it; leave it out")
     _check_patch_size(objective, arch, patch_size)
     objective.to(device)
     denoiser = objective.networks["denoiser"]

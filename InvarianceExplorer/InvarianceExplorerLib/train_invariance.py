@@ -526,13 +526,13 @@ def _training_record(state: dict, config: dict, source, data, dist: Distributed,
 
 
 def _config(kind: str, hp: dict, denoiser_folder: Path, *, patch_size, batch_size, steps_per_epoch, seed, resume,
-            dist: Distributed, data) -> dict:
+            dist: Distributed, data, dicom: str) -> dict:
     metadata = read_metadata(denoiser_folder)
     weights = {k: v["sha256"] for k, v in metadata["weights"].items()}
     return json.loads(json.dumps({
         "kind": kind, "hyperparameters": hp, "patch_size": patch_size, "batch_size": batch_size,
         "steps_per_epoch": steps_per_epoch, "seed": seed, "world_size": dist.world_size,
-        "data": str(Path(data).resolve()),
+        "data": str(Path(data).resolve()), **({"dicom": dicom} if dicom != "auto" else {}),  # runs before it: auto
         "denoiser": {"folder": str(denoiser_folder.resolve()), "architecture": metadata["architecture"]["name"],
                      "weights_sha256": weights},
         "resume": resume}))
@@ -562,7 +562,7 @@ def train_cvae(denoiser, data, out, *, epochs: int = 10, steps_per_epoch: int = 
                patch_size: int = 128, lr: Optional[float] = None, seed: int = 0, resume: bool = False,
                device="auto", num_workers: int = 0, val_patches: int = 32, weights_dtype: str = "float32",
                hyperparameters: Optional[dict] = None, feature_network=None, fidelity_slices: int = 8,
-               pool_patches: int = 0, progress: bool = True) -> Path:
+               pool_patches: int = 0, dicom: str = "auto", progress: bool = True) -> Path:
     """Train the representation (cVAE) of the frozen ``denoiser``; return ``<out>/model``.
 
     Args:
@@ -588,6 +588,8 @@ def train_cvae(denoiser, data, out, *, epochs: int = 10, steps_per_epoch: int = 
         fidelity_slices: test-split slices for the completeness figures of the model card (0: none).
         pool_patches: train on a fixed :class:`PatchPool` of this many patches per process
             with f(x) computed once (0: fresh patches and f(x) every step).
+        dicom: how to read a DICOM ``data`` folder: "auto", "paired" or "low-dose"
+            (:func:`~.datasets.open_source`).
         progress: tqdm bars (rank 0).
     """
     from .datasets import open_source
@@ -595,15 +597,19 @@ def train_cvae(denoiser, data, out, *, epochs: int = 10, steps_per_epoch: int = 
     _check(epochs, steps_per_epoch, batch_size, patch_size, val_patches)
     hp = _hyperparameters("cvae", lr, hyperparameters)
     if feature_network is not None:
+        if float(hp["lam_perc"]) == 0:
+            raise ValueError("a feature network (--feature-network) was given, but lam_perc is 0: this recipe has no "
+                             "perceptual term to use it; leave it out, or set lam_perc (--set lam_perc=...)")
         hp["feature_network"] = str(feature_network)
     dist = setup_distributed(device)
     try:
         folder = resolve_model_folder(denoiser)
-        source = open_source(data)
+        source = open_source(data, dicom=dicom)
         check_data(source, data, patch_size, test=bool(fidelity_slices))
         out = Path(out)
         config = _config("cvae", hp, folder, patch_size=patch_size, batch_size=batch_size,
-                         steps_per_epoch=steps_per_epoch, seed=seed, resume=resume, dist=dist, data=data)
+                         steps_per_epoch=steps_per_epoch, seed=seed, resume=resume, dist=dist, data=data,
+                         dicom=dicom)
         config["pool_patches"] = int(pool_patches)
         hp = config["hyperparameters"]
         device = dist.device
@@ -703,7 +709,7 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
                lr: Optional[float] = None, seed: int = 0, resume: bool = False, device="auto",
                num_workers: int = 0, val_patches: int = 64, weights_dtype: str = "float32",
                hyperparameters: Optional[dict] = None, fidelity_slices: int = 8, fidelity_count: int = 16,
-               pool_patches: int = 0, refinement=None, progress: bool = True) -> Path:
+               pool_patches: int = 0, refinement=None, dicom: str = "auto", progress: bool = True) -> Path:
     """Train the invariance flow (cINN) on the codes of the representation in ``model``;
     return ``<out>/model`` (a copy of ``model`` with ``cinn.safetensors`` added: the complete
     invariance models, with the fidelity figures of :func:`~.fidelity.invariance_fidelity`
@@ -728,11 +734,12 @@ def train_cinn(model, data, out, *, epochs: int = 10, steps_per_epoch: int = 500
         den, rep = load_representation(folder, device=dist.device)
         patch_size = rep.patch_size
         _check(epochs, steps_per_epoch, batch_size, patch_size, val_patches)
-        source = open_source(data)
+        source = open_source(data, dicom=dicom)
         check_data(source, data, patch_size, test=bool(fidelity_slices))
         out = Path(out)
         config = _config("cinn", hp, folder, patch_size=patch_size, batch_size=batch_size,
-                         steps_per_epoch=steps_per_epoch, seed=seed, resume=resume, dist=dist, data=data)
+                         steps_per_epoch=steps_per_epoch, seed=seed, resume=resume, dist=dist, data=data,
+                         dicom=dicom)
         config["pool_patches"] = int(pool_patches)
         config["cvae_sha256"] = sha256(verify_weights(folder, read_metadata(folder)["weights"]["cvae"]))
         hp = config["hyperparameters"]

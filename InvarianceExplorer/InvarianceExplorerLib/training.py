@@ -294,7 +294,8 @@ RUN_ENTRIES = ("checkpoints", "history.json", "validation", "model")
 def run_checkpoint(out: Path, resume: bool) -> Path:
     """The checkpoint path of the training run folder ``out``; ``ValueError`` when it holds a
     run and ``resume`` is not asked, or holds files a run does not write (a data set, a model
-    folder: a run must not mix its files in)."""
+    folder: a run must not mix its files in); a ``RuntimeWarning`` when ``resume`` is asked and
+    there is no run to resume (a new one starts)."""
     out = Path(out)
     checkpoint = out / "checkpoints" / CHECKPOINT
     if checkpoint.exists() and not resume:
@@ -311,6 +312,9 @@ def run_checkpoint(out: Path, resume: bool) -> Path:
         raise ValueError(f"{out} holds files a training run does not write ({', '.join(foreign[:4])}"
                          f"{', ...' if len(foreign) > 4 else ''}); choose a new output folder (a run writes "
                          f"{', '.join(RUN_ENTRIES)} there)")
+    if resume and not checkpoint.exists():
+        warnings.warn(f"{out} holds no training run to resume (no {checkpoint.relative_to(out)}): starting a new one",
+                      RuntimeWarning)
     return checkpoint
 
 
