@@ -103,7 +103,7 @@ def test_resume_regenerates_only_missing_items_with_identical_values(simulated, 
     pairs = out / "pairs"
     before = load(pairs / "pair_000003.npz")
     (pairs / "pair_000003.npz").unlink()
-    (pairs / ".pair_000004.npz.999.tmp").write_bytes(b"half an item")  # an interrupted write
+    (pairs / ".pair_000004.npz.1a2b3c4d.part.npz").write_bytes(b"half an item")  # an interrupted write
     untouched = {p.name: p.stat().st_mtime_ns for p in pairs.glob("pair_*.npz")}
     build(out, COUNT)
     after = load(pairs / "pair_000003.npz")
@@ -111,7 +111,7 @@ def test_resume_regenerates_only_missing_items_with_identical_values(simulated, 
     for k in before:
         np.testing.assert_array_equal(before[k], after[k])
     assert {p.name: p.stat().st_mtime_ns for p in pairs.glob("pair_*.npz") if p.name in untouched} == untouched
-    assert not list(pairs.glob(".*.tmp"))
+    assert not list(pairs.glob(".*"))
     assert json.loads((out / "manifest.json").read_text())["items"] == \
         json.loads((simulated / "manifest.json").read_text())["items"]
 

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import shutil
 import sys
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -41,7 +39,7 @@ import torch.nn as nn
 
 from .denoisers import (CUSTOM, MODEL_FORMAT, MODEL_VERSION, folder_file, save_weights, sha256, verify_weights,
                         write_metadata)
-from .io import last_line, read_json_object
+from .io import last_line, read_json_object, written_whole
 from .normalization import HUNormalization
 from .trusted_code import require_trust, trust
 
@@ -473,9 +471,7 @@ def import_denoiser(source, out, *, normalization: HUNormalization, use: str = "
         raise ValueError(f"{out} already exists and is not empty; choose a new model folder")
     network, kind, files = read_network(source, class_path, arguments)
     checks = check_denoiser(network, normalization, use=use, device=device, patch_size=patch_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with written_whole(out) as work:
         records = {}
         for role, (path, stored) in files.items():
             (work / stored).parent.mkdir(parents=True, exist_ok=True)
@@ -494,12 +490,6 @@ def import_denoiser(source, out, *, normalization: HUNormalization, use: str = "
                   "architecture": architecture, "normalization": normalization.to_dict(), "weights": weights,
                   "checks": checks}
         write_metadata(work, record)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     try:  # the user's own code, imported on purpose: it may run when the folder loads
         trust(out, record)
     except OSError as error:

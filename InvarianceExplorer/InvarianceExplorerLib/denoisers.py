@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 
-from .io import read_json_object
+from .io import read_json_object, write_json, written_file
 from .normalization import HUNormalization
 
 MODEL_FORMAT = "invariance-explorer/denoiser"
@@ -404,9 +404,8 @@ def save_weights(module: nn.Module, path, dtype: str = "float32") -> dict:
     tensors = {k: (v.to(WEIGHT_DTYPES[dtype]) if v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in module.state_dict().items()}
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(temporary))
-    os.replace(temporary, path)
+    with written_file(path) as temporary:
+        save_file(tensors, str(temporary))
     return {"file": path.name, "dtype": dtype, "sha256": sha256(path)}
 
 
@@ -541,12 +540,7 @@ def save_denoiser(folder, network: nn.Module, arch: str, arguments: dict, normal
 
 def write_metadata(folder, record: dict) -> Path:
     """Write ``record`` as the ``metadata.json`` of ``folder`` atomically (whole or not at all)."""
-    path = Path(folder) / METADATA
-    temporary = path.with_name(f".{METADATA}.{os.getpid()}.tmp")
-    with open(temporary, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(temporary, path)
-    return path
+    return write_json(Path(folder) / METADATA, record)
 
 
 def read_metadata(folder_or_name) -> dict:

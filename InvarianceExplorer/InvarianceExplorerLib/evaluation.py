@@ -27,6 +27,7 @@ from .devices import machine_words, machine
 from .denoisers import (CUSTOM, METADATA, Denoiser, copy_model_folder, load_denoiser, read_metadata,
                         resolve_model_folder, save_denoiser, verify_weights, write_metadata)
 from .inference import METRIC_HU_RANGE, denoise, image_quality
+from .io import written_whole
 
 MODEL_CARD = "MODEL_CARD.md"
 #: Pixels removed from the edge of each uniform region (3.5 mm at 0.7 mm) so that partial
@@ -190,13 +191,17 @@ def ship_denoiser(trained, destination, data, tolerance_hu: float = 0.1, limit: 
             warnings.warn(f"{destination}: its {', '.join(sorted(replaced))} weights, trained for the denoiser "
                           "shipped there before, are replaced with it; train them again for the new denoiser "
                           "(train cvae, then train cinn)", RuntimeWarning)
-        destination = copy_model_folder(source, Path(destination))
-    figures = result["figures"]
-    chosen = figures.pop(f"{name} {dtype}")
-    figures.pop(f"{name} {'float32' if dtype == 'float16' else 'float16'}")
-    result["figures"] = {"low_dose": figures["low_dose"], name: chosen, "full_dose": figures["full_dose"]}
-    choice = {"dtype": dtype, "tolerance_hu": tolerance_hu, "rmse_hu": rmse}
-    write_held_out(destination, result, reproduce=reproduce, notes=notes, weights_choice=choice)
+        figures = result["figures"]
+        chosen = figures.pop(f"{name} {dtype}")
+        figures.pop(f"{name} {'float32' if dtype == 'float16' else 'float16'}")
+        result["figures"] = {"low_dose": figures["low_dose"], name: chosen, "full_dose": figures["full_dose"]}
+        choice = {"dtype": dtype, "tolerance_hu": tolerance_hu, "rmse_hu": rmse}
+        destination = Path(destination)
+        if destination.is_dir() and any(destination.iterdir()) and not (destination / METADATA).is_file():
+            raise ValueError(f"{destination} holds files but no model folder; choose an empty or new folder")
+        with written_whole(destination) as partial:  # the shipped folder is replaced whole or not at all
+            copy_model_folder(source, partial)
+            write_held_out(partial, result, reproduce=reproduce, notes=notes, weights_choice=choice)
     return {**choice, "result": result}
 
 

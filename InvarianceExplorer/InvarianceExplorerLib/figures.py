@@ -57,9 +57,10 @@ def tile_grid(
 
 def save_png(image: Image.Image, path: str) -> str:
     """Write a PNG whole or not at all (temporary file, then atomic rename)."""
+    from .io import written_file
+
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with written_file(path) as temporary:
+        image.save(temporary, format="PNG")
     return path

@@ -160,7 +160,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     from .simulated_dataset import SimulatedDataset
     from .denoisers import copy_model_folder, read_metadata, write_metadata
     from .devices import machine
-    from .io import written_whole
+    from .io import write_json, written_whole
     from .sampler import Refinement
     from .train_invariance import _check, _hyperparameters, _write_card, train_cinn, train_cvae
     from .training import check_data, data_noise_texture, setup_distributed
@@ -231,7 +231,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
                 if made:  # a refused denoiser leaves no work folder behind
                     shutil.rmtree(work, ignore_errors=True)
                 raise
-            (work / REQUEST_FILE).write_text(json.dumps(request, indent=1))
+            write_json(work / REQUEST_FILE, request)
         dist.barrier()
         per_step, timing = None, work / "seconds_per_cvae_step.json"
         if "minutes" in limits:  # measured once: a resumed fit keeps its plan (steps per epoch, ...)
@@ -240,7 +240,7 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
                     return float(json.loads(timing.read_text())["seconds"])
                 seconds = seconds_per_cvae_step(denoiser_folder, patch_size, batch_size, dist.device,
                                                 hyperparameters=overrides.get("cvae"))
-                timing.write_text(json.dumps({"seconds": seconds}))
+                write_json(timing, {"seconds": seconds})
                 return seconds
 
             per_step = _broadcast(measured() if dist.is_main else None, dist)

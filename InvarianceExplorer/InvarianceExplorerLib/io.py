@@ -23,7 +23,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import pydicom
@@ -580,6 +580,30 @@ def _round(*vectors) -> tuple:
 
 
 @contextmanager
+def written_file(path) -> Iterator[Path]:
+    """Yield a hidden temporary path beside the file ``path`` (same extension) to write it in;
+    when the block ends the temporary replaces ``path`` at once, and when it fails (or is
+    interrupted) it is removed: the file appears whole or not at all."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def write_json(path, value, indent: int = 1) -> Path:
+    """Write ``value`` as JSON to ``path`` whole or not at all (:func:`written_file`)."""
+    import json
+
+    with written_file(path) as temporary:
+        temporary.write_text(json.dumps(value, indent=indent))
+    return Path(path)
+
+
+@contextmanager
 def written_whole(folder: Path):
     """Yield a hidden sibling folder to write the folder ``folder`` in; when the block ends
     it replaces ``folder`` (an earlier export) at once, and when it fails (or is interrupted)
@@ -628,14 +652,10 @@ def write_nrrd(image: CTImage, path, *, array: Optional[np.ndarray] = None, comp
     out.SetOrigin(image.origin)
     out.SetDirection(tuple(image.direction_matrix.ravel()))
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.part.nrrd")
     try:
-        sitk.WriteImage(out, str(temporary), useCompression=compress)
-        os.replace(temporary, path)
+        with written_file(path) as temporary:
+            sitk.WriteImage(out, str(temporary), useCompression=compress)
     except RuntimeError as exc:
         raise OSError(f"{path}: cannot be written ({last_line(exc)}); check that its folder is writable and has "
                       "space") from None
-    finally:
-        if temporary.exists():
-            temporary.unlink()
     return str(path)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
-import os
 import platform
 import time
 import zipfile
@@ -18,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from .image import PairedSlice
-from .io import read_json_object
+from .io import read_json_object, write_json, written_file
 from .normalization import PAPER_NORMALIZATION, HUNormalization
 
 DATASET_FORMAT = "invariance-explorer/simulated-ldct-pairs"
@@ -96,7 +94,7 @@ def build_simulated_dataset(out_dir, count: int, size: int = 256, spacing: Optio
         raise ValueError(f"{out} holds a data set of {manifest['count']} pairs; --count {count} would drop "
                          f"{int(manifest['count']) - count} of them and change its patient split: give a count of at "
                          "least that, or another folder")
-    for stale in pairs.glob(".pair_*.tmp"):  # left by an interrupted run
+    for stale in pairs.glob(".pair_*"):  # partial items left by an interrupted run (io.written_file)
         stale.unlink()
     records = {r["index"]: r for r in manifest["items"] if r["index"] < count and (out / r["file"]).is_file()}
     todo = sorted(set(range(count)) - set(records))
@@ -108,7 +106,7 @@ def build_simulated_dataset(out_dir, count: int, size: int = 256, spacing: Optio
         if final and manifest["complete"]:
             manifest.update(_overall_statistics(out, manifest["items"]))
         manifest["creation"]["updated"] = _now()
-        _write_json(manifest_path, manifest)
+        write_json(manifest_path, manifest)
 
     started, last_save = time.perf_counter(), time.perf_counter()
     bar = tqdm(total=count, initial=count - len(todo), unit="pair", desc="simulating pairs", disable=not progress)
@@ -174,14 +172,8 @@ def _write_item(folder: Path, index: int, phantom, low_dose, full_dose, noise_se
     arrays = dict(low_dose=_int16(low_dose), full_dose=_int16(full_dose),
                   labels=np.asarray(phantom.labels, dtype=np.uint8),
                   nodule_map=np.asarray(phantom.nodule_map, dtype=np.int16))
-    temporary = folder / f".{name}.{os.getpid()}.tmp"
-    try:
-        with open(temporary, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(temporary, folder / name)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    with written_file(folder / name) as temporary, open(temporary, "wb") as f:
+        np.savez_compressed(f, **arrays)
     return {
         "index": index, "patient_id": f"sim-{index:06d}", "file": f"pairs/{name}",
         "phantom_seed": int(phantom.seed), "noise_seed": int(noise_seed), "contrast": bool(phantom.contrast),
@@ -329,12 +321,6 @@ def _differences(old, new, prefix="") -> list:
                 for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
     return [] if old == new else [(prefix.rstrip("."), old, new)]
 
-
-def _write_json(path: Path, value) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(temporary, path)
 
 
 def _now() -> str:

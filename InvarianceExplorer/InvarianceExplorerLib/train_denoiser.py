@@ -43,7 +43,7 @@ from .denoisers import (DENOISERS, FeatureNetwork, UNetDiscriminator, WGANCritic
 from .devices import machine
 from .inference import METRIC_HU_RANGE, apply_network, image_quality
 from .normalization import PAPER_NORMALIZATION, HUNormalization
-from .io import written_whole
+from .io import write_json, written_whole
 from .training import (TrainingBatches as _TrainingBatches, adam as _adam, autocast as _autocast,
                        check_data as _check_data, check_hyperparameters as _check_kinds, derive_seed as _seed,
                        data_noise_texture, describe_data, gradient_penalty as _gradient_penalty, load_feature_network,
@@ -430,8 +430,7 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
             state["best"] = {"epoch": epoch, "val": scores["denoised"],
                              "weights": {k: v.detach().cpu().clone() for k, v in denoiser.state_dict().items()}}
         checkpoint()
-        with open(out / "history.json", "w") as f:
-            json.dump(state["history"], f, indent=1)
+        write_json(out / "history.json", state["history"])
         if progress:
             v = scores["denoised"]
             tqdm.write(f"epoch {epoch}: val RMSE {v['rmse_hu']:.1f} HU (low dose {scores['low_dose']['rmse_hu']:.1f}), "

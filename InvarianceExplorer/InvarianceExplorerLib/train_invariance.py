@@ -92,7 +92,7 @@ from .devices import machine
 from .invariance_losses import local_mean_loss, noise_spectrum_loss, sample_texture_loss, spread_loss
 from .invariance_flow import InvarianceFlow, nll_per_dimension
 from .representation import DEFAULT_CHANNELS, Representation, representation_loss
-from .io import written_whole
+from .io import write_json, written_whole
 from .training import (Distributed, TrainingBatches, adam, derive_seed, describe_data,
                        gradient_penalty, load_feature_network, make_generator, optimizer_step, restore_checkpoint,
                        save_checkpoint,
@@ -487,8 +487,7 @@ def _run(kind: str, objective: _Objective, config: dict, out: Path, *, epochs: i
                              "weights": {k: v.detach().cpu().clone() for k, v in trained.state_dict().items()}}
         checkpoint()
         if dist.is_main:
-            with open(out / "history.json", "w") as fh:
-                json.dump(state["history"], fh, indent=1)
+            write_json(out / "history.json", state["history"])
             if progress:
                 tqdm.write(f"{kind} epoch {epoch}: validation " + ", ".join(
                     f"{n} {v:.4g}" for n, v in scores.items() if isinstance(v, (int, float))))

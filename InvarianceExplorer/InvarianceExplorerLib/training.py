@@ -384,10 +384,10 @@ def _differences(then: dict, now: dict) -> str:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """``torch.save`` ``state`` to ``path`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    from .io import written_file
+
+    with written_file(path) as temporary:
+        torch.save(state, temporary)
 
 
 # ----------------------------------------------------------------------------- torch.distributed

@@ -86,6 +86,8 @@ def is_trusted(metadata: dict) -> bool:
 def trust(folder, metadata: dict) -> str:
     """Record that the code of the model folder ``folder`` (its checked ``metadata``) may run
     here; returns its key. The trust file is written whole (temporary file, then rename)."""
+    from .io import write_json
+
     entries = _read()
     key = code_key(metadata)
     entries[key] = {"folder": str(Path(folder).absolute()), "kind": metadata["architecture"].get("kind"),
@@ -94,9 +96,7 @@ def trust(folder, metadata: dict) -> str:
                     "trusted": time.strftime("%Y-%m-%d %H:%M:%S")}
     path = trust_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(entries, indent=1))
-    os.replace(temporary, path)
+    write_json(path, entries)
     return key
 
 
