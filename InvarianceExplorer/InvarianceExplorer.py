@@ -70,9 +70,6 @@ DIVERGING_COLOURS = ("vtkMRMLColorTableNodeFileDivergingBlueRed.txt", "vtkMRMLCo
 #: to keep the current one; foreground opacity).
 OVERLAYS = {"std": (None, 0.4), "change_maps": ("invariances_proxy", 0.5), "significance": ("crop", 0.5)}
 
-#: Lung window (centre, width) in HU, as in the paper.
-LUNG_WINDOW = (-600.0, 1500.0)
-
 #: Packages the engine needs in Slicer's Python (import name -> pip requirement). torch comes
 #: from the PyTorch extension (PyTorchUtils) when it is installed.
 ENGINE_REQUIREMENTS = {
@@ -497,11 +494,6 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
 
     # ---------------------------------------------------------------- dependencies
 
-    @staticmethod
-    def engineAvailable():
-        """Return True if the engine package and PyTorch can be imported (checked without importing them)."""
-        return all(importlib.util.find_spec(name) is not None for name in ("InvarianceExplorerLib", "torch"))
-
     def engineStatusText(self):
         """Return a one-line, user-facing description of the engine's state."""
         missing = self.missingDependencies()
@@ -798,7 +790,8 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
             node.CreateDefaultDisplayNodes()
             display = node.GetDisplayNode()
             display.SetAutoWindowLevel(False)
-            display.SetWindowLevel(LUNG_WINDOW[1], LUNG_WINDOW[0])
+            centre, width = _engineImport("figures").LUNG_WINDOW  # HU, as in the paper
+            display.SetWindowLevel(width, centre)
             return display
 
         def volume(role, array):

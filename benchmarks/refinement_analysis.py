@@ -63,7 +63,7 @@ def _flags(x, stack, spacing, y=None, outputs=None, null=None, scanned=None, tex
 
 def _b(x, stack, spacing, null) -> str:
     """Method B of ``stack`` against ``null``: whether any pixel survives FDR, and the share flagged."""
-    b = ensemble_test(stack, null, spacing, x=x)
+    b = ensemble_test(stack, null, spacing)
     return f"{'flagged' if (b.labels > 0).any() else 'not flagged'} ({(b.labels > 0).mean():.3f} of pixels)"
 
 

@@ -698,7 +698,7 @@ class EnsembleTest:
         return dict(self.details)
 
 
-def ensemble_test(invariances, null, spacing=(1.0, 1.0), *, sigma_px: Optional[float] = None, x=None,
+def ensemble_test(invariances, null, spacing=(1.0, 1.0), *, sigma_px: Optional[float] = None,
                   fdr: float = FDR, method: str = "bh", noise_scaling: str = "median", min_area_mm2: float = 0.0,
                   null_source: str = "given") -> EnsembleTest:
     """Method B: do the invariances vary more than noise alone, per pixel? (module docstring)
@@ -708,7 +708,6 @@ def ensemble_test(invariances, null, spacing=(1.0, 1.0), *, sigma_px: Optional[f
         null: noise-only variants of x at the same dose ``(J, H, W)`` HU, J >= 3.
         spacing: pixel size ``(x, y)`` mm.
         sigma_px: reference filter width; default :func:`reference_sigma_px` of the null.
-        x: the input (unused by the test; kept for the caller's records).
         fdr: false discovery rate level; method: "bh" or "by".
         noise_scaling: "median" (discount a global excess of noise amplitude) or "none".
         min_area_mm2: drop flagged regions smaller than this (0: keep all, the FDR's own).

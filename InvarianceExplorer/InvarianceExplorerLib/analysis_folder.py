@@ -395,7 +395,7 @@ def analyze_folder(folder, *, null: Optional[np.ndarray] = None, null_source: Op
     test = None
     if null is not None and stack.shape[0] >= 3 and null.shape[0] >= 3:
         report("method B", 0, 1)
-        test = ensemble_test(stack, null, spacing, sigma_px=change.sigma_px, x=x, fdr=fdr, null_source=null_source)
+        test = ensemble_test(stack, null, spacing, sigma_px=change.sigma_px, fdr=fdr, null_source=null_source)
         report("method B", 1, 1)
         method_b = {"skipped": False, **test.summary(), "null_note": note}
     else:

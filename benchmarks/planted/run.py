@@ -181,7 +181,7 @@ def evaluate(folder, source, truth: Optional[Callable[[int], np.ndarray]], *, sl
                              denoised_invariances=result.denoised_invariances, null=null if shaped else None,
                              null_shape=shaped, scans=scanned if shaped else None,
                              noise_texture=noise_texture if refined else None, refined=refined)
-        b = ensemble_test(result.invariances, null, (spacing, spacing), x=patch.low_dose, null_source="simulator")
+        b = ensemble_test(result.invariances, null, (spacing, spacing), null_source="simulator")
         altered = sum(1 for s in a.samples if s["region_count"] > 0)
         a_scores.append(np.abs(a.change_map).mean(axis=0))
         b_scores.append(-np.log10(np.clip(b.p, 1e-300, 1.0)))

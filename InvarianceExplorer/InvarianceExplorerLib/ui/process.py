@@ -135,11 +135,6 @@ class EngineJob:
     def returncode(self) -> Optional[int]:
         return None if self.process is None else self.process.poll()
 
-    @property
-    def stderr_tail(self) -> str:
-        """The last lines the child wrote to stderr."""
-        return "\n".join(self._stderr_tail)
-
     def warnings(self) -> List[str]:
         """The Python warnings the child printed (e.g. "CUDA out of memory ...; continuing on the
         CPU"), as their messages, without repeats."""
