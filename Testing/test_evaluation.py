@@ -63,6 +63,20 @@ def test_model_card_says_only_what_a_training_record_holds():
     assert "split by patient" in full and "None" not in full
 
 
+@pytest.mark.parametrize("name", ["cnn10", "redcnn", "wganvgg", "dugan"])
+def test_bundled_model_cards_show_what_their_metadata_holds(name):
+    """A card is its metadata rendered (a stale card would show other figures than the folder
+    holds), and shows how much the samples differ, not only C (README, "What C does not
+    show")."""
+    folder = resolve_model_folder(name)
+    metadata = read_metadata(folder)
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert card == model_card(metadata)
+    fidelity = metadata["invariance"]["fidelity"]
+    assert "| spread consistency: " in card and "diversity as a fraction of it" in card
+    assert f"; {fidelity['diversity']['relative']:.3f} |" in card and f"| {fidelity['spread']['consistency']:.3f}; " in card
+
+
 def test_a_figure_names_the_engine_commit_that_made_it():
     """Model cards and benchmark tables record the engine's version and, from a git checkout
     (an editable install, as `make setup` makes), its commit, marked when its files differ."""

@@ -595,6 +595,11 @@ def test_consistency_of_an_identity_denoiser_is_one(pairs):
     assert figures["consistency_noise"] == pytest.approx(1.0, abs=1e-5)
     assert figures["noise_baseline"] == pytest.approx(figures["change_hu"] / figures["realisation_change_hu"],
                                                       rel=1e-5)
+    spread = figures["spread"]  # the samples' variation about their mean reaches f's output whole too
+    assert spread["consistency"] == pytest.approx(1.0, abs=1e-5) and 0 < spread["change_hu"] < figures["change_hu"]
+    assert spread["output_change_hu"] == pytest.approx(spread["change_hu"], rel=1e-5)
+    d = figures["diversity"]
+    assert d["relative"] == pytest.approx(d["pairwise_hu"] / d["realisation_hu"], rel=1e-9)
     c = figures["completeness"]
     assert c["output_error_hu"] == pytest.approx(c["reconstruction_error_hu"], rel=1e-4)
     assert figures["bars"]["consistency"]["met"] is False and figures["bars"]["noise_baseline"]["max"] == 1.5

@@ -116,10 +116,11 @@ def main() -> None:
             alt = new["alternative"]
             print(f"    now {new['refinement']} (C' {new['consistency_noise']:.4f}): C {new['consistency']:.4f}, B "
                   f"{new['noise_baseline']:.4f}, mean|x~ - x| {new['change_hu']:.2f} HU, mean|f(x~) - f(x)| "
-                  f"{new['output_change_hu']:.2f} HU, diversity {new['diversity']['pairwise_hu']:.2f} HU; with "
+                  f"{new['output_change_hu']:.2f} HU, diversity {new['diversity']['pairwise_hu']:.2f} HU, spread C "
+                  f"{new['spread']['consistency']:.4f}; with "
                   f"{alt['refinement']}: C {alt['consistency']:.4f}, B {alt['noise_baseline']:.4f}, mean|x~ - x| "
                   f"{alt['change_hu']:.2f} HU, mean|f(x~) - f(x)| {alt['output_change_hu']:.2f} HU, diversity "
-                  f"{alt['pairwise_hu']:.2f} HU")
+                  f"{alt['pairwise_hu']:.2f} HU, spread C {alt['spread_consistency']:.4f}")
             if args.write and reproduced:
                 new["measured_on"]["data"] = on["data"]
                 if old.get("figure"):

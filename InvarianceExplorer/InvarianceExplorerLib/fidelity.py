@@ -11,7 +11,13 @@ simulated data set (:func:`held_out_patches`):
 * **completeness** of the cVAE: ``mean|f(D(E(x), f(x))) - f(x)|`` (HU), and the noise of the
   reconstruction against that of x (noise = image - full dose): correlation of their radial
   noise power spectra (bar: >= 0.9) and the ratio of their standard deviations (bar: 0.8-1.25);
-* **diversity**: mean pairwise ``|x~_i - x~_j|`` (> 0), beside ``mean|x' - x|``;
+* **diversity**: mean pairwise ``|x~_i - x~_j|`` (> 0), beside ``mean|x' - x|`` and as a
+  fraction of it;
+* **spread consistency** (ours; no bar in issue 4): C of the samples about their own mean,
+  ``mean|f(x~_k) - mean_k f(x~)| / mean|x~_k - mean_k x~|``. C counts the offset all samples
+  share from x as well as how they differ; samples that barely differ, all near one
+  pre-image of f(x), meet C without showing what f ignores among them. This figure says how
+  much of the samples' own variation reaches f's output (compare C');
 * **stripes** (ours; no bar in issue 4): how the invariances of a patch differ from each
   other by direction, :func:`stripe_figures` of ``x~_k - mean_k x~`` beside those of the
   noise of x (x - full dose): the stripe ratio (vertical over horizontal stripes; CT noise
@@ -338,11 +344,16 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
     None without a fresh realisation, i.e. for non-simulated data), ``not_measured`` (the
     reason of each figure that is None: no fresh realisation, no full dose), ``completeness``
     (:func:`representation_fidelity`), ``diversity`` (``pairwise_hu``: mean|x~_i - x~_j|,
-    ``realisation_hu``: mean|x' - x|), ``flow`` (:func:`flow_fidelity`), the underlying
+    ``realisation_hu``: mean|x' - x|, ``relative``: their ratio), ``spread`` (``consistency``
+    = mean|f(x~_k) - mean_k f(x~)| / mean|x~_k - mean_k x~| and those two means in HU
+    (``output_change_hu``, ``change_hu``): C of how the samples vary among themselves, the
+    offset they share from x left out; C alone can be met by samples that all sit at one
+    pre-image of f(x)), ``flow`` (:func:`flow_fidelity`), the underlying
     means in HU (``change_hu`` = mean|x~ - x|, ``output_change_hu`` = mean|f(x~) - f(x)|,
     ``realisation_output_change_hu`` = mean|f(x') - f(x)|), ``refinement`` (the sampler's,
     :meth:`~.sampler.Refinement.as_dict`), ``alternative`` (``refinement``, ``consistency``,
-    ``noise_baseline``, ``change_hu``, ``output_change_hu`` and ``pairwise_hu`` of the same
+    ``noise_baseline``, ``change_hu``, ``output_change_hu``, ``pairwise_hu`` and
+    ``spread_consistency`` of the same
     samples with the other refinement, module docstring), ``stripes`` (:func:`stripe_figures`
     of the invariances' deviations ``x~_k - mean_k x~`` of all patches, ``invariances``, and
     of the noise of x, ``noise``: None without full dose; ``periodicity``: :func:`periodicity`
@@ -363,6 +374,7 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
     fresh: Dict[int, Optional[np.ndarray]] = {}
     change, out_change, pairwise, real_change, real_out_change, shown = [], [], [], [], [], []
     deviations, stds, other = [], [], {"change": [], "output_change": [], "pairwise": []}
+    spread = {"change": [], "output_change": [], "other_change": [], "other_output_change": []}
     refinement = sampler.models.refinement
     alternative = Refinement() if refinement else CHECKED_REFINEMENT
     for n, patch in enumerate(patches):
@@ -376,6 +388,10 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
         other["change"].append(twin.mean_abs_change_hu.mean())
         other["output_change"].append(twin.mean_abs_output_change_hu.mean())
         other["pairwise"].append(_pairwise_mean_abs(twin.invariances))
+        for prefix, r in (("", result), ("other_", twin)):  # about the samples' mean: their offset from x left out
+            spread[prefix + "change"].append(float(np.abs(r.invariances - r.invariances.mean(axis=0)).mean()))
+            spread[prefix + "output_change"].append(float(np.abs(r.denoised_invariances -
+                                                                 r.denoised_invariances.mean(axis=0)).mean()))
         pairwise.append(_pairwise_mean_abs(result.invariances))
         deviations.append(result.invariances - result.invariances.mean(axis=0, keepdims=True))
         stds.append(result.std)
@@ -406,9 +422,14 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
                         "noise_baseline": mean(other["output_change"]) / max(mean(real_out_change), 1e-12)
                         if real_out_change else None,
                         "change_hu": mean(other["change"]), "output_change_hu": mean(other["output_change"]),
-                        "pairwise_hu": mean(other["pairwise"])},
+                        "pairwise_hu": mean(other["pairwise"]),
+                        "spread_consistency": mean(spread["other_output_change"]) /
+                        max(mean(spread["other_change"]), 1e-12)},
+        "spread": {"consistency": mean(spread["output_change"]) / max(mean(spread["change"]), 1e-12),
+                   "change_hu": mean(spread["change"]), "output_change_hu": mean(spread["output_change"])},
         "completeness": completeness,
-        "diversity": {"pairwise_hu": mean(pairwise), "realisation_hu": mean(real_change)},
+        "diversity": {"pairwise_hu": mean(pairwise), "realisation_hu": mean(real_change),
+                      "relative": mean(pairwise) / max(mean(real_change), 1e-12) if real_change else None},
         "flow": flow_figures,
         "stripes": {"invariances": stripe_figures(np.concatenate(deviations)),
                     "noise": None if any(p.full_dose is None for p in patches)
@@ -472,7 +493,7 @@ def _fmt(value, spec: str = ".3f") -> str:
 def fidelity_table(figures: dict) -> str:
     """A Markdown table of :func:`invariance_fidelity`'s figures with issue 4's bars."""
     c, d, fl = figures.get("completeness", {}), figures.get("diversity", {}), figures.get("flow", {})
-    other = figures.get("alternative")
+    other, sp = figures.get("alternative"), figures.get("spread") or {}
     si, sn, periodic = ((figures.get("stripes") or {}).get(key) or {}
                         for key in ("invariances", "noise", "periodicity"))
     bars = figures.get("bars", {})
@@ -505,9 +526,18 @@ def fidelity_table(figures: dict) -> str:
         ("noise power spectrum correlation, reconstruction vs x", _fmt(c.get("nps_correlation")), "≥ 0.9",
          met("nps_correlation")),
         ("noise std ratio, reconstruction / x", _fmt(c.get("noise_std_ratio")), "0.8–1.25", met("noise_std_ratio")),
-        ("diversity: mean pairwise \\|x~_i − x~_j\\| (HU)", _fmt(d.get("pairwise_hu"), ".1f"), "> 0",
+        ("diversity: mean pairwise \\|x~_i − x~_j\\| (HU)", _fmt(d.get("pairwise_hu"), ".2f"), "> 0",
          met("diversity_hu")),
-        ("beside mean\\|x' − x\\| (HU)", _fmt(d.get("realisation_hu"), ".1f"), "", ""),
+        ("beside mean\\|x' − x\\| (HU); diversity as a fraction of it",
+         f"{_fmt(d.get('realisation_hu'), '.1f')}; {_fmt(d.get('relative'), '.3f')}", "", ""),
+        *([("spread consistency: mean\\|f(x~) − mean f(x~)\\| / mean\\|x~ − mean x~\\| (C of how the samples "
+            "differ, their shared offset from x left out; compare C')"
+            + (f"; with {_refinement_text(other.get('refinement'))}" if other else ""),
+            _fmt(sp.get("consistency")) + (f"; {_fmt(other.get('spread_consistency'))}" if other else ""),
+            "(no bar)", ""),
+           ("mean\\|x~ − mean x~\\| / mean\\|f(x~) − mean f(x~)\\| (HU)",
+            f"{_fmt(sp.get('change_hu'), '.2f')} / {_fmt(sp.get('output_change_hu'), '.3f')}", "", "")]
+          if sp else []),
         ("stripe ratio of x~ − mean x~: power at \\|k_x\\| > 2\\|k_y\\| / at \\|k_y\\| > 2\\|k_x\\| "
          "(noise of x)", f"{_fmt(si.get('ratio'), '.2f')} ({_fmt(sn.get('ratio'), '.2f')})", "", ""),
         ("axis share of x~ − mean x~: its power at either (stripes, grid lines) (noise of x)",
@@ -515,7 +545,8 @@ def fidelity_table(figures: dict) -> str:
         *([(f"periodicity of the samples' std at {' / '.join(periodic)} px: largest mean over a phase (i, j mod "
             f"period) / mean, inside a {PERIODICITY_BORDER} px frame (about 1 without a grid or lattice)",
             " / ".join(_fmt(v, ".2f") for v in periodic.values()), "", "")] if periodic else []),
-        ("cINN held-out NLL (nats per dimension of z)", _fmt(fl.get("nll_per_dim")), "(1.419 = N(0, 1))", ""),
+        ("cINN held-out NLL (nats per dimension of z; depends on z's scale: 1.419 for z ~ N(0, 1), lower for "
+         "narrower codes)", _fmt(fl.get("nll_per_dim")), "", ""),
         ("v mean / std over held-out z", f"{_fmt(fl.get('v_mean'))} / {_fmt(fl.get('v_std'))}", "0 / 1", ""),
     ]
     lines = ["| figure | value | bar | |", "|---|---|---|---|"]
