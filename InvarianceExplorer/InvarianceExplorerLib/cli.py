@@ -730,13 +730,9 @@ def _check_new_folder(out: Path, command: str, analyze: bool = False) -> None:
 
 def _cmd_sample(args) -> int:
     """``sample``: crop, sample, write DIR whole (:func:`~.io.written_whole`)."""
-    import numpy as np
-
-    from .figures import LUNG_WINDOW, save_png, std_tile, tile_grid, window
-    from .image import CTImage
     from .inference import warn_on_spacing
-    from .result_folder import FILES
-    from .io import read_image, write_nrrd, written_whole
+    from .io import read_image, written_whole
+    from .result_folder import FILES, write_result
     from .progress import Progress
     from .sampler import InvarianceSampler
 
@@ -772,44 +768,8 @@ def _cmd_sample(args) -> int:
         result = sampler.sample(patch.array, count=args.count, seed=args.seed, batch_size=args.batch_size,
                                 progress=report, refinement=args.refine, content=content)
         update = progress.stage("writing", len(FILES), f"Writing {out}")
-        crop = patch.image
-        stack = CTImage(result.invariances, crop.spacing, crop.origin, crop.direction)  # axis 0: sample k
-        images = {"input": (crop, result.x), "denoised": (crop, result.denoised),
-                  "reconstruction": (crop, result.reconstruction), "invariances": (stack, result.invariances),
-                  "denoised_invariances": (stack, result.denoised_invariances), "std": (crop, result.std)}
-        for n, (name, (geometry, array)) in enumerate(images.items()):
-            write_nrrd(geometry, partial / FILES[name], array=array)
-            update(n + 1)
-        numbers = {
-            "model": str(args.model), "model_folder": str(Path(sampler.models.folder).resolve()),
-            "denoiser": sampler.models.denoiser.arch, "input": str(args.input),
-            "center_ijk": list(patch.center_ijk), "patch_size": sampler.patch_size,
-            "center_lps_mm": [round(float(v), 3) for v in np.asarray(image.origin) + image.direction_matrix
-                              @ (np.asarray(patch.center_ijk, dtype=float) * image.spacing)],
-            "padded_pixels": patch.padded_pixels, "content_pixels": int(content.sum()),
-            "count": result.count, "seed": result.seed,
-            "batch_size": result.batch_size, "device": result.device,
-            "samples": [{"index": k, "mean_abs_change_hu": float(a), "mean_abs_output_change_hu": float(b)}
-                        for k, (a, b) in enumerate(zip(result.mean_abs_change_hu, result.mean_abs_output_change_hu))],
-            "mean_abs_change_hu": float(result.mean_abs_change_hu.mean()),
-            "mean_abs_output_change_hu": float(result.mean_abs_output_change_hu.mean()),
-            "consistency": result.consistency,
-            "refinement": result.refinement.as_dict(),
-            "reconstruction": {"mean_abs_error_hu": float(np.abs(result.reconstruction - result.x)[content].mean()),
-                               "mean_abs_output_error_hu": float(np.abs(result.denoised_reconstruction -
-                                                                        result.denoised)[content].mean())},
-            "seconds": result.seconds,
-            "invariances_stack": "axis 0 of invariances.nrrd and denoised_invariances.nrrd is the sample index k",
-        }
-        with open(partial / FILES["numbers"], "w") as f:
-            json.dump(numbers, f, indent=1)
-        update(len(images) + 1)
-        shown = result.invariances[:3]
-        std, std_label = std_tile(result.std)
-        tiles = [[window(a, *LUNG_WINDOW) for a in (result.x, result.denoised, *shown)] + [std]]
-        labels = [["x", "f(x)", *[f"x~{k}" for k in range(len(shown))], std_label]]
-        save_png(tile_grid(tiles, labels), partial / FILES["figure"])
-        update(len(FILES))
+        write_result(partial, result, patch, image, model=args.model, model_folder=sampler.models.folder,
+                     input=args.input, denoiser=sampler.models.denoiser.arch, written=update)
     outputs = {name: out / file for name, file in FILES.items()}
     message = (f"{result.count} invariances of {sampler.models.denoiser.arch} around voxel "
                f"{tuple(patch.center_ijk)} (consistency {result.consistency:.3f}, {result.seconds:.1f} s on "

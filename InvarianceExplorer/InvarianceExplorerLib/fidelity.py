@@ -452,7 +452,9 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
                               **({"reason": not_measured[name]} if value is None and name in not_measured else {})}
                        for name, value in values.items()}
     if figure is not None:
-        save_figure(shown, figure)
+        from .figures import invariances_figure
+
+        invariances_figure(shown, figure)
         figures["figure"] = str(figure)
     figures["measured_on"] = {"data": str(data), "split": split, "slices": len({p.index for p in patches}),
                               "patches": len(patches), "patch_size": models.patch_size,
@@ -461,18 +463,6 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
                               if real_change else None}
     return figures
 
-
-def save_figure(results: Sequence, path) -> None:
-    """PNG of sampled :class:`~.sampler.Invariances` in the paper's layout: one row per patch
-    with x, f(x), three invariances x~ (lung window) and their per-pixel std (0 to the first
-    patch's 99th percentile)."""
-    from .figures import LUNG_WINDOW, save_png, std_tile, std_top, tile_grid, window
-
-    top = std_top(results[0].std)  # one scale for all rows
-    tiles = [[window(a, *LUNG_WINDOW) for a in (r.x, r.denoised, *r.invariances[:3])] + [std_tile(r.std, top)[0]]
-             for r in results]
-    labels = [["x", "f(x)", *[f"x~{k}" for k in range(min(3, results[0].count))], std_tile(results[0].std, top)[1]]]
-    save_png(tile_grid(tiles, labels), str(path))
 
 
 def _meets(value: float, low: Optional[float], high: Optional[float]) -> bool:

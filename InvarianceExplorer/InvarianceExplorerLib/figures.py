@@ -64,3 +64,16 @@ def save_png(image: Image.Image, path: str) -> str:
     with written_file(path) as temporary:
         image.save(temporary, format="PNG")
     return path
+
+
+def invariances_figure(results: Sequence, path) -> str:
+    """PNG of sampled invariances (:class:`~.sampler.Invariances`: ``x``, ``denoised``,
+    ``invariances``, ``std``, all HU) in the paper's layout: one row per patch with x, f(x),
+    three invariances x~ (lung window) and their per-pixel std (0 to the first patch's 99th
+    percentile, one scale for all rows). Returns the path."""
+    top = std_top(results[0].std)
+    tiles = [[window(a, *LUNG_WINDOW) for a in (r.x, r.denoised, *r.invariances[:3])] + [std_tile(r.std, top)[0]]
+             for r in results]
+    shown = min(3, len(results[0].invariances))
+    labels = [["x", "f(x)", *[f"x~{k}" for k in range(shown)], std_tile(results[0].std, top)[1]]]
+    return save_png(tile_grid(tiles, labels), path)

@@ -14,17 +14,18 @@ as ITK writes it):
   refinement: {centre, sample} (the consistency refinement's steps), seconds}``;
 * ``figure.png``.
 
-This module reads such a folder (:func:`load_result`), gives the crop's IJK-to-RAS matrix
-as 3D Slicer wants it (:func:`ijk_to_ras`: ITK/NRRD geometry is LPS, Slicer's world is RAS)
-and the per-sample table (:func:`sample_table`). The standalone app and the Slicer module
-both use it, so the Slicer layer only turns these arrays and matrices into nodes.
+This module writes such a folder (:func:`write_result`), reads it (:func:`load_result`), gives
+the crop's IJK-to-RAS matrix as 3D Slicer wants it (:func:`ijk_to_ras`: ITK/NRRD geometry is
+LPS, Slicer's world is RAS) and the per-sample table (:func:`sample_table`). The standalone
+app and the Slicer module both use it, so the Slicer layer only turns these arrays and
+matrices into nodes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -176,6 +177,57 @@ def _check_samples(samples, count: int, path: Path) -> None:
             raise ValueError(f"{path}: a per-sample record lacks a number for one of {', '.join(keys)}: {s}; {fix}")
     if sorted(s["index"] for s in samples) != list(range(count)):
         raise ValueError(f"{path}: \"samples\" should hold one record per sample 0..{count - 1}; {fix}")
+
+
+def write_result(folder, result, patch, image: CTImage, *, model, model_folder, input, denoiser: str,
+                 written: Optional[Callable[[int], None]] = None) -> dict:
+    """Write the files of :data:`FILES` (module docstring) into the existing folder ``folder``:
+    the sampler's ``result`` (:class:`~.sampler.Invariances`, HU) for ``patch``
+    (:class:`~.image.Patch`, the crop) of ``image`` (the whole input), sampled with the model
+    ``model`` (as the user named it; its folder ``model_folder``, its denoiser ``denoiser``)
+    from the file or folder ``input``. ``written(n)`` is called after each of the n files.
+    The caller makes the folder appear whole (:func:`~.io.written_whole`). Returns the
+    numbers written to ``numbers.json``."""
+    from .figures import invariances_figure
+    from .io import write_json, write_nrrd
+
+    folder, content = Path(folder), patch.content  # the figures' pixels: not padding, nor air a scanner leaves
+    crop = patch.image
+    stack = CTImage(result.invariances, crop.spacing, crop.origin, crop.direction)  # axis 0: sample k
+    images = {"input": (crop, result.x), "denoised": (crop, result.denoised),
+              "reconstruction": (crop, result.reconstruction), "invariances": (stack, result.invariances),
+              "denoised_invariances": (stack, result.denoised_invariances), "std": (crop, result.std)}
+    for n, (name, (geometry, array)) in enumerate(images.items()):
+        write_nrrd(geometry, folder / FILES[name], array=array)
+        if written:
+            written(n + 1)
+    numbers = {
+        "model": str(model), "model_folder": str(Path(model_folder).resolve()), "denoiser": denoiser,
+        "input": str(input), "center_ijk": list(patch.center_ijk), "patch_size": int(patch.array.shape[-1]),
+        "center_lps_mm": [round(float(v), 3) for v in np.asarray(image.origin) + image.direction_matrix
+                          @ (np.asarray(patch.center_ijk, dtype=float) * image.spacing)],
+        "padded_pixels": patch.padded_pixels, "content_pixels": int(content.sum()),
+        "count": result.count, "seed": result.seed,
+        "batch_size": result.batch_size, "device": result.device,
+        "samples": [{"index": k, "mean_abs_change_hu": float(a), "mean_abs_output_change_hu": float(b)}
+                    for k, (a, b) in enumerate(zip(result.mean_abs_change_hu, result.mean_abs_output_change_hu))],
+        "mean_abs_change_hu": float(result.mean_abs_change_hu.mean()),
+        "mean_abs_output_change_hu": float(result.mean_abs_output_change_hu.mean()),
+        "consistency": result.consistency,
+        "refinement": result.refinement.as_dict(),
+        "reconstruction": {"mean_abs_error_hu": float(np.abs(result.reconstruction - result.x)[content].mean()),
+                           "mean_abs_output_error_hu": float(np.abs(result.denoised_reconstruction -
+                                                                    result.denoised)[content].mean())},
+        "seconds": result.seconds,
+        "invariances_stack": "axis 0 of invariances.nrrd and denoised_invariances.nrrd is the sample index k",
+    }
+    write_json(folder / FILES["numbers"], numbers)
+    if written:
+        written(len(images) + 1)
+    invariances_figure([result], folder / FILES["figure"])
+    if written:
+        written(len(FILES))
+    return numbers
 
 
 def load_result(folder) -> SampleResult:
