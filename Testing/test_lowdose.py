@@ -182,3 +182,27 @@ def test_real_ct_small_slice_simulates():
     pair, std = _soft_tissue_noise(hu, sx)
     assert np.isfinite(pair.low_dose).all()
     assert 2.0 <= std <= 60.0, std
+
+
+def test_insert_noise_makes_a_low_dose_copy_slice_by_slice():
+    """The engine's noise insertion (``data lowdose``): the input stays as it was, each slice
+    gets its own extra noise (seed + k), about what a quarter dose adds to a full-dose scan,
+    and a grid the scan cannot take is refused naming what is wrong."""
+    from InvarianceExplorerLib.image import CTImage
+    from InvarianceExplorerLib.io import CTInputError
+    from InvarianceExplorerLib.lowdose import insert_noise
+
+    slice_hu = np.where(water_cylinder(), 0.0, -1000.0).astype(np.float32)
+    full = CTImage(np.stack([slice_hu, slice_hu]), (SPACING, SPACING, 2.5))
+    before = full.array.copy()
+    low = insert_noise(full, 0.25, seed=3)
+    np.testing.assert_array_equal(full.array, before)
+    assert low.array.shape == full.array.shape and low.spacing == full.spacing
+    extra = low.array - full.array
+    inside = central_roi()
+    assert 5.0 < extra[0][inside].std() < 200.0
+    assert not np.allclose(extra[0], extra[1])  # slice k has noise seed 3 + k
+    again = insert_noise(CTImage(slice_hu, (SPACING, SPACING)), 0.25, seed=4)  # a 2D slice: slice 1's noise
+    np.testing.assert_allclose(again.array - slice_hu, extra[1], atol=1e-3)
+    with pytest.raises(CTInputError, match="square slices with square pixels"):
+        insert_noise(CTImage(slice_hu[:, :-2], (SPACING, SPACING)), 0.25)

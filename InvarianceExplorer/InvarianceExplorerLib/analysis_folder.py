@@ -175,7 +175,7 @@ def simulate_null_for_folder(folder, full_dose: CTImage, dose: float, count: int
     square, as ``data lowdose`` makes): then they cover the corners too, which would
     otherwise give a null of constant air, with no noise to test against."""
     from .analysis import simulate_noise_only, varying
-    from .lowdose import FanBeamGeometry, LowDoseSimulator
+    from .lowdose import FanBeamGeometry, LowDoseSimulator, check_square_grid
     from .sampler import crop_patch
 
     result = load_result(folder)
@@ -196,10 +196,8 @@ def simulate_null_for_folder(folder, full_dose: CTImage, dose: float, count: int
     if not (0 <= i < nx and 0 <= j < ny):
         raise ValueError(f"{name} ({nx} x {ny} pixels) is not on the low-dose input's grid: the crop's centre, voxel "
                          f"({i}, {j}), lies outside it")
-    sx, sy = plane.pixel_spacing
-    if ny != nx or abs(sx - sy) > 1e-3 * sx:
-        raise ValueError(f"{name}'s slice is {nx} x {ny} pixels of {sx:g} x {sy:g} mm; the scan simulation needs "
-                         "a square slice of square pixels")
+    check_square_grid(plane.array.shape, plane.pixel_spacing, name)
+    sx = plane.pixel_spacing[0]
     where = crop_patch(plane, (i, j), size).image
     if not np.allclose(where.origin[:2], result.crop.origin[:2], atol=1e-3 * max(sx, 1.0)):
         raise ValueError(f"{name} is not on the low-dose input's grid: the crop would lie at {where.origin[:2]} mm, "

@@ -541,30 +541,18 @@ def _cmd_data_simulate(args) -> int:
 
 
 def _cmd_data_lowdose(args) -> int:
-    import numpy as np
     from tqdm.auto import tqdm
 
-    from .io import CTInputError, read_image, write_nrrd
-    from .lowdose import LowDoseSimulator
+    from .io import read_image, write_nrrd
+    from .lowdose import check_square_grid, insert_noise
 
     image = read_image(args.input, series_uid=args.series_uid, hu_offset=args.hu_offset)
     _check_output_file(args.output, args.input, "low-dose CT")
-    ny, nx = image.array.shape[-2:]
-    sx, sy = image.pixel_spacing
-    if ny != nx or abs(sx - sy) > 1e-3 * sx:
-        raise CTInputError(args.input, f"slices are {nx}x{ny} pixels of {sx:g}x{sy:g} mm, but the scan "
-                           "simulation needs square slices with square pixels",
-                           "Resample or crop the image to a square grid first (e.g. in 3D Slicer).")
-    # a user's image may hold anatomy up to its corners: scan the whole square
-    sim = LowDoseSimulator(nx, sx, photons=args.photons, filter=args.filter, device=args.device, cover_corners=True)
-    stack = image.array[None] if image.is_slice else image.array
-    out = np.empty_like(stack)
-    for k in tqdm(range(stack.shape[0]), desc="simulating low dose", unit="slice", disable=args.no_progress):
-        # noise insertion: the extra noise of keeping a dose fraction of the full-dose scan's quanta
-        # (the two scans share them), added to the slice, whose resolution and own noise stay
-        pair = sim.simulate(stack[k], dose=args.dose, seed=args.seed + k, noiseless=False)
-        out[k] = stack[k] + (pair.low_dose - pair.full_dose)
-    write_nrrd(image.with_array(out[0] if image.is_slice else out), args.output)
+    check_square_grid(image.array.shape, image.pixel_spacing, args.input)
+    low = insert_noise(image, args.dose, args.seed, photons=args.photons, filter=args.filter, device=args.device,
+                       progress=lambda slices: tqdm(slices, desc="simulating low dose", unit="slice",
+                                                    disable=args.no_progress))
+    write_nrrd(low, args.output)
     print(f"low-dose CT (dose {args.dose:g}) written to {args.output}")
     return 0
 

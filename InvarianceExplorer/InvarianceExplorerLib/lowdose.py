@@ -352,3 +352,37 @@ class LowDoseSimulator:
         if single:
             parts = [a[0] for a in parts]
         return SimulatedPair(*parts)
+
+
+def check_square_grid(shape, pixel_spacing, name) -> None:
+    """``CTInputError`` naming ``name`` unless slices of ``shape`` (rows, columns) with
+    ``pixel_spacing`` (x, y) mm are a square grid of square pixels, as the scan needs."""
+    from .io import CTInputError
+
+    (ny, nx), (sx, sy) = shape[-2:], pixel_spacing
+    if ny != nx or abs(sx - sy) > 1e-3 * sx:
+        raise CTInputError(name, f"slices are {nx}x{ny} pixels of {sx:g}x{sy:g} mm, but the scan simulation needs "
+                                 "square slices with square pixels",
+                           "Resample or crop the image to a square grid first (e.g. in 3D Slicer).")
+
+
+def insert_noise(image, dose: float, seed: int = 0, *, photons: Optional[float] = None, filter: str = "hann",
+                 device="cpu", progress=None):
+    """A low-dose version of the full-dose CT ``image`` (:class:`~.image.CTImage`, HU) at the
+    fraction ``dose`` of its dose, as a new CTImage on the same grid (``image`` is not changed).
+
+    Noise insertion: each slice gets the extra noise of keeping a ``dose`` fraction of the
+    full-dose scan's quanta (the low- minus the full-dose reconstruction of one simulated
+    scan of the slice, the two sharing their quanta), so its resolution and its own noise
+    stay. Slice k takes noise seed ``seed + k``; the whole square is scanned, since a user's
+    image may hold anatomy up to its corners. ``progress``: an iterable wrapper (e.g. tqdm).
+    """
+    check_square_grid(image.array.shape, image.pixel_spacing, "the image")
+    size, spacing = image.array.shape[-1], image.pixel_spacing[0]
+    simulator = LowDoseSimulator(size, spacing, photons=photons, filter=filter, device=device, cover_corners=True)
+    stack = image.array[None] if image.is_slice else image.array
+    out = np.empty_like(stack)
+    for k in (progress or (lambda it: it))(range(stack.shape[0])):
+        pair = simulator.simulate(stack[k], dose=dose, seed=seed + k, noiseless=False)
+        out[k] = stack[k] + (pair.low_dose - pair.full_dose)
+    return image.with_array(out[0] if image.is_slice else out)
