@@ -41,6 +41,7 @@ import numpy as np
 from .analysis import ALPHA, FDR, MAX_PASSED_ON, MIN_AREA_MM2, MIN_SHAPE_NULL, ensemble_test, structure_change
 from .image import CTImage
 from .io import check_hu, read_json_object, written_whole
+from .progress import ProgressCallback
 from .noise import NoiseTexture, noise_summary
 from .result_folder import FILES, load_result, read_volume
 
@@ -78,8 +79,6 @@ CSV_COLUMNS = (
     ("mean_abs_change_hu", "mean_abs_change_hu"),
 )
 
-#: ``progress(stage, done, total)`` with stages "noise", "method A", "method B", "writing".
-ProgressCallback = Callable[[str, int, int], None]
 
 
 def _stack_image(crop: CTImage, array: np.ndarray) -> CTImage:

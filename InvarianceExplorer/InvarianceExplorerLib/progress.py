@@ -37,6 +37,10 @@ MODES = ("bar", "json", "none")
 #: How the CLI starts a warning's line on stderr: ``invariance-explorer: warning: MESSAGE``.
 WARNING_PREFIX = "invariance-explorer: warning: "
 
+#: How engine functions report their stages: ``progress(stage, done, total)`` (e.g. the
+#: sampler's "encoding" then "sampling"; :meth:`Progress.callback` makes one).
+ProgressCallback = Callable[[str, int, int], None]
+
 
 class Progress:
     """Reports a job's stages and progress in one of :data:`MODES` (see the module docstring).
@@ -71,6 +75,21 @@ class Progress:
 
             self._bar = tqdm(total=self._total, desc=message or name, file=sys.stderr)
         return self.update
+
+    def callback(self, messages: Optional[Dict[str, object]] = None) -> ProgressCallback:
+        """A :data:`ProgressCallback` for an engine function: each new ``(stage, total)`` starts
+        a stage, titled ``messages[stage]`` (a text, or a function of ``total`` giving one;
+        default: the stage's name)."""
+        current = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if current.get("stage") != (stage, total):
+                current["stage"] = (stage, total)
+                title = (messages or {}).get(stage, stage)
+                current["update"] = self.stage(stage, total, title(total) if callable(title) else title)
+            current["update"](done)
+
+        return report
 
     def update(self, done: int) -> None:
         """``done`` units of the current stage are finished."""

@@ -52,6 +52,7 @@ from .denoisers import (Denoiser, load_denoiser, load_network, read_metadata, re
                         write_metadata)
 from .image import CTImage
 from .invariance_flow import InvarianceFlow, build_invariance_flow
+from .progress import ProgressCallback
 from .representation import Representation, build_representation
 from .result_folder import check_center
 
@@ -75,8 +76,6 @@ def default_batch_size(device) -> int:
     """:data:`BATCH_SIZE` of ``device``'s type (the CPU's for any other type)."""
     return BATCH_SIZE.get(torch.device(device).type, BATCH_SIZE["cpu"])
 
-#: ``progress(stage, done, total)``: stage "encoding" (1 unit) then "sampling" (``count`` units).
-ProgressCallback = Callable[[str, int, int], None]
 
 
 # ----------------------------------------------------------------------------- model folders

@@ -91,14 +91,8 @@ def _cmd_sample(args) -> int:
                       RuntimeWarning)
     update(2)
 
-    current = {}
-
-    def report(stage: str, done: int, total: int) -> None:
-        if current.get("stage") != (stage, total):
-            current["stage"] = (stage, total)
-            messages = {"encoding": "Encoding the patch", "sampling": f"Sampling {total} invariances"}
-            current["update"] = progress.stage(stage, total, messages.get(stage, stage))
-        current["update"](done)
+    report = progress.callback({"encoding": "Encoding the patch",
+                                "sampling": lambda total: f"Sampling {total} invariances"})
 
     out.parent.mkdir(parents=True, exist_ok=True)  # before the work: a folder that cannot be made says so now
     content = patch.content  # the figures' pixels: not padding, nor air a scanner leaves constant
@@ -243,15 +237,9 @@ def _run_analysis(folder: Path, progress, args=None) -> tuple:
         update = progress.stage("posterior", 1, f"Drawing {args.null_count} images from the cVAE posterior of x")
         null, source = posterior_null(folder, args.null_count, args.seed, model=args.model), POSTERIOR_NULL
         update(1)
-    messages = {"noise": "Measuring noise", "method A": "Method A: structure change per invariance",
-                "method B": "Method B: ensemble test against the noise-only null", "writing": "Writing the analysis"}
-    current = {}
-
-    def report(stage: str, done: int, total: int) -> None:
-        if current.get("stage") != (stage, total):
-            current["stage"] = (stage, total)
-            current["update"] = progress.stage(stage, total, messages.get(stage, stage))
-        current["update"](done)
+    report = progress.callback({"noise": "Measuring noise", "method A": "Method A: structure change per invariance",
+                                "method B": "Method B: ensemble test against the noise-only null",
+                                "writing": "Writing the analysis"})
 
     out, record = analyze_folder(
         folder, null=null, null_source=source,
