@@ -180,6 +180,7 @@ def _spacing(spacing) -> Tuple[float, float]:
 
 
 def pixel_area_mm2(spacing) -> float:
+    """The area in mm² of one pixel of size ``spacing`` = (x, y) mm."""
     return float(spacing[0]) * float(spacing[1])
 
 

@@ -275,8 +275,9 @@ class Representation(nn.Module):
     # ----------------------------------------------------------------- encoder
 
     def encode(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Posterior q(z | x, f(x)) of patches ``x`` with denoised ``y = f(x)`` (ignored when
-        unconditional): ``(mean, logvar)``, each ``(N, z_dim)``."""
+        """Posterior q(z | x, f(x)) of patches ``x`` ``(N, 1, P, P)`` with denoised ``y = f(x)``
+        (the same shape; ignored when unconditional), both in network units (the denoiser's
+        normalisation of HU): ``(mean, logvar)`` of the diagonal Gaussian, each ``(N, z_dim)``."""
         self._check(x, "x")
         if self.conditional:
             self._need_condition(y)

@@ -229,7 +229,9 @@ SCHEME = {"cnn10": "pixel", "redcnn": "pixel", "wganvgg": "wgan-vgg", "dugan": "
 
 def evaluate(network: nn.Module, items, normalization: HUNormalization, device) -> Dict[str, dict]:
     """Mean :func:`~.inference.image_quality` per slice of the denoised and of the low-dose
-    images against full dose, over ``items`` (dicts with normalised ``"ld"``, ``"fd"``)."""
+    images against full dose, over ``items`` (dicts with ``"ld"``, ``"fd"`` ``(1, H, W)`` in
+    network units): ``{"denoised": {metric: mean}, "low_dose": {...}}``, the metrics of
+    image_quality (RMSE in HU, PSNR in dB, SSIM)."""
     scores = {"denoised": [], "low_dose": []}
     was_training = network.training
     network.eval()
