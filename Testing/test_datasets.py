@@ -138,6 +138,12 @@ def test_refuses_a_folder_built_with_other_parameters(simulated, tmp_path):
     with pytest.raises(ValueError, match=f"holds a data set of {COUNT} pairs; --count 2 would drop {COUNT - 2}"):
         build(out, 2)  # it silently shrank the set, leaving its other pairs behind
     assert (out / "manifest.json").read_bytes() == manifest
+    begun_on_gpu = json.loads(manifest)
+    begun_on_gpu["parameters"]["device"] = "cuda"
+    (out / "manifest.json").write_text(json.dumps(begun_on_gpu))
+    with pytest.raises(DatasetMismatchError, match=r"device: 'cuda' there, 'cpu' now.*finished on the same kind "
+                                                   r"\(--device cuda\)"):  # said nothing of why before
+        build(out, COUNT)
 
 
 # ----------------------------------------------------------------------------- split

@@ -33,7 +33,6 @@ class DatasetMismatchError(ValueError):
     """An output folder already holds a data set built with other parameters."""
 
 
-
 def item_seeds(seed: int, index: int) -> Tuple[int, int, float]:
     """Random numbers of item ``index`` of a data set with base ``seed``: the phantom seed,
     the noise seed (that of its block when the item is the block's first) and a uniform number in [0, 1)
@@ -162,7 +161,10 @@ def _open_manifest(path: Path, parameters: dict) -> dict:
         raise DatasetMismatchError(
             f"{path.parent} already holds a data set built with other parameters ("
             + "; ".join(f"{k}: {old!r} there, {new!r} now" for k, old, new in differences[:6])
-            + "). Use the same parameters to resume or extend it, or choose another output folder.")
+            + "). Use the same parameters to resume or extend it, or choose another output folder."
+            + (" The device is one of them: the scan's floating-point sums differ between devices, so a set begun "
+               "on one is finished on the same kind (--device " + str(manifest["parameters"].get("device")) + ")."
+               if any(k == "device" for k, _, _ in differences) else ""))
     return manifest
 
 
