@@ -504,13 +504,17 @@ def test_cli_trains_cvae_then_cinn(pairs, denoiser_folder, tmp_path, capsys):
                  "--patch-size", "32", "--feature-network", str(denoiser_folder), *common, "--set", "lam_perc=0"]) == 2
     assert "lam_perc is 0: this recipe has no perceptual term to use it" in capsys.readouterr().err
     assert not (tmp_path / "bad4").exists()
+    for resume in ([], ["--resume"]):  # the cVAE's run folder given to the cINN: it said to pass --resume
+        assert main(["train", "cinn", "--denoiser", str(tmp_path / "cvae" / "model"), "--out", str(tmp_path / "cvae"),
+                     *resume, *common, *tiny_cinn]) == 2
+        assert "holds a cvae training run, and this is a cinn training" in capsys.readouterr().err
 
 
 def test_resume_without_a_run_says_a_new_one_starts(tmp_path):
     from InvarianceExplorerLib.training import run_checkpoint
 
     with pytest.warns(RuntimeWarning, match="holds no training run to resume .*: starting a new one"):
-        assert run_checkpoint(tmp_path / "run", resume=True) == tmp_path / "run" / "checkpoints" / "last.pt"
+        assert run_checkpoint(tmp_path / "run", True, "cvae") == tmp_path / "run" / "checkpoints" / "last.pt"
 
 
 # ----------------------------------------------------------------------------- fidelity figures

@@ -378,7 +378,7 @@ def train_denoiser(arch: str, data, out, *, epochs: int = 10, steps_per_epoch: i
     objective.to(device)
     denoiser = objective.networks["denoiser"]
     out = Path(out)
-    checkpoint_path = run_checkpoint(out, resume)
+    checkpoint_path = run_checkpoint(out, resume, "denoiser")
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
     batches = _TrainingBatches(source, patch_size, batch_size, seed, normalization, num_workers, device)
     validation = _validation_items(source, "val", val_slices, normalization)

@@ -428,7 +428,7 @@ def _run(kind: str, objective: _Objective, config: dict, out: Path, *, epochs: i
     from tqdm.auto import tqdm
 
     device = dist.device
-    checkpoint_path = run_checkpoint(out, config["resume"])
+    checkpoint_path = run_checkpoint(out, config["resume"], config["kind"])
     resuming = checkpoint_path.exists()
     dist.barrier()  # every process has looked before rank 0 writes
     config = {k: v for k, v in config.items() if k != "resume"}

@@ -291,13 +291,27 @@ def check_hyperparameters(defaults: dict, values: dict, prefix: str = "") -> Non
 RUN_ENTRIES = ("checkpoints", "history.json", "validation", "model")
 
 
-def run_checkpoint(out: Path, resume: bool) -> Path:
-    """The checkpoint path of the training run folder ``out``; ``ValueError`` when it holds a
-    run and ``resume`` is not asked, or holds files a run does not write (a data set, a model
-    folder: a run must not mix its files in); a ``RuntimeWarning`` when ``resume`` is asked and
-    there is no run to resume (a new one starts)."""
+def _run_kind(checkpoint: Path) -> Optional[str]:
+    """What a checkpoint of this engine trains: "denoiser", "cvae" or "cinn" (None if unreadable)."""
+    try:
+        config = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
+        return "denoiser" if "arch" in config else str(config["kind"])
+    except Exception:
+        return None
+
+
+def run_checkpoint(out: Path, resume: bool, kind: str) -> Path:
+    """The checkpoint path of the training run folder ``out`` of a ``kind`` ("denoiser",
+    "cvae", "cinn") training; ``ValueError`` when it holds a run of another kind, or a run and
+    ``resume`` is not asked, or files a run does not write (a data set, a model folder: a run
+    must not mix its files in); a ``RuntimeWarning`` when ``resume`` is asked and there is no
+    run to resume (a new one starts)."""
     out = Path(out)
     checkpoint = out / "checkpoints" / CHECKPOINT
+    there = _run_kind(checkpoint) if checkpoint.exists() else None
+    if there is not None and there != kind:
+        raise ValueError(f"{out} holds a {there} training run, and this is a {kind} training: give it another "
+                         "output folder (--out)")
     if checkpoint.exists() and not resume:
         raise ValueError(f"{out} already holds a training run ({checkpoint}); pass --resume to continue it or "
                          "choose another output folder")
