@@ -817,6 +817,24 @@ def test_analyze_refuses_a_bad_null_and_keeps_the_users_files(sample_folder, tmp
     assert "invariances.nrrd: 1 of" in capsys.readouterr().err
 
 
+def test_a_full_dose_volume_elsewhere_along_z_is_refused(sample_folder):
+    """Its slice k must be where the crop was taken: only the in-plane position was compared."""
+    from dataclasses import replace
+
+    from InvarianceExplorerLib.analysis_folder import simulate_null_for_folder
+    from InvarianceExplorerLib.io import read_image
+    from InvarianceExplorerLib.result_folder import load_result
+
+    out, full = sample_folder
+    plane = read_image(full)
+    crop_z = load_result(out).crop.origin[2]
+    volume = replace(plane, array=np.stack([plane.array] * 3), spacing=(*plane.spacing[:2], 2.5),
+                     origin=(*plane.origin[:2], crop_z + 100.0))
+    with pytest.raises(ValueError, match=r"slice 0 lies 100.0 mm from the sample's crop in z \(its slices are 2.5 mm "
+                                         r"apart\)"):
+        simulate_null_for_folder(out, volume, 0.25, 8, 0)
+
+
 def test_analyze_refuses_null_settings_it_would_not_use(sample_folder, tmp_path, capsys):
     """Options of a null that is not made were ignored without a word; a null method B could not
     use was simulated first (2 invariances) and then skipped."""

@@ -116,7 +116,7 @@ def test_error_after_a_progress_bar_starts_on_its_own_line(tmp_path, capsys):
     assert main(["sample", "--model", "cnn10", "--input", str(tmp_path / "missing.nrrd"), "--center", "1,1,0",
                  "--out", str(tmp_path / "run")]) == 2
     lines = [line.split("\r")[-1] for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert "Loading the models" in lines[0]  # the bar was drawn
+    assert "Loading the image and the models" in lines[0]  # the bar was drawn
     assert lines[-1].startswith("invariance-explorer: error: ") and "does not exist" in lines[-1]
     assert sum("error:" in line for line in lines) == 1
     assert not (tmp_path / "run").exists()

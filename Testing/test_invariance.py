@@ -729,6 +729,7 @@ def test_sample_command_errors_are_clear_and_write_nothing(model_folder, low_dos
             (model_folder, "64,10,0", tmp_path / "b", "outside the volume"),
             (model_folder, "10;10", tmp_path / "c", "give the voxel as i,j,k"),
             (model_folder, "-5,10,0", tmp_path / "d", "outside the volume"),  # not taken for an option
+            (bare, "64,10,0", tmp_path / "e", "outside the volume"),  # told before the models load
             (model_folder, "32,32,0", taken, "not empty"),
             (model_folder, "32,32,0", tmp_path / "ld.nrrd", "is a file"),
             (model_folder, "32,32,0", tmp_path / "ld.nrrd" / "out", "cannot be made")]:  # found before sampling

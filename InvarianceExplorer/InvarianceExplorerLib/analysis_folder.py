@@ -29,6 +29,7 @@ the JSON says why.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -187,7 +188,7 @@ def simulate_null_for_folder(folder, full_dose: CTImage, dose: float, count: int
     if full_dose.is_slice:
         plane = full_dose
     elif 0 <= k < full_dose.array.shape[0]:
-        plane = list(full_dose.slices())[k]
+        plane = next(itertools.islice(full_dose.slices(), k, None))
     else:
         raise ValueError(f"{name} has {full_dose.array.shape[0]} slices; the crop is on slice {k}: give the "
                          "full-dose image on the low-dose input's grid")
@@ -201,6 +202,11 @@ def simulate_null_for_folder(folder, full_dose: CTImage, dose: float, count: int
     if not np.allclose(where.origin[:2], result.crop.origin[:2], atol=1e-3 * max(sx, 1.0)):
         raise ValueError(f"{name} is not on the low-dose input's grid: the crop would lie at {where.origin[:2]} mm, "
                          f"the sample's crop lies at {result.crop.origin[:2]} mm")
+    dz = abs(where.origin[2] - result.crop.origin[2])
+    if not full_dose.is_slice and dz > 0.5 * full_dose.spacing[2]:  # a volume's slice k lies elsewhere along z
+        raise ValueError(f"{name}'s slice {k} lies {dz:.1f} mm from the sample's crop in z (its "
+                         f"slices are {full_dose.spacing[2]:g} mm apart): give the full-dose volume on the low-dose "
+                         "input's grid, same slices")
     rows, cols = np.mgrid[j - size // 2:j - size // 2 + size, i - size // 2:i - size // 2 + size] + 0.5 - nx / 2.0
     # pixels whose 3 x 3 neighbourhood lies wholly outside the circle the scan reconstructs
     beyond = (np.hypot(rows, cols) - 2.0) * sx > FanBeamGeometry.for_image(nx, sx).fov_radius

@@ -303,7 +303,9 @@ def _read_itk(path: Path, hu_offset: float) -> CTImage:
                            "Extract one 3D volume (e.g. one time point) and save it on its own.")
     if _suffix(path) in (".nii", ".nii.gz"):
         _check_nifti_data(path, image.GetNumberOfPixels())
-    array = sitk.GetArrayFromImage(image).astype(np.float32) + np.float32(hu_offset)
+    array = sitk.GetArrayViewFromImage(image).astype(np.float32)  # one copy of the voxels, not three
+    if hu_offset:
+        array += np.float32(hu_offset)
     check_hu(array, str(path), whole_image=True)
     spacing, origin = image.GetSpacing(), image.GetOrigin()
     direction = np.asarray(image.GetDirection(), dtype=float)

@@ -110,8 +110,9 @@ def ras_to_ijk_index(point_ras: Sequence[float], ijk_to_ras_matrix) -> Tuple[int
 
 
 def check_center(center_ijk: Sequence[int], shape_zyx: Sequence[int]) -> None:
-    """``ValueError`` naming the problem if voxel (i, j, k) lies outside a volume of numpy shape (z, y, x)."""
-    i, j, k = center_ijk
+    """``ValueError`` naming the problem if voxel (i, j, k) (or (i, j) of a slice) lies outside a
+    volume of numpy shape (z, y, x) (or (y, x))."""
+    i, j, k = (*center_ijk, 0) if len(center_ijk) == 2 else center_ijk
     nz, ny, nx = (1,) * (3 - len(shape_zyx)) + tuple(shape_zyx)
     if not (0 <= i < nx and 0 <= j < ny and 0 <= k < nz):
         raise ValueError(f"the point (voxel {i}, {j}, {k}) lies outside the volume ({nx} x {ny} x {nz} voxels); "

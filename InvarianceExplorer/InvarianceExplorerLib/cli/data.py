@@ -120,8 +120,8 @@ def _cmd_data_lowdose(args) -> int:
     from ..io import read_image, write_nrrd
     from ..lowdose import check_square_grid, insert_noise
 
+    _check_output_file(args.output, args.input, "low-dose CT")  # before the volume is read
     image = read_image(args.input, series_uid=args.series_uid, hu_offset=args.hu_offset)
-    _check_output_file(args.output, args.input, "low-dose CT")
     check_square_grid(image.array.shape, image.pixel_spacing, args.input)
     low = insert_noise(image, args.dose, args.seed, photons=args.photons, filter=args.filter, device=args.device,
                        progress=lambda slices: tqdm(slices, desc="simulating low dose", unit="slice",

@@ -70,7 +70,7 @@ def _cmd_sample(args) -> int:
     """``sample``: crop, sample, write DIR whole (:func:`~.io.written_whole`)."""
     from ..inference import warn_on_spacing
     from ..io import read_image, written_whole
-    from ..result_folder import FILES, write_result
+    from ..result_folder import FILES, check_center, write_result
     from ..progress import Progress
     from ..sampler import InvarianceSampler
 
@@ -78,10 +78,11 @@ def _cmd_sample(args) -> int:
     _check_new_folder(out, "sample", getattr(args, "analyze", False))
     center = _center(args.center)
     progress = Progress(args.progress)
-    update = progress.stage("loading", 2, "Loading the models and the image")
-    sampler = InvarianceSampler(args.model, device=args.device)
-    update(1)
+    update = progress.stage("loading", 2, "Loading the image and the models")
     image = read_image(args.input, series_uid=args.series_uid, hu_offset=args.hu_offset)
+    check_center(center, image.array.shape)  # a point outside the image is told before the models load
+    update(1)
+    sampler = InvarianceSampler(args.model, device=args.device)
     warn_on_spacing(sampler.models.denoiser, image)
     patch = sampler.crop(image, center)
     if patch.padded_pixels:
