@@ -536,6 +536,10 @@ def test_noise_texture_has_known_answers():
     other = uniform_filter(rng.normal(0, 10, white.shape), size=(1, 3, 3), mode="wrap")
     assert noise_texture(other, low)["nps_correlation"] > 0.95  # same texture, new realisation
     assert noise_texture(high, low)["nps_correlation"] < -0.5
+    assert same["nps_log_error"] == pytest.approx(0.0) and doubled["nps_log_error"] == pytest.approx(0.0)  # shape only
+    assert noise_texture(other, low)["nps_log_error"] < 0.3
+    blurred = uniform_filter(low, size=(1, 3, 3), mode="wrap")  # the weak high frequencies go: correlation keeps high
+    assert noise_texture(blurred, low)["nps_correlation"] > 0.9 and noise_texture(blurred, low)["nps_log_error"] > 1.0
     constant = np.stack([np.full((4, 4), v) for v in (0.0, 1.0, 3.0)])
     assert _pairwise_mean_abs(constant) == pytest.approx(2.0)  # pairs differ by 1, 3, 2
 

@@ -162,15 +162,16 @@ def test_fit_on_low_dose_only_dicom_samples_consistent_invariances(torchscript_f
     assert "noise_texture" not in metadata  # no full dose: no noise to measure
     fidelity = metadata["invariance"]["fidelity"]
     assert fidelity["consistency"] <= MAX_CONSISTENCY  # C needs no full dose
-    for name, reason in (("nps_correlation", NO_FULL_DOSE), ("noise_std_ratio", NO_FULL_DOSE),
-                         ("noise_baseline", NO_REALISATION), ("consistency_noise", NO_REALISATION)):
+    for name, reason in (("nps_correlation", NO_FULL_DOSE), ("nps_log_error", NO_FULL_DOSE),
+                         ("noise_std_ratio", NO_FULL_DOSE), ("noise_baseline", NO_REALISATION),
+                         ("consistency_noise", NO_REALISATION)):
         value = fidelity[name] if name in fidelity else fidelity["completeness"][name]
         assert value is None and fidelity["not_measured"][name] == reason
     assert fidelity["bars"]["noise_baseline"]["met"] is None and fidelity["bars"]["nps_correlation"]["reason"]
     assert fidelity["completeness"]["output_error_hu"] > 0 and fidelity["diversity"]["pairwise_hu"] > 0
     card = (out / "MODEL_CARD.md").read_text()
     assert f"{PATIENTS * SLICES} slices of {PATIENTS} patients" in card and "low-dose only" in card
-    assert "no perceptual term" in card and "not measured (nps_correlation, noise_std_ratio, stripes_noise)" in card
+    assert "no perceptual term" in card and "not measured (nps_correlation, nps_log_error, noise_std_ratio, stripes_noise)" in card
     # sampling from the folder on held-out low-dose DICOM slices: consistent
     held_out = invariance_fidelity(load_invariance_models(out), low_dose_tree, slices=1, count=8)
     assert held_out["consistency"] <= MAX_CONSISTENCY and held_out["completeness"]["nps_correlation"] is None
