@@ -829,7 +829,7 @@ class InvarianceExplorerLogic(ScriptedLoadableModuleLogic):
                     volume(role, result.volumes[name].array)
             if "std" in result.volumes:
                 std = volume("std", result.volumes["std"].array)
-                colourMap(std, HEAT_COLOURS, 0.0, float(result.volumes["std"].array.max()) or 1.0)
+                colourMap(std, HEAT_COLOURS, 0.0, _engineImport("figures").std_top(result.volumes["std"].array))
             invariances = sequence("invariances", result.frames("invariances"))
             browser = add("browser", "vtkMRMLSequenceBrowserNode")
             browser.SetAndObserveMasterSequenceNodeID(invariances.GetID())

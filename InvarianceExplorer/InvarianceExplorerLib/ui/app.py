@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..figures import LUNG_WINDOW, window
+from ..figures import LUNG_WINDOW, std_tile, std_top, window
 from ..result_folder import SampleResult, load_result
 from .panel import SamplingPanel
 from .process import EngineJob, sample_args
@@ -161,9 +161,9 @@ class ResultsView(qt.QWidget):
                 self.captionLabels[view].setText(f"{VIEWS[view][0]}: not in this folder")
             return
         array = volume.array[index]
-        if name == "std":  # 0 .. 99th percentile, said in the caption (its scale differs from run to run)
-            top = float(np.percentile(array, 99)) or 1.0
-            grey = (np.clip(array / top, 0, 1) * 255).astype(np.uint8)
+        if name == "std":  # 0 .. the figures' top (99th percentile), said in the caption: it differs by run
+            top = std_top(array)
+            grey, _ = std_tile(array, top)
             view = [n for _, n, _ in VIEWS].index(name)
             self.captionLabels[view].setText(f"{VIEWS[view][0]} (black 0, white {top:.2g} HU)")
         else:
