@@ -241,15 +241,13 @@ def posterior_draws(denoiser, representation, x_hu: np.ndarray, count: int = 16,
     ``(count, P, P)`` HU (see :func:`posterior_null`); the draws are made on the CPU from ``seed``."""
     import torch
 
-    from .inference import apply_network
-
     if x_hu.shape != (representation.patch_size,) * 2:
         raise ValueError(f"the crop is {x_hu.shape[0]} pixels but the cVAE works on {representation.patch_size}")
     norm = denoiser.normalization
     noise = torch.randn(int(count), representation.z_dim, generator=torch.Generator().manual_seed(int(seed)))
     with torch.inference_mode():
         x = norm.normalize(torch.from_numpy(np.asarray(x_hu, np.float32))).to(_device(denoiser))[None, None]
-        y = apply_network(denoiser.network, x, tile_size=None)
+        y = denoiser(x)
         mean, logvar = representation.encode(x, y)
         z = mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
         decoded = representation.decode(z, y, representation.condition(y) if representation.conditional else None)

@@ -347,6 +347,14 @@ class Denoiser:
     def receptive_field(self) -> int:
         return receptive_field(self.network)
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """f(x) for whole patches or slices ``x`` ``(N, 1, H, W)`` in network units, untiled
+        (:func:`~.inference.apply_network`: a ``ValueError`` for images smaller than the
+        receptive field); gradients flow if enabled by the caller."""
+        from .inference import apply_network
+
+        return apply_network(self.network, x, tile_size=None)
+
     def to(self, device) -> "Denoiser":
         """Move the network to ``device``. A bundled architecture is laid out channels-last,
         in which its convolutions run faster on a CPU (README, speed table of

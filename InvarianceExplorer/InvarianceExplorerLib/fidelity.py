@@ -241,15 +241,6 @@ def noise_texture(noise: np.ndarray, reference_noise: np.ndarray) -> Dict[str, f
 # ----------------------------------------------------------------------------- figures
 
 
-def _denoiser_fn(denoiser):
-    from .inference import apply_network
-
-    def f(t: torch.Tensor) -> torch.Tensor:
-        return apply_network(denoiser.network, t, tile_size=None)
-
-    return f
-
-
 @torch.inference_mode()
 def representation_fidelity(denoiser, representation, patches: Sequence[HeldOutPatch], device="cpu",
                             batch_size: int = 16) -> dict:
@@ -257,7 +248,7 @@ def representation_fidelity(denoiser, representation, patches: Sequence[HeldOutP
     ``output_error_hu`` = mean|f(r) - f(x)|, ``reconstruction_error_hu`` = mean|r - x|, and
     :func:`noise_texture` of ``r - full dose`` against ``x - full dose`` (None, with the
     reason in ``not_measured``, when the patches have no full dose)."""
-    norm, f = denoiser.normalization, _denoiser_fn(denoiser)
+    norm, f = denoiser.normalization, denoiser
     outputs, recon = [], []
     for first in range(0, len(patches), batch_size):
         chunk = patches[first:first + batch_size]
@@ -289,7 +280,7 @@ def flow_fidelity(representation, flow, denoiser, patches: Sequence[HeldOutPatch
     its numbers. z is a draw of the posterior (``sample_z``, noise from ``seed``) or its mean."""
     from .invariance_flow import nll_per_dimension
 
-    norm, f = denoiser.normalization, _denoiser_fn(denoiser)
+    norm, f = denoiser.normalization, denoiser
     g = torch.Generator().manual_seed(int(seed))
     vs, nll = [], []
     for first in range(0, len(patches), batch_size):
@@ -376,7 +367,7 @@ def invariance_fidelity(models, data, split: str = "test", slices: int = 8, per_
         raise ValueError(f"{getattr(source, 'root', 'the data set') if source is data else data}: the {split} split "
                          "is empty")
     sampler = InvarianceSampler(models, device=device)
-    f = _denoiser_fn(models.denoiser)
+    f = models.denoiser
     norm = models.denoiser.normalization
     fresh: Dict[int, Optional[np.ndarray]] = {}
     change, out_change, pairwise, real_change, real_out_change, shown = [], [], [], [], [], []

@@ -634,8 +634,6 @@ class InvarianceSampler:
         :meth:`sample`). The null of the analysis for refined invariances: the steps shape
         noise by f's local gain (:func:`~.analysis.noise_shape`).
         Returns the refined images (HU), the given ones unchanged without refinement."""
-        from .inference import apply_network
-
         null_hu = np.asarray(null_hu, dtype=np.float32)
         x_hu = np.asarray(getattr(x_hu, "array", x_hu), dtype=np.float32)
         if null_hu.ndim != 3 or null_hu.shape[1:] != x_hu.shape:
@@ -647,8 +645,7 @@ class InvarianceSampler:
         models = self.models.to(self.device)
         norm = models.denoiser.normalization
 
-        def f(t: torch.Tensor) -> torch.Tensor:
-            return apply_network(models.denoiser.network, t, tile_size=None)
+        f = models.denoiser
 
         with torch.inference_mode():
             y = f(norm.normalize(torch.from_numpy(x_hu)).to(self.device)[None, None])
@@ -663,14 +660,11 @@ class InvarianceSampler:
 
     def _sample(self, x_hu: np.ndarray, v: torch.Tensor, device: torch.device, batch_size: int,
                 progress: Optional[ProgressCallback], refinement: Refinement) -> dict:
-        from .inference import apply_network
-
         report = progress or (lambda stage, done, total: None)
         models = self.models.to(device)
         norm, rep, flow = models.denoiser.normalization, models.representation, models.flow
 
-        def f(t: torch.Tensor) -> torch.Tensor:
-            return apply_network(models.denoiser.network, t, tile_size=None)
+        f = models.denoiser
 
         def hu(t: torch.Tensor) -> np.ndarray:
             return norm.denormalize(t[:, 0]).float().cpu().numpy()
