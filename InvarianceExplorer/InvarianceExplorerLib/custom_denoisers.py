@@ -362,8 +362,10 @@ def check_denoiser(network: nn.Module, normalization: HUNormalization, *, use: s
     on ``(2, 1, P, P)`` patches of the sample CT, returns one tensor of the same shape,
     finite, equal to within :data:`DETERMINISM_TOLERANCE_HU` on a second run, and changes
     the patches by less than :data:`MAX_MEAN_CHANGE_HU` on average (else the declared
-    normalisation is wrong). Raises :class:`DenoiserCheckError` saying what the network did;
-    returns what was measured, with the receptive field (pixels)."""
+    normalisation is wrong). ``normalization``: the declared HU <-> network units map;
+    ``use``: "patch" (a local network, tiled on large slices) or "full-image"; ``patch_size``:
+    P in pixels. Raises :class:`DenoiserCheckError` saying what the network did; returns
+    what was measured, with the receptive field (pixels)."""
     from .devices import resolve_device
 
     if use not in USES:

@@ -151,9 +151,14 @@ def fit(source, data, out, *, normalization=None, use: str = "patch", class_path
     :func:`~.datasets.open_source`; ``dicom``: "auto", "paired" or "low-dose") within ``budget``, and write the
     model folder ``out`` whole (replacing it only when it is this fit's earlier output: the same work folder).
     ``work`` (default ``<out>.work``) keeps the runs; ``resume`` continues them.
-    ``hyperparameters``: ``{"cvae": {...}, "cinn": {...}}`` overrides of
-    :data:`~.train_invariance.HYPERPARAMETERS` (e.g. a smaller model). ``refinement``: the
-    sampler's consistency refinement written into the folder (None: none). Returns ``out``."""
+    ``budget``: cVAE steps ("3000steps") or wall time ("45m", "2h") for the two trainings.
+    ``device``: "auto", "cpu" or "cuda"; ``seed`` seeds every random draw. ``patch_size``
+    (px) and ``batch_size`` (cVAE patches per step) as in :func:`~.train_invariance.train_cvae`;
+    ``fidelity_slices``: test slices for the card's figures (0: none); ``weights_dtype``:
+    "float32" or "float16" storage. ``hyperparameters``: ``{"cvae": {...}, "cinn": {...}}``
+    overrides of :data:`~.train_invariance.HYPERPARAMETERS` (e.g. a smaller model).
+    ``refinement``: the sampler's consistency refinement written into the folder (None:
+    none). ``progress``: tqdm bars. Returns ``out``."""
     from . import __version__
     from .custom_denoisers import import_denoiser
     from .datasets import open_source
