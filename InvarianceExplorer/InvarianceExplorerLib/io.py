@@ -570,7 +570,10 @@ def _slice_spacing(frames: list, depth: np.ndarray, normal: np.ndarray, source: 
     if sideways.max() > 0.1 * min(frames[0].spacing):
         raise CTInputError(source, f"slice positions drift sideways by up to {sideways.max():.2f} mm "
                                    "(gantry tilt or a sheared stack)",
-                           "Resample the series to a regular grid first (e.g. in 3D Slicer).")
+                           "Resample the series to a regular grid first (in 3D Slicer: the DICOM module's "
+                           "acquisition geometry regularization, then harden the transform), or give the one slice "
+                           "you study as its own DICOM file (a slice reads as a 2D image, and sampling works on "
+                           "one slice).")
     return float(step)
 
 
