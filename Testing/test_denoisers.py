@@ -395,6 +395,14 @@ def test_cli_denoise_writes_the_denoised_volume(runs, tmp_path, capsys):
     written = read_image(out)
     np.testing.assert_allclose(written.array, expected.array, atol=1e-4)
     np.testing.assert_allclose(written.spacing + written.origin, volume.spacing + volume.origin, rtol=1e-6)
+    with pytest.warns(RuntimeWarning):  # as CT is stored: int16 HU, rounded
+        assert main(["denoise", "--model", str(model), "--input", source, "--output", str(tmp_path / "int.nrrd"),
+                     "--device", "cpu", "--dtype", "int16", "--no-progress"]) == 0
+    import SimpleITK as sitk
+
+    stored = sitk.ReadImage(str(tmp_path / "int.nrrd"))
+    assert stored.GetPixelID() == sitk.sitkInt16
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(stored), np.rint(expected.array))
     capsys.readouterr()
     assert main(["denoise", "--model", str(model), "--input", source, "--output", str(tmp_path / "x.png")]) == 2
     assert main(["denoise", "--model", str(tmp_path), "--input", source, "--output", str(tmp_path / "new.nrrd")]) == 2

@@ -19,6 +19,9 @@ def _add_denoise(den) -> None:
     den.add_argument("--batch-size", type=_positive_int, default=4, help="slices per forward pass (default 4)")
     den.add_argument("--tile-size", type=_positive_int, default=512,
                      help="slices larger than this many pixels are denoised in overlapping tiles (default 512)")
+    den.add_argument("--dtype", choices=("float32", "int16"), default="float32",
+                     help="voxels of the output: float32 HU as computed (default), or int16 HU rounded, as CT is "
+                          "stored (a third of the size)")
     _add_progress(den)
     den.set_defaults(func=_cmd_denoise)
 
@@ -38,7 +41,12 @@ def _cmd_denoise(args) -> int:
     result = denoise(denoiser, image, device=args.device, batch_size=args.batch_size, tile_size=args.tile_size,
                      progress=lambda done, total: update(done))
     progress.close()
-    write_nrrd(result, args.output)
+    if args.dtype == "int16":
+        import numpy as np
+
+        write_nrrd(result, args.output, array=np.clip(np.rint(result.array), -32768, 32767).astype(np.int16))
+    else:
+        write_nrrd(result, args.output)
     progress.done({"denoised": args.output},
                   f"denoised CT ({denoiser.arch}, {denoiser.folder}) written to {args.output}")
     return 0
